@@ -1,0 +1,3 @@
+//! epp-core: the picker library.
+
+pub mod telemetry;

@@ -1,0 +1,9 @@
+//! One module per subcommand. Each exposes `Args` (clap) and `run(Args)`.
+
+pub mod bench;
+pub mod check_config;
+pub mod demo;
+pub mod doctor;
+pub mod proxy;
+pub mod serve;
+pub mod sim;

@@ -1,0 +1,79 @@
+//! `epp`: the one binary users run. Each subcommand lives in `cmd/<name>.rs` and only
+//! translates flags into the library crates' configuration types.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+use epp_core::telemetry::{init_logging, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "epp",
+    version,
+    about = "Endpoint Picker for LLM inference: an Envoy ext_proc picker, an OpenAI-compatible proxy, and tools",
+    propagate_version = true
+)]
+struct Cli {
+    /// Log level or filter directive (e.g. `info`, `debug`, `epp_core=debug,info`).
+    /// When absent, `RUST_LOG` is used; when both are absent, `info`.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the Envoy ext_proc endpoint picker (the Gateway API Inference Extension protocol).
+    Serve(cmd::serve::Args),
+    /// Run the picker as a standalone OpenAI-compatible HTTP proxy.
+    Proxy(cmd::proxy::Args),
+    /// Run one or more simulated vLLM model servers.
+    Sim(cmd::sim::Args),
+    /// Benchmark routing policies side by side against fresh simulators.
+    Bench(cmd::bench::Args),
+    /// One-command demo: simulators + picker + workload, round-robin vs the default profile.
+    Demo(cmd::demo::Args),
+    /// Check a running picker (and optionally Prometheus) and explain every failure.
+    Doctor(cmd::doctor::Args),
+    /// Validate an EndpointPickerConfig file and name the exact field at fault.
+    CheckConfig(cmd::check_config::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_format) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => cmd::serve::run(a).await,
+            Command::Proxy(a) => cmd::proxy::run(a).await,
+            Command::Sim(a) => cmd::sim::run(a).await,
+            Command::Bench(a) => cmd::bench::run(a).await,
+            Command::Demo(a) => cmd::demo::run(a).await,
+            Command::Doctor(a) => cmd::doctor::run(a).await,
+            Command::CheckConfig(a) => cmd::check_config::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
