@@ -1,1 +1,9 @@
-//! placeholder
+//! epp-bench: reproducible workloads, a load driver for any OpenAI-compatible URL, run statistics,
+//! reports (table, JSON, SVG), and the policy comparison behind `epp bench` and `epp demo`.
+#![forbid(unsafe_code)]
+
+pub mod driver;
+pub mod http;
+pub mod ideal;
+pub mod sse;
+pub mod workload;
