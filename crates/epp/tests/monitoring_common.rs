@@ -1,0 +1,451 @@
+//! Helpers shared by the monitoring tests (`monitoring_*.rs` include this file with
+//! `#[path = "monitoring_common.rs"] mod common;`); built alone, it runs the helpers' own tests.
+//!
+//! - locating the shipped assets and `promtool`;
+//! - reading every PromQL query the assets ship (dashboard targets and variables, alert rules);
+//! - walking the PromQL AST (`promql-parser`): metric names, quantile and ratio shape, and the
+//!   "expression before its threshold" of an alert.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use promql_parser::parser::{self, Expr};
+
+/// The job label every shipped scrape path produces.
+pub const JOB: &str = "llm-d-gaie-epp";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn monitoring_dir() -> PathBuf {
+    repo_root().join("deploy/monitoring")
+}
+
+pub fn read(rel: &str) -> String {
+    let path = repo_root().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+pub fn yaml(rel: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not valid YAML: {e}"))
+}
+
+pub fn yaml_docs(rel: &str) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    let text = read(rel);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("{rel}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+pub fn json(rel: &str) -> serde_json::Value {
+    serde_json::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not valid JSON: {e}"))
+}
+
+pub const RULES: &str = "deploy/monitoring/rules/epp-alerts.rules.yaml";
+pub const RULES_TEST: &str = "deploy/monitoring/rules/epp-alerts.test.yaml";
+pub const PROMETHEUS_RULE: &str = "deploy/monitoring/prometheusrule.yaml";
+pub const DASHBOARD: &str = "deploy/monitoring/grafana/epp-dashboard.json";
+pub const DASHBOARD_CONFIGMAP: &str = "deploy/monitoring/grafana/grafana-dashboard-configmap.yaml";
+pub const SCRAPE_STATIC: &str = "deploy/monitoring/prometheus/scrape-static.yaml";
+pub const SCRAPE_STATIC_TOKEN: &str = "deploy/monitoring/prometheus/scrape-static-token.yaml";
+pub const SCRAPE_KUBERNETES: &str = "deploy/monitoring/prometheus/scrape-kubernetes.yaml";
+pub const SERVICE_MONITOR: &str = "deploy/monitoring/servicemonitor.yaml";
+
+/// `promtool` from `EPP_PROMTOOL_BIN`, else from `PATH`. Missing promtool is a failure, not a
+/// skip: `scripts/test` installs it.
+pub fn promtool() -> PathBuf {
+    find_tool("EPP_PROMTOOL_BIN", "promtool")
+}
+
+/// `prometheus` from `EPP_PROMETHEUS_BIN`, else from `PATH` (same policy as [`promtool`]).
+pub fn prometheus_bin() -> PathBuf {
+    find_tool("EPP_PROMETHEUS_BIN", "prometheus")
+}
+
+fn find_tool(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env).filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "{env}={} does not exist; run scripts/test, which installs Debian's prometheus package",
+            p.display()
+        );
+        return p;
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` not found (neither {env} nor PATH): run scripts/test, which installs \
+                 Debian's prometheus package (prometheus + promtool), or set {env}"
+            )
+        })
+}
+
+/// Runs a command, panicking with its output unless it exits 0. Returns stdout + stderr.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+// ------------------------------------------------------------------------------------------
+// The queries the assets ship
+// ------------------------------------------------------------------------------------------
+
+/// One shipped query: where it comes from and its PromQL.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub origin: String,
+    pub expr: String,
+}
+
+/// One alerting rule of the rules file.
+#[derive(Debug, Clone)]
+pub struct Alert {
+    pub name: String,
+    pub expr: String,
+    pub rule: serde_yaml::Value,
+}
+
+pub fn alerts() -> Vec<Alert> {
+    let rules = yaml(RULES);
+    let mut out = Vec::new();
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            if let Some(name) = rule["alert"].as_str() {
+                out.push(Alert {
+                    name: name.to_string(),
+                    expr: rule["expr"].as_str().expect("expr").to_string(),
+                    rule: rule.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Every PromQL target of every dashboard panel (rows included), in panel order.
+pub fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<Query> {
+    fn walk(panels: &serde_json::Value, out: &mut Vec<Query>) {
+        for panel in panels.as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or("?");
+            for t in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = t["expr"].as_str() {
+                    out.push(Query {
+                        origin: format!(
+                            "panel {:?} target {}",
+                            title,
+                            t["refId"].as_str().unwrap_or("?")
+                        ),
+                        expr: expr.to_string(),
+                    });
+                }
+            }
+            walk(&panel["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard["panels"], &mut out);
+    out
+}
+
+/// Dashboard queries with the template variables replaced, ready for the Prometheus API.
+pub fn expand_dashboard_vars(expr: &str, job: &str) -> String {
+    expr.replace("$job", job).replace("${job}", job)
+}
+
+/// Metric names read by the dashboard's `label_values(metric, label)` variables.
+pub fn dashboard_variable_metrics(dashboard: &serde_json::Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let q = var["query"]["query"]
+            .as_str()
+            .or_else(|| var["query"].as_str())
+            .unwrap_or("");
+        if let Some(rest) = q.trim().strip_prefix("label_values(") {
+            let inner = rest.trim_end_matches(')');
+            if let Some((selector, _label)) = inner.rsplit_once(',') {
+                let e = parse(selector.trim()).unwrap_or_else(|e| panic!("variable {q}: {e}"));
+                out.extend(metric_names(&e));
+            }
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------------------------------------
+// PromQL AST helpers
+// ------------------------------------------------------------------------------------------
+
+pub fn parse(expr: &str) -> Result<Expr, String> {
+    parser::parse(expr)
+}
+
+/// Calls `f` on `e` and on every sub-expression, depth first.
+pub fn visit<'a>(e: &'a Expr, f: &mut dyn FnMut(&'a Expr)) {
+    f(e);
+    match e {
+        Expr::Aggregate(a) => {
+            if let Some(p) = &a.param {
+                visit(p, f);
+            }
+            visit(&a.expr, f);
+        }
+        Expr::Unary(u) => visit(&u.expr, f),
+        Expr::Binary(b) => {
+            visit(&b.lhs, f);
+            visit(&b.rhs, f);
+        }
+        Expr::Paren(p) => visit(&p.expr, f),
+        Expr::Subquery(s) => visit(&s.expr, f),
+        Expr::Call(c) => {
+            for a in &c.args.args {
+                visit(a, f);
+            }
+        }
+        Expr::NumberLiteral(_)
+        | Expr::StringLiteral(_)
+        | Expr::VectorSelector(_)
+        | Expr::MatrixSelector(_)
+        | Expr::Extension(_) => {}
+    }
+}
+
+/// The metric family names an expression reads: the names of its vector and matrix selectors,
+/// with the histogram/summary suffixes `_bucket`, `_sum`, `_count` stripped (so
+/// `epp_request_duration_seconds_bucket` gives `epp_request_duration_seconds`). A selector
+/// without a name (`{__name__=~"..."}`) is reported as its `__name__` matcher value.
+pub fn metric_names(e: &Expr) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    visit(e, &mut |e| {
+        let vs = match e {
+            Expr::VectorSelector(vs) => vs,
+            Expr::MatrixSelector(ms) => &ms.vs,
+            _ => return,
+        };
+        let name = vs.name.clone().or_else(|| {
+            vs.matchers
+                .matchers
+                .iter()
+                .find(|m| m.name == "__name__")
+                .map(|m| m.value.clone())
+        });
+        if let Some(name) = name {
+            out.insert(family_name(&name).to_string());
+        }
+    });
+    out
+}
+
+/// `x_bucket` / `x_sum` / `x_count` → `x`; other names unchanged.
+pub fn family_name(sample: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| sample.strip_suffix(s))
+        .unwrap_or(sample)
+}
+
+fn unparen(mut e: &Expr) -> &Expr {
+    while let Expr::Paren(p) = e {
+        e = &p.expr;
+    }
+    e
+}
+
+/// Problems with `histogram_quantile` calls: the histogram argument must be a `sum` grouped
+/// `by (..., le, ...)` (the seed's `histogram_quantile(0.95, rate(x_bucket[5m]))` breaks as
+/// soon as there is more than one series per bucket).
+pub fn quantile_problems(e: &Expr) -> Vec<String> {
+    let mut out = Vec::new();
+    visit(e, &mut |e| {
+        let Expr::Call(c) = e else { return };
+        if c.func.name != "histogram_quantile" {
+            return;
+        }
+        let Some(arg) = c.args.args.get(1) else {
+            out.push(format!("{e}: histogram_quantile without a histogram"));
+            return;
+        };
+        match unparen(arg) {
+            Expr::Aggregate(a)
+                if a.op.to_string() == "sum"
+                    && a.modifier.as_ref().is_some_and(|m| {
+                        m.is_include() && m.labels().labels.iter().any(|l| l == "le")
+                    }) => {}
+            other => out.push(format!(
+                "histogram_quantile over `{other}`: aggregate it with `sum by (le)` first"
+            )),
+        }
+    });
+    out
+}
+
+/// Whether `e` is (a filtered, defaulted or scaled form of) an aggregation, or a scalar.
+fn is_aggregated(e: &Expr) -> bool {
+    match unparen(e) {
+        Expr::Aggregate(_) | Expr::NumberLiteral(_) => true,
+        Expr::Binary(b) => {
+            let (l, r) = (unparen(&b.lhs), unparen(&b.rhs));
+            let lit = |x: &Expr| matches!(x, Expr::NumberLiteral(_));
+            if b.op.is_set_operator() {
+                // `sum(a) or sum(b) * 0`, `sum(a) and ...`
+                is_aggregated(l) && (b.op.to_string() != "or" || is_aggregated(r))
+            } else if lit(r) {
+                // `sum(x) > 0`, `sum(x) * 100`
+                is_aggregated(l)
+            } else if lit(l) {
+                is_aggregated(r)
+            } else {
+                is_aggregated(l) && is_aggregated(r)
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Problems with ratios: both sides of every `/` must be aggregated (`sum(rate(a)) /
+/// sum(rate(b))`); the seed's `rate(hits) / rate(requests)` is a per-series ratio.
+pub fn ratio_problems(e: &Expr) -> Vec<String> {
+    let mut out = Vec::new();
+    visit(e, &mut |e| {
+        let Expr::Binary(b) = e else { return };
+        if b.op.to_string() != "/" {
+            return;
+        }
+        for (side, x) in [("numerator", &b.lhs), ("denominator", &b.rhs)] {
+            if !is_aggregated(x) {
+                out.push(format!("ratio {side} `{x}` is not summed"));
+            }
+        }
+    });
+    out
+}
+
+/// The part of an alert expression that must return data whenever the picker is scraped: the
+/// expression before its threshold comparison (`A > 0.1` → `A`; `A < 0.5 and B` → `A`), and for
+/// `absent(X)` the selector `X`.
+pub fn alert_base_expr(expr: &str) -> String {
+    fn base(e: &Expr) -> &Expr {
+        let e = unparen(e);
+        match e {
+            Expr::Binary(b) if b.op.is_comparison_operator() && !b.return_bool() => {
+                if matches!(unparen(&b.rhs), Expr::NumberLiteral(_)) {
+                    base(&b.lhs)
+                } else {
+                    e
+                }
+            }
+            Expr::Binary(b) if b.op.to_string() == "and" || b.op.to_string() == "unless" => {
+                base(&b.lhs)
+            }
+            Expr::Call(c) if c.func.name == "absent" && !c.args.args.is_empty() => {
+                unparen(&c.args.args[0])
+            }
+            _ => e,
+        }
+    }
+    let e = parse(expr).unwrap_or_else(|err| panic!("{expr}: {err}"));
+    base(&e).to_string()
+}
+
+// ------------------------------------------------------------------------------------------
+// The helpers' own tests
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn metric_names_strip_histogram_suffixes() {
+    let e = parse(
+        r#"histogram_quantile(0.95, sum by (le) (rate(epp_request_duration_seconds_bucket{job="x"}[5m])))
+           + sum(rate(epp_request_duration_seconds_sum[5m])) / sum(rate(epp_request_duration_seconds_count[5m]))
+           + on() group_left sum(up{job="x"}) + count({__name__="epp_build_info"})"#,
+    )
+    .unwrap();
+    let names: Vec<_> = metric_names(&e).into_iter().collect();
+    assert_eq!(
+        names,
+        ["epp_build_info", "epp_request_duration_seconds", "up"]
+    );
+}
+
+#[test]
+fn the_seeds_queries_are_rejected() {
+    let seed_p95 = parse(
+        r#"histogram_quantile(0.95, rate(epp_request_duration_seconds_bucket{job="llm-d-epp-metrics"}[5m])) * 1000"#,
+    )
+    .unwrap();
+    assert_eq!(quantile_problems(&seed_p95).len(), 1);
+    let seed_hit_rate = parse(
+        r#"(rate(epp_cache_hits_total{job="llm-d-epp-metrics"}[5m]) / rate(epp_cache_requests_total{job="llm-d-epp-metrics"}[5m])) * 100"#,
+    )
+    .unwrap();
+    assert_eq!(ratio_problems(&seed_hit_rate).len(), 2);
+    // `sum without (le)` and `max by (le)` are not accepted either
+    for bad in [
+        "histogram_quantile(0.9, sum without (le) (rate(x_bucket[5m])))",
+        "histogram_quantile(0.9, max by (le) (rate(x_bucket[5m])))",
+    ] {
+        assert_eq!(quantile_problems(&parse(bad).unwrap()).len(), 1, "{bad}");
+    }
+}
+
+#[test]
+fn the_fixed_forms_are_accepted() {
+    for good in [
+        "histogram_quantile(0.95, sum by (le) (rate(x_bucket[5m])))",
+        "histogram_quantile(0.95, sum by (job, le) (rate(x_bucket[5m]))) > 0.1",
+        "sum(rate(a[5m])) / sum(rate(b[5m]))",
+        "sum by (job) (rate(a[5m])) / (sum by (job) (rate(b[5m])) > 0) < 0.5",
+        "(sum(rate(a[5m])) or sum(rate(b[5m])) * 0) / sum(rate(b[5m]))",
+    ] {
+        let e = parse(good).unwrap();
+        assert!(quantile_problems(&e).is_empty(), "{good}");
+        assert!(
+            ratio_problems(&e).is_empty(),
+            "{good}: {:?}",
+            ratio_problems(&e)
+        );
+    }
+}
+
+#[test]
+fn alert_base_expr_drops_the_threshold() {
+    let base =
+        alert_base_expr("histogram_quantile(0.95, sum by (job, le) (rate(x_bucket[5m]))) > 0.1");
+    assert_eq!(
+        parse(&base).unwrap().to_string(),
+        parse("histogram_quantile(0.95, sum by (job, le) (rate(x_bucket[5m])))")
+            .unwrap()
+            .to_string()
+    );
+    assert_eq!(
+        alert_base_expr(r#"absent(up{job="llm-d-gaie-epp"})"#),
+        parse(r#"up{job="llm-d-gaie-epp"}"#).unwrap().to_string()
+    );
+    let base = alert_base_expr("sum(a) / (sum(b) > 0) < 0.5");
+    assert_eq!(base, parse("sum(a) / (sum(b) > 0)").unwrap().to_string());
+}
