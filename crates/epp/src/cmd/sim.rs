@@ -1,8 +1,231 @@
-//! Not implemented yet.
+//! `epp sim`: run one or more simulated vLLM servers (the `epp-sim` crate) until SIGTERM/SIGINT.
+//! This module only turns flags into `SimConfig`s, validates them before anything binds, starts
+//! the servers and shuts them down gracefully.
 
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
 
-pub async fn run(_args: Args) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("this subcommand is not implemented yet")
+use epp_core::telemetry::Shutdown;
+use epp_sim::{Faults, LatencyModel, SimConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Number of independent servers to start (each with its own cache, queue and metrics).
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+
+    /// Port of the first server; server i listens on base-port + i. 0 = ephemeral ports.
+    #[arg(long, default_value_t = 8000)]
+    pub base_port: u16,
+
+    /// Address to listen on (vLLM's default is all interfaces).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Server names are `<prefix>-<i>` (i from 0), sent in the `x-inference-pod` header.
+    #[arg(long, default_value = "sim")]
+    pub name_prefix: String,
+
+    /// Served model name (`/v1/models` id and the `model_name` metric label).
+    #[arg(long, alias = "served-model-name", default_value = "sim-model")]
+    pub model: String,
+
+    /// LoRA adapters served on top of the model: `name` or `name=path`, space-separated.
+    #[arg(long, num_args = 1.., value_name = "NAME[=PATH]")]
+    pub lora_modules: Vec<String>,
+
+    /// Maximum number of distinct LoRA adapters running at once.
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
+
+    /// Maximum number of running sequences; further requests wait in a FIFO queue.
+    #[arg(long, default_value_t = 16)]
+    pub max_num_seqs: usize,
+
+    /// KV cache block size in tokens (1 token = 4 characters).
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+
+    /// KV cache capacity in blocks.
+    #[arg(long, alias = "kv-cache-blocks", default_value_t = 8192)]
+    pub num_gpu_blocks: usize,
+
+    /// Maximum prompt + output length in tokens; longer requests get 400.
+    #[arg(long, default_value_t = 32768)]
+    pub max_model_len: usize,
+
+    /// Output tokens when a request sets neither max_tokens nor max_completion_tokens.
+    #[arg(long, default_value_t = 16)]
+    pub default_max_tokens: usize,
+
+    /// Fixed prefill cost per request, in ms (fractional allowed).
+    #[arg(long, default_value_t = 5.0)]
+    pub prefill_overhead_ms: f64,
+
+    /// Prefill cost per uncached prompt token, in ms.
+    #[arg(long, default_value_t = 0.05)]
+    pub prefill_per_token_ms: f64,
+
+    /// Time between output tokens with one running sequence, in ms.
+    #[arg(long, default_value_t = 10.0)]
+    pub inter_token_ms: f64,
+
+    /// Extra inter-token time per additional running sequence, in ms.
+    #[arg(long, default_value_t = 0.2)]
+    pub inter_token_per_seq_ms: f64,
+
+    /// Relative jitter applied to every latency, in [0, 1) (0.1 = ±10%).
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter: f64,
+
+    /// Seed of the RNG used for jitter and error injection (server i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Largest accepted request body in bytes; larger bodies get 413.
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Fault: fraction in [0, 1] of inference requests answered with --error-status.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+
+    /// Fault: HTTP status of injected errors (e.g. 429, 500, 503).
+    #[arg(long, default_value_t = 503)]
+    pub error_status: u16,
+
+    /// Fault: latency added before every inference request, in ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub added_latency_ms: f64,
+
+    /// Fault: /health answers 503.
+    #[arg(long)]
+    pub unhealthy: bool,
+
+    /// Fault: refuse connections for this many ms after start-up, then accept.
+    #[arg(long, value_name = "MS")]
+    pub refuse_connections_ms: Option<f64>,
+
+    /// Grace period for in-flight requests on SIGTERM/SIGINT, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace_secs: f64,
+}
+
+impl Args {
+    /// The configuration shared by every server (name and seed are set per server).
+    pub fn to_config(&self) -> Result<SimConfig, String> {
+        if self.count == 0 {
+            return Err("invalid --count: must be at least 1".into());
+        }
+        if self.base_port != 0 && self.base_port as usize + self.count - 1 > u16::MAX as usize {
+            return Err(format!(
+                "invalid --base-port: {} + {} servers runs past port 65535",
+                self.base_port, self.count
+            ));
+        }
+        if self.name_prefix.trim().is_empty() {
+            return Err("invalid --name-prefix: must not be empty".into());
+        }
+        if !self.shutdown_grace_secs.is_finite() || self.shutdown_grace_secs < 0.0 {
+            return Err(format!(
+                "invalid --shutdown-grace-secs: must be a non-negative number, got {}",
+                self.shutdown_grace_secs
+            ));
+        }
+        if let Some(ms) = self.refuse_connections_ms {
+            if !ms.is_finite() || ms < 0.0 {
+                return Err(format!(
+                    "invalid --refuse-connections-ms: must be a non-negative number, got {ms}"
+                ));
+            }
+        }
+        let cfg = SimConfig {
+            name: format!("{}-0", self.name_prefix),
+            model: self.model.clone(),
+            lora_modules: self.lora_modules.clone(),
+            max_loras: self.max_loras,
+            max_num_seqs: self.max_num_seqs,
+            block_size: self.block_size,
+            num_gpu_blocks: self.num_gpu_blocks,
+            max_model_len: self.max_model_len,
+            default_max_tokens: self.default_max_tokens,
+            latency: LatencyModel {
+                prefill_overhead_ms: self.prefill_overhead_ms,
+                prefill_per_token_ms: self.prefill_per_token_ms,
+                inter_token_ms: self.inter_token_ms,
+                inter_token_per_seq_ms: self.inter_token_per_seq_ms,
+                jitter: self.jitter,
+            },
+            seed: self.seed,
+            max_body_bytes: self.max_body_bytes,
+            faults: Faults {
+                error_rate: self.error_rate,
+                error_status: self.error_status,
+                added_latency_ms: self.added_latency_ms,
+                unhealthy: self.unhealthy,
+                refuse_connections: false,
+            },
+            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
+        };
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = match args.to_config() {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let shutdown = Shutdown::on_signal();
+    tracing::info!(
+        count = args.count,
+        model = %cfg.model,
+        lora_modules = ?cfg.lora_modules,
+        max_loras = cfg.max_loras,
+        max_num_seqs = cfg.max_num_seqs,
+        block_size = cfg.block_size,
+        num_gpu_blocks = cfg.num_gpu_blocks,
+        max_model_len = cfg.max_model_len,
+        default_max_tokens = cfg.default_max_tokens,
+        latency = ?cfg.latency,
+        seed = cfg.seed,
+        faults = ?cfg.faults,
+        "starting simulated vLLM servers"
+    );
+    let servers = epp_sim::spawn_many(
+        &cfg,
+        &args.name_prefix,
+        args.host,
+        args.base_port,
+        args.count,
+    )
+    .await?;
+    for s in &servers {
+        if let Some(ms) = args.refuse_connections_ms {
+            s.faults()
+                .refuse_connections_for(Duration::from_secs_f64(ms / 1000.0));
+        }
+        tracing::info!(server = s.name(), addr = %s.addr(), "listening (http://{}/v1)", s.addr());
+    }
+    shutdown.wait().await;
+    tracing::info!(
+        grace_s = cfg.shutdown_grace.as_secs_f64(),
+        "shutting down: no new connections, finishing in-flight requests"
+    );
+    futures_join_all(servers).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shut every server down concurrently.
+async fn futures_join_all(servers: Vec<epp_sim::SimServer>) {
+    let mut set = tokio::task::JoinSet::new();
+    for s in servers {
+        set.spawn(s.shutdown());
+    }
+    while set.join_next().await.is_some() {}
 }

@@ -1,0 +1,848 @@
+//! The HTTP surface, as vLLM's OpenAI-compatible server exposes it: request parsing and
+//! validation, OpenAI-shaped responses (JSON and SSE), the probe endpoints, the admin API, and
+//! the mapping of every failure to an OpenAI-style JSON error. Nothing here panics on input.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::SimConfig;
+use crate::engine::{Engine, Event, Job, Usage};
+use crate::faults::{FaultHandle, FaultsPatch};
+use crate::latency::ms_to_duration;
+use crate::metrics;
+use crate::tokenizer::{self, ChatMessage};
+
+/// Response header naming the server.
+pub const POD_HEADER: &str = "x-inference-pod";
+/// Response header carrying the server's port.
+pub const PORT_HEADER: &str = "x-inference-port";
+
+/// Bodies above the limit are drained up to this many bytes before the 413 is sent, so the
+/// client reads the answer instead of a connection reset.
+const MAX_DRAIN_BYTES: usize = 64 * 1024 * 1024;
+
+/// An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<&'static str>,
+    pub code: &'static str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            code,
+        }
+    }
+
+    fn bad(code: &'static str, param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param),
+            ..Self::new(StatusCode::BAD_REQUEST, code, message)
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind(),
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Shared state of one server's handlers.
+pub(crate) struct App {
+    pub cfg: SimConfig,
+    pub engine: Arc<Engine>,
+    pub faults: FaultHandle,
+    pub lora_names: Vec<String>,
+    pub created: u64,
+    pub next_id: AtomicU64,
+}
+
+type AppState = Arc<App>;
+
+/// Build the router. `port` is the bound port, sent in `x-inference-port`.
+pub(crate) fn router(app: AppState, port: u16) -> Router {
+    let pod = HeaderValue::from_str(&app.cfg.name).unwrap_or(HeaderValue::from_static("sim"));
+    let port = HeaderValue::from(port);
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/version", get(version))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_handler))
+        .route(
+            "/admin/faults",
+            get(get_faults).put(put_faults).post(put_faults),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app)
+        .layer(axum::middleware::map_response(move |mut res: Response| {
+            let pod = pod.clone();
+            let port = port.clone();
+            async move {
+                res.headers_mut().insert(POD_HEADER, pod);
+                res.headers_mut().insert(PORT_HEADER, port);
+                res
+            }
+        }))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn version() -> Response {
+    axum::Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "server": "epp-sim",
+    }))
+    .into_response()
+}
+
+async fn health(State(app): State<AppState>) -> Response {
+    if app.faults.get().unhealthy {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy",
+            "the server is marked unhealthy (fault injection)",
+        )
+        .into_response()
+    } else {
+        StatusCode::OK.into_response()
+    }
+}
+
+async fn metrics_handler(State(app): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        app.engine.render_metrics(),
+    )
+        .into_response()
+}
+
+async fn models(State(app): State<AppState>) -> Response {
+    let cfg = &app.cfg;
+    let mut data = vec![json!({
+        "id": cfg.model,
+        "object": "model",
+        "created": app.created,
+        "owned_by": "vllm",
+        "root": cfg.model,
+        "parent": null,
+        "max_model_len": cfg.max_model_len,
+        "permission": [],
+    })];
+    for m in &cfg.lora_modules {
+        let (name, path) = m.split_once('=').unwrap_or((m, m));
+        data.push(json!({
+            "id": name,
+            "object": "model",
+            "created": app.created,
+            "owned_by": "vllm",
+            "root": path,
+            "parent": cfg.model,
+            "max_model_len": cfg.max_model_len,
+            "permission": [],
+        }));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn get_faults(State(app): State<AppState>) -> Response {
+    axum::Json(app.faults.view()).into_response()
+}
+
+async fn put_faults(State(app): State<AppState>, req: Request) -> Response {
+    let body = match read_body(req.into_body(), app.cfg.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let patch: FaultsPatch = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_faults",
+                format!("invalid faults JSON: {e}"),
+            )
+            .into_response()
+        }
+    };
+    match app.faults.apply(&patch) {
+        Ok(view) => {
+            tracing::info!(server = %app.cfg.name, faults = ?view, "faults changed");
+            axum::Json(view).into_response()
+        }
+        Err(e) => ApiError {
+            param: Some(e.field),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_faults", e.to_string())
+        }
+        .into_response(),
+    }
+}
+
+/// Read the whole body, refusing more than `limit` bytes with 413.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    let mut too_large = false;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_read_error",
+                format!("could not read the request body: {e}"),
+            )
+        })?;
+        total += chunk.len();
+        if total > limit {
+            too_large = true;
+            buf = Vec::new();
+            if total > MAX_DRAIN_BYTES {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if too_large {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body exceeds the limit of {limit} bytes"),
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn completions(State(app): State<AppState>, req: Request) -> Response {
+    inference(app, Kind::Completion, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(app): State<AppState>, req: Request) -> Response {
+    inference(app, Kind::Chat, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A validated inference request.
+struct Parsed {
+    model: String,
+    lora: Option<String>,
+    prompt: String,
+    max_tokens: Option<u64>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// A field that may be absent or null.
+fn opt<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+fn opt_bool(obj: &Map<String, Value>, key: &'static str) -> Result<Option<bool>, ApiError> {
+    match opt(obj, key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(ApiError::bad(
+            "invalid_type",
+            key,
+            format!("`{key}` must be a boolean, got {}", type_name(v)),
+        )),
+    }
+}
+
+fn opt_u64(obj: &Map<String, Value>, key: &'static str) -> Result<Option<u64>, ApiError> {
+    match opt(obj, key) {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            ApiError::bad(
+                "invalid_type",
+                key,
+                format!(
+                    "`{key}` must be a non-negative integer, got {}",
+                    match v {
+                        Value::Number(n) => n.to_string(),
+                        other => type_name(other).to_string(),
+                    }
+                ),
+            )
+        }),
+    }
+}
+
+fn parse_request(body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!(
+                "the request body must be a JSON object, got {}",
+                type_name(&value)
+            ),
+        ));
+    };
+    let model = match opt(&obj, "model") {
+        None => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "model",
+                format!("`model` must be a string, got {}", type_name(v)),
+            ))
+        }
+    };
+    let stream = opt_bool(&obj, "stream")?.unwrap_or(false);
+    let include_usage = match opt(&obj, "stream_options") {
+        None => false,
+        Some(Value::Object(o)) => opt_bool(o, "include_usage")?.unwrap_or(false),
+        Some(v) => {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "stream_options",
+                format!("`stream_options` must be an object, got {}", type_name(v)),
+            ))
+        }
+    };
+    if let Some(n) = opt_u64(&obj, "n")? {
+        if n != 1 {
+            return Err(ApiError::bad(
+                "unsupported",
+                "n",
+                "the simulator supports only n = 1",
+            ));
+        }
+    }
+    let max_tokens = match kind {
+        Kind::Completion => opt_u64(&obj, "max_tokens")?,
+        Kind::Chat => match opt_u64(&obj, "max_completion_tokens")? {
+            Some(v) => Some(v),
+            None => opt_u64(&obj, "max_tokens")?,
+        },
+    };
+    let prompt = match kind {
+        Kind::Completion => parse_prompt(&obj)?,
+        Kind::Chat => tokenizer::render_chat(&parse_messages(&obj)?),
+    };
+    Ok(Parsed {
+        model,
+        lora: None,
+        prompt,
+        max_tokens,
+        stream,
+        include_usage,
+    })
+}
+
+fn parse_prompt(obj: &Map<String, Value>) -> Result<String, ApiError> {
+    let text = match obj.get("prompt") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad(
+                "missing_field",
+                "prompt",
+                "missing required field `prompt`",
+            ))
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(items)) => match items.as_slice() {
+            [Value::String(s)] => s.clone(),
+            [] => {
+                return Err(ApiError::bad(
+                    "invalid_value",
+                    "prompt",
+                    "`prompt` must not be an empty list",
+                ))
+            }
+            [Value::String(_), ..] => return Err(ApiError::bad(
+                "unsupported",
+                "prompt",
+                "batched prompts (a list of several strings) are not supported by the simulator",
+            )),
+            [Value::Number(_), ..] | [Value::Array(_), ..] => {
+                return Err(ApiError::bad(
+                    "unsupported",
+                    "prompt",
+                    "token-id prompts are not supported by the simulator; send text",
+                ))
+            }
+            [other, ..] => {
+                return Err(ApiError::bad(
+                    "invalid_type",
+                    "prompt",
+                    format!(
+                        "`prompt` list items must be strings, got {}",
+                        type_name(other)
+                    ),
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "prompt",
+                format!("`prompt` must be a string, got {}", type_name(v)),
+            ))
+        }
+    };
+    if text.is_empty() {
+        return Err(ApiError::bad(
+            "invalid_value",
+            "prompt",
+            "`prompt` must not be empty",
+        ));
+    }
+    Ok(text)
+}
+
+fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let items = match obj.get("messages") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad(
+                "missing_field",
+                "messages",
+                "missing required field `messages`",
+            ))
+        }
+        Some(Value::Array(items)) => items,
+        Some(v) => {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "messages",
+                format!("`messages` must be an array, got {}", type_name(v)),
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::bad(
+            "invalid_value",
+            "messages",
+            "`messages` must contain at least one message",
+        ));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Value::Object(m) = item else {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "messages",
+                format!("messages[{i}] must be an object, got {}", type_name(item)),
+            ));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) if !r.is_empty() => r.clone(),
+            Some(Value::String(_)) => {
+                return Err(ApiError::bad(
+                    "invalid_value",
+                    "messages",
+                    format!("messages[{i}].role must not be empty"),
+                ))
+            }
+            None | Some(Value::Null) => {
+                return Err(ApiError::bad(
+                    "missing_field",
+                    "messages",
+                    format!("messages[{i}] is missing `role`"),
+                ))
+            }
+            Some(v) => {
+                return Err(ApiError::bad(
+                    "invalid_type",
+                    "messages",
+                    format!("messages[{i}].role must be a string, got {}", type_name(v)),
+                ))
+            }
+        };
+        let content = match m.get("content") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    let Value::Object(p) = part else {
+                        return Err(ApiError::bad(
+                            "invalid_type",
+                            "messages",
+                            format!(
+                                "messages[{i}].content[{j}] must be an object, got {}",
+                                type_name(part)
+                            ),
+                        ));
+                    };
+                    if p.get("type").and_then(Value::as_str) == Some("text") {
+                        match p.get("text") {
+                            Some(Value::String(t)) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::bad(
+                                    "invalid_type",
+                                    "messages",
+                                    format!("messages[{i}].content[{j}].text must be a string"),
+                                ))
+                            }
+                        }
+                    }
+                }
+                text
+            }
+            Some(v) => {
+                return Err(ApiError::bad(
+                    "invalid_type",
+                    "messages",
+                    format!(
+                        "messages[{i}].content must be a string or an array of parts, got {}",
+                        type_name(v)
+                    ),
+                ))
+            }
+        };
+        out.push(ChatMessage { role, content });
+    }
+    Ok(out)
+}
+
+async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = read_body(req.into_body(), app.cfg.max_body_bytes).await?;
+
+    let faults = app.faults.get();
+    if faults.added_latency_ms > 0.0 {
+        tokio::time::sleep(ms_to_duration(faults.added_latency_ms)).await;
+    }
+    if faults.error_rate > 0.0 && app.engine.random() < faults.error_rate {
+        let status =
+            StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(ApiError::new(
+            status,
+            "injected_fault",
+            format!(
+                "injected failure (error rate {}) from {}",
+                faults.error_rate, app.cfg.name
+            ),
+        ));
+    }
+
+    let mut p = parse_request(&body, kind)?;
+    if p.model.is_empty() {
+        p.model = app.cfg.model.clone();
+    }
+    if p.model != app.cfg.model {
+        if app.lora_names.contains(&p.model) {
+            p.lora = Some(p.model.clone());
+        } else {
+            return Err(ApiError {
+                param: Some("model"),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    format!("The model `{}` does not exist.", p.model),
+                )
+            });
+        }
+    }
+
+    let prompt_tokens = tokenizer::count_tokens(&p.prompt);
+    let max_tokens = match p.max_tokens {
+        None => app.cfg.default_max_tokens,
+        Some(0) => {
+            return Err(ApiError::bad(
+                "invalid_value",
+                if kind == Kind::Chat {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                },
+                "max_tokens must be at least 1",
+            ))
+        }
+        Some(v) => usize::try_from(v).unwrap_or(usize::MAX),
+    };
+    let total = prompt_tokens.saturating_add(max_tokens);
+    if total > app.cfg.max_model_len {
+        return Err(ApiError::bad(
+            "context_length_exceeded",
+            "max_tokens",
+            format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the prompt, {} for the completion).",
+                app.cfg.max_model_len, total, prompt_tokens, max_tokens
+            ),
+        ));
+    }
+    if let Err(e) = app.engine.check_fits(prompt_tokens, max_tokens) {
+        return Err(ApiError::bad(
+            "kv_cache_too_small",
+            "max_tokens",
+            e.to_string(),
+        ));
+    }
+
+    let hashes = tokenizer::block_hashes(
+        tokenizer::chain_seed(&p.model),
+        &p.prompt,
+        app.cfg.block_size,
+    );
+    let job = Job {
+        hashes,
+        prompt_tokens,
+        max_tokens,
+        lora: p.lora.clone(),
+        arrived,
+    };
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(app.engine.clone().run(job, tx));
+
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = match kind {
+        Kind::Completion => format!("cmpl-{}-{n}", app.cfg.name),
+        Kind::Chat => format!("chatcmpl-{}-{n}", app.cfg.name),
+    };
+    let meta = Meta {
+        id,
+        created: now_unix(),
+        model: p.model,
+        kind,
+        max_tokens,
+    };
+    if p.stream {
+        Ok(stream_response(meta, rx, p.include_usage))
+    } else {
+        collect_response(meta, rx).await
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    max_tokens: usize,
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+async fn collect_response(meta: Meta, mut rx: mpsc::Receiver<Event>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut usage = None;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token(i) => text.push_str(tokenizer::output_token(i)),
+            Event::Done(u) => {
+                usage = Some(u);
+                break;
+            }
+        }
+    }
+    let Some(usage) = usage else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "engine_error",
+            "the request ended before completion",
+        ));
+    };
+    let choice = match meta.kind {
+        Kind::Completion => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": null,
+            "finish_reason": "length",
+            "stop_reason": null,
+        }),
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": null,
+            "finish_reason": "length",
+            "stop_reason": null,
+        }),
+    };
+    let object = match meta.kind {
+        Kind::Completion => "text_completion",
+        Kind::Chat => "chat.completion",
+    };
+    Ok(axum::Json(json!({
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": usage_json(&usage),
+    }))
+    .into_response())
+}
+
+fn sse(v: &Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+impl Meta {
+    fn chunk(&self, choices: Value) -> Value {
+        let object = match self.kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    /// SSE text for output token `i`.
+    fn token_event(&self, i: usize) -> String {
+        let text = tokenizer::output_token(i);
+        let finish = if i + 1 == self.max_tokens {
+            json!("length")
+        } else {
+            Value::Null
+        };
+        match self.kind {
+            Kind::Completion => sse(&self.chunk(json!([{
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish,
+                "stop_reason": null,
+            }]))),
+            Kind::Chat => {
+                let mut out = String::new();
+                if i == 0 {
+                    out.push_str(&sse(&self.chunk(json!([{
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": null,
+                        "finish_reason": null,
+                    }]))));
+                }
+                out.push_str(&sse(&self.chunk(json!([{
+                    "index": 0,
+                    "delta": {"content": text},
+                    "logprobs": null,
+                    "finish_reason": finish,
+                }]))));
+                out
+            }
+        }
+    }
+}
+
+fn stream_response(meta: Meta, rx: mpsc::Receiver<Event>, include_usage: bool) -> Response {
+    let stream = futures_util::stream::unfold(Some((meta, rx)), move |state| async move {
+        let (meta, mut rx) = state?;
+        match rx.recv().await? {
+            Event::Token(i) => {
+                let text = meta.token_event(i);
+                Some((text, Some((meta, rx))))
+            }
+            Event::Done(u) => {
+                let mut text = String::new();
+                if include_usage {
+                    let mut chunk = meta.chunk(json!([]));
+                    chunk["usage"] = usage_json(&u);
+                    text.push_str(&sse(&chunk));
+                }
+                text.push_str("data: [DONE]\n\n");
+                Some((text, None))
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(
+            stream.map(|s| Ok::<_, Infallible>(Bytes::from(s))),
+        ))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

@@ -1,0 +1,225 @@
+//! Settings of one simulated server and their validation, done before anything binds.
+//!
+//! Field names mirror the `epp sim` flags (`max_num_seqs` ↔ `--max-num-seqs`), and validation
+//! errors name the flag, so the CLI can print them as they are.
+
+use std::time::Duration;
+
+use crate::faults::Faults;
+use crate::latency::LatencyModel;
+
+/// Everything that defines one simulated vLLM server. `Default` gives realistic but fast values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Server name, sent in `x-inference-pod` and used in logs.
+    pub name: String,
+    /// Served (base) model name, the `id` in `/v1/models` and the `model_name` metric label.
+    pub model: String,
+    /// LoRA adapters served on top of the base model (`name` or `name=path`).
+    pub lora_modules: Vec<String>,
+    /// Maximum number of distinct adapters running at once.
+    pub max_loras: usize,
+    /// Maximum number of running sequences; more requests wait in a FIFO queue.
+    pub max_num_seqs: usize,
+    /// KV block size in tokens.
+    pub block_size: usize,
+    /// KV cache capacity in blocks (`num_gpu_blocks`).
+    pub num_gpu_blocks: usize,
+    /// Longest prompt + output, in tokens; longer requests get 400.
+    pub max_model_len: usize,
+    /// Output length when a request sets neither `max_tokens` nor `max_completion_tokens`.
+    pub default_max_tokens: usize,
+    /// Latency model parameters.
+    pub latency: LatencyModel,
+    /// Seed of the server's RNG (jitter and error injection).
+    pub seed: u64,
+    /// Largest accepted request body in bytes; larger → 413.
+    pub max_body_bytes: usize,
+    /// Faults in force at start-up.
+    pub faults: Faults,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            name: "sim-0".into(),
+            model: "sim-model".into(),
+            lora_modules: Vec::new(),
+            max_loras: 1,
+            max_num_seqs: 16,
+            block_size: 16,
+            num_gpu_blocks: 8192,
+            max_model_len: 32768,
+            default_max_tokens: 16,
+            latency: LatencyModel::default(),
+            seed: 0,
+            max_body_bytes: 10 * 1024 * 1024,
+            faults: Faults::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A setting that cannot work. Displayed as `invalid --flag: reason`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid {flag}: {message}")]
+pub struct ConfigError {
+    /// The `epp sim` flag (and, without dashes, the `SimConfig` field).
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn err(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        message: message.into(),
+    }
+}
+
+fn non_negative(flag: &'static str, v: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(err(
+            flag,
+            format!("must be a non-negative number of milliseconds, got {v}"),
+        ))
+    }
+}
+
+impl SimConfig {
+    /// The adapter names (the part before `=` of each `lora_modules` entry).
+    pub fn lora_names(&self) -> Vec<String> {
+        self.lora_modules
+            .iter()
+            .map(|m| m.split_once('=').map(|(n, _)| n).unwrap_or(m).to_string())
+            .collect()
+    }
+
+    /// Check every setting; the error names the flag at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(err("--name-prefix", "server name must not be empty"));
+        }
+        if self.model.trim().is_empty() {
+            return Err(err("--model", "must not be empty"));
+        }
+        if self.max_num_seqs == 0 {
+            return Err(err("--max-num-seqs", "must be at least 1"));
+        }
+        if self.block_size == 0 {
+            return Err(err("--block-size", "must be at least 1"));
+        }
+        if self.num_gpu_blocks == 0 {
+            return Err(err("--num-gpu-blocks", "must be at least 1"));
+        }
+        if self.max_model_len == 0 {
+            return Err(err("--max-model-len", "must be at least 1"));
+        }
+        if self.default_max_tokens == 0 {
+            return Err(err("--default-max-tokens", "must be at least 1"));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(err("--max-body-bytes", "must be at least 1"));
+        }
+        let names = self.lora_names();
+        if !names.is_empty() && self.max_loras == 0 {
+            return Err(err(
+                "--max-loras",
+                "must be at least 1 when --lora-modules is given",
+            ));
+        }
+        for (i, n) in names.iter().enumerate() {
+            if n.trim().is_empty() {
+                return Err(err("--lora-modules", "adapter names must not be empty"));
+            }
+            if *n == self.model {
+                return Err(err(
+                    "--lora-modules",
+                    format!("adapter {n:?} has the same name as the base model"),
+                ));
+            }
+            if names[..i].contains(n) {
+                return Err(err(
+                    "--lora-modules",
+                    format!("adapter {n:?} is listed twice"),
+                ));
+            }
+        }
+        let l = &self.latency;
+        non_negative("--prefill-overhead-ms", l.prefill_overhead_ms)?;
+        non_negative("--prefill-per-token-ms", l.prefill_per_token_ms)?;
+        non_negative("--inter-token-ms", l.inter_token_ms)?;
+        non_negative("--inter-token-per-seq-ms", l.inter_token_per_seq_ms)?;
+        if !(0.0..1.0).contains(&l.jitter) {
+            return Err(err(
+                "--jitter",
+                format!("must be in [0, 1), got {}", l.jitter),
+            ));
+        }
+        self.faults.validate().map_err(|e| {
+            let flag = match e.field {
+                "error_rate" => "--error-rate",
+                "error_status" => "--error-status",
+                _ => "--added-latency-ms",
+            };
+            err(flag, e.message)
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        SimConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut SimConfig)>)> = vec![
+            ("--block-size", Box::new(|c| c.block_size = 0)),
+            ("--max-num-seqs", Box::new(|c| c.max_num_seqs = 0)),
+            ("--num-gpu-blocks", Box::new(|c| c.num_gpu_blocks = 0)),
+            ("--jitter", Box::new(|c| c.latency.jitter = 1.0)),
+            (
+                "--inter-token-ms",
+                Box::new(|c| c.latency.inter_token_ms = -1.0),
+            ),
+            ("--error-rate", Box::new(|c| c.faults.error_rate = 2.0)),
+            ("--error-status", Box::new(|c| c.faults.error_status = 200)),
+            (
+                "--max-loras",
+                Box::new(|c| {
+                    c.lora_modules = vec!["a".into()];
+                    c.max_loras = 0
+                }),
+            ),
+            (
+                "--lora-modules",
+                Box::new(|c| c.lora_modules = vec!["a=/x".into(), "a".into()]),
+            ),
+        ];
+        for (flag, f) in cases {
+            let mut c = SimConfig::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.flag, flag);
+            assert!(e.to_string().starts_with(&format!("invalid {flag}: ")));
+        }
+    }
+
+    #[test]
+    fn lora_names_strip_paths() {
+        let c = SimConfig {
+            lora_modules: vec!["a=/p/a".into(), "b".into()],
+            ..Default::default()
+        };
+        assert_eq!(c.lora_names(), vec!["a".to_string(), "b".to_string()]);
+    }
+}

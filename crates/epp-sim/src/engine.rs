@@ -1,0 +1,506 @@
+//! The serving engine: admission (sequence slots, KV blocks, LoRA slots), the FIFO waiting queue,
+//! and the timed run of a request (prefill, then one token per inter-token latency).
+//!
+//! Admission follows vLLM's FCFS scheduler: requests are considered in arrival order; the scan
+//! stops at the first request that does not fit (no free sequence slot or not enough KV blocks),
+//! but a request that only waits for a LoRA slot is skipped so later requests can run. Admission is
+//! re-tried whenever a request finishes, is aborted, or leaves the queue.
+//!
+//! A request's resources are held by an RAII [`Running`] guard, so a client that disconnects at
+//! any point (queued, prefilling or decoding) frees everything at once.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::cache::{Allocation, CacheError, PrefixCache};
+use crate::config::SimConfig;
+use crate::latency::LatencyModel;
+use crate::metrics::{self, Counters, GaugeSnapshot};
+
+/// What the engine needs to know about a request.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Chained hashes of the prompt's full blocks.
+    pub hashes: Vec<u64>,
+    pub prompt_tokens: usize,
+    pub max_tokens: usize,
+    /// LoRA adapter to load, if the request names one.
+    pub lora: Option<String>,
+    /// When the request arrived (start of TTFT and e2e latency).
+    pub arrived: Instant,
+}
+
+/// Token accounting of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+/// Progress of a request, sent to the HTTP layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The `i`-th output token (0-based) is ready.
+    Token(usize),
+    /// The request finished; its resources are already released.
+    Done(Usage),
+}
+
+/// A point-in-time view of the engine, for tests and tools.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSnapshot {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_usage: f64,
+    pub prefix_cache_hit_tokens: u64,
+    pub prefix_cache_query_tokens: u64,
+    pub running_loras: Vec<String>,
+    pub waiting_loras: Vec<String>,
+}
+
+struct Waiter {
+    id: u64,
+    job: Arc<Job>,
+    tx: oneshot::Sender<Running>,
+}
+
+struct State {
+    cache: PrefixCache,
+    running: usize,
+    running_loras: BTreeMap<String, usize>,
+    waiting: VecDeque<Waiter>,
+    next_id: u64,
+}
+
+/// One server's engine.
+pub struct Engine {
+    model: String,
+    max_num_seqs: usize,
+    max_loras: usize,
+    latency: LatencyModel,
+    state: Mutex<State>,
+    rng: Mutex<SmallRng>,
+    pub(crate) counters: Counters,
+}
+
+/// Resources held by an admitted request; dropping it releases them and admits waiters.
+pub struct Running {
+    engine: Arc<Engine>,
+    alloc: Option<Allocation>,
+    lora: Option<String>,
+    cached_tokens: usize,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(alloc) = self.alloc.take() {
+            self.engine.release(alloc, self.lora.take());
+        }
+    }
+}
+
+/// Removes a request from the queue if its owner gives up before admission.
+struct QueueTicket<'a> {
+    engine: &'a Arc<Engine>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let removed = {
+                let mut st = self.engine.state.lock();
+                let before = st.waiting.len();
+                st.waiting.retain(|w| w.id != self.id);
+                st.waiting.len() != before
+            };
+            if removed {
+                self.engine.counters.aborted.fetch_add(1, Ordering::Relaxed);
+                self.engine.schedule();
+            }
+        }
+    }
+}
+
+impl Engine {
+    pub fn new(cfg: &SimConfig) -> Arc<Self> {
+        Arc::new(Self {
+            model: cfg.model.clone(),
+            max_num_seqs: cfg.max_num_seqs,
+            max_loras: cfg.max_loras,
+            latency: cfg.latency,
+            state: Mutex::new(State {
+                cache: PrefixCache::new(cfg.block_size, cfg.num_gpu_blocks),
+                running: 0,
+                running_loras: BTreeMap::new(),
+                waiting: VecDeque::new(),
+                next_id: 0,
+            }),
+            rng: Mutex::new(SmallRng::seed_from_u64(cfg.seed)),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Whether a request of this size could ever run (else it is rejected up front).
+    pub fn check_fits(&self, prompt_tokens: usize, max_tokens: usize) -> Result<(), CacheError> {
+        let st = self.state.lock();
+        let needed = st.cache.blocks_for(prompt_tokens + max_tokens);
+        if needed > st.cache.capacity() {
+            return Err(CacheError::TooLarge {
+                needed,
+                capacity: st.cache.capacity(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A uniform draw in [0, 1) from the server's seeded RNG.
+    pub fn random(&self) -> f64 {
+        self.rng.lock().random::<f64>()
+    }
+
+    /// Wait in the FIFO queue until the request is admitted.
+    pub async fn admit(self: &Arc<Self>, job: Arc<Job>) -> Running {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut st = self.state.lock();
+            st.next_id += 1;
+            let id = st.next_id;
+            st.waiting.push_back(Waiter { id, job, tx });
+            id
+        };
+        let mut ticket = QueueTicket {
+            engine: self,
+            id,
+            armed: true,
+        };
+        self.schedule();
+        // The sender is only dropped after a send (or when the ticket removed the waiter, which
+        // cannot happen while we are here), so this always yields.
+        let running = rx.await.expect("admission sender dropped while waiting");
+        ticket.armed = false;
+        running
+    }
+
+    /// Admit as many waiting requests as fit, in FIFO order.
+    fn schedule(self: &Arc<Self>) {
+        let mut admitted = Vec::new();
+        {
+            let mut guard = self.state.lock();
+            let st = &mut *guard;
+            let mut i = 0;
+            while i < st.waiting.len() && st.running < self.max_num_seqs {
+                let job = st.waiting[i].job.clone();
+                if let Some(l) = &job.lora {
+                    if !st.running_loras.contains_key(l) && st.running_loras.len() >= self.max_loras
+                    {
+                        i += 1;
+                        continue;
+                    }
+                }
+                match st.cache.try_allocate(
+                    &job.hashes,
+                    job.prompt_tokens,
+                    job.prompt_tokens + job.max_tokens,
+                ) {
+                    Ok(alloc) => {
+                        let w = st.waiting.remove(i).expect("index in range");
+                        st.running += 1;
+                        if let Some(l) = &job.lora {
+                            *st.running_loras.entry(l.clone()).or_insert(0) += 1;
+                        }
+                        let cached_tokens = alloc.cached_blocks() * st.cache.block_size();
+                        admitted.push((
+                            w.tx,
+                            Running {
+                                engine: self.clone(),
+                                alloc: Some(alloc),
+                                lora: job.lora.clone(),
+                                cached_tokens,
+                            },
+                        ));
+                    }
+                    // Head-of-line: later requests wait behind this one.
+                    Err(_) => break,
+                }
+            }
+        }
+        for (tx, running) in admitted {
+            // If the waiter is gone, `running` comes back and is dropped here, outside the lock.
+            let _ = tx.send(running);
+        }
+    }
+
+    fn release(self: &Arc<Self>, alloc: Allocation, lora: Option<String>) {
+        {
+            let mut st = self.state.lock();
+            st.cache.release(alloc);
+            st.running -= 1;
+            if let Some(l) = lora {
+                if let Some(n) = st.running_loras.get_mut(&l) {
+                    *n -= 1;
+                    if *n == 0 {
+                        st.running_loras.remove(&l);
+                    }
+                }
+            }
+        }
+        self.schedule();
+    }
+
+    fn running_count(&self) -> usize {
+        self.state.lock().running
+    }
+
+    /// Run a request to completion, sending its events on `tx`. Stops (and releases everything)
+    /// as soon as the receiver is dropped.
+    pub async fn run(self: Arc<Self>, job: Job, tx: mpsc::Sender<Event>) {
+        let job = Arc::new(job);
+        let running = tokio::select! {
+            r = self.admit(job.clone()) => r,
+            _ = tx.closed() => return,
+        };
+        let uncached = job.prompt_tokens.saturating_sub(running.cached_tokens);
+        let prefill = self.latency.prefill(uncached, &mut *self.rng.lock());
+        let mut deadline = Instant::now() + prefill;
+        let mut emitted = 0usize;
+        let aborted = |engine: &Engine, emitted: usize| {
+            engine.counters.aborted.fetch_add(1, Ordering::Relaxed);
+            engine
+                .counters
+                .generation_tokens
+                .fetch_add(emitted as u64, Ordering::Relaxed);
+        };
+        for i in 0..job.max_tokens {
+            if i > 0 {
+                let itl = self
+                    .latency
+                    .inter_token(self.running_count(), &mut *self.rng.lock());
+                deadline += itl;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = tx.closed() => {
+                    aborted(&self, emitted);
+                    return;
+                }
+            }
+            if i == 0 {
+                self.counters.observe_ttft(job.arrived.elapsed());
+                self.counters
+                    .prompt_tokens
+                    .fetch_add(job.prompt_tokens as u64, Ordering::Relaxed);
+            }
+            if tx.send(Event::Token(i)).await.is_err() {
+                aborted(&self, emitted);
+                return;
+            }
+            emitted += 1;
+        }
+        let usage = Usage {
+            prompt_tokens: job.prompt_tokens,
+            completion_tokens: emitted,
+            cached_tokens: running.cached_tokens,
+        };
+        drop(running);
+        self.counters
+            .generation_tokens
+            .fetch_add(emitted as u64, Ordering::Relaxed);
+        self.counters.success_length.fetch_add(1, Ordering::Relaxed);
+        self.counters.observe_e2e(job.arrived.elapsed());
+        let _ = tx.send(Event::Done(usage)).await;
+    }
+
+    /// Current state.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let st = self.state.lock();
+        let stats = st.cache.stats();
+        let (running_loras, waiting_loras) = lora_lists(&st);
+        EngineSnapshot {
+            running: st.running,
+            waiting: st.waiting.len(),
+            kv_usage: st.cache.usage(),
+            prefix_cache_hit_tokens: stats.hit_tokens,
+            prefix_cache_query_tokens: stats.query_tokens,
+            running_loras,
+            waiting_loras,
+        }
+    }
+
+    /// The Prometheus exposition.
+    pub fn render_metrics(&self) -> String {
+        let g = {
+            let st = self.state.lock();
+            let stats = st.cache.stats();
+            let (running_loras, waiting_loras) = lora_lists(&st);
+            GaugeSnapshot {
+                running: st.running,
+                waiting: st.waiting.len(),
+                kv_usage: st.cache.usage(),
+                block_size: st.cache.block_size(),
+                num_gpu_blocks: st.cache.capacity(),
+                hit_tokens: stats.hit_tokens,
+                query_tokens: stats.query_tokens,
+                running_loras,
+                waiting_loras,
+                max_loras: self.max_loras,
+            }
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        metrics::render(&self.model, &g, &self.counters, now)
+    }
+}
+
+fn lora_lists(st: &State) -> (Vec<String>, Vec<String>) {
+    let running: Vec<String> = st.running_loras.keys().cloned().collect();
+    let waiting: BTreeSet<String> = st
+        .waiting
+        .iter()
+        .filter_map(|w| w.job.lora.clone())
+        .collect();
+    (running, waiting.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SimConfig {
+        SimConfig {
+            max_num_seqs: 1,
+            max_loras: 1,
+            lora_modules: vec!["a".into(), "b".into()],
+            latency: LatencyModel::zero(),
+            ..Default::default()
+        }
+    }
+
+    fn job(lora: Option<&str>) -> Arc<Job> {
+        Arc::new(Job {
+            hashes: vec![],
+            prompt_tokens: 4,
+            max_tokens: 1,
+            lora: lora.map(str::to_string),
+            arrived: Instant::now(),
+        })
+    }
+
+    #[tokio::test]
+    async fn fifo_queue_and_release_admits_next() {
+        let e = Engine::new(&cfg());
+        let r1 = e.admit(job(None)).await;
+        let e2 = e.clone();
+        let waiter = tokio::spawn(async move { e2.admit(job(None)).await.cached_tokens });
+        // Poll until the second request is queued.
+        while e.snapshot().waiting != 1 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(e.snapshot().running, 1);
+        drop(r1);
+        assert_eq!(waiter.await.unwrap(), 0);
+        let s = e.snapshot();
+        assert_eq!((s.running, s.waiting), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn lora_waiter_is_skipped_not_blocking() {
+        let mut c = cfg();
+        c.max_num_seqs = 4;
+        let e = Engine::new(&c);
+        let ra = e.admit(job(Some("a"))).await;
+        let e2 = e.clone();
+        let b = tokio::spawn(async move { e2.admit(job(Some("b"))).await.lora.clone() });
+        while e.snapshot().waiting != 1 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(e.snapshot().waiting_loras, vec!["b".to_string()]);
+        // A base-model request behind it is admitted right away.
+        let base = e.admit(job(None)).await;
+        // Same adapter as the running one shares its slot.
+        let ra2 = e.admit(job(Some("a"))).await;
+        assert_eq!(e.snapshot().running, 3);
+        assert_eq!(e.snapshot().running_loras, vec!["a".to_string()]);
+        drop(ra);
+        drop(ra2);
+        assert_eq!(b.await.unwrap(), Some("b".to_string()));
+        drop(base);
+    }
+
+    #[tokio::test]
+    async fn dropped_waiter_leaves_the_queue() {
+        let e = Engine::new(&cfg());
+        let r1 = e.admit(job(None)).await;
+        let e2 = e.clone();
+        let waiter = tokio::spawn(async move {
+            let _r = e2.admit(job(None)).await;
+        });
+        while e.snapshot().waiting != 1 {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(e.snapshot().waiting, 0);
+        drop(r1);
+        assert_eq!(e.snapshot().running, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_emits_tokens_on_schedule() {
+        let mut c = cfg();
+        c.latency = LatencyModel {
+            prefill_overhead_ms: 10.0,
+            prefill_per_token_ms: 1.0,
+            inter_token_ms: 5.0,
+            inter_token_per_seq_ms: 0.0,
+            jitter: 0.0,
+        };
+        let e = Engine::new(&c);
+        let (tx, mut rx) = mpsc::channel(8);
+        let start = Instant::now();
+        let j = Job {
+            hashes: vec![],
+            prompt_tokens: 20,
+            max_tokens: 3,
+            lora: None,
+            arrived: start,
+        };
+        tokio::spawn(e.clone().run(j, tx));
+        let mut times = vec![];
+        while let Some(ev) = rx.recv().await {
+            times.push((ev, start.elapsed()));
+        }
+        assert_eq!(
+            times,
+            vec![
+                (Event::Token(0), Duration::from_millis(30)),
+                (Event::Token(1), Duration::from_millis(35)),
+                (Event::Token(2), Duration::from_millis(40)),
+                (
+                    Event::Done(Usage {
+                        prompt_tokens: 20,
+                        completion_tokens: 3,
+                        cached_tokens: 0
+                    }),
+                    Duration::from_millis(40)
+                ),
+            ]
+        );
+        assert_eq!(e.counters.generation_tokens.load(Ordering::Relaxed), 3);
+        assert_eq!(e.counters.prompt_tokens.load(Ordering::Relaxed), 20);
+        assert_eq!(e.counters.success_length.load(Ordering::Relaxed), 1);
+        assert_eq!(e.snapshot().running, 0);
+    }
+}

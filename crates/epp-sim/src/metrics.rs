@@ -1,0 +1,323 @@
+//! vLLM-named Prometheus metrics of one simulated server, rendered as text exposition 0.0.4.
+//!
+//! Gauges are read from the engine's state at scrape time (so they are exactly the state);
+//! counters and histograms are updated as requests progress. The text is written by hand: the
+//! set is small and fixed, and this keeps label sets (e.g. the LoRA adapter lists) free-form.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+/// `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Buckets of `vllm:time_to_first_token_seconds` (vLLM's).
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+
+/// Buckets of `vllm:e2e_request_latency_seconds` (vLLM's, plus sub-300 ms ones for a fast sim).
+pub const E2E_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// A fixed-bucket histogram.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Non-cumulative counts; one extra slot for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    pub fn observe(&mut self, v: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i] += 1;
+        self.sum += v;
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+}
+
+/// Counters and histograms updated by the engine.
+#[derive(Debug)]
+pub struct Counters {
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    pub success_length: AtomicU64,
+    pub aborted: AtomicU64,
+    pub ttft: Mutex<Histogram>,
+    pub e2e: Mutex<Histogram>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            prompt_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            success_length: AtomicU64::new(0),
+            aborted: AtomicU64::new(0),
+            ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
+            e2e: Mutex::new(Histogram::new(E2E_BUCKETS)),
+        }
+    }
+}
+
+impl Counters {
+    pub fn observe_ttft(&self, d: Duration) {
+        self.ttft.lock().observe(d.as_secs_f64());
+    }
+    pub fn observe_e2e(&self, d: Duration) {
+        self.e2e.lock().observe(d.as_secs_f64());
+    }
+}
+
+/// Gauge values read from the engine at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct GaugeSnapshot {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_usage: f64,
+    pub block_size: usize,
+    pub num_gpu_blocks: usize,
+    pub hit_tokens: u64,
+    pub query_tokens: u64,
+    pub running_loras: Vec<String>,
+    pub waiting_loras: Vec<String>,
+    pub max_loras: usize,
+}
+
+/// Escape a label value for the text format.
+fn esc(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogram) {
+    header(out, name, "histogram", help);
+    let mut cum = 0u64;
+    for (i, b) in h.bounds.iter().enumerate() {
+        cum += h.counts[i];
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b:?}\"}} {cum}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {:?}", h.sum);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+}
+
+/// Render the whole exposition.
+pub fn render(model: &str, g: &GaugeSnapshot, c: &Counters, now_unix: f64) -> String {
+    let m = format!("model_name=\"{}\"", esc(model));
+    let mut out = String::with_capacity(8 * 1024);
+
+    header(
+        &mut out,
+        "vllm:num_requests_running",
+        "gauge",
+        "Number of requests in model execution batches.",
+    );
+    let _ = writeln!(out, "vllm:num_requests_running{{{m}}} {}", g.running);
+    header(
+        &mut out,
+        "vllm:num_requests_waiting",
+        "gauge",
+        "Number of requests waiting to be processed.",
+    );
+    let _ = writeln!(out, "vllm:num_requests_waiting{{{m}}} {}", g.waiting);
+    for (name, help) in [
+        (
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage (blocks held by running requests / total).",
+        ),
+        (
+            "vllm:gpu_cache_usage_perc",
+            "GPU KV-cache usage (legacy alias of vllm:kv_cache_usage_perc).",
+        ),
+    ] {
+        header(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name}{{{m}}} {:?}", g.kv_usage);
+    }
+    header(
+        &mut out,
+        "vllm:cache_config_info",
+        "gauge",
+        "Information of the LLMEngine CacheConfig.",
+    );
+    let _ = writeln!(
+        out,
+        "vllm:cache_config_info{{block_size=\"{}\",enable_prefix_caching=\"True\",num_gpu_blocks=\"{}\",{m}}} 1",
+        g.block_size, g.num_gpu_blocks
+    );
+    header(
+        &mut out,
+        "vllm:lora_requests_info",
+        "gauge",
+        "Running stats on LoRA requests (value: Unix time of the sample).",
+    );
+    let _ = writeln!(
+        out,
+        "vllm:lora_requests_info{{max_lora=\"{}\",{m},running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {:?}",
+        g.max_loras,
+        esc(&g.running_loras.join(",")),
+        esc(&g.waiting_loras.join(",")),
+        now_unix
+    );
+    header(
+        &mut out,
+        "vllm:prefix_cache_queries_total",
+        "counter",
+        "Prefix cache queries, in terms of number of queried tokens.",
+    );
+    let _ = writeln!(
+        out,
+        "vllm:prefix_cache_queries_total{{{m}}} {}",
+        g.query_tokens
+    );
+    header(
+        &mut out,
+        "vllm:prefix_cache_hits_total",
+        "counter",
+        "Prefix cache hits, in terms of number of cached tokens.",
+    );
+    let _ = writeln!(out, "vllm:prefix_cache_hits_total{{{m}}} {}", g.hit_tokens);
+    header(
+        &mut out,
+        "vllm:prompt_tokens_total",
+        "counter",
+        "Number of prefill tokens processed.",
+    );
+    let _ = writeln!(
+        out,
+        "vllm:prompt_tokens_total{{{m}}} {}",
+        c.prompt_tokens.load(Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "vllm:generation_tokens_total",
+        "counter",
+        "Number of generation tokens processed.",
+    );
+    let _ = writeln!(
+        out,
+        "vllm:generation_tokens_total{{{m}}} {}",
+        c.generation_tokens.load(Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "vllm:request_success_total",
+        "counter",
+        "Count of finished requests by finish reason.",
+    );
+    for (reason, v) in [
+        ("abort", c.aborted.load(Ordering::Relaxed)),
+        ("length", c.success_length.load(Ordering::Relaxed)),
+        ("stop", 0),
+    ] {
+        let _ = writeln!(
+            out,
+            "vllm:request_success_total{{finished_reason=\"{reason}\",{m}}} {v}"
+        );
+    }
+    let ttft = c.ttft.lock().clone();
+    histogram(
+        &mut out,
+        "vllm:time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        &m,
+        &ttft,
+    );
+    let e2e = c.e2e.lock().clone();
+    histogram(
+        &mut out,
+        "vllm:e2e_request_latency_seconds",
+        "Histogram of end to end request latency in seconds.",
+        &m,
+        &e2e,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::new(&[0.1, 1.0]);
+        h.observe(0.05);
+        h.observe(0.1);
+        h.observe(0.5);
+        h.observe(3.0);
+        let mut out = String::new();
+        histogram(&mut out, "x", "help", "a=\"b\"", &h);
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.1\"} 2\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"1.0\"} 3\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 4\n"));
+        assert!(out.contains("x_count{a=\"b\"} 4\n"));
+        assert!(out.contains("x_sum{a=\"b\"} 3.65\n"));
+    }
+
+    #[test]
+    fn renders_gauges_and_escapes_labels() {
+        let g = GaugeSnapshot {
+            running: 2,
+            waiting: 3,
+            kv_usage: 0.25,
+            block_size: 16,
+            num_gpu_blocks: 100,
+            hit_tokens: 32,
+            query_tokens: 64,
+            running_loras: vec!["a".into(), "b".into()],
+            waiting_loras: vec![],
+            max_loras: 2,
+        };
+        let c = Counters::default();
+        let text = render("m\"x", &g, &c, 1700000000.5);
+        assert!(text.contains("vllm:num_requests_running{model_name=\"m\\\"x\"} 2\n"));
+        assert!(text.contains("vllm:num_requests_waiting{model_name=\"m\\\"x\"} 3\n"));
+        assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"m\\\"x\"} 0.25\n"));
+        assert!(text.contains("vllm:gpu_cache_usage_perc{model_name=\"m\\\"x\"} 0.25\n"));
+        assert!(text
+            .contains("running_lora_adapters=\"a,b\",waiting_lora_adapters=\"\"} 1700000000.5\n"));
+        assert!(text.contains("vllm:prefix_cache_hits_total{model_name=\"m\\\"x\"} 32\n"));
+    }
+}
