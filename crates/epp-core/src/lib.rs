@@ -1,3 +1,14 @@
-//! epp-core: the picker library.
+//! epp-core: the picker library. Layers point one way:
+//! front-ends (`proxy`, `extproc`) → `director` → `scheduler` → `datastore` / `prefix`;
+//! `telemetry`, `metrics` and `config` are leaves.
+#![forbid(unsafe_code)]
 
+pub mod config;
+pub mod datastore;
+pub mod director;
+pub mod metrics;
+pub mod prefix;
+pub mod procstat;
+pub mod request;
+pub mod scheduler;
 pub mod telemetry;

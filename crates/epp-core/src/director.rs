@@ -1,0 +1,359 @@
+//! The request lifecycle both front-ends call: parse → schedule → record the decision → track the
+//! in-flight request → complete (prefix index, counters, metrics). The ext_proc service and the
+//! HTTP proxy only translate their wire formats to and from this module, so routing behaviour and
+//! metrics cannot drift between the two modes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::datastore::{Datastore, Endpoint, InFlight};
+use crate::metrics::Metrics;
+use crate::prefix::{PrefixIndex, PromptHashes};
+use crate::request::{parse_body, ApiMethod, BadRequest, ParsedRequest};
+use crate::scheduler::{DecisionType, SchedCtx, ScheduleError, Scheduler};
+
+/// Status a request gets when the client goes away before its response completed
+/// (nginx's "client closed request").
+pub const STATUS_CLIENT_CLOSED: u16 = 499;
+
+/// One request as a front-end hands it over.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    pub method: Option<ApiMethod>,
+    pub body: &'a [u8],
+    /// Gateway subset hint: only these addresses may be picked.
+    pub subset: Option<&'a [String]>,
+    /// `test-epp-endpoint-selection`: pick exactly these (in order), bypassing the scorers.
+    pub forced: Option<&'a str>,
+    /// `x-gateway-model-name-rewrite`: the model to route (and forward) as.
+    pub model_rewrite: Option<&'a str>,
+}
+
+/// A refusal, with the HTTP status the client gets and a message it can act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RouteError {
+    pub status: u16,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl RouteError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// OpenAI-style error type for the status.
+    pub fn error_type(&self) -> &'static str {
+        error_type(self.status)
+    }
+
+    /// The JSON body both front-ends send.
+    pub fn json_body(&self) -> Vec<u8> {
+        error_body(self.status, &self.message, self.param.as_deref())
+    }
+}
+
+pub fn error_type(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_exceeded",
+        502 => "bad_gateway",
+        503 => "service_unavailable",
+        504 => "gateway_timeout",
+        _ => "internal_error",
+    }
+}
+
+/// `{"error": {"message", "type", "param", "code"}}`.
+pub fn error_body(status: u16, message: &str, param: Option<&str>) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "error": {
+            "message": message,
+            "type": error_type(status),
+            "param": param,
+            "code": status,
+        }
+    }))
+    .unwrap_or_default()
+}
+
+impl From<BadRequest> for RouteError {
+    fn from(e: BadRequest) -> Self {
+        Self {
+            status: 400,
+            message: e.message,
+            param: e.param,
+        }
+    }
+}
+
+impl From<ScheduleError> for RouteError {
+    fn from(e: ScheduleError) -> Self {
+        let status = match e {
+            ScheduleError::Saturated => 429,
+            _ => 503,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+/// A routing decision plus the tracker that completes it.
+#[derive(Debug)]
+pub struct Routed {
+    pub parsed: ParsedRequest,
+    /// Primary first, then fallbacks.
+    pub targets: Vec<Arc<Endpoint>>,
+    pub decision: DecisionType,
+    pub tracker: RequestTracker,
+}
+
+/// Tracks one routed request until its response ends. Dropping it without [`finish`] counts
+/// the request as aborted by the client (status 499).
+///
+/// [`finish`]: RequestTracker::finish
+#[derive(Debug)]
+pub struct RequestTracker {
+    director: Director,
+    method: ApiMethod,
+    started: Instant,
+    guard: Option<InFlight>,
+    hashes: PromptHashes,
+    first_byte_seen: bool,
+    done: bool,
+}
+
+impl RequestTracker {
+    /// The endpoint currently serving the request.
+    pub fn endpoint(&self) -> Option<&Arc<Endpoint>> {
+        self.guard.as_ref().map(|g| g.endpoint())
+    }
+
+    /// The request moved to another endpoint (proxy fallback, or the gateway reports it served
+    /// elsewhere): move the in-flight count and teach the prefix index.
+    pub fn retarget(&mut self, ep: Arc<Endpoint>) {
+        if self.endpoint().is_some_and(|cur| Arc::ptr_eq(cur, &ep)) {
+            return;
+        }
+        self.director.inner.prefix.insert(ep.slot, &self.hashes);
+        self.guard = Some(InFlight::new(ep));
+    }
+
+    /// First response byte (proxy mode TTFT).
+    pub fn first_byte(&mut self) {
+        if !self.first_byte_seen {
+            self.first_byte_seen = true;
+            self.director
+                .inner
+                .metrics
+                .observe_ttft(self.method, self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The response ended with this status (what the client finally got).
+    pub fn finish(mut self, status: u16) {
+        self.complete(status);
+    }
+
+    fn complete(&mut self, status: u16) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let m = &self.director.inner.metrics;
+        m.record_request(self.method, status);
+        m.observe_e2e(self.method, self.started.elapsed().as_secs_f64());
+        self.guard = None;
+    }
+}
+
+impl Drop for RequestTracker {
+    fn drop(&mut self) {
+        self.complete(STATUS_CLIENT_CLOSED);
+    }
+}
+
+struct Inner {
+    datastore: Datastore,
+    scheduler: Arc<Scheduler>,
+    prefix: Arc<PrefixIndex>,
+    metrics: Arc<Metrics>,
+}
+
+/// The director. Cheap to clone.
+#[derive(Clone)]
+pub struct Director {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Director {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Director").finish_non_exhaustive()
+    }
+}
+
+impl Director {
+    pub fn new(
+        datastore: Datastore,
+        scheduler: Arc<Scheduler>,
+        prefix: Arc<PrefixIndex>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                datastore,
+                scheduler,
+                prefix,
+                metrics,
+            }),
+        }
+    }
+
+    pub fn datastore(&self) -> &Datastore {
+        &self.inner.datastore
+    }
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+    pub fn prefix_index(&self) -> &Arc<PrefixIndex> {
+        &self.inner.prefix
+    }
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.inner.scheduler
+    }
+
+    /// Record a request refused before routing (e.g. body too large), so counters stay complete.
+    pub fn record_rejected(&self, method: ApiMethod, status: u16) {
+        self.inner.metrics.record_request(method, status);
+    }
+
+    /// Find a known endpoint by address (for "served by" reports).
+    pub fn endpoint_by_address(&self, address: &str) -> Option<Arc<Endpoint>> {
+        self.inner
+            .datastore
+            .snapshot()
+            .endpoints
+            .iter()
+            .find(|e| e.endpoint.address() == address)
+            .map(|e| e.endpoint.clone())
+    }
+
+    /// Parse, schedule and start tracking one request. Errors are already counted.
+    pub fn route(&self, req: RouteRequest<'_>) -> Result<Routed, RouteError> {
+        let started = Instant::now();
+        let method = req.method.unwrap_or(ApiMethod::Other);
+        let m = &self.inner.metrics;
+        let result = self.route_inner(req, method, started);
+        m.observe_decision_latency(method, started.elapsed().as_secs_f64());
+        match &result {
+            Ok(r) => {
+                tracing::debug!(
+                    endpoint = r.targets[0].address(),
+                    decision = r.decision.as_str(),
+                    model = %r.parsed.target_model,
+                    "routed"
+                );
+            }
+            Err(e) => {
+                m.record_request(method, e.status);
+                tracing::debug!(status = e.status, error = %e.message, "request refused");
+            }
+        }
+        result
+    }
+
+    fn route_inner(
+        &self,
+        req: RouteRequest<'_>,
+        method: ApiMethod,
+        started: Instant,
+    ) -> Result<Routed, RouteError> {
+        let inner = &self.inner;
+        let mut parsed = parse_body(method, req.body)?;
+        if let Some(t) = req.model_rewrite.filter(|t| !t.is_empty()) {
+            parsed.target_model = t.to_string();
+        }
+        let snapshot = inner.datastore.snapshot();
+        let hashes = inner.prefix.hash(&parsed.target_model, &parsed.prompt);
+        let matches = inner.prefix.lookup(&hashes);
+        let ctx = SchedCtx {
+            snapshot: &snapshot,
+            request: &parsed,
+            prefix: &matches,
+        };
+        let (ranked, decision) = if let Some(forced) = req.forced {
+            let wanted: Vec<String> = forced
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            let mut ranked = Vec::new();
+            for w in &wanted {
+                for (i, e) in snapshot.endpoints.iter().enumerate() {
+                    if crate::scheduler::in_subset(e.endpoint.address(), std::slice::from_ref(w))
+                        && !ranked.contains(&i)
+                    {
+                        ranked.push(i);
+                    }
+                }
+            }
+            if ranked.is_empty() {
+                inner.metrics.record_decision(DecisionType::NoEndpoint);
+                return Err(RouteError::new(
+                    503,
+                    format!("no known endpoint matches test-epp-endpoint-selection {forced:?}"),
+                ));
+            }
+            let d = if matches.matched(snapshot.endpoints[ranked[0]].slot()) > 0 {
+                DecisionType::CacheHit
+            } else {
+                DecisionType::LoadBalance
+            };
+            (ranked, d)
+        } else {
+            match inner.scheduler.schedule(&ctx, req.subset) {
+                Ok(s) => (s.ranked, s.decision),
+                Err(e) => {
+                    inner.metrics.record_decision(DecisionType::NoEndpoint);
+                    return Err(e.into());
+                }
+            }
+        };
+        let targets: Vec<Arc<Endpoint>> = ranked
+            .iter()
+            .map(|&i| snapshot.endpoints[i].endpoint.clone())
+            .collect();
+        let primary = targets[0].clone();
+        inner.metrics.record_decision(decision);
+        if !hashes.hashes.is_empty() {
+            inner
+                .metrics
+                .record_cache(primary.name(), matches.matched(primary.slot) > 0);
+        }
+        // Teach the index after the pick; only the touched shards are locked.
+        inner.prefix.insert(primary.slot, &hashes);
+        let tracker = RequestTracker {
+            director: self.clone(),
+            method,
+            started,
+            guard: Some(InFlight::new(primary)),
+            hashes,
+            first_byte_seen: false,
+            done: false,
+        };
+        Ok(Routed {
+            parsed,
+            targets,
+            decision,
+            tracker,
+        })
+    }
+}

@@ -1,0 +1,413 @@
+//! The one metrics registry, shared by every front-end: the seed's seven `epp_*` metrics with
+//! exactly their names and labels (see `shared/design/METRICS.md`), scheduler internals,
+//! per-backend scraped state, build info, process and runtime metrics.
+//!
+//! Request-path metrics are lock-free handles updated in place. Per-backend state is not copied
+//! into gauges: a collector reads the datastore snapshot at scrape time, so a removed backend's
+//! series disappear with it and values are never stale.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::datastore::{Datastore, HealthState};
+use crate::prefix::PrefixIndex;
+use crate::request::ApiMethod;
+use crate::scheduler::{DecisionType, PluginObserver};
+
+/// `Content-Type` of the exposition we serve.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Buckets of `epp_request_duration_seconds`: 50 µs .. 1 s, so sub-millisecond picks resolve.
+pub const DECISION_BUCKETS: [f64; 15] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5,
+];
+/// Buckets of `epp_plugin_duration_seconds`: 1 µs .. 10 ms.
+pub const PLUGIN_BUCKETS: [f64; 11] = [
+    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
+    0.01,
+];
+/// Buckets of end-to-end request duration and TTFT seen through the proxy.
+pub const E2E_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0,
+];
+
+type L1 = [(&'static str, String); 1];
+type L2 = [(&'static str, String); 2];
+
+fn decision_histogram() -> Histogram {
+    Histogram::new(DECISION_BUCKETS)
+}
+fn plugin_histogram() -> Histogram {
+    Histogram::new(PLUGIN_BUCKETS)
+}
+fn e2e_histogram() -> Histogram {
+    Histogram::new(E2E_BUCKETS)
+}
+
+/// Handles for everything the request path records.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<L2, Counter>,
+    duration: Family<L1, Histogram, fn() -> Histogram>,
+    cache_requests: Family<L1, Counter>,
+    cache_hits: Family<L1, Counter>,
+    decisions: Family<L1, Counter>,
+    plugin_duration: Family<L2, Histogram, fn() -> Histogram>,
+    e2e: Family<L1, Histogram, fn() -> Histogram>,
+    ttft: Family<L1, Histogram, fn() -> Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Register every metric. `datastore` and `prefix` feed the scrape-time collector.
+    pub fn new(datastore: Datastore, prefix: Arc<PrefixIndex>) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::<L2, Counter>::default();
+        registry.register(
+            "epp_requests",
+            "Requests the picker handled, by API operation and the HTTP status the client finally got",
+            requests.clone(),
+        );
+        let duration = Family::<L1, Histogram, fn() -> Histogram>::new_with_constructor(
+            decision_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "epp_request_duration_seconds",
+            "The picker's own latency per request: from having the request to handing back the routing decision",
+            duration.clone(),
+        );
+        let cache_requests = Family::<L1, Counter>::default();
+        registry.register(
+            "epp_cache_requests",
+            "Routed requests whose prompt had at least one full prefix block, by picked backend",
+            cache_requests.clone(),
+        );
+        let cache_hits = Family::<L1, Counter>::default();
+        registry.register(
+            "epp_cache_hits",
+            "Of epp_cache_requests_total, those whose picked backend held at least the prompt's first prefix block",
+            cache_hits.clone(),
+        );
+        let decisions = Family::<L1, Counter>::default();
+        registry.register(
+            "epp_routing_decisions",
+            "Routing decisions by reason: cache_hit, load_balance, health_check, no_endpoint",
+            decisions.clone(),
+        );
+        let plugin_duration = Family::<L2, Histogram, fn() -> Histogram>::new_with_constructor(
+            plugin_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "epp_plugin_duration_seconds",
+            "Time spent in each scheduler plugin per request",
+            plugin_duration.clone(),
+        );
+        let e2e = Family::<L1, Histogram, fn() -> Histogram>::new_with_constructor(
+            e2e_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "epp_request_e2e_duration_seconds",
+            "Proxy mode: from receiving the request to the end of the response",
+            e2e.clone(),
+        );
+        let ttft = Family::<L1, Histogram, fn() -> Histogram>::new_with_constructor(
+            e2e_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "epp_request_ttft_seconds",
+            "Proxy mode: from receiving the request to the first response body byte",
+            ttft.clone(),
+        );
+        // Seed the fixed label sets so rates exist (as 0) before the first event.
+        for m in ApiMethod::ALL {
+            let _ = duration.get_or_create(&[("method", m.as_str().to_string())]);
+        }
+        for d in DecisionType::ALL {
+            let _ = decisions.get_or_create(&[("decision_type", d.as_str().to_string())]);
+        }
+        registry.register_collector(Box::new(StateCollector {
+            datastore,
+            prefix,
+        }));
+        registry.register_collector(Box::new(ProcessCollector));
+        Arc::new(Self {
+            registry,
+            requests,
+            duration,
+            cache_requests,
+            cache_hits,
+            decisions,
+            plugin_duration,
+            e2e,
+            ttft,
+        })
+    }
+
+    /// The whole exposition, Prometheus text format 0.0.4.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    pub fn record_request(&self, method: ApiMethod, status: u16) {
+        self.requests
+            .get_or_create(&[
+                ("method", method.as_str().to_string()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+    }
+
+    pub fn observe_decision_latency(&self, method: ApiMethod, seconds: f64) {
+        self.duration
+            .get_or_create(&[("method", method.as_str().to_string())])
+            .observe(seconds);
+    }
+
+    pub fn record_decision(&self, d: DecisionType) {
+        self.decisions
+            .get_or_create(&[("decision_type", d.as_str().to_string())])
+            .inc();
+    }
+
+    /// A routed request with at least one full prefix block; `hit` if the picked backend held
+    /// its first block.
+    pub fn record_cache(&self, backend: &str, hit: bool) {
+        let l = [("backend", backend.to_string())];
+        self.cache_requests.get_or_create(&l).inc();
+        let hits = self.cache_hits.get_or_create(&l);
+        if hit {
+            hits.inc();
+        }
+    }
+
+    pub fn observe_e2e(&self, method: ApiMethod, seconds: f64) {
+        self.e2e
+            .get_or_create(&[("method", method.as_str().to_string())])
+            .observe(seconds);
+    }
+
+    pub fn observe_ttft(&self, method: ApiMethod, seconds: f64) {
+        self.ttft
+            .get_or_create(&[("method", method.as_str().to_string())])
+            .observe(seconds);
+    }
+}
+
+impl PluginObserver for Metrics {
+    fn observe(&self, plugin_type: &'static str, plugin_name: &str, seconds: f64) {
+        self.plugin_duration
+            .get_or_create(&[
+                ("plugin_type", plugin_type.to_string()),
+                ("plugin_name", plugin_name.to_string()),
+            ])
+            .observe(seconds);
+    }
+}
+
+/// Scrape-time view of the datastore and prefix index.
+struct StateCollector {
+    datastore: Datastore,
+    prefix: Arc<PrefixIndex>,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
+}
+
+fn gauge_family<'a, T>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L1, T)>,
+) -> Result<(), std::fmt::Error>
+where
+    T: prometheus_client::encoding::EncodeGaugeValue + 'a,
+    ConstGauge<T>: EncodeMetric,
+{
+    let mut m = enc.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (labels, v) in rows {
+        let g = ConstGauge::new(v);
+        g.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = self.datastore.snapshot();
+        {
+            let mut m = enc.encode_descriptor(
+                "epp_backend_health",
+                "1 when the backend can be routed to, else 0; `state` names its current state",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for e in &snap.endpoints {
+                let v: i64 = (e.health == HealthState::Healthy).into();
+                let l: L2 = [
+                    ("backend", e.endpoint.name().to_string()),
+                    ("state", e.health.as_str().to_string()),
+                ];
+                ConstGauge::new(v).encode(m.encode_family(&l)?)?;
+            }
+        }
+        {
+            let (ns, sel) = self.datastore.discovery_labels();
+            let mut m = enc.encode_descriptor(
+                "epp_pods_discovered",
+                "Endpoints currently known per discovery source",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            let l: L2 = [("namespace", ns), ("label_selector", sel)];
+            ConstGauge::new(self.datastore.discovered_count() as i64).encode(m.encode_family(&l)?)?;
+        }
+        let be = |e: &crate::datastore::EndpointView| -> L1 { [("backend", e.endpoint.name().to_string())] };
+        gauge_family(
+            &mut enc,
+            "epp_backend_queue_size",
+            "Waiting requests reported by the model server",
+            snap.endpoints.iter().filter(|e| e.metrics.is_some()).map(|e| (be(e), e.waiting())),
+        )?;
+        gauge_family(
+            &mut enc,
+            "epp_backend_running_requests",
+            "Running requests reported by the model server",
+            snap.endpoints
+                .iter()
+                .filter_map(|e| e.metrics.as_ref().map(|m| (be(e), m.running))),
+        )?;
+        gauge_family(
+            &mut enc,
+            "epp_backend_kv_cache_usage_ratio",
+            "KV-cache usage (0..1) reported by the model server",
+            snap.endpoints.iter().filter(|e| e.metrics.is_some()).map(|e| (be(e), e.kv_usage())),
+        )?;
+        gauge_family(
+            &mut enc,
+            "epp_backend_inflight_requests",
+            "Requests the picker routed to the backend that have not finished",
+            snap.endpoints
+                .iter()
+                .map(|e| (be(e), e.endpoint.inflight() as i64)),
+        )?;
+        gauge_family(
+            &mut enc,
+            "epp_backend_metrics_age_seconds",
+            "Seconds since the backend's metrics were last scraped successfully",
+            snap.endpoints
+                .iter()
+                .filter_map(|e| e.metrics_age.map(|a| (be(e), a.as_secs_f64()))),
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "epp_backend_scrape_errors",
+                "Failed scrapes of the backend's /metrics",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for e in &snap.endpoints {
+                ConstCounter::new(e.endpoint.scrape_errors()).encode(m.encode_family(&be(e))?)?;
+            }
+        }
+        let cap = self.prefix.config().capacity_per_endpoint
+            * snap.endpoints.len().min(crate::prefix::MAX_TRACKED_ENDPOINTS);
+        ConstGauge::new(self.prefix.len() as i64).encode(enc.encode_descriptor(
+            "epp_prefix_index_blocks",
+            "(backend, block) pairs held by the approximate prefix index",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(cap as i64).encode(enc.encode_descriptor(
+            "epp_prefix_index_capacity_blocks",
+            "Capacity of the prefix index: blocks per backend times known backends",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?)?;
+        ConstCounter::new(self.prefix.evictions()).encode(enc.encode_descriptor(
+            "epp_prefix_index_evictions",
+            "Blocks evicted from the prefix index (LRU)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?)?;
+        {
+            let mut m = enc.encode_descriptor(
+                "epp_build_info",
+                "Build information; the value is always 1",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            let l: L1 = [("version", env!("CARGO_PKG_VERSION").to_string())];
+            ConstGauge::new(1i64).encode(m.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Process and runtime metrics (Linux `/proc`; absent elsewhere).
+#[derive(Debug)]
+struct ProcessCollector;
+
+fn one_gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(v).encode(enc.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?)
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(p) = crate::procstat::read() {
+            ConstCounter::new(p.cpu_seconds).encode(enc.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?)?;
+            one_gauge(&mut enc, "process_open_fds", "Number of open file descriptors", p.open_fds as f64)?;
+            if let Some(m) = p.max_fds {
+                one_gauge(&mut enc, "process_max_fds", "Maximum number of open file descriptors", m as f64)?;
+            }
+            one_gauge(&mut enc, "process_resident_memory_bytes", "Resident memory size in bytes", p.rss_bytes as f64)?;
+            one_gauge(&mut enc, "process_virtual_memory_bytes", "Virtual memory size in bytes", p.vsize_bytes as f64)?;
+            one_gauge(&mut enc, "process_start_time_seconds", "Start time of the process since unix epoch in seconds", p.start_time_seconds)?;
+            one_gauge(&mut enc, "process_threads", "Number of OS threads in the process", p.threads as f64)?;
+        }
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            let m = h.metrics();
+            one_gauge(&mut enc, "epp_runtime_workers", "Tokio runtime worker threads (the Go runtime's GOMAXPROCS analogue)", m.num_workers() as f64)?;
+            one_gauge(&mut enc, "epp_runtime_alive_tasks", "Tokio tasks alive (the go_goroutines analogue)", m.num_alive_tasks() as f64)?;
+            one_gauge(&mut enc, "epp_runtime_global_queue_depth", "Tasks waiting in the Tokio runtime's global queue", m.global_queue_depth() as f64)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,389 @@
+//! The approximate prefix index: which endpoints probably hold which prompt-prefix blocks in
+//! their KV cache, learned from our own past picks (GAIE/llm-d "approximate prefix cache").
+//!
+//! Prompts are cut into fixed-size blocks of bytes (default 64 = 16 tokens × ~4 characters) and
+//! hashed with chained xxhash64, seeded by the model name, so a block hash stands for the whole
+//! prefix up to it. One sharded map goes from block hash to a bitset of endpoint slots, so a
+//! lookup is one probe per prompt block (not per block per endpoint) and stops at the first block
+//! no endpoint holds. Each endpoint's share is bounded by an LRU; updates after a pick lock only
+//! the shards they touch, so picks never queue behind one lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use xxhash_rust::xxh64::xxh64;
+
+/// Endpoint slots the index can track (bits of the per-block set). Endpoints on higher slots
+/// are routed by load only.
+pub const MAX_TRACKED_ENDPOINTS: usize = 128;
+const SHARDS: usize = 32;
+
+/// Identity hasher: keys are already xxhash64 outputs.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// Index parameters (the `prefix-cache-scorer` plugin's parameters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixConfig {
+    /// Block size in bytes of prompt text.
+    pub block_size: usize,
+    /// Blocks matched at most per request (longer prompts: only their first blocks count).
+    pub max_blocks: usize,
+    /// Blocks remembered per endpoint (LRU beyond it).
+    pub capacity_per_endpoint: usize,
+}
+
+impl Default for PrefixConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 64,
+            max_blocks: 256,
+            capacity_per_endpoint: 31_250,
+        }
+    }
+}
+
+/// Chained block hashes of one prompt; computed once per request and shared by the scorer and
+/// the post-pick index update.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PromptHashes {
+    pub hashes: Vec<u64>,
+}
+
+/// Hash a prompt into chained block hashes. Only full blocks count.
+pub fn hash_prompt(cfg: &PrefixConfig, model: &str, prompt: &[u8]) -> PromptHashes {
+    let bs = cfg.block_size.max(1);
+    let n = (prompt.len() / bs).min(cfg.max_blocks);
+    let mut hashes = Vec::with_capacity(n);
+    let mut prev = xxh64(model.as_bytes(), 0);
+    for block in prompt.chunks_exact(bs).take(n) {
+        prev = xxh64(block, prev);
+        hashes.push(prev);
+    }
+    PromptHashes { hashes }
+}
+
+/// Per-slot longest matched run of leading blocks.
+#[derive(Clone, Debug, Default)]
+pub struct PrefixMatch {
+    /// Indexed by slot; slots past the end matched 0 blocks.
+    pub blocks: Vec<u32>,
+    pub total_blocks: u32,
+}
+
+impl PrefixMatch {
+    pub fn matched(&self, slot: usize) -> u32 {
+        self.blocks.get(slot).copied().unwrap_or(0)
+    }
+    /// Matched fraction of the prompt's blocks, in [0, 1].
+    pub fn ratio(&self, slot: usize) -> f64 {
+        if self.total_blocks == 0 {
+            0.0
+        } else {
+            f64::from(self.matched(slot)) / f64::from(self.total_blocks)
+        }
+    }
+}
+
+#[derive(Default)]
+struct Lru {
+    stamps: IdMap<u64>,
+    order: VecDeque<(u64, u64)>,
+    next: u64,
+}
+
+/// The index. Shared by all front-ends through the director.
+pub struct PrefixIndex {
+    cfg: PrefixConfig,
+    shards: Box<[RwLock<IdMap<u128>>]>,
+    lrus: Box<[Mutex<Lru>]>,
+    blocks: AtomicUsize,
+    evictions: AtomicU64,
+}
+
+impl std::fmt::Debug for PrefixIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixIndex")
+            .field("cfg", &self.cfg)
+            .field("blocks", &self.len())
+            .finish()
+    }
+}
+
+impl PrefixIndex {
+    pub fn new(cfg: PrefixConfig) -> Self {
+        Self {
+            cfg,
+            shards: (0..SHARDS).map(|_| RwLock::new(IdMap::default())).collect(),
+            lrus: (0..MAX_TRACKED_ENDPOINTS)
+                .map(|_| Mutex::new(Lru::default()))
+                .collect(),
+            blocks: AtomicUsize::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &PrefixConfig {
+        &self.cfg
+    }
+
+    pub fn hash(&self, model: &str, prompt: &[u8]) -> PromptHashes {
+        hash_prompt(&self.cfg, model, prompt)
+    }
+
+    fn shard(&self, h: u64) -> &RwLock<IdMap<u128>> {
+        // High bits pick the shard; the map uses the low bits.
+        &self.shards[(h >> 58) as usize % SHARDS]
+    }
+
+    /// For every slot, how many leading blocks of the prompt it holds.
+    pub fn lookup(&self, hashes: &PromptHashes) -> PrefixMatch {
+        let total = hashes.hashes.len() as u32;
+        let mut out = PrefixMatch {
+            blocks: Vec::new(),
+            total_blocks: total,
+        };
+        let mut alive: u128 = u128::MAX;
+        let mut i = 0usize;
+        for h in &hashes.hashes {
+            let m = self.shard(*h).read().get(h).copied().unwrap_or(0) & alive;
+            if i > 0 {
+                set_lens(&mut out.blocks, alive & !m, i as u32);
+            }
+            alive = m;
+            i += 1;
+            if alive == 0 {
+                break;
+            }
+        }
+        if alive != 0 && i > 0 {
+            set_lens(&mut out.blocks, alive, i as u32);
+        }
+        out
+    }
+
+    /// Remember that `slot` now holds these blocks (called after the pick).
+    pub fn insert(&self, slot: usize, hashes: &PromptHashes) {
+        if slot >= MAX_TRACKED_ENDPOINTS || hashes.hashes.is_empty() {
+            return;
+        }
+        let bit = 1u128 << slot;
+        let mut lru = self.lrus[slot].lock();
+        let mut added = 0usize;
+        for h in &hashes.hashes {
+            let stamp = lru.next;
+            lru.next += 1;
+            if lru.stamps.insert(*h, stamp).is_none() {
+                added += 1;
+                *self.shard(*h).write().entry(*h).or_insert(0) |= bit;
+            }
+            lru.order.push_back((*h, stamp));
+        }
+        self.blocks.fetch_add(added, Ordering::Relaxed);
+        // Enforce the capacity: evict least recently used.
+        let cap = self.cfg.capacity_per_endpoint;
+        let mut evicted = 0usize;
+        while lru.stamps.len() > cap {
+            let Some((h, st)) = lru.order.pop_front() else {
+                break;
+            };
+            if lru.stamps.get(&h) == Some(&st) {
+                lru.stamps.remove(&h);
+                self.clear_bit(h, bit);
+                evicted += 1;
+            }
+        }
+        // Keep the recency queue bounded: drop superseded entries.
+        if lru.order.len() > 2 * cap + 64 {
+            let Lru { stamps, order, .. } = &mut *lru;
+            order.retain(|(h, st)| stamps.get(h) == Some(st));
+        }
+        drop(lru);
+        if evicted > 0 {
+            self.blocks.fetch_sub(evicted, Ordering::Relaxed);
+            self.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn clear_bit(&self, h: u64, bit: u128) {
+        let mut shard = self.shard(h).write();
+        if let Some(m) = shard.get_mut(&h) {
+            *m &= !bit;
+            if *m == 0 {
+                shard.remove(&h);
+            }
+        }
+    }
+
+    /// Forget everything about a slot (its endpoint is gone).
+    pub fn remove_slot(&self, slot: usize) {
+        if slot >= MAX_TRACKED_ENDPOINTS {
+            return;
+        }
+        let bit = 1u128 << slot;
+        let mut lru = self.lrus[slot].lock();
+        let n = lru.stamps.len();
+        for h in lru.stamps.keys() {
+            self.clear_bit(*h, bit);
+        }
+        *lru = Lru::default();
+        drop(lru);
+        self.blocks.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// (endpoint, block) pairs held.
+    pub fn len(&self) -> usize {
+        self.blocks.load(Ordering::Relaxed)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Blocks held by one slot.
+    pub fn slot_len(&self, slot: usize) -> usize {
+        self.lrus.get(slot).map(|l| l.lock().stamps.len()).unwrap_or(0)
+    }
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+    /// Distinct block hashes in the shared map.
+    pub fn distinct_blocks(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}
+
+fn set_lens(lens: &mut Vec<u32>, mut bits: u128, n: u32) {
+    while bits != 0 {
+        let slot = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        if lens.len() <= slot {
+            lens.resize(slot + 1, 0);
+        }
+        lens[slot] = n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg(cap: usize) -> PrefixConfig {
+        PrefixConfig {
+            block_size: 4,
+            max_blocks: 64,
+            capacity_per_endpoint: cap,
+        }
+    }
+
+    #[test]
+    fn chained_hashes_depend_on_prefix_and_model() {
+        let c = cfg(100);
+        let a = hash_prompt(&c, "m", b"aaaabbbbcccc");
+        let b = hash_prompt(&c, "m", b"xxxxbbbbcccc");
+        assert_eq!(a.hashes.len(), 3);
+        assert_ne!(a.hashes[1], b.hashes[1], "same block after a different prefix");
+        assert_ne!(a.hashes[0], hash_prompt(&c, "other", b"aaaa").hashes[0]);
+        assert_eq!(hash_prompt(&c, "m", b"aaaabbbbcc").hashes, a.hashes[..2]);
+    }
+
+    #[test]
+    fn lookup_counts_leading_blocks_per_slot() {
+        let idx = PrefixIndex::new(cfg(100));
+        idx.insert(0, &idx.hash("m", b"aaaabbbbcccc"));
+        idx.insert(3, &idx.hash("m", b"aaaabbbbdddd"));
+        let m = idx.lookup(&idx.hash("m", b"aaaabbbbcccceeee"));
+        assert_eq!(m.total_blocks, 4);
+        assert_eq!(m.matched(0), 3);
+        assert_eq!(m.matched(3), 2);
+        assert_eq!(m.matched(1), 0);
+        assert_eq!(m.ratio(0), 0.75);
+        assert_eq!(idx.len(), 6);
+        assert_eq!(idx.distinct_blocks(), 4);
+    }
+
+    #[test]
+    fn lru_capacity_is_enforced_and_evicts_oldest() {
+        let idx = PrefixIndex::new(cfg(3));
+        idx.insert(1, &idx.hash("m", b"aaaabbbb"));
+        idx.insert(1, &idx.hash("m", b"aaaa")); // touch the first block again
+        idx.insert(1, &idx.hash("m", b"zzzzyyyy"));
+        assert_eq!(idx.slot_len(1), 3);
+        assert_eq!(idx.evictions(), 1);
+        // "aaaabbbb"'s second block was the least recently used.
+        let m = idx.lookup(&idx.hash("m", b"aaaabbbb"));
+        assert_eq!(m.matched(1), 1);
+        assert_eq!(idx.lookup(&idx.hash("m", b"zzzzyyyy")).matched(1), 2);
+    }
+
+    #[test]
+    fn remove_slot_forgets_it() {
+        let idx = PrefixIndex::new(cfg(10));
+        let h = idx.hash("m", b"aaaabbbb");
+        idx.insert(2, &h);
+        idx.insert(5, &h);
+        idx.remove_slot(2);
+        let m = idx.lookup(&h);
+        assert_eq!(m.matched(2), 0);
+        assert_eq!(m.matched(5), 2);
+        assert_eq!(idx.len(), 2);
+    }
+
+    proptest! {
+        #[test]
+        fn matches_agree_with_a_naive_model(
+            prompts in proptest::collection::vec((0usize..4, proptest::collection::vec(0u8..3, 0..24)), 1..40),
+            probe in proptest::collection::vec(0u8..3, 0..24),
+        ) {
+            // Capacity large enough that nothing is evicted: the index must equal the naive
+            // "longest common block prefix with anything this slot was given".
+            let c = PrefixConfig { block_size: 2, max_blocks: 64, capacity_per_endpoint: 10_000 };
+            let idx = PrefixIndex::new(c);
+            let mut given: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 4];
+            for (slot, p) in &prompts {
+                idx.insert(*slot, &idx.hash("m", p));
+                given[*slot].push(p.clone());
+            }
+            let m = idx.lookup(&idx.hash("m", &probe));
+            let nblocks = probe.len() / 2;
+            prop_assert_eq!(m.total_blocks as usize, nblocks);
+            for (slot, ps) in given.iter().enumerate() {
+                let best = ps.iter().map(|p| {
+                    let mut k = 0;
+                    while k < nblocks && (k + 1) * 2 <= p.len() && p[k*2..k*2+2] == probe[k*2..k*2+2] { k += 1; }
+                    k
+                }).max().unwrap_or(0);
+                prop_assert_eq!(m.matched(slot) as usize, best, "slot {}", slot);
+                let r = m.ratio(slot);
+                prop_assert!((0.0..=1.0).contains(&r));
+            }
+        }
+
+        #[test]
+        fn capacity_never_exceeded(ops in proptest::collection::vec((0usize..3, proptest::collection::vec(0u8..4, 0..40)), 1..60)) {
+            let c = PrefixConfig { block_size: 2, max_blocks: 64, capacity_per_endpoint: 7 };
+            let idx = PrefixIndex::new(c);
+            for (slot, p) in &ops {
+                idx.insert(*slot, &idx.hash("m", p));
+                prop_assert!(idx.slot_len(*slot) <= 7);
+            }
+            let total: usize = (0..3).map(|s| idx.slot_len(s)).sum();
+            prop_assert_eq!(idx.len(), total);
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The one scheduler: per request, candidates → filters → weighted scorers → picker, over an
+//! immutable datastore snapshot. Pure and synchronous: no I/O, no locks, no awaits.
+//!
+//! Built from an [`EndpointPickerConfig`]: every plugin named in `plugins` is constructed from its
+//! `type` and `parameters`; the first profile (or the one named `default`) is what runs.
+
+pub mod plugins;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{ConfigError, EndpointPickerConfig};
+use crate::datastore::{EndpointView, HealthState, Snapshot};
+use crate::prefix::{PrefixConfig, PrefixMatch};
+use crate::request::ParsedRequest;
+
+pub use plugins::{Filter, Picker, Plugin, Scorer};
+
+/// Everything a plugin may read for one pick.
+pub struct SchedCtx<'a> {
+    pub snapshot: &'a Snapshot,
+    pub request: &'a ParsedRequest,
+    pub prefix: &'a PrefixMatch,
+}
+
+impl SchedCtx<'_> {
+    pub fn ep(&self, i: usize) -> &EndpointView {
+        &self.snapshot.endpoints[i]
+    }
+}
+
+/// Why a pick was made (the `decision_type` label of `epp_routing_decisions_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecisionType {
+    CacheHit,
+    LoadBalance,
+    HealthCheck,
+    NoEndpoint,
+}
+
+impl DecisionType {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DecisionType::CacheHit => "cache_hit",
+            DecisionType::LoadBalance => "load_balance",
+            DecisionType::HealthCheck => "health_check",
+            DecisionType::NoEndpoint => "no_endpoint",
+        }
+    }
+    pub const ALL: [DecisionType; 4] = [
+        DecisionType::CacheHit,
+        DecisionType::LoadBalance,
+        DecisionType::HealthCheck,
+        DecisionType::NoEndpoint,
+    ];
+}
+
+/// A successful schedule: snapshot indices, best first, then fallbacks.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub ranked: Vec<usize>,
+    pub decision: DecisionType,
+    /// Weighted total score of each ranked endpoint (same order), for logs.
+    pub scores: Vec<f64>,
+}
+
+/// Why nothing could be picked.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("no endpoints are known to the picker")]
+    NoEndpoints,
+    #[error("no endpoint matches the subset hint ({0})")]
+    EmptySubset(String),
+    #[error("no healthy endpoint: {0}")]
+    NoHealthy(String),
+    #[error("all candidate endpoints are saturated")]
+    Saturated,
+}
+
+/// Observes per-plugin latency (the metrics module implements it).
+pub trait PluginObserver: Send + Sync {
+    fn observe(&self, plugin_type: &'static str, plugin_name: &str, seconds: f64);
+}
+
+struct NoopObserver;
+impl PluginObserver for NoopObserver {
+    fn observe(&self, _: &'static str, _: &str, _: f64) {}
+}
+
+/// One scheduling profile.
+pub struct Profile {
+    pub name: String,
+    pub filters: Vec<Arc<dyn Filter>>,
+    pub scorers: Vec<(Arc<dyn Scorer>, f64)>,
+    pub picker: Arc<dyn Picker>,
+}
+
+pub struct Scheduler {
+    profile: Profile,
+    prefix: PrefixConfig,
+    observer: Arc<dyn PluginObserver>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("profile", &self.profile.name)
+            .field("plugins", &self.describe())
+            .finish()
+    }
+}
+
+impl Scheduler {
+    /// Build from a validated config. Errors name the field at fault.
+    pub fn from_config(cfg: &EndpointPickerConfig) -> Result<Self, ConfigError> {
+        let mut built: Vec<(String, Plugin)> = Vec::new();
+        let mut prefix = PrefixConfig::default();
+        let mut prefix_seen = false;
+        for (i, spec) in cfg.plugins.iter().enumerate() {
+            let field = format!("plugins[{i}]");
+            if built.iter().any(|(n, _)| n == spec.name()) {
+                return Err(ConfigError::new(
+                    format!("{field}.name"),
+                    format!("duplicate plugin name {:?}", spec.name()),
+                ));
+            }
+            let plugin = plugins::build(spec, &field)?;
+            if let Plugin::Scorer(s) = &plugin {
+                if let Some(p) = s.prefix_config() {
+                    if prefix_seen && p != prefix {
+                        return Err(ConfigError::new(
+                            format!("{field}.parameters"),
+                            "all prefix-cache-scorer plugins must share one index configuration",
+                        ));
+                    }
+                    prefix = p;
+                    prefix_seen = true;
+                }
+            }
+            built.push((spec.name().to_string(), plugin));
+        }
+        let profile_spec = cfg
+            .scheduling_profiles
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == "default")
+            .or_else(|| cfg.scheduling_profiles.iter().enumerate().next());
+        let Some((pi, pspec)) = profile_spec else {
+            return Err(ConfigError::new(
+                "schedulingProfiles",
+                "at least one scheduling profile is required",
+            ));
+        };
+        let mut filters = Vec::new();
+        let mut scorers = Vec::new();
+        let mut picker: Option<Arc<dyn Picker>> = None;
+        for (j, r) in pspec.plugins.iter().enumerate() {
+            let field = format!("schedulingProfiles[{pi}].plugins[{j}]");
+            let Some((_, p)) = built.iter().find(|(n, _)| *n == r.plugin_ref) else {
+                return Err(ConfigError::new(
+                    format!("{field}.pluginRef"),
+                    format!("no plugin named {:?} in `plugins`", r.plugin_ref),
+                ));
+            };
+            match p {
+                Plugin::Filter(f) => {
+                    if r.weight.is_some() {
+                        return Err(ConfigError::new(
+                            format!("{field}.weight"),
+                            "only scorers take a weight",
+                        ));
+                    }
+                    filters.push(f.clone())
+                }
+                Plugin::Scorer(s) => {
+                    let w = r.weight.unwrap_or(1.0);
+                    if !w.is_finite() || w < 0.0 {
+                        return Err(ConfigError::new(
+                            format!("{field}.weight"),
+                            "must be a finite number >= 0",
+                        ));
+                    }
+                    scorers.push((s.clone(), w));
+                }
+                Plugin::Picker(k) => {
+                    if picker.is_some() {
+                        return Err(ConfigError::new(
+                            format!("{field}.pluginRef"),
+                            "a profile takes exactly one picker",
+                        ));
+                    }
+                    if r.weight.is_some() {
+                        return Err(ConfigError::new(
+                            format!("{field}.weight"),
+                            "only scorers take a weight",
+                        ));
+                    }
+                    picker = Some(k.clone());
+                }
+                Plugin::ProfileHandler => {}
+            }
+        }
+        let picker = picker.unwrap_or_else(|| Arc::new(plugins::MaxScorePicker::default()));
+        Ok(Self {
+            profile: Profile {
+                name: pspec.name.clone(),
+                filters,
+                scorers,
+                picker,
+            },
+            prefix,
+            observer: Arc::new(NoopObserver),
+        })
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn PluginObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// The prefix-index parameters (from the prefix-cache-scorer, or defaults).
+    pub fn prefix_config(&self) -> PrefixConfig {
+        self.prefix
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// A one-line description for start-up logs.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self
+            .profile
+            .filters
+            .iter()
+            .map(|f| format!("filter:{}", f.name()))
+            .collect();
+        parts.extend(
+            self.profile
+                .scorers
+                .iter()
+                .map(|(s, w)| format!("scorer:{}*{w}", s.name())),
+        );
+        parts.push(format!("picker:{}", self.profile.picker.name()));
+        format!("profile {:?} [{}]", self.profile.name, parts.join(", "))
+    }
+
+    /// Schedule one request. `subset`, when given, restricts candidates to those addresses
+    /// (port-insensitive when an entry has no port).
+    pub fn schedule(
+        &self,
+        ctx: &SchedCtx<'_>,
+        subset: Option<&[String]>,
+    ) -> Result<Schedule, ScheduleError> {
+        let snap = ctx.snapshot;
+        if snap.endpoints.is_empty() {
+            return Err(ScheduleError::NoEndpoints);
+        }
+        let mut cands: Vec<usize> = (0..snap.endpoints.len()).collect();
+        if let Some(subset) = subset {
+            cands.retain(|&i| in_subset(snap.endpoints[i].endpoint.address(), subset));
+            if cands.is_empty() {
+                return Err(ScheduleError::EmptySubset(if subset.is_empty() {
+                    "the hint is empty".into()
+                } else {
+                    subset.join(",")
+                }));
+            }
+        }
+        let had_prefix = |c: &[usize]| c.iter().any(|&i| ctx.prefix.matched(ctx.ep(i).slot()) > 0);
+        let prefix_before = had_prefix(&cands);
+        // Implicit health filter: healthy ones; if none, stale ones (old data beats no answer).
+        let healthy: Vec<usize> = cands
+            .iter()
+            .copied()
+            .filter(|&i| snap.endpoints[i].health == HealthState::Healthy)
+            .collect();
+        let cands = if !healthy.is_empty() {
+            healthy
+        } else {
+            let stale: Vec<usize> = cands
+                .iter()
+                .copied()
+                .filter(|&i| snap.endpoints[i].health == HealthState::Stale)
+                .collect();
+            if stale.is_empty() {
+                let states: Vec<String> = cands
+                    .iter()
+                    .map(|&i| {
+                        let e = &snap.endpoints[i];
+                        format!("{}={}", e.endpoint.name(), e.health.as_str())
+                    })
+                    .collect();
+                return Err(ScheduleError::NoHealthy(states.join(", ")));
+            }
+            stale
+        };
+        let mut cands = cands;
+        for f in &self.profile.filters {
+            let t = Instant::now();
+            let before = cands.len();
+            f.filter(ctx, &mut cands);
+            self.observer
+                .observe(f.type_name(), f.name(), t.elapsed().as_secs_f64());
+            if cands.is_empty() {
+                return Err(if f.type_name() == plugins::SATURATION_FILTER {
+                    ScheduleError::Saturated
+                } else {
+                    ScheduleError::NoHealthy(format!(
+                        "filter {:?} removed all {before} candidates",
+                        f.name()
+                    ))
+                });
+            }
+        }
+        let mut totals = vec![0.0f64; cands.len()];
+        let mut buf = vec![0.0f64; cands.len()];
+        for (s, w) in &self.profile.scorers {
+            let t = Instant::now();
+            buf.iter_mut().for_each(|v| *v = 0.0);
+            s.score(ctx, &cands, &mut buf);
+            self.observer
+                .observe(s.type_name(), s.name(), t.elapsed().as_secs_f64());
+            for (tot, v) in totals.iter_mut().zip(&buf) {
+                // Plugins promise [0,1]; clamp defensively so one bad value cannot dominate.
+                let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+                *tot += w * v;
+            }
+        }
+        let t = Instant::now();
+        let order = self.profile.picker.pick(ctx, &cands, &totals);
+        self.observer.observe(
+            self.profile.picker.type_name(),
+            self.profile.picker.name(),
+            t.elapsed().as_secs_f64(),
+        );
+        let ranked: Vec<usize> = order.iter().map(|&k| cands[k]).collect();
+        let scores: Vec<f64> = order.iter().map(|&k| totals[k]).collect();
+        let first = ranked[0];
+        let decision = if ctx.prefix.matched(ctx.ep(first).slot()) > 0 {
+            DecisionType::CacheHit
+        } else if prefix_before && !had_prefix(&cands) {
+            DecisionType::HealthCheck
+        } else {
+            DecisionType::LoadBalance
+        };
+        Ok(Schedule {
+            ranked,
+            decision,
+            scores,
+        })
+    }
+}
+
+/// Subset entries are `ip:port` or bare `ip`; as in GAIE, the port is ignored.
+pub fn in_subset(address: &str, subset: &[String]) -> bool {
+    let host = host_of(address);
+    subset.iter().any(|s| host_of(s) == host)
+}
+
+fn host_of(s: &str) -> &str {
+    if let Some(rest) = s.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => s,
+    }
+}
