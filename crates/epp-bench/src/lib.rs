@@ -5,5 +5,8 @@
 pub mod driver;
 pub mod http;
 pub mod ideal;
+pub mod picker;
+pub mod report;
 pub mod sse;
+pub mod stats;
 pub mod workload;
