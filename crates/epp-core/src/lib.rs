@@ -3,12 +3,18 @@
 //! `telemetry`, `metrics` and `config` are leaves.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod config;
 pub mod datastore;
 pub mod director;
+pub mod discovery;
+pub mod extproc;
 pub mod metrics;
 pub mod prefix;
 pub mod procstat;
+pub mod proxy;
 pub mod request;
 pub mod scheduler;
+pub mod scrape;
+pub mod serving;
 pub mod telemetry;

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod check_config;
+pub mod common;
 pub mod demo;
 pub mod doctor;
 pub mod proxy;

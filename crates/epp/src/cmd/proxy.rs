@@ -1,8 +1,47 @@
-//! Not implemented yet.
+//! `epp proxy`: the picker as a standalone OpenAI-compatible HTTP proxy.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use epp_core::proxy::{spawn_with_shutdown, ProxyOptions};
+use epp_core::telemetry::Shutdown;
+
+use super::common::{parse_duration, PickerArgs};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Address the OpenAI-compatible proxy listens on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8000")]
+    pub listen: SocketAddr,
 
-pub async fn run(_args: Args) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("this subcommand is not implemented yet")
+    /// Largest accepted request body, in bytes (larger: 413).
+    #[arg(long, value_name = "BYTES", default_value_t = 10 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_body_bytes: u64,
+
+    /// Deadline for an upstream's response headers (past it: 504).
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    pub upstream_timeout: std::time::Duration,
+
+    /// Endpoints tried per request when connecting fails (primary + fallbacks).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub max_attempts: u64,
+
+    #[command(flatten)]
+    pub picker: PickerArgs,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let picker = args.picker.to_options()?;
+    let opts = ProxyOptions {
+        listen: args.listen,
+        max_body_bytes: args.max_body_bytes as usize,
+        upstream_timeout: args.upstream_timeout,
+        max_attempts: args.max_attempts as usize,
+        picker,
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "epp proxy starting");
+    let shutdown = Shutdown::on_signal();
+    let handle = spawn_with_shutdown(opts, shutdown).await?;
+    handle.wait().await;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,245 @@
+//! The picker runtime both modes share: one datastore, one prefix index, one scheduler, one
+//! metrics registry and one director, plus the background tasks (discovery, scraping) and the
+//! side servers (metrics, probes). `epp proxy` and `epp serve` start this, then add their own
+//! front-end listener.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{presets, EndpointPickerConfig};
+use crate::datastore::{Datastore, EndpointSpec, HealthConfig};
+use crate::director::Director;
+use crate::discovery::StaticDiscovery;
+use crate::metrics::Metrics;
+use crate::prefix::PrefixIndex;
+use crate::scheduler::Scheduler;
+use crate::scrape::ScrapeOptions;
+use crate::serving::{self, MetricsAuth, ReadyFn};
+use crate::telemetry::Shutdown;
+
+/// Where endpoints come from.
+#[derive(Clone, Debug)]
+pub enum Discovery {
+    Static(StaticDiscovery),
+    /// Started by the caller (e.g. Kubernetes); it writes the datastore itself.
+    External,
+}
+
+/// Everything the shared runtime needs. Build it, call [`PickerOptions::validate`] (before
+/// binding anything), then [`Picker::start`].
+#[derive(Clone, Debug)]
+pub struct PickerOptions {
+    pub discovery: Discovery,
+    pub config: EndpointPickerConfig,
+    pub metrics_addr: Option<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
+    pub metrics_auth: MetricsAuth,
+    pub scrape: ScrapeOptions,
+    pub health: HealthConfig,
+    /// How long in-flight work may take to finish after a shutdown signal.
+    pub grace_period: Duration,
+}
+
+impl Default for PickerOptions {
+    fn default() -> Self {
+        Self {
+            discovery: Discovery::Static(StaticDiscovery {
+                poll_interval: Duration::from_secs(1),
+                ..Default::default()
+            }),
+            config: EndpointPickerConfig::from_yaml(presets::DEFAULT).expect("preset parses"),
+            metrics_addr: Some(([0, 0, 0, 0], 9090).into()),
+            health_addr: Some(([0, 0, 0, 0], 8080).into()),
+            metrics_auth: MetricsAuth::None,
+            scrape: ScrapeOptions::default(),
+            health: HealthConfig::default(),
+            grace_period: crate::telemetry::DEFAULT_GRACE_PERIOD,
+        }
+    }
+}
+
+/// Validated pieces, ready to start.
+pub struct Validated {
+    scheduler: Scheduler,
+    initial: Vec<EndpointSpec>,
+}
+
+impl PickerOptions {
+    /// Check everything that can be wrong before any port is bound.
+    pub fn validate(&self) -> anyhow::Result<Validated> {
+        let scheduler = Scheduler::from_config(&self.config)
+            .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
+        let initial = match &self.discovery {
+            Discovery::Static(s) => {
+                let v = s.validate().map_err(|e| anyhow::anyhow!(e))?;
+                if v.is_empty() {
+                    anyhow::bail!(
+                        "no endpoints: give --endpoint host:port (repeatable), --endpoints-file FILE, or --pool-name"
+                    );
+                }
+                v
+            }
+            Discovery::External => Vec::new(),
+        };
+        if self.scrape.interval.is_zero() {
+            anyhow::bail!("--scrape-interval must be greater than 0");
+        }
+        Ok(Validated { scheduler, initial })
+    }
+}
+
+/// A running picker runtime.
+pub struct Picker {
+    pub director: Director,
+    pub datastore: Datastore,
+    pub metrics: Arc<Metrics>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
+    pub shutdown: Shutdown,
+    pub grace_period: Duration,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Extra readiness condition (e.g. leader election).
+    extra_ready: Option<ReadyFn>,
+}
+
+impl std::fmt::Debug for Picker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Picker")
+            .field("metrics_addr", &self.metrics_addr)
+            .field("health_addr", &self.health_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Readiness: discovery synced and at least one endpoint known.
+pub fn readiness(ds: &Datastore) -> Result<(), String> {
+    if !ds.is_synced() {
+        return Err("discovery has not synced yet".into());
+    }
+    if ds.discovered_count() == 0 {
+        return Err("no endpoints discovered".into());
+    }
+    Ok(())
+}
+
+impl Picker {
+    /// Build the shared state, bind the side servers and start background tasks.
+    pub async fn start(
+        opts: PickerOptions,
+        validated: Validated,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(opts, validated, shutdown, None).await
+    }
+
+    /// As [`start`](Self::start), with an extra readiness condition.
+    pub async fn start_with(
+        opts: PickerOptions,
+        validated: Validated,
+        shutdown: Shutdown,
+        extra_ready: Option<ReadyFn>,
+    ) -> anyhow::Result<Self> {
+        let Validated { scheduler, initial } = validated;
+        let datastore = Datastore::new(opts.health.clone());
+        let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
+        {
+            let p = prefix.clone();
+            datastore.on_slot_freed(move |slot| p.remove_slot(slot));
+        }
+        let metrics = Metrics::new(datastore.clone(), prefix.clone());
+        let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
+        let director = Director::new(
+            datastore.clone(),
+            scheduler.clone(),
+            prefix,
+            metrics.clone(),
+        );
+
+        // Bind side servers (after validation).
+        let mut tasks = Vec::new();
+        let mut metrics_addr = None;
+        if let Some(addr) = opts.metrics_addr {
+            let l = serving::bind(addr, "--metrics-bind-address").await?;
+            metrics_addr = Some(l.local_addr()?);
+            let router = serving::metrics_router(metrics.clone(), opts.metrics_auth.clone());
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(l, router)
+                    .with_graceful_shutdown(sd.wait())
+                    .await;
+            }));
+        }
+        let mut health_addr = None;
+        if let Some(addr) = opts.health_addr {
+            let l = serving::bind(addr, "--health-probe-bind-address").await?;
+            health_addr = Some(l.local_addr()?);
+            let ds = datastore.clone();
+            let extra = extra_ready.clone();
+            let ready: ReadyFn = Arc::new(move || {
+                readiness(&ds)?;
+                if let Some(x) = &extra {
+                    x()?;
+                }
+                Ok(())
+            });
+            let router = serving::health_router(ready);
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(l, router)
+                    .with_graceful_shutdown(sd.wait())
+                    .await;
+            }));
+        }
+
+        // Discovery and scraping.
+        if let Discovery::Static(s) = opts.discovery.clone() {
+            let ds = datastore.clone();
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(s.run(ds, initial, sd)));
+        }
+        tasks.push(tokio::spawn(crate::scrape::run(
+            datastore.clone(),
+            opts.scrape.clone(),
+            shutdown.clone(),
+        )));
+
+        tracing::info!(
+            scheduler = %director.scheduler().describe(),
+            metrics_addr = ?metrics_addr,
+            health_addr = ?health_addr,
+            metrics_auth = ?opts.metrics_auth,
+            scrape_interval = ?opts.scrape.interval,
+            probe_interval = ?opts.scrape.probe_interval,
+            staleness = ?opts.health.staleness,
+            grace_period = ?opts.grace_period,
+            "picker runtime started"
+        );
+        Ok(Self {
+            director,
+            datastore,
+            metrics,
+            metrics_addr,
+            health_addr,
+            shutdown,
+            grace_period: opts.grace_period,
+            tasks,
+            extra_ready,
+        })
+    }
+
+    /// Readiness including any extra condition.
+    pub fn is_ready(&self) -> Result<(), String> {
+        readiness(&self.datastore)?;
+        if let Some(x) = &self.extra_ready {
+            x()?;
+        }
+        Ok(())
+    }
+
+    /// Wait for background tasks after shutdown was triggered (bounded by the grace period).
+    pub async fn join(self) {
+        let all = futures_util::future::join_all(self.tasks);
+        let _ = tokio::time::timeout(self.grace_period, all).await;
+    }
+}
