@@ -553,16 +553,19 @@ fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError
                             ),
                         ));
                     };
-                    if p.get("type").and_then(Value::as_str) == Some("text") {
-                        match p.get("text") {
-                            Some(Value::String(t)) => text.push_str(t),
-                            _ => {
-                                return Err(ApiError::bad(
-                                    "invalid_type",
-                                    "messages",
-                                    format!("messages[{i}].content[{j}].text must be a string"),
-                                ))
-                            }
+                    // Text parts contribute their text; other parts (images...) nothing.
+                    match p.get("text") {
+                        None | Some(Value::Null) => {}
+                        Some(Value::String(t)) => text.push_str(t),
+                        Some(v) => {
+                            return Err(ApiError::bad(
+                                "invalid_type",
+                                "messages",
+                                format!(
+                                    "messages[{i}].content[{j}].text must be a string, got {}",
+                                    type_name(v)
+                                ),
+                            ))
                         }
                     }
                 }

@@ -182,7 +182,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_flag() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut SimConfig)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut SimConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("--block-size", Box::new(|c| c.block_size = 0)),
             ("--max-num-seqs", Box::new(|c| c.max_num_seqs = 0)),
             ("--num-gpu-blocks", Box::new(|c| c.num_gpu_blocks = 0)),

@@ -1,22 +1,26 @@
 //! The simulator's approximate tokenizer and chat template.
 //!
 //! Real engines need a model's vocabulary; the simulator must work offline and be predictable, so
-//! it uses a fixed rule: **one token = 4 consecutive characters** (Unicode scalar values) of the
-//! prompt text; the last token may be shorter. With the default block size of 16 tokens a KV block
-//! therefore covers exactly 64 characters, the same boundaries the picker's approximate prefix
-//! index uses, so a prefix the picker believes is cached really is cached here.
+//! it uses a fixed rule: **one token = 4 consecutive bytes of the UTF-8 prompt text** (4
+//! characters of ASCII text); the last token may be shorter. With the default block size of 16
+//! tokens a KV block covers exactly 64 bytes, the blocks the picker's approximate prefix index
+//! hashes, and the chain is built the same way (xxhash64 seeded with the model name, each block
+//! hashed with the previous hash as seed), so a prefix the picker believes is cached here really
+//! is cached here.
 //!
-//! Chat requests are rendered to one prompt string with [`render_chat`] before tokenizing, so a
-//! conversation that extends an earlier one shares its prefix (and its cached blocks).
+//! Chat requests are rendered to one prompt with [`render_chat`] before tokenizing:
+//! `{role}\n{content}\n` per message (the picker's rendering), then the generation cue
+//! `assistant\n`. A conversation that extends an earlier one therefore shares its prefix (and its
+//! cached blocks).
 
 use xxhash_rust::xxh64::xxh64;
 
-/// Characters per token.
-pub const CHARS_PER_TOKEN: usize = 4;
+/// Bytes of UTF-8 text per token.
+pub const BYTES_PER_TOKEN: usize = 4;
 
-/// Number of tokens in `text`: `ceil(chars / 4)`.
+/// Number of tokens in `text`: `ceil(bytes / 4)`.
 pub fn count_tokens(text: &str) -> usize {
-    text.chars().count().div_ceil(CHARS_PER_TOKEN)
+    text.len().div_ceil(BYTES_PER_TOKEN)
 }
 
 /// One chat message, already reduced to plain text.
@@ -26,18 +30,17 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// Render a conversation to a prompt: `<|{role}|>\n{content}\n` per message, then the generation
-/// cue `<|assistant|>\n`.
+/// Render a conversation to a prompt: `{role}\n{content}\n` per message, then the generation
+/// cue `assistant\n`.
 pub fn render_chat(messages: &[ChatMessage]) -> String {
     let mut out = String::new();
     for m in messages {
-        out.push_str("<|");
         out.push_str(&m.role);
-        out.push_str("|>\n");
+        out.push('\n');
         out.push_str(&m.content);
         out.push('\n');
     }
-    out.push_str("<|assistant|>\n");
+    out.push_str("assistant\n");
     out
 }
 
@@ -48,28 +51,18 @@ pub fn chain_seed(model: &str) -> u64 {
 }
 
 /// Chained hashes of the *full* blocks of `text` (`block_size` tokens each, i.e.
-/// `4 * block_size` characters): `hash_0 = xxh64(block_0, seed)`,
-/// `hash_i = xxh64(block_i, hash_{i-1})`. A trailing partial block has no hash (it is never
-/// shared), as in vLLM.
+/// `4 * block_size` bytes): `hash_0 = xxh64(block_0, seed)`, `hash_i = xxh64(block_i, hash_{i-1})`.
+/// A trailing partial block has no hash (it is never shared), as in vLLM.
 pub fn block_hashes(seed: u64, text: &str, block_size: usize) -> Vec<u64> {
-    let chars_per_block = block_size.max(1) * CHARS_PER_TOKEN;
-    let mut out = Vec::with_capacity(text.len() / chars_per_block);
+    let bytes_per_block = block_size.max(1) * BYTES_PER_TOKEN;
     let mut prev = seed;
-    let mut start = 0usize;
-    let mut n = 0usize;
-    for (i, _) in text.char_indices() {
-        if n == chars_per_block {
-            prev = xxh64(&text.as_bytes()[start..i], prev);
-            out.push(prev);
-            start = i;
-            n = 0;
-        }
-        n += 1;
-    }
-    if n == chars_per_block {
-        out.push(xxh64(&text.as_bytes()[start..], prev));
-    }
-    out
+    text.as_bytes()
+        .chunks_exact(bytes_per_block)
+        .map(|block| {
+            prev = xxh64(block, prev);
+            prev
+        })
+        .collect()
 }
 
 /// Words of the generated text. Every entry is exactly one token (4 characters), so the text of
@@ -100,8 +93,8 @@ mod tests {
         assert_eq!(count_tokens("abcd"), 1);
         assert_eq!(count_tokens("abcde"), 2);
         assert_eq!(count_tokens(&"x".repeat(64)), 16);
-        // Characters, not bytes.
-        assert_eq!(count_tokens("ééééé"), 2);
+        // Bytes, not characters: "é" is 2 bytes.
+        assert_eq!(count_tokens("ééééé"), 3);
     }
 
     #[test]
@@ -110,15 +103,15 @@ mod tests {
             role: "user".into(),
             content: "hi".into(),
         }];
-        assert_eq!(render_chat(&a), "<|user|>\nhi\n<|assistant|>\n");
+        assert_eq!(render_chat(&a), "user\nhi\nassistant\n");
         let mut b = a.clone();
         b.push(ChatMessage {
             role: "assistant".into(),
             content: "yo".into(),
         });
         let rb = render_chat(&b);
-        assert_eq!(rb, "<|user|>\nhi\n<|assistant|>\nyo\n<|assistant|>\n");
-        assert!(rb.starts_with("<|user|>\nhi\n"));
+        assert_eq!(rb, "user\nhi\nassistant\nyo\nassistant\n");
+        assert!(rb.starts_with(&render_chat(&a)));
     }
 
     #[test]
@@ -151,11 +144,12 @@ mod tests {
     }
 
     #[test]
-    fn multibyte_blocks_split_on_characters() {
+    fn multibyte_text_is_cut_on_bytes() {
         let seed = chain_seed("m");
-        let text = "é".repeat(64);
+        // 48 × 2 bytes = 96 bytes: one full 64-byte block.
+        let text = "é".repeat(48);
         let h = block_hashes(seed, &text, 16);
-        assert_eq!(h, vec![xxh64(text.as_bytes(), seed)]);
+        assert_eq!(h, vec![xxh64(&text.as_bytes()[..64], seed)]);
     }
 
     #[test]
