@@ -449,3 +449,159 @@ fn alert_base_expr_drops_the_threshold() {
     let base = alert_base_expr("sum(a) / (sum(b) > 0) < 0.5");
     assert_eq!(base, parse("sum(a) / (sum(b) > 0)").unwrap().to_string());
 }
+
+// ------------------------------------------------------------------------------------------
+// A real Prometheus, started on loopback with a temporary TSDB
+// ------------------------------------------------------------------------------------------
+
+/// A `prometheus` child process; killed when dropped.
+pub struct Prometheus {
+    pub addr: std::net::SocketAddr,
+    child: std::process::Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One of the shipped static scrape configs, pointed at `target` with a fast scrape interval.
+/// `extra_files` are written next to the config (e.g. the token file the config names).
+pub fn shipped_static_config(rel: &str, target: &str) -> serde_yaml::Value {
+    let mut cfg = yaml(rel);
+    cfg["global"]["scrape_interval"] = "1s".into();
+    cfg["global"]["evaluation_interval"] = "1s".into();
+    let job = &mut cfg["scrape_configs"][0];
+    job["static_configs"][0]["targets"] = vec![serde_yaml::Value::from(target)].into();
+    cfg
+}
+
+/// Starts Prometheus with `config`; `files` are written next to the config first. Waits until
+/// it is ready.
+pub fn start_prometheus(config: &serde_yaml::Value, files: &[(&str, &str)]) -> Prometheus {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.path().join(name), content).unwrap();
+    }
+    let cfg_path = dir.path().join("prometheus.yml");
+    std::fs::write(&cfg_path, serde_yaml::to_string(config).unwrap()).unwrap();
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let child = Command::new(prometheus_bin())
+        .arg(format!("--config.file={}", cfg_path.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .arg("--log.level=warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting prometheus");
+    let p = Prometheus { addr, child, dir };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok((200, _)) = http_get(addr, "/-/ready", None) {
+            return p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prometheus did not become ready:\n{}",
+            std::fs::read_to_string(p.dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+impl Prometheus {
+    /// Instant query through the HTTP API; the `data.result` array.
+    pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let (status, body) = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", percent_encode(expr)),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("querying prometheus: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{status} {body}: {e}"));
+        assert_eq!(v["status"], "success", "query {expr}: {body}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The scrape targets' health and last error, from `/api/v1/targets`.
+    pub fn targets(&self) -> Vec<(String, String, String)> {
+        let (_, body) = http_get(self.addr, "/api/v1/targets", None).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["data"]["activeTargets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                (
+                    t["labels"]["job"].as_str().unwrap_or("").to_string(),
+                    t["health"].as_str().unwrap_or("").to_string(),
+                    t["lastError"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A minimal HTTP/1.0 GET (no dependencies): status and body.
+pub fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
