@@ -1,0 +1,853 @@
+//! The ext_proc front-end driven in-process: a real tonic server on a loopback port and a
+//! tonic client sending the message sequences Envoy sends (FULL_DUPLEX_STREAMED bodies), with
+//! exact checks of headers, metadata, body pieces, immediate responses, in-flight counts and
+//! metric counters.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    body_mutation, processing_request, processing_response, CommonResponse, HttpBody, HttpHeaders,
+    HttpTrailers, ImmediateResponse, ProcessingRequest, ProcessingResponse,
+};
+use envoy_types::pb::google::protobuf::value::Kind;
+use epp_core::config::{presets, EndpointPickerConfig};
+use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetrics};
+use epp_core::director::Director;
+use epp_core::extproc::{self, ExtProcConfig, ExtProcService, BODY_PIECE_BYTES};
+use epp_core::metrics::Metrics;
+use epp_core::prefix::PrefixIndex;
+use epp_core::scheduler::Scheduler;
+use epp_core::telemetry::Shutdown;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    director: Director,
+    metrics: Arc<Metrics>,
+    addr: std::net::SocketAddr,
+    shutdown: Shutdown,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+/// Pods as (address, waiting queue, kv usage).
+async fn harness(pods: &[(&str, f64, f64)], test_hooks: bool) -> Harness {
+    let cfg = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
+    let scheduler = Scheduler::from_config(&cfg).unwrap();
+    let datastore = Datastore::new(HealthConfig::default());
+    let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
+    let metrics = Metrics::new(datastore.clone(), prefix.clone());
+    let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
+    let director = Director::new(datastore.clone(), scheduler, prefix, metrics.clone());
+    datastore.set_endpoints(pods.iter().map(|p| EndpointSpec::new(p.0)).collect());
+    for (addr, q, kv) in pods {
+        datastore.record_scrape(
+            addr,
+            Ok(ModelServerMetrics {
+                waiting_queue: *q,
+                kv_cache_usage: *kv,
+                ..Default::default()
+            }),
+        );
+    }
+    datastore.mark_synced();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = Shutdown::new();
+    let svc = ExtProcService::new(
+        director.clone(),
+        ExtProcConfig {
+            test_hooks,
+            ..Default::default()
+        },
+    );
+    tokio::spawn(extproc::serve(svc, listener, shutdown.wait()));
+    Harness {
+        director,
+        metrics,
+        addr,
+        shutdown,
+    }
+}
+
+/// Three pods; 10.0.0.2 is clearly the best (empty queue, lowest KV use).
+const PODS: [(&str, f64, f64); 3] = [
+    ("10.0.0.1:8000", 3.0, 0.2),
+    ("10.0.0.2:8000", 0.0, 0.1),
+    ("10.0.0.3:8000", 10.0, 0.2),
+];
+
+struct Stream {
+    tx: mpsc::Sender<ProcessingRequest>,
+    rx: Streaming<ProcessingResponse>,
+}
+
+impl Stream {
+    async fn open(h: &Harness) -> Stream {
+        let mut client = ExternalProcessorClient::connect(format!("http://{}", h.addr))
+            .await
+            .unwrap()
+            .max_decoding_message_size(usize::MAX);
+        let (tx, rx) = mpsc::channel(64);
+        let rx = client
+            .process(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Stream { tx, rx }
+    }
+
+    async fn send(&self, r: processing_request::Request, md: Option<Metadata>) {
+        self.tx
+            .send(ProcessingRequest {
+                request: Some(r),
+                metadata_context: md,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn recv(&mut self) -> ProcessingResponse {
+        tokio::time::timeout(TIMEOUT, self.rx.message())
+            .await
+            .expect("timed out waiting for a response")
+            .expect("stream error")
+            .expect("stream ended")
+    }
+
+    async fn recv_result(&mut self) -> Result<Option<ProcessingResponse>, tonic::Status> {
+        tokio::time::timeout(TIMEOUT, self.rx.message())
+            .await
+            .expect("timed out")
+    }
+
+    /// Nothing was sent back (the server is still waiting for more input).
+    async fn assert_quiet(&mut self) {
+        let r = tokio::time::timeout(Duration::from_millis(150), self.rx.message()).await;
+        assert!(r.is_err(), "unexpected response: {r:?}");
+    }
+}
+
+fn hmap(pairs: &[(&str, &str)]) -> Option<HeaderMap> {
+    Some(HeaderMap {
+        headers: pairs
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: k.to_string(),
+                value: String::new(),
+                raw_value: v.as_bytes().to_vec(),
+            })
+            .collect(),
+    })
+}
+
+fn req_headers(pairs: &[(&str, &str)], eos: bool) -> processing_request::Request {
+    processing_request::Request::RequestHeaders(HttpHeaders {
+        headers: hmap(pairs),
+        end_of_stream: eos,
+        ..Default::default()
+    })
+}
+
+fn req_body(b: &[u8], eos: bool) -> processing_request::Request {
+    processing_request::Request::RequestBody(HttpBody {
+        body: b.to_vec(),
+        end_of_stream: eos,
+        ..Default::default()
+    })
+}
+
+fn resp_headers(pairs: &[(&str, &str)], eos: bool) -> processing_request::Request {
+    processing_request::Request::ResponseHeaders(HttpHeaders {
+        headers: hmap(pairs),
+        end_of_stream: eos,
+        ..Default::default()
+    })
+}
+
+fn resp_body(b: &[u8], eos: bool) -> processing_request::Request {
+    processing_request::Request::ResponseBody(HttpBody {
+        body: b.to_vec(),
+        end_of_stream: eos,
+        ..Default::default()
+    })
+}
+
+fn common(r: &ProcessingResponse) -> &CommonResponse {
+    use processing_response::Response as P;
+    match r.response.as_ref().unwrap() {
+        P::RequestHeaders(h) | P::ResponseHeaders(h) => h.response.as_ref().unwrap(),
+        P::RequestBody(b) | P::ResponseBody(b) => b.response.as_ref().unwrap(),
+        other => panic!("not a common response: {other:?}"),
+    }
+}
+
+fn is_request_headers(r: &ProcessingResponse) -> bool {
+    matches!(
+        r.response,
+        Some(processing_response::Response::RequestHeaders(_))
+    )
+}
+
+fn set_headers(r: &ProcessingResponse) -> BTreeMap<String, String> {
+    common(r)
+        .header_mutation
+        .as_ref()
+        .map(|m| {
+            m.set_headers
+                .iter()
+                .map(|o| {
+                    let h = o.header.as_ref().unwrap();
+                    assert!(h.value.is_empty(), "values go in raw_value");
+                    (
+                        h.key.clone(),
+                        String::from_utf8(h.raw_value.clone()).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `envoy.lb` / `x-gateway-destination-endpoint`, and that nothing else is in the metadata.
+fn destination_md(r: &ProcessingResponse) -> String {
+    let md = r.dynamic_metadata.as_ref().expect("dynamic metadata");
+    assert_eq!(md.fields.len(), 1);
+    let Some(Kind::StructValue(lb)) = &md.fields["envoy.lb"].kind else {
+        panic!("envoy.lb is not a struct")
+    };
+    assert_eq!(lb.fields.len(), 1);
+    match &lb.fields["x-gateway-destination-endpoint"].kind {
+        Some(Kind::StringValue(s)) => s.clone(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+/// (body piece, end_of_stream) of a request/response body answer.
+fn piece(r: &ProcessingResponse) -> (Vec<u8>, bool) {
+    match &common(r).body_mutation.as_ref().unwrap().mutation {
+        Some(body_mutation::Mutation::StreamedResponse(s)) => (s.body.clone(), s.end_of_stream),
+        other => panic!("not a streamed response: {other:?}"),
+    }
+}
+
+fn immediate(r: &ProcessingResponse) -> &ImmediateResponse {
+    match r.response.as_ref().unwrap() {
+        processing_response::Response::ImmediateResponse(i) => i,
+        other => panic!("not an immediate response: {other:?}"),
+    }
+}
+
+fn counter(h: &Harness, line_prefix: &str) -> f64 {
+    h.metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+fn inflight(h: &Harness, addr: &str) -> usize {
+    h.director.endpoint_by_address(addr).unwrap().inflight()
+}
+
+fn j(model: &str, prompt: &str) -> String {
+    format!(r#"{{"max_tokens":100,"model":"{model}","prompt":"{prompt}","temperature":0}}"#)
+}
+
+#[tokio::test]
+async fn split_body_is_buffered_routed_rewritten_and_the_response_settles_the_request() {
+    let h = harness(&PODS, false).await;
+    let mut s = Stream::open(&h).await;
+    s.send(
+        req_headers(
+            &[
+                (":path", "/v1/completions"),
+                ("hi", "mom"),
+                ("x-gateway-inference-objective", "sql-lora-sheddable"),
+                ("x-gateway-model-name-rewrite", "sql-lora-1fdg3"),
+                ("x-request-id", "test-request-id"),
+                ("content-length", "80"),
+            ],
+            false,
+        ),
+        None,
+    )
+    .await;
+    let body = j("sql-lora-sheddable", "test6");
+    assert_eq!(body.len(), 80);
+    s.send(req_body(&body.as_bytes()[..33], false), None).await;
+    // Nothing is answered before end_of_stream.
+    s.assert_quiet().await;
+    s.send(req_body(&body.as_bytes()[33..], true), None).await;
+
+    let hr = s.recv().await;
+    assert!(is_request_headers(&hr));
+    assert!(common(&hr).clear_route_cache);
+    let expected_body = j("sql-lora-1fdg3", "test6");
+    assert_eq!(expected_body.len(), 76);
+    assert_eq!(
+        set_headers(&hr),
+        BTreeMap::from([
+            (
+                "x-gateway-destination-endpoint".into(),
+                "10.0.0.2:8000".into()
+            ),
+            ("Content-Length".into(), "76".into()),
+            (":path".into(), "/v1/completions".into()),
+            ("hi".into(), "mom".into()),
+            ("x-request-id".into(), "test-request-id".into()),
+        ])
+    );
+    assert_eq!(destination_md(&hr), "10.0.0.2:8000");
+    let b = s.recv().await;
+    assert_eq!(piece(&b), (expected_body.into_bytes(), true));
+    assert_eq!(inflight(&h, "10.0.0.2:8000"), 1);
+
+    // Response: JSON is buffered to end_of_stream, the target model is swapped back.
+    s.send(
+        resp_headers(
+            &[
+                (":status", "200"),
+                ("content-type", "application/json"),
+                ("content-length", "60"),
+            ],
+            false,
+        ),
+        None,
+    )
+    .await;
+    let rh = s.recv().await;
+    assert_eq!(
+        set_headers(&rh),
+        BTreeMap::from([
+            ("x-went-into-resp-headers".into(), "true".into()),
+            ("content-type".into(), "application/json".into()),
+        ])
+    );
+    assert!(!common(&rh).clear_route_cache);
+    assert!(rh.dynamic_metadata.is_none());
+    s.send(resp_body(br#"{"id":"c1","model":"sql-lo"#, false), None)
+        .await;
+    s.assert_quiet().await;
+    s.send(resp_body(br#"ra-1fdg3","choices":[]}"#, false), None)
+        .await;
+    s.send(resp_body(b"", true), None).await;
+    let rb = s.recv().await;
+    assert_eq!(
+        piece(&rb),
+        (
+            br#"{"id":"c1","model":"sql-lora-sheddable","choices":[]}"#.to_vec(),
+            true
+        )
+    );
+    // The server ends the stream once the response is complete.
+    assert!(s.recv_result().await.unwrap().is_none());
+    assert_eq!(inflight(&h, "10.0.0.2:8000"), 0);
+    assert_eq!(
+        counter(
+            &h,
+            r#"epp_requests_total{method="completions",status="200"} "#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn header_only_get_is_scheduled_from_headers() {
+    let h = harness(&PODS, false).await;
+    let mut s = Stream::open(&h).await;
+    s.send(
+        req_headers(
+            &[(":path", "/v1/models"), (":method", "GET"), ("hi", "mom")],
+            true,
+        ),
+        None,
+    )
+    .await;
+    let hr = s.recv().await;
+    assert!(is_request_headers(&hr));
+    assert!(common(&hr).clear_route_cache);
+    let set = set_headers(&hr);
+    assert_eq!(set.len(), 2, "{set:?}");
+    assert_eq!(set["x-gateway-destination-endpoint"], "10.0.0.2:8000");
+    let id = &set["x-request-id"];
+    assert_eq!(id.len(), 36, "generated UUID: {id}");
+    assert!(!set.contains_key("Content-Length"));
+    assert_eq!(destination_md(&hr), "10.0.0.2:8000");
+    s.send(resp_headers(&[(":status", "404")], true), None)
+        .await;
+    let rh = s.recv().await;
+    assert_eq!(set_headers(&rh)["x-went-into-resp-headers"], "true");
+    assert!(s.recv_result().await.unwrap().is_none());
+    assert_eq!(inflight(&h, "10.0.0.2:8000"), 0);
+    assert_eq!(
+        counter(&h, r#"epp_requests_total{method="models",status="404"} "#),
+        1.0
+    );
+}
+
+async fn route_with_subset(h: &Harness, hint: &[&str]) -> ProcessingResponse {
+    let mut s = Stream::open(h).await;
+    let md = extproc::subset_metadata(hint);
+    s.send(
+        req_headers(
+            &[(":path", "/v1/completions"), ("x-request-id", "r")],
+            false,
+        ),
+        Some(md.clone()),
+    )
+    .await;
+    s.send(req_body(j("m", "test2").as_bytes(), true), Some(md))
+        .await;
+    s.recv().await
+}
+
+#[tokio::test]
+async fn subset_hint_restricts_the_pick_and_an_empty_or_unmatched_hint_is_503() {
+    let h = harness(&PODS, false).await;
+    // Best of the subset.
+    let r = route_with_subset(&h, &["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]).await;
+    assert_eq!(destination_md(&r), "10.0.0.2:8000");
+    // Only the worst pod is allowed: it wins.
+    let r = route_with_subset(&h, &["10.0.0.3:8000"]).await;
+    assert_eq!(destination_md(&r), "10.0.0.3:8000");
+    assert_eq!(
+        set_headers(&r)["x-gateway-destination-endpoint"],
+        "10.0.0.3:8000"
+    );
+    // No match, and an empty hint: 503 with a JSON error body.
+    for hint in [&["10.0.0.99:8000"][..], &[][..]] {
+        let r = route_with_subset(&h, hint).await;
+        let im = immediate(&r);
+        assert_eq!(im.status.unwrap().code, 503);
+        let v: serde_json::Value = serde_json::from_slice(&im.body).unwrap();
+        assert_eq!(v["error"]["code"], 503);
+        assert!(v["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    assert_eq!(
+        counter(
+            &h,
+            r#"epp_requests_total{method="completions",status="503"} "#
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn no_endpoints_is_503_and_the_stream_ends() {
+    let h = harness(&[], false).await;
+    let mut s = Stream::open(&h).await;
+    s.send(
+        req_headers(
+            &[
+                (":path", "/v1/completions"),
+                ("content-type", "application/json"),
+            ],
+            true,
+        ),
+        None,
+    )
+    .await;
+    let r = s.recv().await;
+    let im = immediate(&r);
+    assert_eq!(im.status.unwrap().code, 503);
+    let ct = im.headers.as_ref().unwrap().set_headers[0]
+        .header
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (ct.key.as_str(), ct.raw_value.as_slice()),
+        ("content-type", &b"application/json"[..])
+    );
+    let v: serde_json::Value = serde_json::from_slice(&im.body).unwrap();
+    assert_eq!(v["error"]["type"], "service_unavailable");
+    assert!(
+        s.recv_result().await.unwrap().is_none(),
+        "stream ends after an immediate response"
+    );
+}
+
+#[tokio::test]
+async fn missing_model_and_malformed_json_are_400() {
+    let h = harness(&PODS, false).await;
+    for (body, param) in [
+        (&br#"{"prompt":"hello world"}"#[..], Some("model")),
+        (&b"no healthy upstream"[..], None),
+    ] {
+        let mut s = Stream::open(&h).await;
+        s.send(
+            req_headers(&[(":path", "/v1/completions"), ("hi", "mom")], false),
+            None,
+        )
+        .await;
+        s.send(req_body(body, true), None).await;
+        let r = s.recv().await;
+        let im = immediate(&r);
+        assert_eq!(im.status.unwrap().code, 400);
+        let v: serde_json::Value = serde_json::from_slice(&im.body).unwrap();
+        assert_eq!(v["error"]["code"], 400);
+        assert_eq!(v["error"]["param"].as_str(), param);
+        assert!(s.recv_result().await.unwrap().is_none());
+    }
+    assert_eq!(
+        counter(
+            &h,
+            r#"epp_requests_total{method="completions",status="400"} "#
+        ),
+        2.0
+    );
+    assert!(PODS.iter().all(|p| inflight(&h, p.0) == 0));
+}
+
+#[tokio::test]
+async fn one_mib_body_arrives_byte_identical_in_bounded_pieces() {
+    let h = harness(&PODS, false).await;
+    let prompt: String = (0..(1 << 20) / 8)
+        .map(|i| format!("w{:06} ", i % 999_999))
+        .collect();
+    let body = format!(r#"{{"model":"m", "prompt":"{prompt}", "stream":false}}"#);
+    assert!(body.len() >= 1 << 20);
+    let mut s = Stream::open(&h).await;
+    s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    let chunks: Vec<&[u8]> = body.as_bytes().chunks(16 * 1024 + 7).collect();
+    let n = chunks.len();
+    for (i, c) in chunks.into_iter().enumerate() {
+        s.send(req_body(c, i + 1 == n), None).await;
+    }
+    let hr = s.recv().await;
+    assert_eq!(set_headers(&hr)["Content-Length"], body.len().to_string());
+    let pieces = extproc::piece_count(body.len());
+    assert_eq!(pieces, body.len().div_ceil(62_000));
+    let mut got = Vec::with_capacity(body.len());
+    for i in 0..pieces {
+        let (b, eos) = piece(&s.recv().await);
+        assert!(b.len() <= BODY_PIECE_BYTES);
+        assert_eq!(eos, i + 1 == pieces, "end_of_stream only on the last piece");
+        got.extend_from_slice(&b);
+    }
+    assert!(got == body.as_bytes(), "body must be byte-identical");
+    s.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn sse_chunks_are_echoed_at_once_byte_for_byte() {
+    let h = harness(&PODS, false).await;
+    let mut s = Stream::open(&h).await;
+    s.send(
+        req_headers(&[(":path", "/v1/chat/completions")], false),
+        None,
+    )
+    .await;
+    s.send(
+        req_body(
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            true,
+        ),
+        None,
+    )
+    .await;
+    let _ = s.recv().await;
+    let _ = s.recv().await;
+    s.send(
+        resp_headers(
+            &[
+                (":status", "200"),
+                ("content-type", "text/event-stream; charset=utf-8"),
+            ],
+            false,
+        ),
+        None,
+    )
+    .await;
+    let rh = s.recv().await;
+    assert_eq!(
+        set_headers(&rh)["content-type"],
+        "text/event-stream; charset=utf-8"
+    );
+    let chunks: [(&[u8], bool); 3] = [
+        (b"data: {}\n\n", false),
+        (
+            b"data: {\"usage\":{\"prompt_tokens\":7,\"total_tokens\":17,\"completion_tokens\":10}}\n\ndata: [DONE]\n\n",
+            false,
+        ),
+        (b"", true),
+    ];
+    for (c, eos) in chunks {
+        s.send(resp_body(c, eos), None).await;
+        // Each chunk comes back before the next one is sent: never delayed.
+        assert_eq!(piece(&s.recv().await), (c.to_vec(), eos));
+    }
+    assert!(s.recv_result().await.unwrap().is_none());
+    assert_eq!(inflight(&h, "10.0.0.2:8000"), 0);
+    assert_eq!(
+        counter(
+            &h,
+            r#"epp_requests_total{method="chat_completions",status="200"} "#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn client_abort_releases_the_in_flight_count_as_499() {
+    let h = harness(&PODS, false).await;
+    let mut s = Stream::open(&h).await;
+    s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    s.send(req_body(j("m", "p").as_bytes(), true), None).await;
+    let _ = s.recv().await;
+    let _ = s.recv().await;
+    s.send(resp_headers(&[(":status", "200")], false), None)
+        .await;
+    let _ = s.recv().await;
+    assert_eq!(inflight(&h, "10.0.0.2:8000"), 1);
+    // The gateway goes away mid-response (downstream client aborted).
+    drop(s);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while inflight(&h, "10.0.0.2:8000") != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "in-flight never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        counter(
+            &h,
+            r#"epp_requests_total{method="completions",status="499"} "#
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &h,
+            r#"epp_requests_total{method="completions",status="200"} "#
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn protocol_violations_end_only_that_stream() {
+    let h = harness(&PODS, false).await;
+    // Body before headers.
+    let mut s = Stream::open(&h).await;
+    s.send(req_body(b"{}", true), None).await;
+    let e = s.recv_result().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("request_body before request_headers"),
+        "{e}"
+    );
+
+    // A second end_of_stream on the request body.
+    let mut s = Stream::open(&h).await;
+    s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    s.send(req_body(j("m", "p").as_bytes(), true), None).await;
+    let _ = s.recv().await;
+    let _ = s.recv().await;
+    assert_eq!(inflight(&h, "10.0.0.2:8000"), 1);
+    s.send(req_body(b"again", true), None).await;
+    let e = s.recv_result().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("after the request's end_of_stream"),
+        "{e}"
+    );
+    assert_eq!(
+        inflight(&h, "10.0.0.2:8000"),
+        0,
+        "the violating stream released its pick"
+    );
+
+    // Headers twice; response body before response headers; trailers first.
+    let mut s = Stream::open(&h).await;
+    s.send(req_headers(&[], false), None).await;
+    s.send(req_headers(&[], false), None).await;
+    assert_eq!(
+        s.recv_result().await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    let mut s = Stream::open(&h).await;
+    s.send(resp_body(b"x", true), None).await;
+    assert_eq!(
+        s.recv_result().await.unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    let mut s = Stream::open(&h).await;
+    s.send(
+        processing_request::Request::RequestTrailers(HttpTrailers::default()),
+        None,
+    )
+    .await;
+    assert_eq!(
+        s.recv_result().await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+
+    // The server keeps serving other streams.
+    let r = route_with_subset(&h, &["10.0.0.1:8000"]).await;
+    assert_eq!(destination_md(&r), "10.0.0.1:8000");
+}
+
+#[tokio::test]
+async fn request_trailers_end_the_body() {
+    let h = harness(&PODS, false).await;
+    let mut s = Stream::open(&h).await;
+    s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    let body = j("m", "p");
+    s.send(req_body(body.as_bytes(), false), None).await;
+    s.send(
+        processing_request::Request::RequestTrailers(HttpTrailers::default()),
+        None,
+    )
+    .await;
+    let hr = s.recv().await;
+    assert_eq!(destination_md(&hr), "10.0.0.2:8000");
+    assert_eq!(piece(&s.recv().await), (body.into_bytes(), false));
+    assert!(matches!(
+        s.recv().await.response,
+        Some(processing_response::Response::RequestTrailers(_))
+    ));
+}
+
+#[tokio::test]
+async fn test_hooks_force_the_pick_and_report_served_and_selected() {
+    let h = harness(&PODS, true).await;
+    let mut s = Stream::open(&h).await;
+    s.send(
+        req_headers(
+            &[
+                (":path", "/v1/completions"),
+                ("test-epp-endpoint-selection", "10.0.0.3"),
+            ],
+            false,
+        ),
+        None,
+    )
+    .await;
+    s.send(req_body(j("m", "p").as_bytes(), true), None).await;
+    let hr = s.recv().await;
+    assert_eq!(destination_md(&hr), "10.0.0.3:8000");
+    let _ = s.recv().await;
+    assert_eq!(inflight(&h, "10.0.0.3:8000"), 1);
+    // The gateway reports that 10.0.0.1 served it: the in-flight count moves there.
+    let mut served = Metadata::default();
+    served.filter_metadata.insert(
+        "envoy.lb".into(),
+        envoy_types::pb::google::protobuf::Struct {
+            fields: [(
+                "x-gateway-destination-endpoint-served".to_string(),
+                envoy_types::pb::google::protobuf::Value {
+                    kind: Some(Kind::StringValue("10.0.0.1:8000".into())),
+                },
+            )]
+            .into(),
+        },
+    );
+    s.send(resp_headers(&[(":status", "200")], false), Some(served))
+        .await;
+    let rh = s.recv().await;
+    let set = set_headers(&rh);
+    assert_eq!(set["x-conformance-test-served-endpoint"], "10.0.0.1:8000");
+    assert_eq!(set["x-conformance-test-selected-endpoint"], "10.0.0.3:8000");
+    assert_eq!(inflight(&h, "10.0.0.3:8000"), 0);
+    assert_eq!(inflight(&h, "10.0.0.1:8000"), 1);
+    s.send(resp_body(b"{}", true), None).await;
+    let _ = s.recv().await;
+    assert_eq!(inflight(&h, "10.0.0.1:8000"), 0);
+
+    // Without the hooks the selection header is ignored.
+    let h2 = harness(&PODS, false).await;
+    let mut s = Stream::open(&h2).await;
+    s.send(
+        req_headers(
+            &[
+                (":path", "/v1/completions"),
+                ("test-epp-endpoint-selection", "10.0.0.3"),
+            ],
+            false,
+        ),
+        None,
+    )
+    .await;
+    s.send(req_body(j("m", "p").as_bytes(), true), None).await;
+    assert_eq!(destination_md(&s.recv().await), "10.0.0.2:8000");
+}
+
+#[tokio::test]
+async fn grpc_health_follows_readiness() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let ds = Datastore::new(HealthConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = Shutdown::new();
+    tokio::spawn(extproc::serve_health(
+        ds.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = HealthClient::new(channel);
+    async fn status(c: &mut HealthClient<tonic::transport::Channel>, s: &str) -> i32 {
+        // The reporter starts asynchronously; wait (bounded) for the service to be registered.
+        for _ in 0..200 {
+            if let Ok(r) = c
+                .check(HealthCheckRequest {
+                    service: s.to_string(),
+                })
+                .await
+            {
+                return r.into_inner().status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("health service {s} never registered");
+    }
+    assert_eq!(
+        status(&mut c, "liveness").await,
+        ServingStatus::Serving as i32
+    );
+    assert_eq!(
+        status(&mut c, "readiness").await,
+        ServingStatus::NotServing as i32
+    );
+    assert_eq!(
+        status(&mut c, extproc::SERVICE_NAME).await,
+        ServingStatus::NotServing as i32
+    );
+    ds.set_endpoints(vec![EndpointSpec::new("10.0.0.1:8000")]);
+    ds.mark_synced();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while status(&mut c, "readiness").await != ServingStatus::Serving as i32 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status(&mut c, extproc::SERVICE_NAME).await,
+        ServingStatus::Serving as i32
+    );
+    shutdown.trigger();
+}
