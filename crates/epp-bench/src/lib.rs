@@ -2,6 +2,7 @@
 //! reports (table, JSON, SVG), and the policy comparison behind `epp bench` and `epp demo`.
 #![forbid(unsafe_code)]
 
+pub mod compare;
 pub mod driver;
 pub mod http;
 pub mod ideal;

@@ -53,7 +53,7 @@ impl Default for SharedPrefix {
     fn default() -> Self {
         Self {
             num_groups: 16,
-            num_prompts_per_group: 32,
+            num_prompts_per_group: 64,
             system_prompt_len: 1024,
             question_len: 64,
             output_len: 16,
@@ -197,22 +197,20 @@ pub struct Request {
 /// Chat messages as `(role, content)`.
 pub type Messages = Vec<(&'static str, String)>;
 
-/// How a chat request's messages become prompt text for token accounting. This is the
-/// simulator's chat template: for each message `<|{role}|>\n{content}\n`, then the generation cue
-/// `<|assistant|>\n`. The rendering is prefix-preserving across turns: the cue is also how the
-/// next turn's assistant message begins, so a conversation's rendering starts with the rendering
-/// of each of its earlier turns, which is what lets a prefix cache reuse them.
+/// How a chat request's messages become prompt text for token accounting: exactly the
+/// simulator's chat template ([`epp_sim::tokenizer::render_chat`]), so that the ideal bound and
+/// the simulator's `cached_tokens` count the same tokens. The template is prefix-preserving across
+/// turns (its generation cue is how the next assistant message begins), which is what lets a
+/// prefix cache reuse earlier turns.
 pub fn render_chat(messages: &[(&str, String)]) -> String {
-    let mut out = String::new();
-    for (role, content) in messages {
-        out.push_str("<|");
-        out.push_str(role);
-        out.push_str("|>\n");
-        out.push_str(content);
-        out.push('\n');
-    }
-    out.push_str("<|assistant|>\n");
-    out
+    let msgs: Vec<epp_sim::tokenizer::ChatMessage> = messages
+        .iter()
+        .map(|(role, content)| epp_sim::tokenizer::ChatMessage {
+            role: (*role).to_owned(),
+            content: content.clone(),
+        })
+        .collect();
+    epp_sim::tokenizer::render_chat(&msgs)
 }
 
 /// A ready-to-draw workload.
@@ -629,12 +627,12 @@ mod tests {
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0]["role"], "system");
         assert_eq!(msgs[1]["role"], "user");
-        let expected = format!(
-            "<|system|>\n{}\n<|user|>\n{}\n<|assistant|>\n",
-            msgs[0]["content"].as_str().unwrap(),
-            msgs[1]["content"].as_str().unwrap()
-        );
+        let expected = render_chat(&[
+            ("system", msgs[0]["content"].as_str().unwrap().to_owned()),
+            ("user", msgs[1]["content"].as_str().unwrap().to_owned()),
+        ]);
         assert_eq!(r.prompt_text, expected);
+        assert!(r.prompt_text.contains(msgs[1]["content"].as_str().unwrap()));
         assert_eq!(msgs[0]["content"].as_str().unwrap().len(), 1024 * 4);
     }
 

@@ -42,6 +42,7 @@ async fn closed_loop_against_one_sim_reports_exact_tokens_and_reuse() {
         api: Api::Completions,
     });
     let w = Arc::new(Workload::new(spec, 11).unwrap());
+    let expected_prompt_tokens: u64 = w.take(10).map(|r| r.prompt_text.len() as u64 / 4).sum();
     let mut cfg = LoadConfig::new(format!("http://{}/v1", sim.addr()), "m");
     // Concurrency 1: requests run in workload order, so the cache sees exactly the ideal order.
     cfg.mode = LoadMode::ClosedLoop { concurrency: 1 };
@@ -56,6 +57,7 @@ async fn closed_loop_against_one_sim_reports_exact_tokens_and_reuse() {
     let s = summarize(&out, &known);
     assert_eq!((s.succeeded, s.failed), (10, 0), "{:?}", s.errors);
     assert_eq!(s.prompt_tokens, 800);
+    assert_eq!(s.prompt_tokens, expected_prompt_tokens);
     assert_eq!(s.output_tokens, 30);
     // A cache big enough for everything reaches the ideal bound exactly.
     let ideal = ideal_bound(
@@ -164,5 +166,49 @@ async fn stop_signal_returns_partial_results_and_connect_errors_are_counted() {
     let s = summarize(&out, &[]);
     assert!(s.succeeded >= 1, "{s:?}");
     assert!(s.succeeded < out.issued);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_token_accounting_matches_the_simulator() {
+    let sim = epp_sim::spawn(fast_sim("sim-d"), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    for spec in [
+        WorkloadSpec::SharedPrefix(SharedPrefix {
+            num_groups: 2,
+            num_prompts_per_group: 4,
+            system_prompt_len: 100,
+            question_len: 10,
+            output_len: 2,
+            api: Api::Chat,
+        }),
+        WorkloadSpec::MultiTurn(epp_bench::workload::MultiTurn {
+            num_sessions: 2,
+            turns_per_session: 3,
+            system_prompt_len: 20,
+            user_len: 30,
+            output_len: 2,
+        }),
+    ] {
+        // A new seed per workload keeps the two workloads from sharing cached blocks.
+        let seed = if matches!(spec, WorkloadSpec::MultiTurn(_)) {
+            5
+        } else {
+            6
+        };
+        let w = Arc::new(Workload::new(spec, seed).unwrap());
+        let mut cfg = LoadConfig::new(format!("http://{}", sim.addr()), "m");
+        cfg.mode = LoadMode::ClosedLoop { concurrency: 1 };
+        cfg.max_requests = Some(w.pass_len().unwrap());
+        let out = run_load(&cfg, w.clone(), no_stop()).await.unwrap();
+        let s = summarize(&out, &[]);
+        let reqs: Vec<_> = w.take(out.issued).collect();
+        let ideal = ideal_bound(reqs.iter().map(|r| r.prompt_text.as_str()));
+        assert_eq!(s.succeeded, out.issued);
+        assert_eq!(s.prompt_tokens, ideal.prompt_tokens);
+        assert_eq!(s.cached_tokens, ideal.shared_tokens);
+        assert!(ideal.shared_tokens > 0);
+    }
     sim.shutdown().await;
 }

@@ -1,8 +1,485 @@
-//! Not implemented yet.
+//! `epp bench`: measure routing quality. Runs one seeded workload against every chosen policy,
+//! each with fresh simulators and a fresh in-process picker, and prints a side-by-side table, a
+//! JSON file and an SVG chart; or, with `--url`, load-tests an existing OpenAI-compatible server.
+//! This module only maps flags onto `epp_bench` types; `epp demo` reuses the same pieces.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use epp_bench::compare::{self, CompareConfig, CompareEvent, Policy, SimSetup, UrlRun};
+use epp_bench::driver::LoadMode;
+use epp_bench::report::{self, BenchReport};
+use epp_bench::workload::{
+    Api, HotSpot, MultiTurn, NoSharing, SharedPrefix, Workload, WorkloadSpec,
+};
+use tokio::sync::watch;
+
+/// Which workload generator to use.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// Groups of prompts sharing a system prompt (inference-perf's shared_prefix).
+    SharedPrefix,
+    /// Chat sessions whose every turn extends the previous one.
+    MultiTurn,
+    /// Unique prompts: nothing to reuse.
+    NoSharing,
+    /// One prefix group carries most of the traffic.
+    HotSpot,
+}
+
+/// Request format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiKind {
+    Chat,
+    Completions,
+}
+
+/// Workload flags, shared with `epp demo`. Lengths are in tokens (1 token = 4 characters).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkloadArgs {
+    /// Workload generator.
+    #[arg(long, value_enum, default_value_t = WorkloadKind::SharedPrefix)]
+    pub workload: WorkloadKind,
+    /// OpenAI API used by single-turn workloads (multi-turn is always chat).
+    #[arg(long, value_enum, default_value_t = ApiKind::Chat)]
+    pub api: ApiKind,
+    /// Seed of the workload and of the arrival process: same seed, same requests.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// shared-prefix, hot-spot: number of prefix groups [default: 16 | 8].
+    #[arg(long)]
+    pub num_groups: Option<u32>,
+    /// shared-prefix: prompts per group [default: 64].
+    #[arg(long)]
+    pub num_prompts_per_group: Option<u32>,
+    /// Shared system prompt length [default: 1024; multi-turn 256].
+    #[arg(long)]
+    pub system_prompt_len: Option<u32>,
+    /// shared-prefix, hot-spot: question length [default: 64].
+    #[arg(long)]
+    pub question_len: Option<u32>,
+    /// Output tokens per request (max_tokens) [default: 16; multi-turn 32].
+    #[arg(long)]
+    pub output_len: Option<u32>,
+    /// multi-turn: concurrent conversations [default: 16].
+    #[arg(long)]
+    pub num_sessions: Option<u32>,
+    /// multi-turn: turns per conversation [default: 8].
+    #[arg(long)]
+    pub turns_per_session: Option<u32>,
+    /// multi-turn: length of each user message [default: 96].
+    #[arg(long)]
+    pub user_len: Option<u32>,
+    /// no-sharing: prompt length [default: 512].
+    #[arg(long)]
+    pub prompt_len: Option<u32>,
+    /// hot-spot: share of requests in the hot group, 0..1 [default: 0.8].
+    #[arg(long)]
+    pub hot_fraction: Option<f64>,
+}
+
+impl WorkloadArgs {
+    /// The workload spec these flags describe; flags that do not apply to it are an error.
+    pub fn spec(&self) -> anyhow::Result<WorkloadSpec> {
+        let api = match self.api {
+            ApiKind::Chat => Api::Chat,
+            ApiKind::Completions => Api::Completions,
+        };
+        let unused = |name: &str, set: bool| -> anyhow::Result<()> {
+            if set {
+                anyhow::bail!("--{name} does not apply to --workload {}", self.kind_name());
+            }
+            Ok(())
+        };
+        let spec = match self.workload {
+            WorkloadKind::SharedPrefix => {
+                unused("num-sessions", self.num_sessions.is_some())?;
+                unused("turns-per-session", self.turns_per_session.is_some())?;
+                unused("user-len", self.user_len.is_some())?;
+                unused("prompt-len", self.prompt_len.is_some())?;
+                unused("hot-fraction", self.hot_fraction.is_some())?;
+                let d = SharedPrefix::default();
+                WorkloadSpec::SharedPrefix(SharedPrefix {
+                    num_groups: self.num_groups.unwrap_or(d.num_groups),
+                    num_prompts_per_group: self
+                        .num_prompts_per_group
+                        .unwrap_or(d.num_prompts_per_group),
+                    system_prompt_len: self.system_prompt_len.unwrap_or(d.system_prompt_len),
+                    question_len: self.question_len.unwrap_or(d.question_len),
+                    output_len: self.output_len.unwrap_or(d.output_len),
+                    api,
+                })
+            }
+            WorkloadKind::MultiTurn => {
+                unused("num-groups", self.num_groups.is_some())?;
+                unused(
+                    "num-prompts-per-group",
+                    self.num_prompts_per_group.is_some(),
+                )?;
+                unused("question-len", self.question_len.is_some())?;
+                unused("prompt-len", self.prompt_len.is_some())?;
+                unused("hot-fraction", self.hot_fraction.is_some())?;
+                unused("api", self.api != ApiKind::Chat)?;
+                let d = MultiTurn::default();
+                WorkloadSpec::MultiTurn(MultiTurn {
+                    num_sessions: self.num_sessions.unwrap_or(d.num_sessions),
+                    turns_per_session: self.turns_per_session.unwrap_or(d.turns_per_session),
+                    system_prompt_len: self.system_prompt_len.unwrap_or(d.system_prompt_len),
+                    user_len: self.user_len.unwrap_or(d.user_len),
+                    output_len: self.output_len.unwrap_or(d.output_len),
+                })
+            }
+            WorkloadKind::NoSharing => {
+                unused("num-groups", self.num_groups.is_some())?;
+                unused(
+                    "num-prompts-per-group",
+                    self.num_prompts_per_group.is_some(),
+                )?;
+                unused("system-prompt-len", self.system_prompt_len.is_some())?;
+                unused("question-len", self.question_len.is_some())?;
+                unused("num-sessions", self.num_sessions.is_some())?;
+                unused("turns-per-session", self.turns_per_session.is_some())?;
+                unused("user-len", self.user_len.is_some())?;
+                unused("hot-fraction", self.hot_fraction.is_some())?;
+                let d = NoSharing::default();
+                WorkloadSpec::NoSharing(NoSharing {
+                    prompt_len: self.prompt_len.unwrap_or(d.prompt_len),
+                    output_len: self.output_len.unwrap_or(d.output_len),
+                    api,
+                })
+            }
+            WorkloadKind::HotSpot => {
+                unused(
+                    "num-prompts-per-group",
+                    self.num_prompts_per_group.is_some(),
+                )?;
+                unused("num-sessions", self.num_sessions.is_some())?;
+                unused("turns-per-session", self.turns_per_session.is_some())?;
+                unused("user-len", self.user_len.is_some())?;
+                unused("prompt-len", self.prompt_len.is_some())?;
+                let d = HotSpot::default();
+                WorkloadSpec::HotSpot(HotSpot {
+                    num_groups: self.num_groups.unwrap_or(d.num_groups),
+                    hot_fraction: self.hot_fraction.unwrap_or(d.hot_fraction),
+                    system_prompt_len: self.system_prompt_len.unwrap_or(d.system_prompt_len),
+                    question_len: self.question_len.unwrap_or(d.question_len),
+                    output_len: self.output_len.unwrap_or(d.output_len),
+                    api,
+                })
+            }
+        };
+        // Validate now, so a bad parameter is reported before anything starts.
+        Workload::new(spec.clone(), self.seed)?;
+        Ok(spec)
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self.workload {
+            WorkloadKind::SharedPrefix => "shared-prefix",
+            WorkloadKind::MultiTurn => "multi-turn",
+            WorkloadKind::NoSharing => "no-sharing",
+            WorkloadKind::HotSpot => "hot-spot",
+        }
+    }
+}
+
+/// Load-shape flags, shared with `epp demo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long, conflicts_with = "concurrency")]
+    pub rate: Option<f64>,
+    /// Closed loop: this many concurrent workers, each sending when its last request finished.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Stop issuing after this many requests (per policy).
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Stop issuing after this many seconds (per policy); in-flight requests may still finish.
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// Per-request timeout, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub request_timeout: f64,
+    /// Do not draw progress bars (they are only drawn on a terminal anyway).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl LoadArgs {
+    /// The load mode, with `default_rate` when neither --rate nor --concurrency is given.
+    pub fn mode(&self, default_rate: f64) -> anyhow::Result<LoadMode> {
+        match (self.rate, self.concurrency) {
+            (Some(r), _) if !(r.is_finite() && r > 0.0) => {
+                anyhow::bail!("--rate must be a positive number of requests per second")
+            }
+            (Some(r), _) => Ok(LoadMode::OpenLoop { rate: r }),
+            (None, Some(0)) => anyhow::bail!("--concurrency must be at least 1"),
+            (None, Some(c)) => Ok(LoadMode::ClosedLoop { concurrency: c }),
+            (None, None) => Ok(LoadMode::OpenLoop { rate: default_rate }),
+        }
+    }
+
+    /// `(requests, duration)`, with `default_requests` when neither bound is given.
+    pub fn bounds(
+        &self,
+        default_requests: Option<u64>,
+        default_duration: Option<f64>,
+    ) -> anyhow::Result<(Option<u64>, Option<Duration>)> {
+        let dur = |s: f64| -> anyhow::Result<Duration> {
+            if !(s.is_finite() && s > 0.0) {
+                anyhow::bail!("--duration must be a positive number of seconds");
+            }
+            Ok(Duration::from_secs_f64(s))
+        };
+        if self.requests == Some(0) {
+            anyhow::bail!("--requests must be at least 1");
+        }
+        match (self.requests, self.duration) {
+            (None, None) => Ok((default_requests, default_duration.map(dur).transpose()?)),
+            (r, d) => Ok((r, d.map(dur).transpose()?)),
+        }
+    }
+
+    pub fn timeout(&self) -> anyhow::Result<Duration> {
+        if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
+            anyhow::bail!("--request-timeout must be a positive number of seconds");
+        }
+        Ok(Duration::from_secs_f64(self.request_timeout))
+    }
+}
+
+/// Simulated-backend flags, shared with `epp demo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Number of simulated backends started for each policy.
+    #[arg(long, default_value_t = 4)]
+    pub backends: usize,
+    /// Running-sequence limit of each simulated backend.
+    #[arg(long, default_value_t = 16)]
+    pub max_num_seqs: usize,
+    /// KV-cache blocks per backend. Default: sized from the workload so that all backends
+    /// together hold 1.5x its reusable working set and one alone does not.
+    #[arg(long)]
+    pub kv_blocks: Option<u64>,
+    /// Simulated prefill cost per uncached prompt token, in ms.
+    #[arg(long, default_value_t = 0.1)]
+    pub prefill_per_token_ms: f64,
+    /// Simulated fixed prefill cost per request, in ms.
+    #[arg(long, default_value_t = 2.0)]
+    pub prefill_overhead_ms: f64,
+    /// Simulated time between output tokens, in ms.
+    #[arg(long, default_value_t = 5.0)]
+    pub inter_token_ms: f64,
+}
+
+impl SimArgs {
+    pub fn setup(&self) -> anyhow::Result<SimSetup> {
+        if self.backends == 0 {
+            anyhow::bail!("--backends must be at least 1");
+        }
+        if self.max_num_seqs == 0 {
+            anyhow::bail!("--max-num-seqs must be at least 1");
+        }
+        if self.kv_blocks == Some(0) {
+            anyhow::bail!("--kv-blocks must be at least 1");
+        }
+        for (flag, v) in [
+            ("--prefill-per-token-ms", self.prefill_per_token_ms),
+            ("--prefill-overhead-ms", self.prefill_overhead_ms),
+            ("--inter-token-ms", self.inter_token_ms),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                anyhow::bail!("{flag} must be a non-negative number of milliseconds");
+            }
+        }
+        let latency = epp_sim::LatencyModel {
+            prefill_per_token_ms: self.prefill_per_token_ms,
+            prefill_overhead_ms: self.prefill_overhead_ms,
+            inter_token_ms: self.inter_token_ms,
+            ..compare::bench_latency()
+        };
+        Ok(SimSetup {
+            backends: self.backends,
+            max_num_seqs: self.max_num_seqs,
+            kv_blocks: self.kv_blocks,
+            latency,
+            ..SimSetup::default()
+        })
+    }
+}
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
 
-pub async fn run(_args: Args) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("this subcommand is not implemented yet")
+    #[command(flatten)]
+    pub load: LoadArgs,
+
+    #[command(flatten)]
+    pub sims: SimArgs,
+
+    /// Built-in policies to compare, comma-separated (random, round-robin, least-queue,
+    /// prefix-only, default).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "random,round-robin,least-queue,prefix-only,default"
+    )]
+    pub policies: Vec<String>,
+
+    /// An extra policy from an EndpointPickerConfig file (repeatable); named `file:<stem>`.
+    #[arg(long, value_name = "FILE")]
+    pub policy_config: Vec<PathBuf>,
+
+    /// Directory for the JSON report and the SVG chart (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
+    pub out: PathBuf,
+
+    /// Load-test this OpenAI-compatible base URL instead (no simulators, no in-process picker).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["policies", "policy_config"])]
+    pub url: Option<String>,
+
+    /// With --url: the model to request (default: the first one `GET /v1/models` lists).
+    #[arg(long, requires = "url")]
+    pub model: Option<String>,
+
+    /// With --url: a picker's /metrics URL, to report its own hit rate and decision latency.
+    #[arg(long, value_name = "URL", requires = "url")]
+    pub metrics_url: Option<String>,
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM turns the returned flag true; a second Ctrl-C exits at once.
+pub fn stop_on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if wait_for_signal().await {
+            eprintln!("\nstopping: finishing with partial results (Ctrl-C again to quit now)");
+            let _ = tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+        // Keep the sender alive so receivers never see a closed channel as a stop.
+        std::future::pending::<()>().await;
+    });
+    rx
+}
+
+async fn wait_for_signal() -> bool {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return tokio::signal::ctrl_c().await.is_ok();
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.is_ok(),
+            _ = term.recv() => true,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.is_ok()
+    }
+}
+
+/// Writes `<dir>/<stem>.json` and `<dir>/<stem>.svg`; returns their paths.
+pub fn write_outputs(
+    report: &BenchReport,
+    dir: &Path,
+    stem: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let json = dir.join(format!("{stem}.json"));
+    let svg = dir.join(format!("{stem}.svg"));
+    report::write_json(report, &json)?;
+    report::write_svg(report, &svg)?;
+    Ok((json, svg))
+}
+
+/// Prints what the comparison is doing, to stderr.
+pub fn print_events() -> compare::Observer {
+    std::sync::Arc::new(|e: &CompareEvent| match e {
+        CompareEvent::Sized(s) => eprintln!(
+            "cache sizing: reusable working set {} blocks; {} blocks per backend",
+            s.reused_blocks, s.kv_blocks_per_backend
+        ),
+        CompareEvent::PolicyStarted {
+            policy,
+            proxy_url,
+            metrics_url,
+            ..
+        } => eprintln!("policy {policy}: proxy {proxy_url}, picker metrics {metrics_url}"),
+        CompareEvent::PolicyFinished { .. } => {}
+    })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let spec = args.workload.spec()?;
+    let mode = args.load.mode(40.0)?;
+    let timeout = args.load.timeout()?;
+    let stop = stop_on_signal();
+    let report = if let Some(url) = &args.url {
+        let (max_requests, duration) = args.load.bounds(Some(500), None)?;
+        let run = UrlRun {
+            base_url: url.clone(),
+            model: args.model.clone(),
+            metrics_url: args.metrics_url.clone(),
+            workload: spec,
+            seed: args.workload.seed,
+            mode,
+            max_requests,
+            duration,
+            request_timeout: timeout,
+            progress: !args.load.no_progress,
+            label: "target".into(),
+        };
+        compare::bench_url(&run, stop).await?
+    } else {
+        let mut policies = Vec::new();
+        for name in &args.policies {
+            let p = Policy::preset(name.trim()).with_context(|| {
+                format!(
+                    "unknown policy `{name}`; built-in policies are {}",
+                    compare::PRESET_NAMES.join(", ")
+                )
+            })?;
+            policies.push(p);
+        }
+        for path in &args.policy_config {
+            policies.push(Policy::from_file(path)?);
+        }
+        if policies.is_empty() {
+            anyhow::bail!("no policy to compare: give --policies and/or --policy-config");
+        }
+        let (max_requests, duration) = args.load.bounds(Some(800), None)?;
+        let cfg = CompareConfig {
+            workload: spec,
+            seed: args.workload.seed,
+            mode,
+            max_requests,
+            duration,
+            sims: args.sims.setup()?,
+            policies,
+            progress: !args.load.no_progress,
+            request_timeout: timeout,
+            keep_last: false,
+        };
+        compare::compare(&cfg, Some(print_events()), stop)
+            .await?
+            .report
+    };
+    print!("{}", report::render_table(&report));
+    let stem = format!("bench-{}-seed{}", report.workload.name(), report.seed);
+    let (json, svg) = write_outputs(&report, &args.out, &stem)?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(if report.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
