@@ -532,26 +532,50 @@ async fn wait_until_picker_sees(http: &crate::http::HttpClient, metrics_url: &st
 struct PickerHandle {
     proxy_addr: SocketAddr,
     metrics_addr: SocketAddr,
-    inner: PickerInner,
+    inner: epp_core::proxy::ProxyHandle,
 }
-
-enum PickerInner {}
 
 impl PickerHandle {
     async fn shutdown(self) {
-        match self.inner {}
+        self.inner.stop().await;
     }
 }
 
-/// Starts the picker in proxy mode in front of `endpoints` with the given policy.
+/// Starts the picker in proxy mode on loopback ports, in front of `endpoints`, with the policy
+/// `config_yaml`.
 async fn start_picker(endpoints: &[SocketAddr], config_yaml: &str) -> anyhow::Result<PickerHandle> {
-    let _ = (endpoints, config_yaml);
-    anyhow::bail!("the picker's proxy mode is not available in this build yet")
-}
-
-/// Whether this build can start a picker (the proxy front-end exists).
-pub fn picker_available() -> bool {
-    false
+    use epp_core::app::{Discovery, PickerOptions};
+    use epp_core::discovery::StaticDiscovery;
+    let config = epp_core::config::EndpointPickerConfig::from_yaml(config_yaml)
+        .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let picker = PickerOptions {
+        discovery: Discovery::Static(StaticDiscovery {
+            endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
+            file: None,
+            poll_interval: Duration::from_secs(1),
+        }),
+        config,
+        metrics_addr: Some(loopback(0)),
+        health_addr: None,
+        grace_period: Duration::from_secs(2),
+        ..PickerOptions::default()
+    };
+    let opts = epp_core::proxy::ProxyOptions {
+        listen: loopback(0),
+        picker,
+        ..epp_core::proxy::ProxyOptions::default()
+    };
+    let inner = epp_core::proxy::spawn(opts).await?;
+    let Some(metrics_addr) = inner.metrics_addr else {
+        inner.stop().await;
+        anyhow::bail!("the picker started without a metrics server");
+    };
+    Ok(PickerHandle {
+        proxy_addr: inner.proxy_addr,
+        metrics_addr,
+        inner,
+    })
 }
 
 #[cfg(test)]
