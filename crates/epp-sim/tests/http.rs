@@ -341,6 +341,14 @@ async fn every_bad_input_gets_its_status_and_a_json_error() {
             400,
             "invalid_type",
         ),
+        (c, br#"{"prompt":"x","n":2}"#.to_vec(), 400, "unsupported"),
+        (c, br#"{"prompt":["a","b"]}"#.to_vec(), 400, "unsupported"),
+        (
+            c,
+            br#"{"prompt":"x","stream":true,"stream_options":1}"#.to_vec(),
+            400,
+            "invalid_type",
+        ),
         (
             c,
             br#"{"prompt":"x","max_tokens":200}"#.to_vec(),
