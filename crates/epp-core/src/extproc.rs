@@ -29,9 +29,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::app::{Picker, PickerOptions};
 use crate::datastore::Datastore;
 use crate::director::{Director, RequestTracker, RouteError, RouteRequest};
 use crate::request::ApiMethod;
+use crate::serving;
+use crate::telemetry::Shutdown;
 
 /// The gRPC service name, also a gRPC health service name.
 pub const SERVICE_NAME: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
@@ -901,9 +904,9 @@ fn new_request_id() -> String {
     )
 }
 
-/// Whether the picker can take traffic: discovery synced and at least one endpoint known.
+/// Whether the picker can take traffic (the same rule as the HTTP `/readyz` probe).
 pub fn is_ready(ds: &Datastore) -> bool {
-    ds.is_synced() && !ds.snapshot().endpoints.is_empty()
+    crate::app::readiness(ds).is_ok()
 }
 
 /// Keep the gRPC health services in step with readiness: `liveness` is always SERVING;
@@ -968,7 +971,7 @@ pub async fn serve(
 pub async fn serve_health(
     ds: Datastore,
     listener: tokio::net::TcpListener,
-    shutdown: crate::telemetry::Shutdown,
+    shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(run_health(reporter, ds, shutdown.wait()));
@@ -980,10 +983,107 @@ pub async fn serve_health(
         .await
 }
 
-/// Bind helper naming the flag in its error.
-pub async fn bind(addr: SocketAddr, flag: &str) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({flag}): {e}"))
+/// Everything `epp serve` needs: the shared picker runtime plus the two gRPC listeners.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub grpc_addr: SocketAddr,
+    pub grpc_health_addr: SocketAddr,
+    pub extproc: ExtProcConfig,
+    pub picker: PickerOptions,
+}
+
+/// A running `epp serve` (used by the CLI and tests).
+pub struct ServeHandle {
+    pub grpc_addr: SocketAddr,
+    pub grpc_health_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
+    pub director: Director,
+    shutdown: Shutdown,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ServeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeHandle")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("grpc_health_addr", &self.grpc_health_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServeHandle {
+    /// Stop accepting streams; open ones get the grace period to finish.
+    pub fn shutdown(&self) {
+        self.shutdown.trigger();
+    }
+    /// Wait until the servers and the runtime have stopped.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+    /// Trigger shutdown and wait.
+    pub async fn stop(self) {
+        self.shutdown();
+        self.wait().await;
+    }
+}
+
+/// Validate, start the picker runtime, bind both gRPC listeners and serve in the background
+/// until `shutdown` fires.
+pub async fn spawn_with_shutdown(
+    opts: ServeOptions,
+    shutdown: Shutdown,
+) -> anyhow::Result<ServeHandle> {
+    if opts.extproc.max_body_bytes == 0 {
+        anyhow::bail!("--max-body-bytes must be greater than 0");
+    }
+    let validated = opts.picker.validate()?;
+    let picker = Picker::start(opts.picker.clone(), validated, shutdown.clone()).await?;
+    let grpc = serving::bind(opts.grpc_addr, "--grpc-port").await?;
+    let grpc_addr = grpc.local_addr()?;
+    let health = serving::bind(opts.grpc_health_addr, "--grpc-health-port").await?;
+    let grpc_health_addr = health.local_addr()?;
+    tracing::info!(
+        grpc = %grpc_addr,
+        grpc_health = %grpc_health_addr,
+        test_hooks = opts.extproc.test_hooks,
+        fallbacks = opts.extproc.fallbacks,
+        max_body_bytes = opts.extproc.max_body_bytes,
+        "ext_proc server listening"
+    );
+    let director = picker.director.clone();
+    let metrics_addr = picker.metrics_addr;
+    let health_addr = picker.health_addr;
+    let service = ExtProcService::new(director.clone(), opts.extproc.clone());
+    let grace = opts.picker.grace_period;
+    let sd = shutdown.clone();
+    let ds = picker.datastore.clone();
+    let done = tokio::spawn(async move {
+        let health_task = tokio::spawn(serve_health(ds, health, sd.clone()));
+        let server = serve(service, grpc, sd.clone().wait());
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "ext_proc server failed");
+                }
+            }
+            _ = async { sd.wait().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "grace period over; dropping unfinished streams");
+            }
+        }
+        let _ = tokio::time::timeout(grace, health_task).await;
+        picker.join().await;
+        tracing::info!("ext_proc server stopped");
+    });
+    Ok(ServeHandle {
+        grpc_addr,
+        grpc_health_addr,
+        metrics_addr,
+        health_addr,
+        director,
+        shutdown,
+        done,
     })
 }
 

@@ -1,8 +1,71 @@
-//! Not implemented yet.
+//! `epp serve`: the picker as an Envoy ext_proc server (the Gateway API Inference Extension
+//! endpoint-picker protocol). Only flag translation lives here; the front-end is
+//! `epp_core::extproc` on top of the shared runtime in `epp_core::app`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+
+use epp_core::extproc::{
+    spawn_with_shutdown, ExtProcConfig, ServeOptions, DEFAULT_GRPC_HEALTH_PORT, DEFAULT_GRPC_PORT,
+};
+use epp_core::telemetry::Shutdown;
+
+use super::common::PickerArgs;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Port of the ext_proc gRPC server (`envoy.service.ext_proc.v3.ExternalProcessor`).
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_GRPC_PORT)]
+    pub grpc_port: u16,
 
-pub async fn run(_args: Args) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("this subcommand is not implemented yet")
+    /// Port of the gRPC health server (services `liveness`, `readiness` and the ext_proc one).
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_GRPC_HEALTH_PORT)]
+    pub grpc_health_port: u16,
+
+    /// Address both gRPC servers listen on.
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub grpc_host: IpAddr,
+
+    /// Largest request body buffered for a pick, in bytes (larger: 413).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_body_bytes: u64,
+
+    /// Fallback endpoints appended (comma list) to the `envoy.lb` metadata after the pick, for
+    /// gateways that retry on them. The destination header always carries the pick alone.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=16))]
+    pub destination_fallbacks: u64,
+
+    /// Gateway API Inference Extension conformance hooks: honour the `test-epp-endpoint-selection`
+    /// request header and report `x-conformance-test-served-endpoint` /
+    /// `x-conformance-test-selected-endpoint` on responses. Test only: any client could steer
+    /// its own requests.
+    #[arg(long)]
+    pub conformance_test_hooks: bool,
+
+    #[command(flatten)]
+    pub picker: PickerArgs,
+}
+
+impl Args {
+    pub fn to_options(&self) -> anyhow::Result<ServeOptions> {
+        Ok(ServeOptions {
+            grpc_addr: SocketAddr::new(self.grpc_host, self.grpc_port),
+            grpc_health_addr: SocketAddr::new(self.grpc_host, self.grpc_health_port),
+            extproc: ExtProcConfig {
+                test_hooks: self.conformance_test_hooks,
+                fallbacks: self.destination_fallbacks as usize,
+                max_body_bytes: self.max_body_bytes as usize,
+            },
+            picker: self.picker.to_options()?,
+        })
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let opts = args.to_options()?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "epp serve starting");
+    let shutdown = Shutdown::on_signal();
+    let handle = spawn_with_shutdown(opts, shutdown).await?;
+    handle.wait().await;
+    Ok(ExitCode::SUCCESS)
 }
