@@ -93,9 +93,7 @@ async fn get(
 
 /// Parse an exposition and map the engine's names. Missing series read as 0.
 pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, String> {
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines)
-        .map_err(|e| format!("unparsable exposition: {e}"))?;
+    let samples = crate::exposition::parse(text)?;
     let (waiting, running, kv, kv_legacy, lora, cache) = match engine {
         Engine::Vllm => (
             "vllm:num_requests_waiting",
@@ -122,28 +120,20 @@ pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, S
             None,
         ),
     };
-    let value = |s: &prometheus_parse::Sample| -> f64 {
-        match s.value {
-            prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        }
-    };
+    let value = |s: &crate::exposition::Sample| -> f64 { s.value };
     let sum = |name: &str| -> Option<f64> {
         let mut found = false;
         let mut total = 0.0;
-        for s in scrape.samples.iter().filter(|s| s.metric == name) {
+        for s in samples.iter().filter(|s| s.name == name) {
             found = true;
             total += value(s);
         }
         found.then_some(total)
     };
     let max = |name: &str| -> Option<f64> {
-        scrape
-            .samples
+        samples
             .iter()
-            .filter(|s| s.metric == name)
+            .filter(|s| s.name == name)
             .map(value)
             .reduce(f64::max)
     };
@@ -158,10 +148,9 @@ pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, S
     };
     if let Some(name) = lora {
         // The series with the newest timestamp value is current.
-        if let Some(s) = scrape
-            .samples
+        if let Some(s) = samples
             .iter()
-            .filter(|s| s.metric == name)
+            .filter(|s| s.name == name)
             .max_by(|a, b| value(a).total_cmp(&value(b)))
         {
             let list = |k: &str| -> Vec<String> {
@@ -182,7 +171,7 @@ pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, S
         }
     }
     if let Some(name) = cache {
-        if let Some(s) = scrape.samples.iter().find(|s| s.metric == name) {
+        if let Some(s) = samples.iter().find(|s| s.name == name) {
             m.block_size = s.labels.get("block_size").and_then(|v| v.parse().ok());
             m.num_gpu_blocks = s.labels.get("num_gpu_blocks").and_then(|v| v.parse().ok());
         }
@@ -293,10 +282,14 @@ mod tests {
     fn maps_vllm_names_including_legacy_kv_and_lora() {
         let text = r#"# TYPE vllm:num_requests_waiting gauge
 vllm:num_requests_waiting{model_name="m"} 3
+# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{model_name="m"} 2
+# TYPE vllm:gpu_cache_usage_perc gauge
 vllm:gpu_cache_usage_perc{model_name="m"} 0.25
+# TYPE vllm:lora_requests_info gauge
 vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",waiting_lora_adapters=""} 1.7e9
 vllm:lora_requests_info{max_lora="2",running_lora_adapters="a",waiting_lora_adapters="c"} 1.6e9
+# TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{block_size="16",num_gpu_blocks="1000"} 1
 "#;
         let m = parse_metrics(Engine::Vllm, text).unwrap();
@@ -311,7 +304,7 @@ vllm:cache_config_info{block_size="16",num_gpu_blocks="1000"} 1
         // The current name wins over the legacy one.
         let m = parse_metrics(
             Engine::Vllm,
-            "vllm:kv_cache_usage_perc 0.5\nvllm:gpu_cache_usage_perc 0.1\n",
+            "# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc 0.5\n# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc 0.1\n",
         )
         .unwrap();
         assert_eq!(m.kv_cache_usage, 0.5);
@@ -321,7 +314,7 @@ vllm:cache_config_info{block_size="16",num_gpu_blocks="1000"} 1
     fn maps_sglang_and_trtllm() {
         let m = parse_metrics(
             Engine::Sglang,
-            "sglang:num_queue_reqs 4\nsglang:num_running_reqs 1\nsglang:token_usage 0.75\n",
+            "# TYPE sglang:num_queue_reqs gauge\nsglang:num_queue_reqs 4\n# TYPE sglang:num_running_reqs gauge\nsglang:num_running_reqs 1\n# TYPE sglang:token_usage gauge\nsglang:token_usage 0.75\n",
         )
         .unwrap();
         assert_eq!(
@@ -330,7 +323,7 @@ vllm:cache_config_info{block_size="16",num_gpu_blocks="1000"} 1
         );
         let m = parse_metrics(
             Engine::TrtLlm,
-            "trtllm_num_requests_waiting 7\ntrtllm_num_requests_running 5\ntrtllm_kv_cache_utilization 0.5\n",
+            "# TYPE trtllm_num_requests_waiting gauge\ntrtllm_num_requests_waiting 7\n# TYPE trtllm_num_requests_running gauge\ntrtllm_num_requests_running 5\n# TYPE trtllm_kv_cache_utilization gauge\ntrtllm_kv_cache_utilization 0.5\n",
         )
         .unwrap();
         assert_eq!(

@@ -1,0 +1,229 @@
+//! The compliance test every scheduler plugin passes: scores are finite and in [0, 1], it never
+//! picks a filtered (unhealthy, out-of-subset, saturated) endpoint, and its config round-trips.
+
+use std::sync::Arc;
+
+use epp_core::config::{EndpointPickerConfig, PluginSpec, ProfilePluginRef, ProfileSpec};
+use epp_core::datastore::{
+    Datastore, EndpointSpec, FailureKind, HealthConfig, HealthState, InFlight, ModelServerMetrics,
+};
+use epp_core::prefix::{PrefixConfig, PrefixIndex};
+use epp_core::request::ParsedRequest;
+use epp_core::scheduler::plugins::{self, Plugin, ALL_TYPES};
+use epp_core::scheduler::{SchedCtx, Scheduler};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct EpCase {
+    waiting: u8,
+    kv: f64,
+    inflight: u8,
+    healthy: bool,
+    loras: u8,
+    prefix_blocks: u8,
+}
+
+fn ep_case() -> impl Strategy<Value = EpCase> {
+    (0u8..20, 0.0f64..=1.0, 0u8..6, any::<bool>(), 0u8..3, 0u8..5).prop_map(
+        |(waiting, kv, inflight, healthy, loras, prefix_blocks)| EpCase {
+            waiting,
+            kv,
+            inflight,
+            healthy,
+            loras,
+            prefix_blocks,
+        },
+    )
+}
+
+struct World {
+    ds: Datastore,
+    prefix: PrefixIndex,
+    _guards: Vec<InFlight>,
+}
+
+fn world(cases: &[EpCase]) -> World {
+    let ds = Datastore::new(HealthConfig::default());
+    let specs: Vec<EndpointSpec> = (0..cases.len())
+        .map(|i| EndpointSpec::new(format!("10.0.0.{i}:8000")))
+        .collect();
+    ds.set_endpoints(specs);
+    let prefix = PrefixIndex::new(PrefixConfig {
+        block_size: 4,
+        ..Default::default()
+    });
+    let mut guards = Vec::new();
+    let snap = ds.snapshot();
+    for (i, c) in cases.iter().enumerate() {
+        let addr = format!("10.0.0.{i}:8000");
+        ds.record_scrape(
+            &addr,
+            Ok(ModelServerMetrics {
+                waiting_queue: c.waiting as f64,
+                running: 1.0,
+                kv_cache_usage: c.kv,
+                running_loras: (0..c.loras).map(|k| format!("lora-{k}")).collect(),
+                waiting_loras: vec![],
+                max_loras: Some(2),
+                ..Default::default()
+            }),
+        );
+        if !c.healthy {
+            ds.record_scrape(&addr, Err(FailureKind::Refused));
+        }
+        let ep = snap.endpoints[i].endpoint.clone();
+        for _ in 0..c.inflight {
+            guards.push(InFlight::new(ep.clone()));
+        }
+        let text = b"aaaabbbbccccddddeeee";
+        let n = c.prefix_blocks as usize * 4;
+        prefix.insert(ep.slot, &prefix.hash("m", &text[..n]));
+    }
+    World {
+        ds,
+        prefix,
+        _guards: guards,
+    }
+}
+
+fn single_plugin_config(type_: &str, weight: Option<f64>) -> EndpointPickerConfig {
+    EndpointPickerConfig {
+        api_version: epp_core::config::API_VERSION.into(),
+        kind: epp_core::config::KIND.into(),
+        plugins: vec![PluginSpec {
+            name: Some(format!("my-{type_}")),
+            type_: type_.into(),
+            parameters: None,
+        }],
+        scheduling_profiles: vec![ProfileSpec {
+            name: "default".into(),
+            plugins: vec![ProfilePluginRef {
+                plugin_ref: format!("my-{type_}"),
+                weight,
+            }],
+        }],
+        feature_gates: vec![],
+        saturation_detector: None,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_plugin_is_compliant(
+        cases in proptest::collection::vec(ep_case(), 1..12),
+        subset_mask in any::<u16>(),
+        lora in 0u8..4,
+    ) {
+        let w = world(&cases);
+        let snap = w.ds.snapshot();
+        let req = ParsedRequest {
+            model: "m".into(),
+            target_model: format!("lora-{lora}"),
+            prompt: b"aaaabbbbccccddddeeee".to_vec(),
+            ..Default::default()
+        };
+        let hashes = w.prefix.hash("m", &req.prompt);
+        let matches = w.prefix.lookup(&hashes);
+        let ctx = SchedCtx { snapshot: &snap, request: &req, prefix: &matches };
+        let all: Vec<usize> = (0..snap.endpoints.len()).collect();
+        let subset: Vec<String> = (0..cases.len())
+            .filter(|i| subset_mask & (1 << i) != 0)
+            .map(|i| format!("10.0.0.{i}:8000"))
+            .collect();
+        for t in ALL_TYPES {
+            let spec = PluginSpec { name: None, type_: t.to_string(), parameters: None };
+            let plugin = plugins::build(&spec, "plugins[0]").unwrap();
+            // Scores finite and in [0, 1]; filters only remove; pickers return distinct candidates.
+            match &plugin {
+                Plugin::Scorer(s) => {
+                    let mut out = vec![f64::NAN; all.len()];
+                    s.score(&ctx, &all, &mut out);
+                    for v in &out {
+                        prop_assert!(v.is_finite() && (0.0..=1.0).contains(v), "{t} scored {v}");
+                    }
+                }
+                Plugin::Filter(f) => {
+                    let mut c = all.clone();
+                    f.filter(&ctx, &mut c);
+                    prop_assert!(c.iter().all(|i| all.contains(i)));
+                }
+                Plugin::Picker(p) => {
+                    let scores: Vec<f64> = (0..all.len()).map(|i| i as f64 / 10.0).collect();
+                    let order = p.pick(&ctx, &all, &scores);
+                    prop_assert!(!order.is_empty());
+                    let mut seen = order.clone();
+                    seen.sort();
+                    seen.dedup();
+                    prop_assert_eq!(seen.len(), order.len(), "{} repeated a candidate", t);
+                    prop_assert!(order.iter().all(|k| *k < all.len()));
+                }
+                Plugin::ProfileHandler => {}
+            }
+            // Through the scheduler: never an unhealthy or out-of-subset pick.
+            let weight = matches!(plugin, Plugin::Scorer(_)).then_some(2.0);
+            let cfg = single_plugin_config(t, weight);
+            // Config round-trip.
+            let again = EndpointPickerConfig::from_yaml(&cfg.to_yaml()).unwrap();
+            prop_assert_eq!(&again, &cfg);
+            let sched = Scheduler::from_config(&again).unwrap();
+            for hint in [None, Some(subset.as_slice())] {
+                match sched.schedule(&ctx, hint) {
+                    Ok(s) => {
+                        for &i in &s.ranked {
+                            let e = &snap.endpoints[i];
+                            let any_healthy = snap.endpoints.iter().enumerate().any(|(k, e)| {
+                                e.health == HealthState::Healthy && hint.is_none_or(|h| h.contains(&format!("10.0.0.{k}:8000")))
+                            });
+                            prop_assert!(e.health == HealthState::Healthy || (!any_healthy && e.health == HealthState::Stale),
+                                "{t} picked a {:?} endpoint", e.health);
+                            if let Some(h) = hint {
+                                prop_assert!(h.contains(&e.endpoint.address().to_string()), "{t} left the subset");
+                            }
+                            if t == plugins::SATURATION_FILTER {
+                                prop_assert!(e.waiting() <= 5.0 && e.kv_usage() <= 0.8, "saturated endpoint picked");
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        // Only when nothing eligible exists (or saturation shed everything).
+                        let eligible = snap.endpoints.iter().enumerate().filter(|(k, e)| {
+                            e.health == HealthState::Healthy && hint.is_none_or(|h| h.contains(&format!("10.0.0.{k}:8000")))
+                        });
+                        if t != plugins::SATURATION_FILTER {
+                            prop_assert_eq!(eligible.count(), 0, "{} refused with eligible endpoints", t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_types_and_bad_parameters_name_the_field() {
+    let spec = PluginSpec {
+        name: None,
+        type_: "nope".into(),
+        parameters: None,
+    };
+    let e = plugins::build(&spec, "plugins[3]").err().unwrap();
+    assert_eq!(e.field, "plugins[3].type");
+    let spec = PluginSpec {
+        name: None,
+        type_: "prefix-cache-scorer".into(),
+        parameters: Some(serde_json::json!({"blockSizeTokens": 0})),
+    };
+    let e = plugins::build(&spec, "plugins[0]").err().unwrap();
+    assert_eq!(e.field, "plugins[0].parameters.blockSizeTokens");
+    let spec = PluginSpec {
+        name: None,
+        type_: "queue-scorer".into(),
+        parameters: Some(serde_json::json!({"bogus": 1})),
+    };
+    let e = plugins::build(&spec, "plugins[0]").err().unwrap();
+    assert_eq!(e.field, "plugins[0].parameters");
+    assert!(e.message.contains("unknown field `bogus`"), "{e}");
+    let _ = Arc::new(());
+}
