@@ -686,3 +686,115 @@ async fn promtool_accepts_the_exposition() {
         out.status
     );
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_frees_its_slot() {
+    let cfg = SimConfig {
+        max_num_seqs: 1,
+        latency: LatencyModel {
+            inter_token_ms: 20.0,
+            ..LatencyModel::zero()
+        },
+        ..fast_config()
+    };
+    let s = start(cfg).await;
+    let a = s.addr();
+    // A long stream (50 × 20 ms) holds the only sequence slot...
+    let stream = open_stream(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 50, "stream": true}),
+    )
+    .await;
+    assert_eq!(s.snapshot().running, 1);
+    // ...so this one waits.
+    let queued = tokio::spawn(async move {
+        post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": "y", "max_tokens": 1}),
+        )
+        .await
+    });
+    eventually("second request queued", || async {
+        s.snapshot().waiting == 1
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    drop(stream);
+    // The abandoned stream is aborted and the queued request runs long before 1 s.
+    let r = queued.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        t0.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        t0.elapsed()
+    );
+    let m = scrape(a).await;
+    assert_eq!(
+        sample(
+            &m,
+            "vllm:request_success_total",
+            &[("finished_reason", "abort")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "vllm:request_success_total",
+            &[("finished_reason", "length")]
+        ),
+        1.0
+    );
+    assert_eq!(sample(&m, "vllm:num_requests_running", &[]), 0.0);
+    assert_eq!(sample(&m, "vllm:kv_cache_usage_perc", &[]), 0.0);
+    let generated = sample(&m, "vllm:generation_tokens_total", &[]);
+    assert!((2.0..50.0).contains(&generated), "{generated}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_queued_client_that_goes_away_leaves_the_queue() {
+    let cfg = SimConfig {
+        max_num_seqs: 1,
+        latency: LatencyModel {
+            inter_token_ms: 20.0,
+            ..LatencyModel::zero()
+        },
+        ..fast_config()
+    };
+    let s = start(cfg).await;
+    let a = s.addr();
+    let running = tokio::spawn(async move {
+        post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": "x", "max_tokens": 15}),
+        )
+        .await
+    });
+    eventually("first running", || async { s.snapshot().running == 1 }).await;
+    let body = json!({"prompt": "y", "max_tokens": 1});
+    let give_up =
+        tokio::time::timeout(Duration::from_millis(60), post(a, "/v1/completions", &body));
+    assert!(
+        give_up.await.is_err(),
+        "the second request should still be queued"
+    );
+    eventually("queue empty again", || async { s.snapshot().waiting == 0 }).await;
+    // It left the queue while the first request still runs (not by being served).
+    assert_eq!(s.snapshot().running, 1);
+    assert_eq!(running.await.unwrap().status, 200);
+    let m = scrape(a).await;
+    assert_eq!(
+        sample(
+            &m,
+            "vllm:request_success_total",
+            &[("finished_reason", "abort")]
+        ),
+        1.0
+    );
+    assert_eq!(sample(&m, "vllm:num_requests_waiting", &[]), 0.0);
+    s.shutdown().await;
+}

@@ -347,3 +347,23 @@ pub fn sse_data(body: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// Start a streaming request and read its first body frame; returns the still-open response so
+/// the caller can drop it (the client going away mid-stream).
+pub async fn open_stream(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> hyper::Response<hyper::body::Incoming> {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let mut res = client().request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let frame = res.body_mut().frame().await.unwrap().unwrap();
+    assert!(frame.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
+    res
+}
