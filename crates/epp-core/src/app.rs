@@ -22,8 +22,10 @@ use crate::telemetry::Shutdown;
 #[derive(Clone, Debug)]
 pub enum Discovery {
     Static(StaticDiscovery),
-    /// Started by the caller (e.g. Kubernetes); it writes the datastore itself.
+    /// Started by the caller; it writes the datastore itself.
     External,
+    /// Pods watched through the Kubernetes API (InferencePool or label selector).
+    Kubernetes(crate::k8s::discovery::KubeDiscovery),
 }
 
 /// Everything the shared runtime needs. Build it, call [`PickerOptions::validate`] (before
@@ -39,6 +41,10 @@ pub struct PickerOptions {
     pub health: HealthConfig,
     /// How long in-flight work may take to finish after a shutdown signal.
     pub grace_period: Duration,
+    /// HTTPS on the metrics port (probes stay plain).
+    pub metrics_tls: Option<crate::tls::MetricsTls>,
+    /// Only the holder of a Kubernetes Lease reports ready.
+    pub leader_election: Option<crate::k8s::leader::LeaderElectionConfig>,
 }
 
 impl Default for PickerOptions {
@@ -55,6 +61,8 @@ impl Default for PickerOptions {
             scrape: ScrapeOptions::default(),
             health: HealthConfig::default(),
             grace_period: crate::telemetry::DEFAULT_GRACE_PERIOD,
+            metrics_tls: None,
+            leader_election: None,
         }
     }
 }
@@ -63,6 +71,8 @@ impl Default for PickerOptions {
 pub struct Validated {
     scheduler: Scheduler,
     initial: Vec<EndpointSpec>,
+    /// Metrics TLS with its certificate already loaded (file errors surface before binding).
+    tls: Option<crate::tls::TlsSetup>,
 }
 
 impl PickerOptions {
@@ -80,12 +90,20 @@ impl PickerOptions {
                 }
                 v
             }
-            Discovery::External => Vec::new(),
+            Discovery::External | Discovery::Kubernetes(_) => Vec::new(),
         };
+        let tls = self.metrics_tls.as_ref().map(|t| t.setup()).transpose()?;
+        if let Some(le) = &self.leader_election {
+            le.validate().map_err(|e| anyhow::anyhow!(e))?;
+        }
         if self.scrape.interval.is_zero() {
             anyhow::bail!("--scrape-interval must be greater than 0");
         }
-        Ok(Validated { scheduler, initial })
+        Ok(Validated {
+            scheduler,
+            initial,
+            tls,
+        })
     }
 }
 
@@ -140,7 +158,26 @@ impl Picker {
         shutdown: Shutdown,
         extra_ready: Option<ReadyFn>,
     ) -> anyhow::Result<Self> {
-        let Validated { scheduler, initial } = validated;
+        let Validated {
+            scheduler,
+            initial,
+            tls,
+        } = validated;
+        let mut tasks = Vec::new();
+        // Leader election first: readiness depends on it.
+        let mut extra_ready = extra_ready;
+        if let Some(le) = opts.leader_election.clone() {
+            let (status, task) = crate::k8s::leader::start(le, shutdown.clone()).await?;
+            tasks.push(task);
+            let lead = status.ready_fn();
+            extra_ready = Some(match extra_ready {
+                None => lead,
+                Some(x) => Arc::new(move || {
+                    x()?;
+                    lead()
+                }),
+            });
+        }
         let datastore = Datastore::new(opts.health.clone());
         let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
         {
@@ -157,18 +194,35 @@ impl Picker {
         );
 
         // Bind side servers (after validation).
-        let mut tasks = Vec::new();
         let mut metrics_addr = None;
         if let Some(addr) = opts.metrics_addr {
             let l = serving::bind(addr, "--metrics-bind-address").await?;
             metrics_addr = Some(l.local_addr()?);
             let router = serving::metrics_router(metrics.clone(), opts.metrics_auth.clone());
             let sd = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                let _ = axum::serve(l, router)
-                    .with_graceful_shutdown(sd.wait())
-                    .await;
-            }));
+            match tls {
+                None => tasks.push(tokio::spawn(async move {
+                    let _ = axum::serve(l, router)
+                        .with_graceful_shutdown(sd.wait())
+                        .await;
+                })),
+                Some(setup) => {
+                    tracing::info!(
+                        certificate = if setup.from_files() {
+                            "from files (reloaded on change)"
+                        } else {
+                            "self-signed"
+                        },
+                        "metrics served over HTTPS"
+                    );
+                    let l = setup.serve_listener(l, shutdown.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let _ = axum::serve(l, router)
+                            .with_graceful_shutdown(sd.wait())
+                            .await;
+                    }));
+                }
+            }
         }
         let mut health_addr = None;
         if let Some(addr) = opts.health_addr {
@@ -198,6 +252,9 @@ impl Picker {
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(s.run(ds, initial, sd)));
         }
+        if let Discovery::Kubernetes(k) = opts.discovery.clone() {
+            tasks.push(tokio::spawn(k.run(datastore.clone(), shutdown.clone())));
+        }
         tasks.push(tokio::spawn(crate::scrape::run(
             datastore.clone(),
             opts.scrape.clone(),
@@ -209,6 +266,8 @@ impl Picker {
             metrics_addr = ?metrics_addr,
             health_addr = ?health_addr,
             metrics_auth = ?opts.metrics_auth,
+            metrics_tls = opts.metrics_tls.is_some(),
+            leader_election = opts.leader_election.is_some(),
             scrape_interval = ?opts.scrape.interval,
             probe_interval = ?opts.scrape.probe_interval,
             staleness = ?opts.health.staleness,

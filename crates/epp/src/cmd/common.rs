@@ -3,14 +3,22 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use epp_core::app::{Discovery, PickerOptions};
 use epp_core::config::{presets, EndpointPickerConfig};
 use epp_core::datastore::HealthConfig;
 use epp_core::discovery::StaticDiscovery;
+use epp_core::k8s::auth::KubeAuthorizer;
+use epp_core::k8s::discovery::{KubeDiscovery, PodSource};
+use epp_core::k8s::leader::LeaderElectionConfig;
+use epp_core::k8s::pool::ports_from;
+use epp_core::k8s::selector::LabelSelector;
+use epp_core::k8s::KubeClient;
 use epp_core::scrape::ScrapeOptions;
 use epp_core::serving::{MetricsAuth, MetricsAuthMode};
+use epp_core::tls::MetricsTls;
 
 /// Parse a duration like `100ms`, `2s`, `1m30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -48,9 +56,10 @@ pub struct PickerArgs {
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub health_probe_bind_address: SocketAddr,
 
-    /// How `/metrics` is protected.
-    #[arg(long, value_enum, value_name = "MODE", default_value = "none")]
-    pub metrics_auth: MetricsAuthMode,
+    /// How `/metrics` is protected. Default: `kubernetes` inside a cluster (KUBERNETES_SERVICE_HOST
+    /// set), `none` elsewhere; the active mode is logged at start-up.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub metrics_auth: Option<MetricsAuthMode>,
 
     /// File holding the bearer token for `--metrics-auth=token`.
     #[arg(long, value_name = "FILE")]
@@ -83,6 +92,109 @@ pub struct PickerArgs {
     /// Time in-flight requests get to finish after SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+/// Kubernetes flags: discovery, metrics TLS and leader election (see docs/kubernetes.md).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KubeArgs {
+    /// InferencePool (inference.networking.k8s.io/v1) whose selector and targetPorts define the
+    /// endpoints; discovered by watching the Kubernetes API.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["endpoints", "endpoints_file", "endpoint_selector"])]
+    pub pool_name: Option<String>,
+
+    /// Namespace of the InferencePool, or of the pods for `--endpoint-selector`. Default: the
+    /// picker's own namespace (POD_NAMESPACE or the ServiceAccount's), else `default`.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub pool_namespace: Option<String>,
+
+    /// Without the InferencePool CRD: select model-server pods by labels `k=v[,k=v]`.
+    #[arg(long, value_name = "K=V[,K=V]", conflicts_with_all = ["endpoints", "endpoints_file"], requires = "endpoint_target_ports")]
+    pub endpoint_selector: Option<String>,
+
+    /// Model-server ports on each pod selected by `--endpoint-selector` (1 to 8, comma-separated);
+    /// each port is its own endpoint.
+    #[arg(
+        long,
+        value_name = "PORT[,PORT]",
+        value_delimiter = ',',
+        requires = "endpoint_selector"
+    )]
+    pub endpoint_target_ports: Vec<u16>,
+
+    /// Kubeconfig file for running outside a cluster. Default: in-cluster ServiceAccount, then
+    /// KUBECONFIG, then ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Serve `/metrics` over HTTPS (self-signed unless `--metrics-cert-file`/`--metrics-key-file`).
+    #[arg(long)]
+    pub metrics_tls: bool,
+
+    /// PEM certificate (chain) for the metrics port; implies `--metrics-tls`. Re-read when it changes.
+    #[arg(long, value_name = "FILE", requires = "metrics_key_file")]
+    pub metrics_cert_file: Option<PathBuf>,
+
+    /// PEM private key for `--metrics-cert-file`.
+    #[arg(long, value_name = "FILE", requires = "metrics_cert_file")]
+    pub metrics_key_file: Option<PathBuf>,
+
+    /// Run several replicas; only the holder of a coordination.k8s.io Lease reports ready.
+    #[arg(long)]
+    pub ha_enable_leader_election: bool,
+
+    /// Name of the leader-election Lease. Default: `epp-<pool-name>`, or `epp-leader`.
+    #[arg(long, value_name = "NAME")]
+    pub ha_lease_name: Option<String>,
+
+    /// Namespace of the leader-election Lease. Default: the `--pool-namespace` value.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub ha_lease_namespace: Option<String>,
+
+    /// How long a lease stays valid without renewal (a standby waits this long after a crash).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub ha_lease_duration: Duration,
+
+    /// The leader steps down if it could not renew for this long.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub ha_renew_deadline: Duration,
+
+    /// How often candidates try to acquire and the leader renews.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub ha_retry_period: Duration,
+}
+
+impl KubeArgs {
+    fn namespace(&self) -> String {
+        self.pool_namespace
+            .clone()
+            .or_else(epp_core::k8s::own_namespace)
+            .unwrap_or_else(|| "default".into())
+    }
+
+    fn uses_kubernetes(&self, auth: &MetricsAuthMode) -> bool {
+        self.pool_name.is_some()
+            || self.endpoint_selector.is_some()
+            || self.ha_enable_leader_election
+            || *auth == MetricsAuthMode::Kubernetes
+    }
+}
+
+/// The `--metrics-auth` mode in force: the flag, else `kubernetes` in a cluster, else `none`.
+pub fn resolve_metrics_auth(flag: Option<MetricsAuthMode>) -> (MetricsAuthMode, &'static str) {
+    match flag {
+        Some(m) => (m, "set by --metrics-auth"),
+        None if epp_core::k8s::in_cluster() => (
+            MetricsAuthMode::Kubernetes,
+            "default inside a Kubernetes cluster (KUBERNETES_SERVICE_HOST is set)",
+        ),
+        None => (
+            MetricsAuthMode::None,
+            "default outside a Kubernetes cluster",
+        ),
+    }
 }
 
 impl PickerArgs {
@@ -101,7 +213,13 @@ impl PickerArgs {
             (None, None) => EndpointPickerConfig::from_yaml(presets::DEFAULT)
                 .map_err(|e| anyhow::anyhow!("built-in default config: {e}"))?,
         };
-        let metrics_auth = match self.metrics_auth {
+        let (auth_mode, why) = resolve_metrics_auth(self.metrics_auth.clone());
+        tracing::info!(mode = ?auth_mode, reason = why, "metrics endpoint protection");
+        let k = &self.kube;
+        let kube = k
+            .uses_kubernetes(&auth_mode)
+            .then(|| KubeClient::infer(k.kubeconfig.clone()));
+        let metrics_auth = match auth_mode {
             MetricsAuthMode::None => MetricsAuth::None,
             MetricsAuthMode::Token => {
                 let Some(f) = &self.metrics_token_file else {
@@ -109,16 +227,64 @@ impl PickerArgs {
                 };
                 MetricsAuth::token_from_file(f.clone()).map_err(|e| anyhow::anyhow!(e))?
             }
-            MetricsAuthMode::Kubernetes => {
-                anyhow::bail!("--metrics-auth=kubernetes is not available in this build yet")
-            }
+            MetricsAuthMode::Kubernetes => MetricsAuth::Delegated(Arc::new(KubeAuthorizer::new(
+                kube.clone().expect("kubernetes auth implies a client"),
+            ))),
         };
-        Ok(PickerOptions {
-            discovery: Discovery::Static(StaticDiscovery {
+        let namespace = k.namespace();
+        let discovery = if let Some(pool) = &k.pool_name {
+            Discovery::Kubernetes(KubeDiscovery {
+                client: kube.clone().expect("pool implies a client"),
+                source: PodSource::Pool {
+                    namespace: namespace.clone(),
+                    name: pool.clone(),
+                },
+            })
+        } else if let Some(sel) = &k.endpoint_selector {
+            let selector = LabelSelector::parse(sel)
+                .map_err(|e| anyhow::anyhow!("--endpoint-selector {sel:?}: {e}"))?;
+            let ports = ports_from(k.endpoint_target_ports.iter().map(|p| i32::from(*p)))
+                .map_err(|e| anyhow::anyhow!("--endpoint-target-ports: {e}"))?;
+            Discovery::Kubernetes(KubeDiscovery {
+                client: kube.clone().expect("selector implies a client"),
+                source: PodSource::Selector {
+                    namespace: namespace.clone(),
+                    selector,
+                    ports,
+                },
+            })
+        } else {
+            Discovery::Static(StaticDiscovery {
                 endpoints: self.endpoints.clone(),
                 file: self.endpoints_file.clone(),
                 poll_interval: self.endpoints_file_poll_interval,
-            }),
+            })
+        };
+        let metrics_tls = (k.metrics_tls || k.metrics_cert_file.is_some()).then(|| MetricsTls {
+            cert_file: k.metrics_cert_file.clone(),
+            key_file: k.metrics_key_file.clone(),
+            ..Default::default()
+        });
+        let leader_election = k.ha_enable_leader_election.then(|| {
+            let mut le = LeaderElectionConfig::new(
+                kube.clone().expect("leader election implies a client"),
+                k.ha_lease_namespace
+                    .clone()
+                    .unwrap_or_else(|| namespace.clone()),
+                k.ha_lease_name
+                    .clone()
+                    .unwrap_or_else(|| match &k.pool_name {
+                        Some(p) => format!("epp-{p}"),
+                        None => "epp-leader".into(),
+                    }),
+            );
+            le.lease_duration = k.ha_lease_duration;
+            le.renew_deadline = k.ha_renew_deadline;
+            le.retry_period = k.ha_retry_period;
+            le
+        });
+        Ok(PickerOptions {
+            discovery,
             config,
             metrics_addr: Some(self.metrics_bind_address),
             health_addr: Some(self.health_probe_bind_address),
@@ -136,6 +302,8 @@ impl PickerArgs {
                 probe_enabled: !self.health_check_interval.is_zero(),
             },
             grace_period: self.shutdown_grace_period,
+            metrics_tls,
+            leader_election,
         })
     }
 }
