@@ -8,6 +8,8 @@
 //! endpoint are settled when the response ends (or the stream goes away). Protocol violations end
 //! only the offending stream, with a gRPC status that says what was wrong.
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -967,6 +969,20 @@ pub async fn serve(
         .await
 }
 
+/// As [`serve`], terminating TLS with `config` first.
+pub async fn serve_tls(
+    service: ExtProcService,
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(tls::incoming(listener, config), stop)
+        .await
+}
+
 /// Serve gRPC health (`grpc.health.v1.Health`) on `listener`, following readiness of `ds`.
 pub async fn serve_health(
     ds: Datastore,
@@ -989,6 +1005,8 @@ pub struct ServeOptions {
     pub grpc_addr: SocketAddr,
     pub grpc_health_addr: SocketAddr,
     pub extproc: ExtProcConfig,
+    /// TLS on the ext_proc port (`--secure-serving`); `None` = plaintext h2c.
+    pub tls: Option<tls::TlsSource>,
     pub picker: PickerOptions,
 }
 
@@ -1037,6 +1055,7 @@ pub async fn spawn_with_shutdown(
     if opts.extproc.max_body_bytes == 0 {
         anyhow::bail!("--max-body-bytes must be greater than 0");
     }
+    let tls_config = opts.tls.as_ref().map(tls::server_config).transpose()?;
     let validated = opts.picker.validate()?;
     let picker = Picker::start(opts.picker.clone(), validated, shutdown.clone()).await?;
     let grpc = serving::bind(opts.grpc_addr, "--grpc-port").await?;
@@ -1046,6 +1065,7 @@ pub async fn spawn_with_shutdown(
     tracing::info!(
         grpc = %grpc_addr,
         grpc_health = %grpc_health_addr,
+        tls = ?opts.tls,
         test_hooks = opts.extproc.test_hooks,
         fallbacks = opts.extproc.fallbacks,
         max_body_bytes = opts.extproc.max_body_bytes,
@@ -1060,7 +1080,12 @@ pub async fn spawn_with_shutdown(
     let ds = picker.datastore.clone();
     let done = tokio::spawn(async move {
         let health_task = tokio::spawn(serve_health(ds, health, sd.clone()));
-        let server = serve(service, grpc, sd.clone().wait());
+        let server: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match tls_config {
+            Some(cfg) => Box::pin(serve_tls(service, grpc, cfg, sd.clone().wait())),
+            None => Box::pin(serve(service, grpc, sd.clone().wait())),
+        };
         tokio::pin!(server);
         tokio::select! {
             r = &mut server => {

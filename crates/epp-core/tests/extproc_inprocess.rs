@@ -851,3 +851,79 @@ async fn grpc_health_follows_readiness() {
     );
     shutdown.trigger();
 }
+
+#[tokio::test]
+async fn tls_serves_over_h2_with_files_and_self_signed_config_builds() {
+    use epp_core::extproc::tls::{server_config, TlsSource};
+    use rustls::pki_types::ServerName;
+    let h = harness(&PODS, false).await;
+    // A certificate for localhost, written as PEM files.
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let cfg = server_config(&TlsSource::Files {
+        cert: cert.clone(),
+        key: key.clone(),
+    })
+    .unwrap();
+    assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec()]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ExtProcService::new(h.director.clone(), ExtProcConfig::default());
+    tokio::spawn(extproc::serve_tls(svc, listener, cfg, h.shutdown.wait()));
+
+    // A client that trusts exactly that certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let mut client_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client_cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_uri: http::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let tls = connector
+                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = ExternalProcessorClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let mut rx = client
+        .process(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(ProcessingRequest {
+        request: Some(req_headers(&[(":path", "/v1/models")], true)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(TIMEOUT, rx.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(destination_md(&r), "10.0.0.2:8000");
+
+    // The self-signed fallback builds; broken files are named in the error.
+    assert!(server_config(&TlsSource::SelfSigned { names: vec![] }).is_ok());
+    std::fs::write(&key, "not a key").unwrap();
+    let err = server_config(&TlsSource::Files { cert, key })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--key-path"), "{err}");
+}

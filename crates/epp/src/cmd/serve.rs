@@ -3,8 +3,10 @@
 //! `epp_core::extproc` on top of the shared runtime in `epp_core::app`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use epp_core::extproc::tls::TlsSource;
 use epp_core::extproc::{
     spawn_with_shutdown, ExtProcConfig, ServeOptions, DEFAULT_GRPC_HEALTH_PORT, DEFAULT_GRPC_PORT,
 };
@@ -42,13 +44,41 @@ pub struct Args {
     #[arg(long)]
     pub conformance_test_hooks: bool,
 
+    /// Serve the ext_proc port over TLS (ALPN h2). Without --cert-path/--key-path a self-signed
+    /// certificate is generated at start-up (the gateway must then skip verification). Off by
+    /// default: the picker normally sits next to the gateway; see docs/envoy.md.
+    #[arg(long)]
+    pub secure_serving: bool,
+
+    /// PEM certificate chain for --secure-serving.
+    #[arg(long, value_name = "FILE", requires = "key_path")]
+    pub cert_path: Option<PathBuf>,
+
+    /// PEM private key for --secure-serving.
+    #[arg(long, value_name = "FILE", requires = "cert_path")]
+    pub key_path: Option<PathBuf>,
+
     #[command(flatten)]
     pub picker: PickerArgs,
 }
 
 impl Args {
     pub fn to_options(&self) -> anyhow::Result<ServeOptions> {
+        let tls = match (&self.cert_path, &self.key_path) {
+            _ if !self.secure_serving => {
+                if self.cert_path.is_some() {
+                    anyhow::bail!("--cert-path/--key-path need --secure-serving");
+                }
+                None
+            }
+            (Some(cert), Some(key)) => Some(TlsSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => Some(TlsSource::SelfSigned { names: Vec::new() }),
+        };
         Ok(ServeOptions {
+            tls,
             grpc_addr: SocketAddr::new(self.grpc_host, self.grpc_port),
             grpc_health_addr: SocketAddr::new(self.grpc_host, self.grpc_health_port),
             extproc: ExtProcConfig {
