@@ -187,3 +187,25 @@ async fn envoy_routes_where_the_picker_says() {
     assert_eq!(r.status, 200);
     sims.which(&r);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_talks_tls_to_a_secure_serving_picker() {
+    let sims = Sims::start().await;
+    let picker = start_picker_args(&sims, None, &["--secure-serving"]).await;
+    let envoy = start_envoy(&picker, &sims, Variant::Tls).await;
+    for i in 0..3 {
+        let ip = sims.addr(i).ip().to_string();
+        let r = post(
+            &envoy,
+            &completion(&format!("tls {i}"), false),
+            &[("test-epp-endpoint-selection", &ip)],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(sims.which(&r), i);
+    }
+    // The same Envoy without TLS towards a TLS picker fails closed: proof TLS was in use.
+    let plain = start_envoy(&picker, &sims, Variant::FailClosed).await;
+    let r = post(&plain, &completion("plaintext", false), &[]).await;
+    assert_eq!(r.status, 500);
+}

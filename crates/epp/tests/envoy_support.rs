@@ -274,6 +274,11 @@ pub async fn start_picker(sims: &Sims) -> Picker {
 
 /// `cpu`: pin the picker to this CPU (`taskset -c`), for throughput measurements.
 pub async fn start_picker_with(sims: &Sims, cpu: Option<usize>) -> Picker {
+    start_picker_args(sims, cpu, &[]).await
+}
+
+/// As [`start_picker_with`], with extra `epp serve` flags.
+pub async fn start_picker_args(sims: &Sims, cpu: Option<usize>, extra: &[&str]) -> Picker {
     let grpc = free_port("127.0.0.1");
     let grpc_health = free_port("127.0.0.1");
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
@@ -295,7 +300,8 @@ pub async fn start_picker_with(sims: &Sims, cpu: Option<usize>) -> Picker {
         .args(["--grpc-health-port", &grpc_health.to_string()])
         .args(["--metrics-bind-address", &metrics.to_string()])
         .args(["--health-probe-bind-address", &probes.to_string()])
-        .arg("--conformance-test-hooks");
+        .arg("--conformance-test-hooks")
+        .args(extra);
     for i in 0..3 {
         cmd.args(["--endpoint", &sims.addr(i).to_string()]);
     }
@@ -370,7 +376,27 @@ pub enum Variant {
     FailOpen,
     /// No ext_proc filter at all: Envoy's own round-robin over the simulators (the baseline).
     Direct,
+    /// TLS to the picker (`epp serve --secure-serving`, self-signed: no verification); the
+    /// health checks stay plaintext on the gRPC health port.
+    Tls,
 }
+
+/// What `Variant::Tls` adds to the `epp` cluster (also shown in docs/envoy.md).
+pub const TLS_CLUSTER_SNIPPET: &str = r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          alpn_protocols: ["h2"]
+    transport_socket_matches:
+    - name: plaintext-health
+      match: { plaintext_health: true }
+      transport_socket:
+        name: envoy.transport_sockets.raw_buffer
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer
+"#;
 
 pub async fn start_envoy(picker: &Picker, sims: &Sims, variant: Variant) -> Envoy {
     let text = std::fs::read_to_string(workspace().join("deploy/envoy/envoy.yaml")).unwrap();
@@ -398,6 +424,19 @@ pub async fn start_envoy(picker: &Picker, sims: &Sims, variant: Variant) -> Envo
     assert!(out.contains("failure_mode_allow: false"));
     match variant {
         Variant::FailClosed => {}
+        Variant::Tls => {
+            let anchor = "    # Never send to an unhealthy picker";
+            assert!(out.contains(anchor));
+            out = out.replacen(anchor, &format!("{TLS_CLUSTER_SNIPPET}{anchor}"), 1);
+            let hc = "      grpc_health_check:";
+            out = out.replacen(
+                hc,
+                &format!(
+                    "      transport_socket_match_criteria: {{ plaintext_health: true }}\n{hc}"
+                ),
+                1,
+            );
+        }
         Variant::FailOpen => {
             out = out.replace("failure_mode_allow: false", "failure_mode_allow: true");
         }
