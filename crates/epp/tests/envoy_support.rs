@@ -230,7 +230,7 @@ impl Sims {
                 // Room for 1 MiB prompts (1 token = 4 bytes), quick prefill.
                 max_model_len: 1 << 20,
                 num_gpu_blocks: 1 << 17,
-                latency: latency.clone(),
+                latency,
                 max_num_seqs: 1024,
                 max_body_bytes: 4 << 20,
                 ..Default::default()
