@@ -134,9 +134,53 @@ async fn envoy_routes_where_the_picker_says() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "model");
 
+    // 6. A client that goes away mid-stream: the picker releases the in-flight slot (499).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = serde_json::to_vec(&serde_json::json!({
+            "model": "sim-model", "prompt": "abort me", "max_tokens": 500, "stream": true,
+        }))
+        .unwrap();
+        let mut s = tokio::net::TcpStream::connect(envoy.listener)
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&body).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("data: ") {
+            let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        drop(s);
+    }
+
     // The picker counted what the clients saw, and released every in-flight request.
-    let m = http(picker.metrics, "GET", "/metrics", &[], b"").await;
-    let text = String::from_utf8_lossy(&m.body).into_owned();
+    let deadline = std::time::Instant::now() + WAIT;
+    let text = loop {
+        let m = http(picker.metrics, "GET", "/metrics", &[], b"").await;
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        let idle = text
+            .lines()
+            .filter(|l| l.starts_with("epp_backend_inflight_requests{"))
+            .all(|l| l.ends_with(" 0"));
+        if idle && text.contains(r#"status="499"} 1"#) {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "in-flight never released:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let count = |prefix: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(prefix))
@@ -152,8 +196,12 @@ async fn envoy_routes_where_the_picker_says() {
         count(r#"epp_requests_total{method="completions",status="400"} "#),
         1.0
     );
+    assert_eq!(
+        count(r#"epp_requests_total{method="completions",status="499"} "#),
+        1.0
+    );
 
-    // 6. Picker down: this config fails closed (500 from Envoy) ...
+    // 7. Picker down: this config fails closed (500 from Envoy) ...
     drop(picker.proc.take());
     let r = post(&envoy, &completion("picker is gone", false), &[]).await;
     assert_eq!(
