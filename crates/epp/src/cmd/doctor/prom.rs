@@ -368,6 +368,7 @@ async fn why_empty(
             selectors.push(vs);
         }
     });
+    let mut soft: Option<String> = None;
     for vs in selectors {
         let Some(name) = selector_name(&vs) else {
             continue;
@@ -401,17 +402,24 @@ async fn why_empty(
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-                job_fix(&wanted_job, &found, alert),
+                if !alert && matches!(target, Target::Missing) {
+                    format!(
+                        "the same job label problem as the Prometheus target check above: rerun with --job {} \
+                         (and pick it in the dashboard's job variable), or rename the scrape job to {wanted_job}",
+                        found[0]
+                    )
+                } else {
+                    job_fix(&wanted_job, &found, alert)
+                },
             );
         }
         if !jobs.is_empty() {
-            // The metric is there under the job; the other matchers select nothing yet.
-            return (
-                Mark::Warn,
-                format!("no traffic yet: no series of {name} matches {vs} yet"),
-                "the series appear with the matching traffic (e.g. a first 5xx); nothing to fix if there was none"
-                    .into(),
-            );
+            // The metric is there under the job; the other matchers select nothing yet (e.g. no
+            // 5xx so far). Not a problem by itself: look at the other selectors.
+            if soft.is_none() {
+                soft = Some(vs.to_string());
+            }
+            continue;
         }
         if name == "up" || is_synthetic(&name) {
             return (
@@ -479,8 +487,11 @@ async fn why_empty(
     }
     (
         Mark::Warn,
-        "no traffic yet: every series it reads exists, but rates need two scrapes with traffic inside the window"
-            .into(),
+        format!(
+            "no traffic yet: the series it reads exist, but rates need two scrapes with traffic inside \
+             the window{}",
+            soft.map(|s| format!(" (and nothing matches {s} yet)")).unwrap_or_default()
+        ),
         "send requests through the picker, wait a few scrape intervals, and retry".into(),
     )
 }

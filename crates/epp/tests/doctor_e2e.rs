@@ -1,0 +1,530 @@
+//! `epp doctor` against the real thing (issue 6): `epp proxy` in front of three `epp sim`
+//! servers, and a real Prometheus scraping it with the shipped static configs.
+//!
+//! - a healthy setup (token auth, right token, traffic): exit 0, every line ✓;
+//! - the wrong token, for doctor and for Prometheus: exit 1, ✗ lines naming the 401 and the fix;
+//! - a wrong job label in Prometheus' scrape config: exit 1, ✗ lines naming the job that has
+//!   the data; and with `--job` set to it, the shipped alerts are the ones left failing;
+//! - an unreachable picker and bad flags.
+//!
+//! `cargo test -p epp --test doctor_e2e`. Needs `prometheus` (EPP_PROMETHEUS_BIN or PATH;
+//! `scripts/test` installs it). Everything binds 127.0.0.1.
+
+#[path = "monitoring_common.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Child processes we started; each killed (by its own handle) when dropped.
+struct Procs {
+    children: Vec<(String, Child)>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Procs {
+    fn spawn(&mut self, name: &str, args: &[String]) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_epp"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting epp {name}: {e}"));
+        self.children.push((name.to_string(), child));
+    }
+
+    fn logs(&self) -> String {
+        self.children
+            .iter()
+            .map(|(name, _)| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                format!(
+                    "--- {name}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn free_ports(n: u16) -> u16 {
+    for _ in 0..100 {
+        let base = free_port();
+        if base > 65535 - n {
+            continue;
+        }
+        let held: Vec<_> = (0..n)
+            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+fn wait_http_ok(addr: SocketAddr, path: &str, procs: &Procs) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(addr, path, None), Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "{addr}{path} never answered 200\n{}",
+            procs.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Three sims and `epp proxy` with `extra` flags (`{dir}` = the temp dir, where `files` are
+/// written). Returns the processes, the proxy's address and the metrics address.
+fn start_stack(extra: &[&str], files: &[(&str, &str)]) -> (Procs, SocketAddr, SocketAddr) {
+    let mut procs = Procs {
+        children: Vec::new(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    for (name, content) in files {
+        std::fs::write(procs.dir.path().join(name), content).unwrap();
+    }
+    let sim_base = free_ports(3);
+    procs.spawn(
+        "sim",
+        &[
+            "sim",
+            "--host",
+            "127.0.0.1",
+            "--count",
+            "3",
+            "--base-port",
+            &sim_base.to_string(),
+            "--inter-token-ms",
+            "0",
+            "--prefill-overhead-ms",
+            "0",
+        ]
+        .map(String::from),
+    );
+    for i in 0..3 {
+        wait_http_ok(
+            format!("127.0.0.1:{}", sim_base + i).parse().unwrap(),
+            "/health",
+            &procs,
+        );
+    }
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut args = vec![
+        "proxy".to_string(),
+        format!("--listen={proxy}"),
+        format!("--metrics-bind-address={metrics}"),
+        format!("--health-probe-bind-address={health}"),
+    ];
+    for i in 0..3 {
+        args.push(format!("--endpoint=127.0.0.1:{}", sim_base + i));
+    }
+    let dir = procs.dir.path().display().to_string();
+    args.extend(extra.iter().map(|a| a.replace("{dir}", &dir)));
+    procs.spawn("proxy", &args);
+    wait_http_ok(health, "/readyz", &procs);
+    (procs, proxy, metrics)
+}
+
+/// Completions with shared prompt prefixes from two threads until dropped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start_load(proxy: SocketAddr) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = (0..2)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let system = format!("{:=<400}", format!("system prompt {}", i % 4));
+                    let body = serde_json::json!({
+                        "model": "sim-model",
+                        "prompt": format!("{system} question {t}-{i}"),
+                        "max_tokens": 2,
+                    })
+                    .to_string();
+                    let _ = post(proxy, "/v1/completions", &body);
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+            })
+        })
+        .collect();
+    Load { stop, threads }
+}
+
+fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(())
+}
+
+/// Runs `epp doctor` with `args` in the checkout: exit code and stdout (stderr appended).
+fn doctor(args: &[String]) -> (i32, String) {
+    doctor_in(&repo_root(), args)
+}
+
+fn doctor_in(dir: &std::path::Path, args: &[String]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .arg("doctor")
+        .args(args)
+        .args(["--timeout", "3s"])
+        .current_dir(dir)
+        .output()
+        .expect("running epp doctor");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The line starting with `prefix`, and the line after it (the `fix:`/`hint:` line).
+fn line_and_next<'a>(out: &'a str, prefix: &str) -> (&'a str, &'a str) {
+    let lines: Vec<&str> = out.lines().collect();
+    let i = lines
+        .iter()
+        .position(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{out}"));
+    (lines[i], lines.get(i + 1).copied().unwrap_or(""))
+}
+
+fn lines_starting<'a>(out: &'a str, prefix: &str) -> Vec<&'a str> {
+    out.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+/// Waits until `expr` returns data in Prometheus.
+fn wait_for(prom: &Prometheus, expr: &str, procs: &Procs) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while prom.query(expr).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{expr} never returned data; targets {:?}\n{}\n{}",
+            prom.targets(),
+            prom.log(),
+            procs.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Dashboard queries and alerts in the shipped assets (what doctor checks by default).
+fn shipped_counts() -> (usize, usize) {
+    (dashboard_queries(&json(DASHBOARD)).len(), alerts().len())
+}
+
+#[test]
+fn healthy_setup_passes() {
+    let token = "doctor-e2e-token";
+    let (procs, proxy, metrics) = start_stack(
+        &[
+            "--metrics-auth=token",
+            "--metrics-token-file={dir}/picker.token",
+        ],
+        &[("picker.token", &format!("{token}\n"))],
+    );
+    let _load = start_load(proxy);
+    let cfg = shipped_static_config(SCRAPE_STATIC_TOKEN, &metrics.to_string());
+    let file = cfg["scrape_configs"][0]["authorization"]["credentials_file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let prom = start_prometheus(&cfg, &[(&file, &format!("{token}\n"))]);
+    let token_file = procs.dir.path().join("picker.token");
+    let args = vec![
+        format!("--metrics-url=http://{metrics}/metrics"),
+        format!("--token-file={}", token_file.display()),
+        format!("--prometheus-url=http://{}", prom.addr),
+    ];
+    // Rates need a few scrapes with traffic: retry (bounded) until everything is green.
+    wait_for(&prom, &format!("up{{job=\"{JOB}\"}} == 1"), &procs);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (code, out) = loop {
+        let (code, out) = doctor(&args);
+        let clean = code == 0 && !out.lines().any(|l| l.starts_with("! "));
+        if clean || Instant::now() > deadline {
+            break (code, out);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(code, 0, "{out}\n{}", procs.logs());
+    let not_ok: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("✗") || l.starts_with("! ") || l.starts_with("- "))
+        .collect();
+    assert!(not_ok.is_empty(), "{not_ok:?}\n{out}");
+    assert!(out.contains(&format!(
+        "✓ picker auth: 200 OK with the token from --token-file {}\n",
+        token_file.display()
+    )));
+    assert!(out.contains("✓ picker exposition: parses:"), "{out}");
+    assert!(
+        out.contains("✓ picker identity: epp_build_info: epp version"),
+        "{out}"
+    );
+    let (metrics_line, _) = line_and_next(&out, "✓ picker metrics for the dashboard and alerts:");
+    let counts: Vec<&str> = metrics_line.split_whitespace().collect();
+    assert!(
+        metrics_line.contains(" metric names they use are exposed")
+            && counts.windows(3).any(|w| w[1] == "of" && w[0] == w[2]),
+        "every metric present: {metrics_line}"
+    );
+    assert!(
+        out.contains(&format!(
+            "✓ Prometheus target: up{{job=\"{JOB}\"}} = 1 for {metrics}\n"
+        )),
+        "{out}"
+    );
+    let (dashboards, alerts) = shipped_counts();
+    assert_eq!(
+        lines_starting(&out, "✓ dashboard panel ").len(),
+        dashboards,
+        "{out}"
+    );
+    assert_eq!(lines_starting(&out, "✓ alert ").len(), alerts, "{out}");
+    assert!(
+        out.trim_end().ends_with("checks passed"),
+        "summary line: {out}"
+    );
+}
+
+#[test]
+fn wrong_token_is_explained() {
+    let (procs, _proxy, metrics) = start_stack(
+        &[
+            "--metrics-auth=token",
+            "--metrics-token-file={dir}/picker.token",
+        ],
+        &[("picker.token", "the-right-token\n")],
+    );
+    // Prometheus scrapes with the wrong token too.
+    let cfg = shipped_static_config(SCRAPE_STATIC_TOKEN, &metrics.to_string());
+    let file = cfg["scrape_configs"][0]["authorization"]["credentials_file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let prom = start_prometheus(&cfg, &[(&file, "a-wrong-token\n")]);
+    wait_for(&prom, &format!("up{{job=\"{JOB}\"}} == 0"), &procs);
+
+    let (code, out) = doctor(&[
+        format!("--metrics-url=http://{metrics}/metrics"),
+        "--token=a-wrong-token".to_string(),
+        format!("--prometheus-url=http://{}", prom.addr),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let (auth, fix) = line_and_next(&out, "✗ picker auth:");
+    assert!(
+        auth.starts_with("✗ picker auth: 401 Unauthorized with the token from --token; the picker says: invalid bearer token"),
+        "{auth}"
+    );
+    assert!(
+        fix.starts_with("    fix: ") && fix.contains("--metrics-token-file"),
+        "{fix}"
+    );
+    assert!(out.contains("- picker exposition: skipped"), "{out}");
+    let (target, fix) = line_and_next(&out, "✗ Prometheus target:");
+    assert!(
+        target.contains(&format!("up{{job=\"{JOB}\"}} = 0 for {metrics}"))
+            && target.contains("401"),
+        "{target}"
+    );
+    assert!(fix.contains("credentials_file"), "{fix}");
+    // Every dashboard query but `sum(up{job=...})` is empty because of that, and says so.
+    let (dashboards, _) = shipped_counts();
+    let failed = lines_starting(&out, "✗ dashboard panel ");
+    assert_eq!(failed.len(), dashboards - 1, "{out}");
+    assert!(
+        failed
+            .iter()
+            .all(|l| l.contains("the job's target is down")),
+        "{failed:#?}"
+    );
+
+    // Without any token: the fix names the flags.
+    let (code, out) = doctor(&[format!("--metrics-url=http://{metrics}/metrics")]);
+    assert_eq!(code, 1, "{out}");
+    let (auth, fix) = line_and_next(&out, "✗ picker auth:");
+    assert!(
+        auth.starts_with("✗ picker auth: 401 Unauthorized without a token; the picker says: missing bearer token"),
+        "{auth}"
+    );
+    assert!(fix.contains("--token-file"), "{fix}");
+
+    // With the right token the picker side is fine.
+    let (_, out) = doctor(&[
+        format!("--metrics-url=http://{metrics}/metrics"),
+        "--token=the-right-token".into(),
+    ]);
+    assert!(
+        out.contains("✓ picker auth: 200 OK with the token from --token\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn wrong_job_label_is_named() {
+    let (procs, proxy, metrics) = start_stack(&["--metrics-auth=none"], &[]);
+    let _load = start_load(proxy);
+    let mut cfg = shipped_static_config(SCRAPE_STATIC, &metrics.to_string());
+    // The seed's job name.
+    cfg["scrape_configs"][0]["job_name"] = "llm-d-epp".into();
+    let prom = start_prometheus(&cfg, &[]);
+    wait_for(&prom, "epp_build_info{job=\"llm-d-epp\"}", &procs);
+    let base = vec![
+        format!("--metrics-url=http://{metrics}/metrics"),
+        format!("--prometheus-url=http://{}", prom.addr),
+    ];
+
+    // https:// against the plain-HTTP metrics port: the mismatch is named.
+    let (code, out) = doctor(&[format!("--metrics-url=https://{metrics}/metrics")]);
+    assert_eq!(code, 1, "{out}");
+    let (tls, fix) = line_and_next(&out, "✗ picker TLS:");
+    assert!(tls.contains("does not speak TLS"), "{tls}");
+    assert!(
+        fix.contains(&format!("use http://{metrics}/metrics")),
+        "{fix}"
+    );
+
+    let (code, out) = doctor(&base);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("✓ picker auth: 200 OK without a token"),
+        "{out}"
+    );
+    let (target, fix) = line_and_next(&out, "✗ Prometheus target:");
+    assert_eq!(
+        target,
+        format!(
+            "✗ Prometheus target: no target has job=\"{JOB}\": the job label is wrong; the picker is scraped as job=\"llm-d-epp\""
+        ),
+        "{out}"
+    );
+    assert!(
+        fix.contains("--job llm-d-epp") && fix.contains(&format!("rename the scrape job to {JOB}")),
+        "{fix}"
+    );
+    let (panel, fix) = line_and_next(&out, "✗ dashboard panel \"Request rate\" [A]:");
+    assert!(
+        panel.contains(&format!(
+            "job label is wrong: epp_requests_total has series under job=\"llm-d-epp\" but not job=\"{JOB}\""
+        )),
+        "{panel}"
+    );
+    assert!(fix.contains("--job llm-d-epp"), "{fix}");
+
+    // Following the advice: the dashboard works with --job, and the shipped alerts (which
+    // select job="llm-d-gaie-epp") are what is left.
+    let mut with_job = base.clone();
+    with_job.push("--job=llm-d-epp".into());
+    let (code, out) = doctor(&with_job);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "✓ Prometheus target: up{{job=\"llm-d-epp\"}} = 1 for {metrics}\n"
+        )),
+        "{out}"
+    );
+    assert!(
+        lines_starting(&out, "✗ dashboard panel ").is_empty(),
+        "{out}"
+    );
+    let (alert, fix) = line_and_next(&out, "✗ alert EPPTargetDown (before its threshold):");
+    assert!(
+        alert.contains(&format!(
+            "job label is wrong: up has series under job=\"llm-d-epp\" but not job=\"{JOB}\""
+        )),
+        "{alert}"
+    );
+    assert!(
+        fix.contains("the shipped alerts select") && fix.contains("make-prometheusrule.sh"),
+        "{fix}"
+    );
+}
+
+#[test]
+fn unreachable_picker_and_bad_flags() {
+    let port = free_port();
+    let (code, out) = doctor(&[format!("--metrics-url=http://127.0.0.1:{port}/metrics")]);
+    assert_eq!(code, 1, "{out}");
+    let (line, fix) = line_and_next(&out, "✗ picker connect:");
+    assert!(
+        line.contains(&format!("127.0.0.1:{port}: connection refused")),
+        "{line}"
+    );
+    assert!(fix.contains("--metrics-bind-address"), "{fix}");
+
+    // Same for Prometheus; outside a checkout the built-in dashboard and rules are used.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (code, out) = doctor_in(
+        elsewhere.path(),
+        &[format!("--prometheus-url=http://127.0.0.1:{port}")],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("built-in copy of {DASHBOARD}")),
+        "{out}"
+    );
+    let (line, fix) = line_and_next(&out, "✗ Prometheus connect:");
+    assert!(line.contains("connection refused"), "{line}");
+    assert!(fix.contains("--web.listen-address"), "{fix}");
+
+    // Neither URL, or a bad one: usage errors (exit 2).
+    assert_eq!(doctor(&[]).0, 2);
+    let (code, out) = doctor(&["--metrics-url=ftp://x/metrics".into()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not http or https"), "{out}");
+    let (code, out) = doctor(&[
+        "--metrics-url=http://127.0.0.1:1/metrics".into(),
+        "--dashboard=/nonexistent/dashboard.json".into(),
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("--dashboard /nonexistent/dashboard.json: cannot read"),
+        "{out}"
+    );
+}
