@@ -258,7 +258,10 @@ fn explain_tls_error(e: &std::io::Error, client: &Client, ep: &Endpoint) -> (Str
                 ca_hint,
             ),
             C::BadSignature => (
-                format!("the certificate's signature does not verify: {re}"),
+                format!(
+                    "the certificate is not signed by a trusted CA: its signature does not verify \
+                     against the CA of the same name ({re})"
+                ),
                 ca_hint,
             ),
             _ => (format!("the certificate was rejected: {re}"), ca_hint),
