@@ -1,0 +1,207 @@
+//! HTTPS on the metrics port: served with the given certificate, a replaced certificate is
+//! picked up without a restart, a self-signed one is made when none is given, and the probe
+//! port stays plain HTTP.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use epp_core::app::{Discovery, Picker, PickerOptions};
+use epp_core::discovery::StaticDiscovery;
+use epp_core::telemetry::Shutdown;
+use epp_core::tls::MetricsTls;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Accepts any certificate: these tests compare the served certificate themselves.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// GET /metrics over HTTPS; returns (served leaf certificate DER, status, body).
+async fn https_get(addr: SocketAddr) -> (Vec<u8>, u16, String) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let conn = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = conn
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    tls.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tls.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text[9..12].parse().unwrap();
+    (
+        leaf,
+        code,
+        text.split_once("\r\n\r\n").unwrap().1.to_string(),
+    )
+}
+
+async fn plain_get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    text.starts_with("HTTP/1.1 ")
+        .then(|| text[9..12].parse().ok())
+        .flatten()
+}
+
+fn write_pair(dir: &Path, name: &str) -> Vec<u8> {
+    let ck =
+        rcgen::generate_simple_self_signed(vec![name.to_string(), "localhost".into()]).unwrap();
+    // Key first, then certificate: a reload between the two writes sees a mismatched pair,
+    // which must be rejected (and retried), never served.
+    std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
+    ck.cert.der().to_vec()
+}
+
+async fn start(tls: MetricsTls) -> Picker {
+    let opts = PickerOptions {
+        discovery: Discovery::Static(StaticDiscovery {
+            endpoints: vec!["127.0.0.1:9".into()],
+            poll_interval: Duration::from_secs(1),
+            ..Default::default()
+        }),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        health_addr: Some("127.0.0.1:0".parse().unwrap()),
+        metrics_tls: Some(tls),
+        ..Default::default()
+    };
+    let v = opts.validate().unwrap();
+    Picker::start(opts, v, Shutdown::new()).await.unwrap()
+}
+
+#[tokio::test]
+async fn https_with_files_and_a_replaced_certificate_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = write_pair(dir.path(), "first.example");
+    let p = start(MetricsTls {
+        cert_file: Some(dir.path().join("tls.crt")),
+        key_file: Some(dir.path().join("tls.key")),
+        reload_interval: Duration::from_millis(50),
+    })
+    .await;
+    let m = p.metrics_addr.unwrap();
+    let (leaf, code, body) = https_get(m).await;
+    assert_eq!(leaf, first);
+    assert_eq!(code, 200);
+    assert!(body.contains("epp_pods_discovered"));
+
+    // Plain HTTP to the HTTPS port gets no metrics; the probes stay plain HTTP.
+    assert_ne!(plain_get(m, "/metrics").await, Some(200));
+    assert_eq!(
+        plain_get(p.health_addr.unwrap(), "/healthz").await,
+        Some(200)
+    );
+
+    // Rotate: the new certificate is served without a restart.
+    let second = write_pair(dir.path(), "second.example");
+    assert_ne!(first, second);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (leaf, code, _) = https_get(m).await;
+        assert_eq!(code, 200);
+        if leaf == second {
+            break;
+        }
+        assert_eq!(
+            leaf, first,
+            "only the old or the new certificate is ever served"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new certificate not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A broken replacement is rejected; the current certificate stays.
+    std::fs::write(dir.path().join("tls.crt"), "garbage").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (leaf, code, _) = https_get(m).await;
+    assert_eq!((leaf, code), (second, 200));
+    p.shutdown.trigger();
+    p.join().await;
+}
+
+#[tokio::test]
+async fn self_signed_when_no_certificate_is_given() {
+    let p = start(MetricsTls::default()).await;
+    let (leaf, code, body) = https_get(p.metrics_addr.unwrap()).await;
+    assert!(!leaf.is_empty());
+    assert_eq!(code, 200);
+    assert!(body.contains("epp_"));
+    p.shutdown.trigger();
+    p.join().await;
+}
+
+#[tokio::test]
+async fn unreadable_certificate_files_fail_validation_before_binding() {
+    let opts = PickerOptions {
+        metrics_tls: Some(MetricsTls {
+            cert_file: Some("/nonexistent/tls.crt".into()),
+            key_file: Some("/nonexistent/tls.key".into()),
+            ..Default::default()
+        }),
+        discovery: Discovery::Static(StaticDiscovery {
+            endpoints: vec!["127.0.0.1:9".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let e = opts.validate().err().unwrap().to_string();
+    assert!(
+        e.contains("--metrics-cert-file /nonexistent/tls.crt"),
+        "{e}"
+    );
+}
