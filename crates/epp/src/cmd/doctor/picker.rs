@@ -234,12 +234,13 @@ pub fn explain_denial(status: u16, message: &str, token: &TokenSource) -> (Strin
         }
         _ => (
             format!(
-                "{status} {}; the picker says: {message}",
+                "{status} {} {}; the picker says: {message}",
                 if status == 500 {
                     "Internal Server Error"
                 } else {
-                    ""
-                }
+                    "error"
+                },
+                token.describe()
             ),
             "the picker could not check the token with the Kubernetes API: its own ServiceAccount \
              (llm-d-gaie-epp) needs `create` on tokenreviews and subjectaccessreviews: \
