@@ -19,6 +19,12 @@ use self::report::Report;
 use super::common::parse_duration;
 
 #[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Marks: ✓ passed, ✗ failed (a `fix:` line follows), ! warning such as \
+\"no traffic yet\" (a `hint:` line follows; does not fail the run), - skipped.\n\
+Exit status: 0 when no check failed, 1 when one did, 2 on bad flags or unreadable files.\n\
+See docs/monitoring.md, section \"epp doctor\"."
+)]
 #[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["metrics_url", "prometheus_url"])))]
 pub struct Args {
     /// The picker's metrics URL, e.g. `http://127.0.0.1:9090/metrics` (`/metrics` is added when
