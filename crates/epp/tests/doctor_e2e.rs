@@ -5,6 +5,7 @@
 //! - the wrong token, for doctor and for Prometheus: exit 1, ✗ lines naming the 401 and the fix;
 //! - a wrong job label in Prometheus' scrape config: exit 1, ✗ lines naming the job that has
 //!   the data; and with `--job` set to it, the shipped alerts are the ones left failing;
+//! - no traffic yet: warnings, exit 0;
 //! - an unreachable picker and bad flags.
 //!
 //! `cargo test -p epp --test doctor_e2e`. Needs `prometheus` (EPP_PROMETHEUS_BIN or PATH;
@@ -527,4 +528,39 @@ fn unreachable_picker_and_bad_flags() {
         out.contains("--dashboard /nonexistent/dashboard.json: cannot read"),
         "{out}"
     );
+}
+
+#[test]
+fn no_traffic_yet_is_a_warning_not_a_failure() {
+    let (procs, _proxy, metrics) = start_stack(&["--metrics-auth=none"], &[]);
+    let cfg = shipped_static_config(SCRAPE_STATIC, &metrics.to_string());
+    let prom = start_prometheus(&cfg, &[]);
+    // A few scrapes, so that rates over the picker's pre-created series exist.
+    wait_for(
+        &prom,
+        &format!("count_over_time(up{{job=\"{JOB}\"}}[1m]) >= 3"),
+        &procs,
+    );
+    let (code, out) = doctor(&[
+        format!("--metrics-url=http://{metrics}/metrics"),
+        format!("--prometheus-url=http://{}", prom.addr),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("✗")), "{out}");
+    let (line, hint) = line_and_next(&out, "! picker metric epp_requests_total:");
+    assert!(
+        line.contains("no traffic yet") && line.contains("has handled no request yet"),
+        "{line}"
+    );
+    assert!(hint.starts_with("    hint: send requests"), "{hint}");
+    let (line, _) = line_and_next(&out, "! dashboard panel \"Request rate\" [A]:");
+    assert!(
+        line.contains("no data: no traffic yet: epp_requests_total"),
+        "{line}"
+    );
+    assert!(
+        out.contains("✓ dashboard panel \"Routable backends\" [A]: 1 series"),
+        "{out}"
+    );
+    assert!(out.contains("warnings"), "{out}");
 }
