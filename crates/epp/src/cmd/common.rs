@@ -307,3 +307,197 @@ impl PickerArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod kube_flag_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct T {
+        #[command(flatten)]
+        p: PickerArgs,
+    }
+
+    fn opts(args: &[&str]) -> anyhow::Result<PickerOptions> {
+        let t = T::try_parse_from(std::iter::once("epp").chain(args.iter().copied()))
+            .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+        t.p.to_options()
+    }
+
+    fn err(args: &[&str]) -> String {
+        format!("{:#}", opts(args).unwrap_err())
+    }
+
+    #[tokio::test]
+    async fn pool_and_selector_flags_select_kubernetes_discovery() {
+        let o = opts(&[
+            "--pool-name",
+            "qwen",
+            "--pool-namespace",
+            "llm-d",
+            "--metrics-auth",
+            "none",
+        ])
+        .unwrap();
+        let Discovery::Kubernetes(k) = &o.discovery else {
+            panic!("{:?}", o.discovery)
+        };
+        assert_eq!(
+            k.source,
+            PodSource::Pool {
+                namespace: "llm-d".into(),
+                name: "qwen".into()
+            }
+        );
+        assert!(o.metrics_tls.is_none() && o.leader_election.is_none());
+        assert!(matches!(o.metrics_auth, MetricsAuth::None));
+
+        let o = opts(&[
+            "--endpoint-selector",
+            "role=decode,app=vllm",
+            "--endpoint-target-ports",
+            "8000,8001",
+            "--pool-namespace",
+            "ns",
+        ])
+        .unwrap();
+        let Discovery::Kubernetes(k) = &o.discovery else {
+            panic!()
+        };
+        let PodSource::Selector {
+            namespace,
+            selector,
+            ports,
+        } = &k.source
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (namespace.as_str(), selector.to_string().as_str()),
+            ("ns", "app=vllm,role=decode")
+        );
+        assert_eq!(ports, &vec![8000, 8001]);
+
+        // Static discovery stays the default.
+        let o = opts(&["--endpoint", "127.0.0.1:8000"]).unwrap();
+        assert!(matches!(o.discovery, Discovery::Static(_)));
+    }
+
+    #[tokio::test]
+    async fn bad_kubernetes_flags_are_rejected_naming_the_flag() {
+        assert!(err(&["--endpoint-selector", "app"]).contains("--endpoint-selector"));
+        assert!(err(&["--endpoint-selector", "app=v"]).contains("--endpoint-target-ports"));
+        assert!(err(&["--endpoint-target-ports", "1"]).contains("--endpoint-selector"));
+        assert!(err(&[
+            "--endpoint-selector",
+            "app=v",
+            "--endpoint-target-ports",
+            "0"
+        ])
+        .contains("--endpoint-target-ports"));
+        assert!(err(&[
+            "--endpoint-selector",
+            "app=v",
+            "--endpoint-target-ports",
+            "1,1"
+        ])
+        .contains("listed twice"));
+        assert!(err(&[
+            "--endpoint-selector",
+            "a=v",
+            "--endpoint-target-ports",
+            "1,2,3,4,5,6,7,8,9"
+        ])
+        .contains("at most 8"));
+        assert!(err(&["--pool-name", "p", "--endpoint", "a:1"]).contains("cannot be used with"));
+        assert!(err(&[
+            "--pool-name",
+            "p",
+            "--endpoint-selector",
+            "a=b",
+            "--endpoint-target-ports",
+            "1"
+        ])
+        .contains("cannot be used with"));
+        assert!(err(&["--metrics-cert-file", "c.pem"]).contains("--metrics-key-file"));
+        assert!(err(&["--metrics-key-file", "k.pem"]).contains("--metrics-cert-file"));
+    }
+
+    #[tokio::test]
+    async fn tls_leader_and_auth_flags_reach_the_options() {
+        let o = opts(&["--endpoint", "127.0.0.1:1", "--metrics-tls"]).unwrap();
+        assert_eq!(o.metrics_tls, Some(MetricsTls::default()));
+        let o = opts(&[
+            "--endpoint",
+            "127.0.0.1:1",
+            "--metrics-cert-file",
+            "/c.pem",
+            "--metrics-key-file",
+            "/k.pem",
+        ])
+        .unwrap();
+        let t = o.metrics_tls.unwrap();
+        assert_eq!(t.cert_file.as_deref(), Some(std::path::Path::new("/c.pem")));
+        assert_eq!(t.key_file.as_deref(), Some(std::path::Path::new("/k.pem")));
+
+        let o = opts(&[
+            "--pool-name",
+            "qwen",
+            "--pool-namespace",
+            "llm-d",
+            "--ha-enable-leader-election",
+        ])
+        .unwrap();
+        let le = o.leader_election.unwrap();
+        assert_eq!(
+            (le.lease_namespace.as_str(), le.lease_name.as_str()),
+            ("llm-d", "epp-qwen")
+        );
+        assert_eq!(
+            (le.lease_duration, le.renew_deadline, le.retry_period),
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(10),
+                Duration::from_secs(2)
+            )
+        );
+        let o = opts(&[
+            "--endpoint",
+            "127.0.0.1:1",
+            "--ha-enable-leader-election",
+            "--ha-lease-name",
+            "x",
+            "--ha-lease-namespace",
+            "y",
+            "--ha-lease-duration",
+            "20s",
+            "--ha-renew-deadline",
+            "12s",
+            "--ha-retry-period",
+            "3s",
+        ])
+        .unwrap();
+        let le = o.leader_election.unwrap();
+        assert_eq!(
+            (le.lease_namespace.as_str(), le.lease_name.as_str()),
+            ("y", "x")
+        );
+        assert_eq!(le.lease_duration, Duration::from_secs(20));
+        assert_eq!(le.renew_deadline, Duration::from_secs(12));
+        assert_eq!(le.retry_period, Duration::from_secs(3));
+
+        let o = opts(&["--endpoint", "127.0.0.1:1", "--metrics-auth", "kubernetes"]).unwrap();
+        assert_eq!(format!("{:?}", o.metrics_auth), "kubernetes");
+        assert_eq!(
+            resolve_metrics_auth(Some(MetricsAuthMode::Token)).0,
+            MetricsAuthMode::Token
+        );
+        let want = if epp_core::k8s::in_cluster() {
+            MetricsAuthMode::Kubernetes
+        } else {
+            MetricsAuthMode::None
+        };
+        assert_eq!(resolve_metrics_auth(None).0, want);
+    }
+}
