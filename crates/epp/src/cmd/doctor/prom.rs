@@ -326,6 +326,11 @@ fn scrape_error_fix(err: &str) -> String {
         "the picker cannot review tokens: its ServiceAccount needs create on tokenreviews and \
          subjectaccessreviews: kubectl apply -f deploy/kubernetes/rbac.yaml"
             .into()
+    } else if e.contains("malformed http response") {
+        "the picker serves HTTPS (--metrics-tls) but the scrape uses plain HTTP: set `scheme: https` \
+         and tls_config (ca_file with the CA of the picker's certificate, or insecure_skip_verify for \
+         a self-signed one) in the scrape job (ServiceMonitor: spec.endpoints[].scheme and tlsConfig)"
+            .into()
     } else if e.contains("http response to https client") {
         "the picker serves plain HTTP: set `scheme: http` in the scrape job (ServiceMonitor: spec.endpoints[].scheme)".into()
     } else if e.contains("x509") || e.contains("certificate") || e.contains("tls") {
