@@ -229,16 +229,25 @@ fn on_pod_event(
             if !w.listed {
                 return false;
             }
-            publish(ds, &w.store, &w.selector, ports);
+            publish(ds, &w.store, &w.selector, ports, namespace);
             true
         }
     }
 }
 
-fn publish(ds: &Datastore, store: &Store<Pod>, selector: &LabelSelector, ports: &[u16]) {
+/// Rewrite the endpoints (and the labels of `epp_pods_discovered`, in the same step, so the
+/// gauge never pairs one selector with another selector's count).
+fn publish(
+    ds: &Datastore,
+    store: &Store<Pod>,
+    selector: &LabelSelector,
+    ports: &[u16],
+    namespace: &str,
+) {
     let pods = store.state();
     let specs = endpoints_from_pods(pods.iter().map(Arc::as_ref), selector, ports);
     let n = specs.len();
+    ds.set_discovery_labels(namespace, &selector.to_string());
     let (added, removed) = ds.set_endpoints(specs);
     if added + removed > 0 {
         tracing::info!(
@@ -359,14 +368,13 @@ async fn run_pool(
                         ds.set_endpoints(Vec::new());
                     }
                     Some((sel, ports)) => {
-                        ds.set_discovery_labels(&namespace, &sel.to_string());
                         tracing::info!(namespace = %namespace, pool = %name, selector = %sel, ports = ?ports, "InferencePool selects pods");
                         if selector_changed || watch.is_none() {
                             // A fresh watch for the new selector; the current endpoints stay
                             // until its first list arrives.
                             watch = Some(PodWatch::start(pods.clone(), sel.clone()));
                         } else if let Some(w) = watch.as_ref().filter(|w| w.listed) {
-                            publish(&ds, &w.store, sel, ports);
+                            publish(&ds, &w.store, sel, ports, &namespace);
                         }
                     }
                 }
