@@ -417,3 +417,44 @@ async fn picker_with_pool_discovery_gates_readiness_and_exports_the_gauge() {
     picker.shutdown.trigger();
     picker.join().await;
 }
+
+#[tokio::test]
+async fn kubeconfig_file_is_honoured_and_a_bad_one_is_named() {
+    let api = FakeApi::start();
+    api.apply(
+        Res::Pods,
+        NS,
+        pod("vllm-k", "127.0.0.41", true, &[("app", "vllm")]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: {}}}\n\
+             users:\n- name: u\n  user: {{token: test-token}}\n\
+             contexts:\n- name: c\n  context: {{cluster: fake, user: u, namespace: {NS}}}\n\
+             current-context: c\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let ds = Datastore::new(HealthConfig::default());
+    let sd = Shutdown::new();
+    let d = KubeDiscovery {
+        client: epp_core::k8s::KubeClient::infer(Some(path)),
+        source: PodSource::Selector {
+            namespace: NS.into(),
+            selector: LabelSelector::parse("app=vllm").unwrap(),
+            ports: vec![8000],
+        },
+    };
+    tokio::spawn(d.run(ds.clone(), sd.clone()));
+    wait_synced(&ds).await;
+    expect_names(&ds, &["vllm-k"]).await;
+    sd.trigger();
+
+    let missing = epp_core::k8s::KubeClient::infer(Some(dir.path().join("nope")));
+    let e = missing.get().await.err().unwrap().to_string();
+    assert!(e.contains("--kubeconfig"), "{e}");
+}
