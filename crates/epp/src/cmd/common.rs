@@ -219,6 +219,11 @@ impl PickerArgs {
         let kube = k
             .uses_kubernetes(&auth_mode)
             .then(|| KubeClient::infer(k.kubeconfig.clone()));
+        if let (Some(_), Some(path)) = (&kube, &k.kubeconfig) {
+            if let Err(e) = std::fs::metadata(path) {
+                anyhow::bail!("--kubeconfig {}: cannot read: {e}", path.display());
+            }
+        }
         let metrics_auth = match auth_mode {
             MetricsAuthMode::None => MetricsAuth::None,
             MetricsAuthMode::Token => {
@@ -422,6 +427,13 @@ mod kube_flag_tests {
         .contains("cannot be used with"));
         assert!(err(&["--metrics-cert-file", "c.pem"]).contains("--metrics-key-file"));
         assert!(err(&["--metrics-key-file", "k.pem"]).contains("--metrics-cert-file"));
+        assert!(err(&[
+            "--pool-name",
+            "p",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig"
+        ])
+        .contains("--kubeconfig /nonexistent/kubeconfig: cannot read"));
     }
 
     #[tokio::test]
