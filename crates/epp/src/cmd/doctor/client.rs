@@ -109,6 +109,27 @@ pub enum Failure {
     Timeout,
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Dns(e) => write!(f, "cannot resolve the host: {e}"),
+            Failure::Connect(errors) => {
+                let parts: Vec<String> = errors
+                    .iter()
+                    .map(|(a, e)| match e {
+                        ConnectError::Timeout => format!("{a}: connect timed out"),
+                        ConnectError::Io(e) => format!("{a}: {e}"),
+                    })
+                    .collect();
+                write!(f, "cannot connect: {}", parts.join("; "))
+            }
+            Failure::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+            Failure::Http(e) => write!(f, "no valid HTTP response: {e}"),
+            Failure::Timeout => f.write_str("no response in time"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum ConnectError {
     Timeout,

@@ -34,7 +34,7 @@ impl Prom<'_> {
             .client
             .get(self.ep, Some(&format!("{}{path}", self.base)), None)
             .await;
-        let resp = res.map_err(|e| format!("{e:?}"))?;
+        let resp = res.map_err(|e| e.to_string())?;
         let v: serde_json::Value = serde_json::from_slice(&resp.body).map_err(|e| {
             format!(
                 "HTTP {} with a non-JSON body ({e}): {}",
