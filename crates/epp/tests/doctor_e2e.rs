@@ -499,6 +499,35 @@ fn unreachable_picker_and_bad_flags() {
     );
     assert!(fix.contains("--metrics-bind-address"), "{fix}");
 
+    // A port that accepts connections but never answers: the timeout is named.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let holder = std::thread::spawn(move || {
+        // Read (and ignore) the request until doctor gives up and closes the connection.
+        if let Some(Ok(mut s)) = silent.incoming().next() {
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args([
+            "doctor".to_string(),
+            format!("--metrics-url=http://{silent_addr}/metrics"),
+            "--timeout=1s".into(),
+        ])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (line, fix) = line_and_next(&text, "✗ picker HTTP:");
+    assert!(
+        line.contains("connected, but no response within 1s"),
+        "{line}"
+    );
+    assert!(fix.contains("--timeout"), "{fix}");
+    holder.join().unwrap();
+
     // Same for Prometheus; outside a checkout the built-in dashboard and rules are used.
     let elsewhere = tempfile::tempdir().unwrap();
     let (code, out) = doctor_in(
