@@ -270,12 +270,21 @@ fn healthy_setup_passes() {
         &[("picker.token", &format!("{token}\n"))],
     );
     let _load = start_load(proxy);
-    let cfg = shipped_static_config(SCRAPE_STATIC_TOKEN, &metrics.to_string());
+    let mut cfg = shipped_static_config(SCRAPE_STATIC_TOKEN, &metrics.to_string());
     let file = cfg["scrape_configs"][0]["authorization"]["credentials_file"]
         .as_str()
         .unwrap()
         .to_string();
-    let prom = start_prometheus(&cfg, &[(&file, &format!("{token}\n"))]);
+    // With the shipped alerts loaded.
+    cfg["rule_files"] = vec![serde_yaml::Value::from("epp-alerts.rules.yaml")].into();
+    let rules = read(RULES);
+    let prom = start_prometheus(
+        &cfg,
+        &[
+            (&file, &format!("{token}\n")),
+            ("epp-alerts.rules.yaml", &rules),
+        ],
+    );
     let token_file = procs.dir.path().join("picker.token");
     let args = vec![
         format!("--metrics-url=http://{metrics}/metrics"),
@@ -322,6 +331,12 @@ fn healthy_setup_passes() {
         "{out}"
     );
     let (dashboards, alerts) = shipped_counts();
+    assert!(
+        out.contains(&format!(
+            "✓ Prometheus alert rules: all {alerts} alerts of {RULES} are loaded\n"
+        )),
+        "{out}"
+    );
     assert_eq!(
         lines_starting(&out, "✓ dashboard panel ").len(),
         dashboards,
@@ -590,6 +605,15 @@ fn no_traffic_yet_is_a_warning_not_a_failure() {
     assert!(
         out.contains("✓ dashboard panel \"Routable backends\" [A]: 1 series"),
         "{out}"
+    );
+    let (line, hint) = line_and_next(&out, "! Prometheus alert rules:");
+    assert!(
+        line.contains(&format!("none of the {} alerts", shipped_counts().1)),
+        "{line}"
+    );
+    assert!(
+        hint.contains("rule_files") && hint.contains("prometheusrule.yaml"),
+        "{hint}"
     );
     assert!(out.contains("warnings"), "{out}");
 }

@@ -52,6 +52,8 @@ pub struct Assets {
     pub dashboard: Vec<Query>,
     /// Every alert's expression before its threshold comparison.
     pub alerts: Vec<Query>,
+    /// The alert names of the rules file.
+    pub alert_names: Vec<String>,
     /// Metric families the dashboard and the rules read (suffixes `_bucket`/`_sum`/`_count`
     /// stripped, Prometheus' own series left out).
     pub metrics: BTreeSet<String>,
@@ -130,6 +132,7 @@ pub fn load(dashboard: Option<&Path>, rules: Option<&Path>, job: &str) -> Result
     }
 
     let mut alerts = Vec::new();
+    let mut alert_names = Vec::new();
     let groups = rules
         .get("groups")
         .or_else(|| rules.get("spec").and_then(|s| s.get("groups")))
@@ -142,6 +145,9 @@ pub fn load(dashboard: Option<&Path>, rules: Option<&Path>, job: &str) -> Result
             let Some(expr) = rule["expr"].as_str() else {
                 continue;
             };
+            if let Some(name) = rule["alert"].as_str() {
+                alert_names.push(name.to_string());
+            }
             match parser::parse(expr) {
                 Ok(e) => {
                     add_names(&e);
@@ -170,6 +176,7 @@ pub fn load(dashboard: Option<&Path>, rules: Option<&Path>, job: &str) -> Result
         rules_source,
         dashboard: dashboard_queries,
         alerts,
+        alert_names,
         metrics,
     })
 }

@@ -253,6 +253,8 @@ pub async fn check(
         }
     };
 
+    alert_rules(r, &mut p, assets).await;
+
     // Every query
     let queries: Vec<(&Query, bool)> = assets
         .dashboard
@@ -499,4 +501,109 @@ async fn why_empty(
         ),
         "send requests through the picker, wait a few scrape intervals, and retry".into(),
     )
+}
+
+/// Whether the rules file's alerts are loaded in Prometheus, evaluate, and which fire.
+async fn alert_rules(r: &mut Report, p: &mut Prom<'_>, assets: &Assets) {
+    let wanted = &assets.alert_names;
+    if wanted.is_empty() {
+        return;
+    }
+    let v = match p.get_json("/api/v1/rules?type=alert").await {
+        Ok(v) => v,
+        Err(e) => {
+            r.warn(
+                "Prometheus alert rules",
+                format!("cannot list them: {e}"),
+                "check the Prometheus logs",
+            );
+            return;
+        }
+    };
+    let loaded: Vec<&serde_json::Value> = v["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .filter(|rule| {
+            rule["name"]
+                .as_str()
+                .is_some_and(|n| wanted.iter().any(|w| w == n))
+        })
+        .collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|w| !loaded.iter().any(|rule| rule["name"] == w.as_str()))
+        .collect();
+    let load_hint = format!(
+        "load {}: add it to `rule_files:` in prometheus.yml and reload Prometheus, or with \
+         prometheus-operator `kubectl apply -f deploy/monitoring/prometheusrule.yaml` (its `release` \
+         label must match the Prometheus ruleSelector)",
+        assets.rules_source
+    );
+    if missing.len() == wanted.len() {
+        r.warn(
+            "Prometheus alert rules",
+            format!(
+                "none of the {} alerts of {} is loaded in this Prometheus",
+                wanted.len(),
+                assets.rules_source
+            ),
+            load_hint,
+        );
+        return;
+    }
+    if missing.is_empty() {
+        r.pass(
+            "Prometheus alert rules",
+            format!(
+                "all {} alerts of {} are loaded",
+                wanted.len(),
+                assets.rules_source
+            ),
+        );
+    } else {
+        r.warn(
+            "Prometheus alert rules",
+            format!(
+                "{} of {} alerts are loaded; missing: {}",
+                wanted.len() - missing.len(),
+                wanted.len(),
+                missing
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            load_hint,
+        );
+    }
+    for rule in &loaded {
+        let name = rule["name"].as_str().unwrap_or("?");
+        if rule["health"] == "err" {
+            r.fail(
+                &format!("Prometheus alert {name}"),
+                format!(
+                    "fails to evaluate: {}",
+                    rule["lastError"].as_str().unwrap_or("unknown error")
+                ),
+                "fix the rule's expression (promtool check rules) and reload Prometheus",
+            );
+        } else if rule["state"] == "firing" {
+            let summary = rule["annotations"]["summary"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let desc = rule["alerts"][0]["annotations"]["description"]
+                .as_str()
+                .or_else(|| rule["annotations"]["description"].as_str())
+                .unwrap_or("see the alert's description")
+                .to_string();
+            r.warn(
+                &format!("Prometheus alert {name}"),
+                format!("firing: {summary}"),
+                desc,
+            );
+        }
+    }
 }
