@@ -1,8 +1,133 @@
-//! Not implemented yet.
+//! `epp demo`: the one-command tour. It is a preset comparison from `epp bench`: four simulated
+//! vLLM servers whose caches together hold the workload's reusable prefixes but singly do not,
+//! the picker in proxy mode in-process, a shared-prefix chat workload for a bounded time, then
+//! round-robin and the default profile side by side. Nothing here is computed differently from
+//! `epp bench`; only the defaults differ.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use epp_bench::compare::{self, CompareConfig, CompareEvent, Policy};
+use epp_bench::report;
+use epp_bench::workload::{SharedPrefix, WorkloadSpec};
+
+use super::bench::{stop_on_signal, write_outputs, SimArgs};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Seconds of load per policy (two policies run one after the other).
+    #[arg(long, value_name = "SECONDS", default_value_t = 25.0)]
+    pub duration: f64,
 
-pub async fn run(_args: Args) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("this subcommand is not implemented yet")
+    /// Open-loop request rate (Poisson arrivals), requests per second.
+    #[arg(long, default_value_t = 30.0)]
+    pub rate: f64,
+
+    /// Seed of the workload and the arrivals.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+
+    #[command(flatten)]
+    pub sims: SimArgs,
+
+    /// After the comparison, keep the default-profile picker and its simulators serving until
+    /// Ctrl-C, so /metrics and the proxy can be explored.
+    #[arg(long)]
+    pub keep_running: bool,
+
+    /// Also write the JSON report and SVG chart into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Do not draw progress bars (they are only drawn on a terminal anyway).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        anyhow::bail!("--duration must be a positive number of seconds");
+    }
+    if !(args.rate.is_finite() && args.rate > 0.0) {
+        anyhow::bail!("--rate must be a positive number of requests per second");
+    }
+    let policies = ["round-robin", "default"]
+        .into_iter()
+        .map(|n| Policy::preset(n).ok_or_else(|| anyhow::anyhow!("missing preset {n}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cfg = CompareConfig {
+        workload: WorkloadSpec::SharedPrefix(SharedPrefix::default()),
+        seed: args.seed,
+        mode: epp_bench::driver::LoadMode::OpenLoop { rate: args.rate },
+        max_requests: None,
+        duration: Some(Duration::from_secs_f64(args.duration)),
+        sims: args.sims.setup()?,
+        policies,
+        progress: !args.no_progress,
+        request_timeout: Duration::from_secs(60),
+        keep_last: args.keep_running,
+    };
+    println!(
+        "epp demo: {} simulated vLLM servers, the picker in proxy mode, a shared-prefix chat \
+         workload at {} req/s for {} s per policy: round-robin, then the default profile.",
+        cfg.sims.backends, args.rate, args.duration
+    );
+    let observer: compare::Observer = std::sync::Arc::new(|e: &CompareEvent| match e {
+        CompareEvent::Sized(s) => println!(
+            "caches: {} blocks per server; the workload's reusable prefixes need {} blocks \
+             (all servers together hold them, no single one does)",
+            s.kv_blocks_per_backend, s.reused_blocks
+        ),
+        CompareEvent::PolicyStarted {
+            policy,
+            proxy_url,
+            metrics_url,
+            backends,
+        } => {
+            let list: Vec<String> = backends.iter().map(|(n, a)| format!("{n}={a}")).collect();
+            println!(
+                "\n[{policy}] proxy {proxy_url}  backends {}",
+                list.join(" ")
+            );
+            println!("[{policy}] watch the picker live: curl -s {metrics_url} | grep ^epp_");
+        }
+        CompareEvent::PolicyFinished { policy } => println!("[{policy}] done"),
+    });
+    let stop = stop_on_signal();
+    let outcome = compare::compare(&cfg, Some(observer), stop.clone()).await?;
+    println!();
+    print!("{}", report::render_table(&outcome.report));
+    if let Some(dir) = &args.out {
+        let stem = format!("demo-seed{}", args.seed);
+        let (json, svg) = write_outputs(&outcome.report, dir, &stem)?;
+        println!("wrote {} and {}", json.display(), svg.display());
+    }
+    if let Some(live) = outcome.live {
+        println!(
+            "\nstill serving (--keep-running), policy {}:\n  proxy    {}/v1/chat/completions\n  metrics  {}\n  \
+             backends {}\nCtrl-C to stop.",
+            live.policy,
+            live.proxy_url,
+            live.metrics_url,
+            live.sims
+                .iter()
+                .map(|s| format!("http://{}", s.addr()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut stop = stop;
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+        live.shutdown().await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    Ok(if outcome.report.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
