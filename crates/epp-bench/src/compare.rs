@@ -335,7 +335,7 @@ pub async fn compare(
             break;
         }
     }
-    let report = BenchReport {
+    let mut report = BenchReport {
         workload: cfg.workload.clone(),
         seed: cfg.seed,
         mode: cfg.mode,
@@ -350,7 +350,9 @@ pub async fn compare(
         }),
         runs,
         interrupted,
+        targets: Vec::new(),
     };
+    report.targets = crate::report::check_targets(&report);
     Ok(CompareOutcome { report, live })
 }
 
@@ -503,6 +505,7 @@ pub async fn bench_url(run: &UrlRun, stop: watch::Receiver<bool>) -> anyhow::Res
             picker,
             note,
         }],
+        targets: Vec::new(),
     })
 }
 

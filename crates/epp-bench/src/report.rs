@@ -52,6 +52,9 @@ pub struct BenchReport {
     pub runs: Vec<PolicyRun>,
     /// The run was stopped early (Ctrl-C): results are partial.
     pub interrupted: bool,
+    /// Issue 7's targets evaluated on these runs (see [`check_targets`]).
+    #[serde(default)]
+    pub targets: Vec<TargetCheck>,
 }
 
 /// Errors writing reports.
@@ -212,6 +215,102 @@ pub fn render_table(report: &BenchReport) -> String {
         if let Some(n) = &r.note {
             let _ = writeln!(out, "note ({}): {n}", r.policy);
         }
+    }
+    out
+}
+
+/// One routing-quality target of issue 7, evaluated on a report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetCheck {
+    pub name: String,
+    pub measured: String,
+    pub target: String,
+    pub pass: bool,
+}
+
+fn run<'a>(report: &'a BenchReport, policy: &str) -> Option<&'a PolicyRun> {
+    report.runs.iter().find(|r| r.policy == policy)
+}
+
+/// The targets that apply to this report's workload and policies: on shared-prefix, the default
+/// profile against the ideal bound and round-robin; on hot-spot, the default profile's largest
+/// backend share and its hit ratio against prefix-only. Empty when the needed policies are absent.
+pub fn check_targets(report: &BenchReport) -> Vec<TargetCheck> {
+    let mut out = Vec::new();
+    let Some(def) = run(report, "default") else {
+        return out;
+    };
+    let max_share = def
+        .stats
+        .backends
+        .iter()
+        .map(|b| b.share)
+        .fold(0.0, f64::max);
+    match report.workload {
+        WorkloadSpec::SharedPrefix(_) => {
+            if def.ideal.ratio > 0.0 {
+                let share = def.stats.cached_token_ratio / def.ideal.ratio;
+                out.push(TargetCheck {
+                    name: "default: cached-token ratio vs ideal bound".into(),
+                    measured: pct(share),
+                    target: ">= 85.0%".into(),
+                    pass: share >= 0.85,
+                });
+            }
+            if let Some(rr) = run(report, "round-robin") {
+                let (d, r) = (def.stats.ttft.p90, rr.stats.ttft.p90);
+                out.push(TargetCheck {
+                    name: "default: TTFT p90 vs round-robin's".into(),
+                    measured: format!("{} / {} ms = 1/{:.1}", ms(d), ms(r), r / d.max(1e-9)),
+                    target: "<= 1/5".into(),
+                    pass: d > 0.0 && d * 5.0 <= r,
+                });
+            }
+            out.push(TargetCheck {
+                name: "default: balance max/mean".into(),
+                measured: format!("{:.2}", def.stats.balance_max_over_mean),
+                target: "<= 1.30".into(),
+                pass: def.stats.balance_max_over_mean <= 1.3,
+            });
+        }
+        WorkloadSpec::HotSpot(_) => {
+            out.push(TargetCheck {
+                name: "default: largest backend share".into(),
+                measured: pct(max_share),
+                target: "<= 60.0%".into(),
+                pass: max_share <= 0.6,
+            });
+            if let Some(po) = run(report, "prefix-only") {
+                let gap = (po.stats.cached_token_ratio - def.stats.cached_token_ratio) * 100.0;
+                out.push(TargetCheck {
+                    name: "default: cached-token ratio below prefix-only's".into(),
+                    measured: format!("{gap:.1} points"),
+                    target: "<= 10 points".into(),
+                    pass: gap <= 10.0,
+                });
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The target checks as text lines (empty when none apply).
+pub fn render_targets(checks: &[TargetCheck]) -> String {
+    let mut out = String::new();
+    if checks.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out, "targets (issue 7):");
+    for c in checks {
+        let _ = writeln!(
+            out,
+            "  [{}] {}: {} (target {})",
+            if c.pass { "pass" } else { "MISS" },
+            c.name,
+            c.measured,
+            c.target
+        );
     }
     out
 }
@@ -441,7 +540,25 @@ mod tests {
                 run("default", 0.81, 0.02, 1.1),
             ],
             interrupted: false,
+            targets: vec![],
         }
+    }
+
+    #[test]
+    fn targets_are_evaluated_on_values() {
+        let mut r = sample_report();
+        let checks = check_targets(&r);
+        assert_eq!(checks.len(), 3);
+        // 0.81 / 0.9 = 90% of ideal; 20 ms vs 250 ms = 1/12.5; balance 1.1.
+        assert_eq!(checks[0].measured, "90.0%");
+        assert!(checks.iter().all(|c| c.pass), "{checks:?}");
+        r.runs[1].stats.ttft.p90 = 0.06;
+        let checks = check_targets(&r);
+        assert!(!checks[1].pass);
+        assert_eq!(checks[1].measured, "60.0 / 250.0 ms = 1/4.2");
+        assert!(render_targets(&checks).contains("[MISS] default: TTFT p90"));
+        r.runs.retain(|x| x.policy != "default");
+        assert!(check_targets(&r).is_empty());
     }
 
     #[test]

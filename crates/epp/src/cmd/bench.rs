@@ -474,6 +474,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .report
     };
     print!("{}", report::render_table(&report));
+    print!("{}", report::render_targets(&report.targets));
     let stem = format!("bench-{}-seed{}", report.workload.name(), report.seed);
     let (json, svg) = write_outputs(&report, &args.out, &stem)?;
     println!("wrote {} and {}", json.display(), svg.display());

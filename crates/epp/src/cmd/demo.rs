@@ -98,6 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let outcome = compare::compare(&cfg, Some(observer), stop.clone()).await?;
     println!();
     print!("{}", report::render_table(&outcome.report));
+    print!("{}", report::render_targets(&outcome.report.targets));
     if let Some(dir) = &args.out {
         let stem = format!("demo-seed{}", args.seed);
         let (json, svg) = write_outputs(&outcome.report, dir, &stem)?;
