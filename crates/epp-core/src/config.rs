@@ -110,7 +110,9 @@ impl EndpointPickerConfig {
 
 /// Deserialize with a field path in the error (serde_yaml reports the location; we add the path
 /// by walking the error message it gives for unknown fields and type mismatches).
-fn serde_path_to_error(de: serde_yaml::Deserializer<'_>) -> Result<EndpointPickerConfig, ConfigError> {
+fn serde_path_to_error(
+    de: serde_yaml::Deserializer<'_>,
+) -> Result<EndpointPickerConfig, ConfigError> {
     EndpointPickerConfig::deserialize(de).map_err(|e| {
         let loc = e
             .location()

@@ -175,10 +175,16 @@ impl EndpointView {
         self.endpoint.slot
     }
     pub fn waiting(&self) -> f64 {
-        self.metrics.as_ref().map(|m| m.waiting_queue).unwrap_or(0.0)
+        self.metrics
+            .as_ref()
+            .map(|m| m.waiting_queue)
+            .unwrap_or(0.0)
     }
     pub fn kv_usage(&self) -> f64 {
-        self.metrics.as_ref().map(|m| m.kv_cache_usage).unwrap_or(0.0)
+        self.metrics
+            .as_ref()
+            .map(|m| m.kv_cache_usage)
+            .unwrap_or(0.0)
     }
 }
 
@@ -191,7 +197,9 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn routable(&self) -> impl Iterator<Item = &EndpointView> {
-        self.endpoints.iter().filter(|e| e.health == HealthState::Healthy)
+        self.endpoints
+            .iter()
+            .filter(|e| e.health == HealthState::Healthy)
     }
 }
 
@@ -334,7 +342,11 @@ impl Datastore {
     /// Endpoints discovery currently lists (draining ones excluded).
     pub fn discovered_count(&self) -> usize {
         let inner = self.shared.inner.lock();
-        inner.by_address.values().filter(|(_, t)| !t.draining).count()
+        inner
+            .by_address
+            .values()
+            .filter(|(_, t)| !t.draining)
+            .count()
     }
 
     /// Replace the discovered set. New endpoints are added; missing ones are removed at once if
@@ -395,7 +407,9 @@ impl Datastore {
                     scrape_errors: AtomicU64::new(0),
                     requests: AtomicU64::new(0),
                 });
-                inner.by_address.insert(addr.clone(), (ep, Tracker::default()));
+                inner
+                    .by_address
+                    .insert(addr.clone(), (ep, Tracker::default()));
                 inner.order.push(addr);
                 added += 1;
             }
@@ -676,7 +690,11 @@ mod tests {
         // The freed slot is reused.
         d.set_endpoints(vec![EndpointSpec::new("b:2"), EndpointSpec::new("c:3")]);
         let s = d.snapshot();
-        let c = s.endpoints.iter().find(|e| e.endpoint.address() == "c:3").unwrap();
+        let c = s
+            .endpoints
+            .iter()
+            .find(|e| e.endpoint.address() == "c:3")
+            .unwrap();
         assert_eq!(c.slot(), 0);
     }
 }

@@ -31,13 +31,11 @@ pub const DECISION_BUCKETS: [f64; 15] = [
 ];
 /// Buckets of `epp_plugin_duration_seconds`: 1 µs .. 10 ms.
 pub const PLUGIN_BUCKETS: [f64; 11] = [
-    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
-    0.01,
+    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.01,
 ];
 /// Buckets of end-to-end request duration and TTFT seen through the proxy.
 pub const E2E_BUCKETS: [f64; 16] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-    600.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
 type L1 = [(&'static str, String); 1];
@@ -139,10 +137,7 @@ impl Metrics {
         for d in DecisionType::ALL {
             let _ = decisions.get_or_create(&[("decision_type", d.as_str().to_string())]);
         }
-        registry.register_collector(Box::new(StateCollector {
-            datastore,
-            prefix,
-        }));
+        registry.register_collector(Box::new(StateCollector { datastore, prefix }));
         registry.register_collector(Box::new(ProcessCollector));
         Arc::new(Self {
             registry,
@@ -287,14 +282,20 @@ impl Collector for StateCollector {
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
             let l: L2 = [("namespace", ns), ("label_selector", sel)];
-            ConstGauge::new(self.datastore.discovered_count() as i64).encode(m.encode_family(&l)?)?;
+            ConstGauge::new(self.datastore.discovered_count() as i64)
+                .encode(m.encode_family(&l)?)?;
         }
-        let be = |e: &crate::datastore::EndpointView| -> L1 { [("backend", e.endpoint.name().to_string())] };
+        let be = |e: &crate::datastore::EndpointView| -> L1 {
+            [("backend", e.endpoint.name().to_string())]
+        };
         gauge_family(
             &mut enc,
             "epp_backend_queue_size",
             "Waiting requests reported by the model server",
-            snap.endpoints.iter().filter(|e| e.metrics.is_some()).map(|e| (be(e), e.waiting())),
+            snap.endpoints
+                .iter()
+                .filter(|e| e.metrics.is_some())
+                .map(|e| (be(e), e.waiting())),
         )?;
         gauge_family(
             &mut enc,
@@ -308,7 +309,10 @@ impl Collector for StateCollector {
             &mut enc,
             "epp_backend_kv_cache_usage_ratio",
             "KV-cache usage (0..1) reported by the model server",
-            snap.endpoints.iter().filter(|e| e.metrics.is_some()).map(|e| (be(e), e.kv_usage())),
+            snap.endpoints
+                .iter()
+                .filter(|e| e.metrics.is_some())
+                .map(|e| (be(e), e.kv_usage())),
         )?;
         gauge_family(
             &mut enc,
@@ -338,7 +342,10 @@ impl Collector for StateCollector {
             }
         }
         let cap = self.prefix.config().capacity_per_endpoint
-            * snap.endpoints.len().min(crate::prefix::MAX_TRACKED_ENDPOINTS);
+            * snap
+                .endpoints
+                .len()
+                .min(crate::prefix::MAX_TRACKED_ENDPOINTS);
         ConstGauge::new(self.prefix.len() as i64).encode(enc.encode_descriptor(
             "epp_prefix_index_blocks",
             "(backend, block) pairs held by the approximate prefix index",
@@ -375,7 +382,12 @@ impl Collector for StateCollector {
 #[derive(Debug)]
 struct ProcessCollector;
 
-fn one_gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+fn one_gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: f64,
+) -> Result<(), std::fmt::Error> {
     ConstGauge::new(v).encode(enc.encode_descriptor(
         name,
         help,
@@ -393,20 +405,65 @@ impl Collector for ProcessCollector {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?)?;
-            one_gauge(&mut enc, "process_open_fds", "Number of open file descriptors", p.open_fds as f64)?;
+            one_gauge(
+                &mut enc,
+                "process_open_fds",
+                "Number of open file descriptors",
+                p.open_fds as f64,
+            )?;
             if let Some(m) = p.max_fds {
-                one_gauge(&mut enc, "process_max_fds", "Maximum number of open file descriptors", m as f64)?;
+                one_gauge(
+                    &mut enc,
+                    "process_max_fds",
+                    "Maximum number of open file descriptors",
+                    m as f64,
+                )?;
             }
-            one_gauge(&mut enc, "process_resident_memory_bytes", "Resident memory size in bytes", p.rss_bytes as f64)?;
-            one_gauge(&mut enc, "process_virtual_memory_bytes", "Virtual memory size in bytes", p.vsize_bytes as f64)?;
-            one_gauge(&mut enc, "process_start_time_seconds", "Start time of the process since unix epoch in seconds", p.start_time_seconds)?;
-            one_gauge(&mut enc, "process_threads", "Number of OS threads in the process", p.threads as f64)?;
+            one_gauge(
+                &mut enc,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                p.rss_bytes as f64,
+            )?;
+            one_gauge(
+                &mut enc,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                p.vsize_bytes as f64,
+            )?;
+            one_gauge(
+                &mut enc,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                p.start_time_seconds,
+            )?;
+            one_gauge(
+                &mut enc,
+                "process_threads",
+                "Number of OS threads in the process",
+                p.threads as f64,
+            )?;
         }
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             let m = h.metrics();
-            one_gauge(&mut enc, "epp_runtime_workers", "Tokio runtime worker threads (the Go runtime's GOMAXPROCS analogue)", m.num_workers() as f64)?;
-            one_gauge(&mut enc, "epp_runtime_alive_tasks", "Tokio tasks alive (the go_goroutines analogue)", m.num_alive_tasks() as f64)?;
-            one_gauge(&mut enc, "epp_runtime_global_queue_depth", "Tasks waiting in the Tokio runtime's global queue", m.global_queue_depth() as f64)?;
+            one_gauge(
+                &mut enc,
+                "epp_runtime_workers",
+                "Tokio runtime worker threads (the Go runtime's GOMAXPROCS analogue)",
+                m.num_workers() as f64,
+            )?;
+            one_gauge(
+                &mut enc,
+                "epp_runtime_alive_tasks",
+                "Tokio tasks alive (the go_goroutines analogue)",
+                m.num_alive_tasks() as f64,
+            )?;
+            one_gauge(
+                &mut enc,
+                "epp_runtime_global_queue_depth",
+                "Tasks waiting in the Tokio runtime's global queue",
+                m.global_queue_depth() as f64,
+            )?;
         }
         Ok(())
     }

@@ -5,10 +5,13 @@
 //! hashed with chained xxhash64, seeded by the model name, so a block hash stands for the whole
 //! prefix up to it. One sharded map goes from block hash to a bitset of endpoint slots, so a
 //! lookup is one probe per prompt block (not per block per endpoint) and stops at the first block
-//! no endpoint holds. Each endpoint's share is bounded by an LRU; updates after a pick lock only
-//! the shards they touch, so picks never queue behind one lock.
+//! no endpoint holds. Each endpoint's share is bounded by a capacity with least-recently-used
+//! eviction, approximated by CLOCK (second chance: a block used since the hand last passed is
+//! kept one more round), which costs one ring slot and one map entry per block and no queue of
+//! touches. Updates after a pick lock only the shards they touch, so picks never queue behind
+//! one lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -19,6 +22,10 @@ use xxhash_rust::xxh64::xxh64;
 /// are routed by load only.
 pub const MAX_TRACKED_ENDPOINTS: usize = 128;
 const SHARDS: usize = 32;
+/// Slots per bank: each bank is its own map from block hash to a `u64` bitset, so a pool of up
+/// to 64 endpoints pays 8 bytes of set per block, and the second bank exists only when used.
+const BANK_BITS: usize = 64;
+const BANKS: usize = MAX_TRACKED_ENDPOINTS / BANK_BITS;
 
 /// Identity hasher: keys are already xxhash64 outputs.
 #[derive(Default, Clone, Copy)]
@@ -37,6 +44,8 @@ impl Hasher for IdHasher {
     }
 }
 type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+/// One bank: shards of block hash → 64-slot bitset.
+type Bank = Box<[RwLock<IdMap<u64>>]>;
 
 /// Index parameters (the `prefix-cache-scorer` plugin's parameters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,17 +110,23 @@ impl PrefixMatch {
     }
 }
 
+/// One endpoint's blocks: CLOCK over a ring of block hashes.
 #[derive(Default)]
 struct Lru {
-    stamps: IdMap<u64>,
-    order: VecDeque<(u64, u64)>,
-    next: u64,
+    /// Block hash → ring position, with [`REFERENCED`] set when used since the hand passed.
+    pos: IdMap<u32>,
+    ring: Vec<u64>,
+    hand: usize,
 }
+
+const REFERENCED: u32 = 1 << 31;
 
 /// The index. Shared by all front-ends through the director.
 pub struct PrefixIndex {
     cfg: PrefixConfig,
-    shards: Box<[RwLock<IdMap<u128>>]>,
+    /// `banks[b][shard]`: block hash → bitset of slots `b*64 .. b*64+63`.
+    banks: Box<[Bank]>,
+    high_bank_used: std::sync::atomic::AtomicBool,
     lrus: Box<[Mutex<Lru>]>,
     blocks: AtomicUsize,
     evictions: AtomicU64,
@@ -130,7 +145,10 @@ impl PrefixIndex {
     pub fn new(cfg: PrefixConfig) -> Self {
         Self {
             cfg,
-            shards: (0..SHARDS).map(|_| RwLock::new(IdMap::default())).collect(),
+            banks: (0..BANKS)
+                .map(|_| (0..SHARDS).map(|_| RwLock::new(IdMap::default())).collect())
+                .collect(),
+            high_bank_used: std::sync::atomic::AtomicBool::new(false),
             lrus: (0..MAX_TRACKED_ENDPOINTS)
                 .map(|_| Mutex::new(Lru::default()))
                 .collect(),
@@ -147,33 +165,39 @@ impl PrefixIndex {
         hash_prompt(&self.cfg, model, prompt)
     }
 
-    fn shard(&self, h: u64) -> &RwLock<IdMap<u128>> {
+    fn shard(&self, bank: usize, h: u64) -> &RwLock<IdMap<u64>> {
         // High bits pick the shard; the map uses the low bits.
-        &self.shards[(h >> 58) as usize % SHARDS]
+        &self.banks[bank][(h >> 58) as usize % SHARDS]
     }
 
     /// For every slot, how many leading blocks of the prompt it holds.
     pub fn lookup(&self, hashes: &PromptHashes) -> PrefixMatch {
-        let total = hashes.hashes.len() as u32;
         let mut out = PrefixMatch {
             blocks: Vec::new(),
-            total_blocks: total,
+            total_blocks: hashes.hashes.len() as u32,
         };
-        let mut alive: u128 = u128::MAX;
-        let mut i = 0usize;
-        for h in &hashes.hashes {
-            let m = self.shard(*h).read().get(h).copied().unwrap_or(0) & alive;
-            if i > 0 {
-                set_lens(&mut out.blocks, alive & !m, i as u32);
+        let banks = if self.high_bank_used.load(Ordering::Relaxed) {
+            BANKS
+        } else {
+            1
+        };
+        for bank in 0..banks {
+            let mut alive: u64 = u64::MAX;
+            let mut i = 0usize;
+            for h in &hashes.hashes {
+                let m = self.shard(bank, *h).read().get(h).copied().unwrap_or(0) & alive;
+                if i > 0 {
+                    set_lens(&mut out.blocks, bank, alive & !m, i as u32);
+                }
+                alive = m;
+                i += 1;
+                if alive == 0 {
+                    break;
+                }
             }
-            alive = m;
-            i += 1;
-            if alive == 0 {
-                break;
+            if alive != 0 && i > 0 {
+                set_lens(&mut out.blocks, bank, alive, i as u32);
             }
-        }
-        if alive != 0 && i > 0 {
-            set_lens(&mut out.blocks, alive, i as u32);
         }
         out
     }
@@ -183,46 +207,60 @@ impl PrefixIndex {
         if slot >= MAX_TRACKED_ENDPOINTS || hashes.hashes.is_empty() {
             return;
         }
-        let bit = 1u128 << slot;
+        let (bank, bit) = (slot / BANK_BITS, 1u64 << (slot % BANK_BITS));
+        if bank > 0 {
+            self.high_bank_used.store(true, Ordering::Relaxed);
+        }
+        let cap = self
+            .cfg
+            .capacity_per_endpoint
+            .clamp(1, (REFERENCED - 1) as usize);
         let mut lru = self.lrus[slot].lock();
         let mut added = 0usize;
-        for h in &hashes.hashes {
-            let stamp = lru.next;
-            lru.next += 1;
-            if lru.stamps.insert(*h, stamp).is_none() {
-                added += 1;
-                *self.shard(*h).write().entry(*h).or_insert(0) |= bit;
-            }
-            lru.order.push_back((*h, stamp));
-        }
-        self.blocks.fetch_add(added, Ordering::Relaxed);
-        // Enforce the capacity: evict least recently used.
-        let cap = self.cfg.capacity_per_endpoint;
         let mut evicted = 0usize;
-        while lru.stamps.len() > cap {
-            let Some((h, st)) = lru.order.pop_front() else {
-                break;
-            };
-            if lru.stamps.get(&h) == Some(&st) {
-                lru.stamps.remove(&h);
-                self.clear_bit(h, bit);
-                evicted += 1;
+        for h in &hashes.hashes {
+            if let Some(p) = lru.pos.get_mut(h) {
+                *p |= REFERENCED;
+                continue;
             }
-        }
-        // Keep the recency queue bounded: drop superseded entries.
-        if lru.order.len() > 2 * cap + 64 {
-            let Lru { stamps, order, .. } = &mut *lru;
-            order.retain(|(h, st)| stamps.get(h) == Some(st));
+            added += 1;
+            *self.shard(bank, *h).write().entry(*h).or_insert(0) |= bit;
+            if lru.ring.len() < cap {
+                let at = lru.ring.len() as u32;
+                lru.ring.push(*h);
+                lru.pos.insert(*h, at);
+                continue;
+            }
+            // Full: advance the hand, giving referenced blocks a second chance. Every pass
+            // clears bits, so this ends within two turns of the ring.
+            loop {
+                let hand = lru.hand;
+                let victim = lru.ring[hand];
+                let p = lru.pos.get_mut(&victim).expect("ring and map agree");
+                if *p & REFERENCED != 0 {
+                    *p &= !REFERENCED;
+                    lru.hand = (hand + 1) % cap;
+                    continue;
+                }
+                lru.pos.remove(&victim);
+                self.clear_bit(bank, victim, bit);
+                lru.ring[hand] = *h;
+                lru.pos.insert(*h, hand as u32);
+                lru.hand = (hand + 1) % cap;
+                evicted += 1;
+                break;
+            }
         }
         drop(lru);
+        self.blocks.fetch_add(added, Ordering::Relaxed);
         if evicted > 0 {
             self.blocks.fetch_sub(evicted, Ordering::Relaxed);
             self.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
         }
     }
 
-    fn clear_bit(&self, h: u64, bit: u128) {
-        let mut shard = self.shard(h).write();
+    fn clear_bit(&self, bank: usize, h: u64, bit: u64) {
+        let mut shard = self.shard(bank, h).write();
         if let Some(m) = shard.get_mut(&h) {
             *m &= !bit;
             if *m == 0 {
@@ -236,11 +274,11 @@ impl PrefixIndex {
         if slot >= MAX_TRACKED_ENDPOINTS {
             return;
         }
-        let bit = 1u128 << slot;
+        let (bank, bit) = (slot / BANK_BITS, 1u64 << (slot % BANK_BITS));
         let mut lru = self.lrus[slot].lock();
-        let n = lru.stamps.len();
-        for h in lru.stamps.keys() {
-            self.clear_bit(*h, bit);
+        let n = lru.pos.len();
+        for h in lru.pos.keys() {
+            self.clear_bit(bank, *h, bit);
         }
         *lru = Lru::default();
         drop(lru);
@@ -256,20 +294,24 @@ impl PrefixIndex {
     }
     /// Blocks held by one slot.
     pub fn slot_len(&self, slot: usize) -> usize {
-        self.lrus.get(slot).map(|l| l.lock().stamps.len()).unwrap_or(0)
+        self.lrus.get(slot).map(|l| l.lock().pos.len()).unwrap_or(0)
     }
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
     }
     /// Distinct block hashes in the shared map.
     pub fn distinct_blocks(&self) -> usize {
-        self.shards.iter().map(|s| s.read().len()).sum()
+        self.banks
+            .iter()
+            .flat_map(|b| b.iter())
+            .map(|s| s.read().len())
+            .sum()
     }
 }
 
-fn set_lens(lens: &mut Vec<u32>, mut bits: u128, n: u32) {
+fn set_lens(lens: &mut Vec<u32>, bank: usize, mut bits: u64, n: u32) {
     while bits != 0 {
-        let slot = bits.trailing_zeros() as usize;
+        let slot = bank * BANK_BITS + bits.trailing_zeros() as usize;
         bits &= bits - 1;
         if lens.len() <= slot {
             lens.resize(slot + 1, 0);
@@ -297,7 +339,10 @@ mod tests {
         let a = hash_prompt(&c, "m", b"aaaabbbbcccc");
         let b = hash_prompt(&c, "m", b"xxxxbbbbcccc");
         assert_eq!(a.hashes.len(), 3);
-        assert_ne!(a.hashes[1], b.hashes[1], "same block after a different prefix");
+        assert_ne!(
+            a.hashes[1], b.hashes[1],
+            "same block after a different prefix"
+        );
         assert_ne!(a.hashes[0], hash_prompt(&c, "other", b"aaaa").hashes[0]);
         assert_eq!(hash_prompt(&c, "m", b"aaaabbbbcc").hashes, a.hashes[..2]);
     }
@@ -329,6 +374,23 @@ mod tests {
         let m = idx.lookup(&idx.hash("m", b"aaaabbbb"));
         assert_eq!(m.matched(1), 1);
         assert_eq!(idx.lookup(&idx.hash("m", b"zzzzyyyy")).matched(1), 2);
+    }
+
+    #[test]
+    fn high_slots_use_the_second_bank() {
+        let idx = PrefixIndex::new(cfg(100));
+        idx.insert(3, &idx.hash("m", b"aaaabbbbcccc"));
+        idx.insert(100, &idx.hash("m", b"aaaabbbb"));
+        idx.insert(127, &idx.hash("m", b"aaaabbbbccccdddd"));
+        idx.insert(128, &idx.hash("m", b"aaaa")); // untracked slot: ignored
+        let m = idx.lookup(&idx.hash("m", b"aaaabbbbccccdddd"));
+        assert_eq!(
+            (m.matched(3), m.matched(100), m.matched(127), m.matched(128)),
+            (3, 2, 4, 0)
+        );
+        idx.remove_slot(100);
+        assert_eq!(idx.lookup(&idx.hash("m", b"aaaabbbb")).matched(100), 0);
+        assert_eq!(idx.len(), 3 + 4);
     }
 
     #[test]

@@ -31,18 +31,22 @@ pub fn read() -> Option<ProcStats> {
     let vsize = num(23)?;
     let rss_pages = num(24)?;
     let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok()))
+        s.lines().find_map(|l| {
+            l.strip_prefix("btime ")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
     });
     let open_fds = std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count() as u64)
         .unwrap_or(0);
-    let max_fds = std::fs::read_to_string("/proc/self/limits").ok().and_then(|s| {
-        s.lines()
-            .find(|l| l.starts_with("Max open files"))
-            .and_then(|l| l.split_whitespace().nth(3))
-            .and_then(|v| v.parse().ok())
-    });
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse().ok())
+        });
     Some(ProcStats {
         cpu_seconds: (utime + stime) as f64 / USER_HZ,
         open_fds,

@@ -105,15 +105,28 @@ pub fn parse_body(method: ApiMethod, body: &[u8]) -> Result<ParsedRequest, BadRe
             ))
         }
         Some(Value::String(s)) if s.is_empty() => {
-            return Err(BadRequest::new("field `model` must not be empty", Some("model")))
+            return Err(BadRequest::new(
+                "field `model` must not be empty",
+                Some("model"),
+            ))
         }
         Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(BadRequest::new("field `model` must be a string", Some("model"))),
+        Some(_) => {
+            return Err(BadRequest::new(
+                "field `model` must be a string",
+                Some("model"),
+            ))
+        }
     };
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(BadRequest::new("field `stream` must be a boolean", Some("stream"))),
+        Some(_) => {
+            return Err(BadRequest::new(
+                "field `stream` must be a boolean",
+                Some("stream"),
+            ))
+        }
     };
     let mut prompt = Vec::new();
     match method {
@@ -194,10 +207,7 @@ fn render_prompt(p: &Value, out: &mut Vec<u8>) -> Result<(), BadRequest> {
 fn render_messages(msgs: &[Value], out: &mut Vec<u8>) -> Result<(), BadRequest> {
     for (i, m) in msgs.iter().enumerate() {
         let obj = m.as_object().ok_or_else(|| {
-            BadRequest::new(
-                format!("messages[{i}] must be an object"),
-                Some("messages"),
-            )
+            BadRequest::new(format!("messages[{i}] must be an object"), Some("messages"))
         })?;
         let role = obj.get("role").and_then(Value::as_str).ok_or_else(|| {
             BadRequest::new(
@@ -235,10 +245,19 @@ mod tests {
 
     #[test]
     fn methods_from_paths() {
-        assert_eq!(ApiMethod::from_path("/v1/chat/completions"), ApiMethod::ChatCompletions);
-        assert_eq!(ApiMethod::from_path("/v1/completions?x=1"), ApiMethod::Completions);
+        assert_eq!(
+            ApiMethod::from_path("/v1/chat/completions"),
+            ApiMethod::ChatCompletions
+        );
+        assert_eq!(
+            ApiMethod::from_path("/v1/completions?x=1"),
+            ApiMethod::Completions
+        );
         assert_eq!(ApiMethod::from_path("/v1/models"), ApiMethod::Models);
-        assert_eq!(ApiMethod::from_path("/v1/embeddings"), ApiMethod::Embeddings);
+        assert_eq!(
+            ApiMethod::from_path("/v1/embeddings"),
+            ApiMethod::Embeddings
+        );
         assert_eq!(ApiMethod::from_path("/foo"), ApiMethod::Other);
     }
 
@@ -269,9 +288,15 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages"));
         let e = parse_body(ApiMethod::Completions, br#"[1,2]"#).unwrap_err();
         assert_eq!(e.message, "request body must be a JSON object");
-        let e = parse_body(ApiMethod::Completions, br#"{"model":"m","prompt":"x","stream":"yes"}"#)
-            .unwrap_err();
+        let e = parse_body(
+            ApiMethod::Completions,
+            br#"{"model":"m","prompt":"x","stream":"yes"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("stream"));
-        assert!(parse_body(ApiMethod::Completions, b"").unwrap().model.is_empty());
+        assert!(parse_body(ApiMethod::Completions, b"")
+            .unwrap()
+            .model
+            .is_empty());
     }
 }

@@ -323,7 +323,11 @@ impl Scheduler {
                 .observe(s.type_name(), s.name(), t.elapsed().as_secs_f64());
             for (tot, v) in totals.iter_mut().zip(&buf) {
                 // Plugins promise [0,1]; clamp defensively so one bad value cannot dominate.
-                let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+                let v = if v.is_finite() {
+                    v.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
                 *tot += w * v;
             }
         }

@@ -76,9 +76,8 @@ pub enum Plugin {
 fn params<T: DeserializeOwned + Default>(spec: &PluginSpec, field: &str) -> Result<T, ConfigError> {
     match &spec.parameters {
         None | Some(serde_json::Value::Null) => Ok(T::default()),
-        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-            ConfigError::new(format!("{field}.parameters"), e.to_string())
-        }),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| ConfigError::new(format!("{field}.parameters"), e.to_string())),
     }
 }
 
@@ -88,7 +87,7 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
     Ok(match spec.type_.as_str() {
         SATURATION_FILTER => {
             let p: SaturationParams = params(spec, field)?;
-            if !(p.queue_depth_threshold >= 0.0) {
+            if !p.queue_depth_threshold.is_finite() || p.queue_depth_threshold < 0.0 {
                 return Err(ConfigError::new(
                     format!("{field}.parameters.queueDepthThreshold"),
                     "must be >= 0",
@@ -147,7 +146,10 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
         other => {
             return Err(ConfigError::new(
                 format!("{field}.type"),
-                format!("unknown plugin type {other:?}; known types: {}", ALL_TYPES.join(", ")),
+                format!(
+                    "unknown plugin type {other:?}; known types: {}",
+                    ALL_TYPES.join(", ")
+                ),
             ))
         }
     })
@@ -316,7 +318,11 @@ fn min_max_low_is_good(vals: &[f64], out: &mut [f64]) {
     let min = vals.iter().copied().fold(f64::INFINITY, f64::min);
     let max = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     for (o, v) in out.iter_mut().zip(vals) {
-        *o = if max > min { (max - v) / (max - min) } else { 1.0 };
+        *o = if max > min {
+            (max - v) / (max - min)
+        } else {
+            1.0
+        };
     }
 }
 
@@ -398,9 +404,7 @@ impl Scorer for LoraAffinityScorer {
             *o = match &e.metrics {
                 None => 0.8,
                 Some(m) => {
-                    if model.is_empty() {
-                        1.0
-                    } else if m.running_loras.iter().any(|l| l == model) {
+                    if model.is_empty() || m.running_loras.iter().any(|l| l == model) {
                         1.0
                     } else if m.waiting_loras.iter().any(|l| l == model) {
                         0.6
@@ -516,7 +520,11 @@ impl Picker for WeightedRandomPicker {
             .map(|k| {
                 let w = if all_zero { 1.0 } else { scores[k].max(0.0) };
                 let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
-                let key = if w > 0.0 { u.powf(1.0 / w) } else { -1.0 + u * 1e-9 };
+                let key = if w > 0.0 {
+                    u.powf(1.0 / w)
+                } else {
+                    -1.0 + u * 1e-9
+                };
                 (k, key)
             })
             .collect();
