@@ -63,7 +63,8 @@ impl Default for SharedPrefix {
 }
 
 /// Multi-turn chat: `num_sessions` conversations run interleaved; turn `t` of every session comes
-/// before turn `t + 1` of any, so a session's next turn arrives `num_sessions` requests later.
+/// before turn `t + 1` of any (each round in its own seeded order), so a session's next turn
+/// arrives between 1 and `2 * num_sessions - 1` requests later.
 /// Each turn's prompt is the whole previous conversation (system prompt, earlier user turns and
 /// synthetic assistant replies of `output_len` tokens) plus a new user message. After the last turn
 /// a fresh set of sessions starts. The system prompt is shared by every session.
@@ -374,7 +375,12 @@ impl Workload {
                 let pass = index / per_pass;
                 let within = index % per_pass;
                 let turn = within / sessions;
-                let session = pass * sessions + within % sessions;
+                // Each round (one turn of every session) visits the sessions in its own seeded
+                // order, so the gap between a session's turns varies (no lock-step with a
+                // round-robin over a number of backends that divides the session count).
+                let mut order: Vec<u64> = (0..sessions).collect();
+                shuffle(&mut order, &mut Prng::new(&[seed, S_ORDER, pass, turn]));
+                let session = pass * sessions + order[(within % sessions) as usize];
                 let mut messages: Messages = Vec::with_capacity(2 + 2 * turn as usize);
                 if !system.is_empty() {
                     messages.push(("system", system.clone()));
@@ -646,11 +652,20 @@ mod tests {
             output_len: 5,
         };
         let w = Workload::new(WorkloadSpec::MultiTurn(spec), 9).unwrap();
-        // Index 1 = session 1 turn 0; index 4 = session 1 turn 1; index 7 = session 1 turn 2.
-        let t0 = w.request(1);
-        let t1 = w.request(4);
-        let t2 = w.request(7);
-        assert_eq!((t0.group, t1.group, t2.group), (1, 1, 1));
+        // Every round of 3 requests holds each session once, at its turn.
+        let first: Vec<_> = w.take(12).collect();
+        for round in 0..4 {
+            let mut groups: Vec<u64> = first[round * 3..round * 3 + 3]
+                .iter()
+                .map(|r| r.group)
+                .collect();
+            groups.sort();
+            assert_eq!(groups, [0, 1, 2]);
+        }
+        let s1: Vec<_> = first.iter().filter(|r| r.group == 1).collect();
+        assert_eq!(s1.len(), 4);
+        let (t0, t1, t2) = (s1[0], s1[1], s1[2]);
+        assert_eq!((t0.index / 3, t1.index / 3, t2.index / 3), (0, 1, 2));
         assert!(t1.prompt_text.starts_with(&t0.prompt_text));
         assert!(t2.prompt_text.starts_with(&t1.prompt_text));
         assert_eq!(t0.body["messages"].as_array().unwrap().len(), 2);
@@ -667,7 +682,8 @@ mod tests {
         assert_eq!(next.body["messages"].as_array().unwrap().len(), 2);
         assert_ne!(next.prompt_text, w.request(0).prompt_text);
         // Other sessions share only the system prompt.
-        assert!(!w.request(2).prompt_text.starts_with(&t0.prompt_text));
+        let other = first.iter().find(|r| r.group == 2).unwrap();
+        assert!(!other.prompt_text.starts_with(&t0.prompt_text));
     }
 
     #[test]

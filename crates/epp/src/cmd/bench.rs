@@ -484,3 +484,168 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn defaults_compare_every_preset_on_shared_prefix() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(
+            a.policies,
+            [
+                "random",
+                "round-robin",
+                "least-queue",
+                "prefix-only",
+                "default"
+            ]
+        );
+        assert_eq!(
+            a.workload.spec().unwrap(),
+            WorkloadSpec::SharedPrefix(SharedPrefix::default())
+        );
+        assert_eq!(
+            a.load.mode(40.0).unwrap(),
+            LoadMode::OpenLoop { rate: 40.0 }
+        );
+        assert_eq!(a.load.bounds(Some(800), None).unwrap(), (Some(800), None));
+        let s = a.sims.setup().unwrap();
+        assert_eq!((s.backends, s.max_num_seqs, s.kv_blocks), (4, 16, None));
+        assert_eq!(s.latency.prefill_per_token_ms, 0.1);
+        assert_eq!(a.out, PathBuf::from("bench-results"));
+    }
+
+    #[test]
+    fn workload_flags_map_to_the_spec() {
+        let a = parse(&[
+            "--workload",
+            "hot-spot",
+            "--num-groups",
+            "5",
+            "--hot-fraction",
+            "0.5",
+            "--system-prompt-len",
+            "100",
+            "--question-len",
+            "7",
+            "--output-len",
+            "3",
+            "--api",
+            "completions",
+            "--seed",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(a.workload.seed, 9);
+        assert_eq!(
+            a.workload.spec().unwrap(),
+            WorkloadSpec::HotSpot(HotSpot {
+                num_groups: 5,
+                hot_fraction: 0.5,
+                system_prompt_len: 100,
+                question_len: 7,
+                output_len: 3,
+                api: Api::Completions,
+            })
+        );
+        let a = parse(&[
+            "--workload",
+            "multi-turn",
+            "--num-sessions",
+            "3",
+            "--turns-per-session",
+            "2",
+            "--user-len",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.workload.spec().unwrap(),
+            WorkloadSpec::MultiTurn(MultiTurn {
+                num_sessions: 3,
+                turns_per_session: 2,
+                user_len: 10,
+                ..MultiTurn::default()
+            })
+        );
+        let a = parse(&["--workload", "no-sharing", "--prompt-len", "33"]).unwrap();
+        assert_eq!(
+            a.workload.spec().unwrap(),
+            WorkloadSpec::NoSharing(NoSharing {
+                prompt_len: 33,
+                ..NoSharing::default()
+            })
+        );
+    }
+
+    #[test]
+    fn misplaced_or_invalid_flags_are_named() {
+        let a = parse(&["--workload", "no-sharing", "--num-groups", "3"]).unwrap();
+        assert_eq!(
+            a.workload.spec().unwrap_err().to_string(),
+            "--num-groups does not apply to --workload no-sharing"
+        );
+        let a = parse(&["--hot-fraction", "0.5"]).unwrap();
+        assert!(a.workload.spec().is_err());
+        let a = parse(&["--workload", "hot-spot", "--hot-fraction", "2"]).unwrap();
+        assert_eq!(
+            a.workload.spec().unwrap_err().to_string(),
+            "workload parameter `hot_fraction` must be between 0 and 1"
+        );
+        let a = parse(&["--rate", "0"]).unwrap();
+        assert!(a.load.mode(1.0).is_err());
+        let a = parse(&["--concurrency", "0"]).unwrap();
+        assert!(a.load.mode(1.0).is_err());
+        assert!(parse(&["--rate", "5", "--concurrency", "2"]).is_err());
+        let a = parse(&["--duration=-1"]).unwrap();
+        assert!(a.load.bounds(None, None).is_err());
+        let a = parse(&["--backends", "0"]).unwrap();
+        assert!(a.sims.setup().is_err());
+        // --model and --metrics-url only make sense with --url.
+        assert!(parse(&["--model", "m"]).is_err());
+        assert!(parse(&["--url", "http://x", "--policies", "default"]).is_err());
+    }
+
+    #[test]
+    fn load_shape_flags() {
+        let a = parse(&[
+            "--concurrency",
+            "8",
+            "--duration",
+            "2.5",
+            "--requests",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.load.mode(40.0).unwrap(),
+            LoadMode::ClosedLoop { concurrency: 8 }
+        );
+        assert_eq!(
+            a.load.bounds(Some(800), None).unwrap(),
+            (Some(10), Some(Duration::from_millis(2500)))
+        );
+        let a = parse(&[
+            "--policies",
+            "default,round-robin",
+            "--policy-config",
+            "x.yaml",
+        ])
+        .unwrap();
+        assert_eq!(a.policies, ["default", "round-robin"]);
+        assert_eq!(a.policy_config, [PathBuf::from("x.yaml")]);
+    }
+}

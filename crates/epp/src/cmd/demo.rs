@@ -132,3 +132,43 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn defaults_fit_in_a_minute() {
+        let a = Cli::try_parse_from(["demo"]).unwrap().args;
+        // Two policies back to back stay within the 60 s the README promises.
+        assert!(2.0 * a.duration <= 60.0);
+        assert_eq!((a.duration, a.rate, a.seed), (25.0, 30.0, 42));
+        assert!(!a.keep_running && a.out.is_none() && !a.no_progress);
+        assert_eq!(a.sims.setup().unwrap().backends, 4);
+        let a = Cli::try_parse_from(["demo", "--keep-running", "--duration", "5", "--out", "d"])
+            .unwrap()
+            .args;
+        assert!(a.keep_running);
+        assert_eq!(a.duration, 5.0);
+        assert_eq!(a.out, Some(PathBuf::from("d")));
+    }
+
+    #[tokio::test]
+    async fn invalid_duration_and_rate_are_rejected_before_starting() {
+        let a = Cli::try_parse_from(["demo", "--duration", "0"])
+            .unwrap()
+            .args;
+        let e = run(a).await.unwrap_err().to_string();
+        assert_eq!(e, "--duration must be a positive number of seconds");
+        let a = Cli::try_parse_from(["demo", "--rate", "0"]).unwrap().args;
+        let e = run(a).await.unwrap_err().to_string();
+        assert_eq!(e, "--rate must be a positive number of requests per second");
+    }
+}
