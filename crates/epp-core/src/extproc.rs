@@ -27,8 +27,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::{Picker, PickerOptions};
@@ -144,59 +143,69 @@ impl ExtProcService {
 
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+    type ProcessStream = ProcessStream;
 
     async fn process(
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(32);
         let exchange = Exchange::new(self.director.clone(), self.cfg.clone());
-        tokio::spawn(drive(inbound, tx, exchange));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(answers(request.into_inner(), exchange)))
     }
 }
 
-/// Pump one stream: read a message, answer it, until the exchange ends, the peer goes away,
-/// or a protocol violation ends it with an error status. Dropping the exchange releases the
+/// The answers of one stream, produced as tonic polls for them (no extra task or channel
+/// between the inbound messages and the outbound answers).
+pub type ProcessStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send + 'static>>;
+
+struct Pump {
+    inbound: Streaming<ProcessingRequest>,
+    exchange: Exchange,
+    pending: std::collections::VecDeque<ProcessingResponse>,
+    over: bool,
+}
+
+/// Read a message, answer it, until the exchange ends, the gateway goes away, or a protocol
+/// violation ends the stream with an error status. When tonic drops the stream (the gateway
+/// reset it, the client went away) the exchange is dropped with it, which releases the
 /// in-flight count (counted as 499 unless the response completed).
-async fn drive(
-    mut inbound: Streaming<ProcessingRequest>,
-    tx: mpsc::Sender<Result<ProcessingResponse, Status>>,
-    mut exchange: Exchange,
-) {
-    loop {
-        let msg = tokio::select! {
-            m = inbound.message() => m,
-            _ = tx.closed() => return,
-        };
-        let msg = match msg {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(status) => {
-                tracing::debug!(code = ?status.code(), "ext_proc stream ended by the gateway");
-                return;
+fn answers(inbound: Streaming<ProcessingRequest>, exchange: Exchange) -> ProcessStream {
+    let pump = Pump {
+        inbound,
+        exchange,
+        pending: std::collections::VecDeque::new(),
+        over: false,
+    };
+    Box::pin(futures_util::stream::unfold(pump, |mut p| async move {
+        loop {
+            if let Some(r) = p.pending.pop_front() {
+                return Some((Ok(r), p));
             }
-        };
-        match exchange.handle(msg) {
-            Ok(out) => {
-                for r in out {
-                    if tx.send(Ok(r)).await.is_err() {
-                        return;
-                    }
-                }
-                if exchange.finished() {
-                    return;
-                }
+            if p.over {
+                return None;
             }
-            Err(status) => {
-                tracing::warn!(error = %status.message(), "ext_proc protocol violation, ending the stream");
-                let _ = tx.send(Err(status)).await;
-                return;
+            let msg = match p.inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), "ext_proc stream ended by the gateway");
+                    return None;
+                }
+            };
+            match p.exchange.handle(msg) {
+                Ok(out) => {
+                    p.pending.extend(out);
+                    p.over = p.exchange.finished();
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "ext_proc protocol violation, ending the stream");
+                    p.over = true;
+                    return Some((Err(status), p));
+                }
             }
         }
-    }
+    }))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
