@@ -338,8 +338,21 @@ impl Director {
                 .metrics
                 .record_cache(primary.name(), matches.matched(primary.slot) > 0);
         }
-        // Teach the index after the pick; only the touched shards are locked.
-        inner.prefix.insert(primary.slot, &hashes);
+        // Teach the index after the pick; only the touched shards are locked. Bound what we
+        // remember by the server's real cache size when it reports one.
+        let server_blocks = snapshot.endpoints[ranked[0]]
+            .metrics
+            .as_ref()
+            .and_then(|m| {
+                let blocks = m.num_gpu_blocks? as usize;
+                let tokens_per_block = m.block_size.unwrap_or(16) as usize;
+                let bytes =
+                    blocks * tokens_per_block * crate::scheduler::plugins::BYTES_PER_TOKEN as usize;
+                Some((bytes / inner.prefix.config().block_size.max(1)).max(1))
+            });
+        inner
+            .prefix
+            .insert_capped(primary.slot, &hashes, server_blocks);
         let tracker = RequestTracker {
             director: self.clone(),
             method,

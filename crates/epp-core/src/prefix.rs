@@ -204,6 +204,13 @@ impl PrefixIndex {
 
     /// Remember that `slot` now holds these blocks (called after the pick).
     pub fn insert(&self, slot: usize, hashes: &PromptHashes) {
+        self.insert_capped(slot, hashes, None);
+    }
+
+    /// As [`insert`](Self::insert), with the endpoint's real cache size in index blocks when
+    /// known (from its scraped `cache_config_info`): the index never remembers more than the
+    /// server can hold, so it does not believe in prefixes the server has already evicted.
+    pub fn insert_capped(&self, slot: usize, hashes: &PromptHashes, server_blocks: Option<usize>) {
         if slot >= MAX_TRACKED_ENDPOINTS || hashes.hashes.is_empty() {
             return;
         }
@@ -214,10 +221,21 @@ impl PrefixIndex {
         let cap = self
             .cfg
             .capacity_per_endpoint
+            .min(server_blocks.unwrap_or(usize::MAX))
             .clamp(1, (REFERENCED - 1) as usize);
         let mut lru = self.lrus[slot].lock();
         let mut added = 0usize;
         let mut evicted = 0usize;
+        // The server's cache is smaller than what we remember: drop the excess.
+        while lru.ring.len() > cap {
+            let victim = lru.ring.pop().expect("non-empty");
+            lru.pos.remove(&victim);
+            self.clear_bit(bank, victim, bit);
+            evicted += 1;
+        }
+        if lru.hand >= cap {
+            lru.hand = 0;
+        }
         for h in &hashes.hashes {
             if let Some(p) = lru.pos.get_mut(h) {
                 *p |= REFERENCED;
@@ -374,6 +392,17 @@ mod tests {
         let m = idx.lookup(&idx.hash("m", b"aaaabbbb"));
         assert_eq!(m.matched(1), 1);
         assert_eq!(idx.lookup(&idx.hash("m", b"zzzzyyyy")).matched(1), 2);
+    }
+
+    #[test]
+    fn server_capacity_caps_what_is_remembered() {
+        let idx = PrefixIndex::new(cfg(100));
+        idx.insert(0, &idx.hash("m", b"aaaabbbbccccdddd"));
+        assert_eq!(idx.slot_len(0), 4);
+        idx.insert_capped(0, &idx.hash("m", b"eeee"), Some(2));
+        assert_eq!(idx.slot_len(0), 2);
+        assert_eq!(idx.len(), 2);
+        assert_eq!(idx.evictions(), 3);
     }
 
     #[test]

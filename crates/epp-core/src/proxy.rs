@@ -145,6 +145,11 @@ pub async fn spawn_with_shutdown(
     let grace = opts.picker.grace_period;
     let sd = shutdown.clone();
     let done = tokio::spawn(async move {
+        // Small SSE chunks must not wait for the client's delayed ACK (Nagle).
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, app).with_graceful_shutdown(sd.clone().wait());
         let server = async move {
             if let Err(e) = server.await {

@@ -363,7 +363,11 @@ impl Scorer for KvCacheScorer {
     }
 }
 
-/// The picker's own in-flight count per endpoint (fresher than any scrape), min-max normalised.
+/// The picker's own in-flight count per endpoint (fresher than any scrape):
+/// `(max - x) / (max + 1)` across candidates. An idle endpoint next to one with `m` requests in
+/// flight scores `m / (m + 1)`, so a single request of difference moves the score by at most 0.5
+/// and larger imbalances approach 1: affinity holds under light jitter and yields to real
+/// hot-spots.
 pub struct ActiveRequestScorer {
     name: String,
 }
@@ -380,7 +384,10 @@ impl Scorer for ActiveRequestScorer {
             .iter()
             .map(|&i| ctx.ep(i).endpoint.inflight() as f64)
             .collect();
-        min_max_low_is_good(&vals, out);
+        let max = vals.iter().copied().fold(0.0, f64::max);
+        for (o, v) in out.iter_mut().zip(&vals) {
+            *o = (max - v) / (max + 1.0);
+        }
     }
 }
 
