@@ -927,3 +927,65 @@ async fn tls_serves_over_h2_with_files_and_self_signed_config_builds() {
         .to_string();
     assert!(err.contains("--key-path"), "{err}");
 }
+
+/// The picker's share of the Envoy benchmark: one whole exchange (request headers, body, the
+/// pick, response headers, response body) over loopback gRPC, sequentially. Prints p50/p99.
+/// `cargo test --release -p epp-core --test extproc_inprocess -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run with --ignored --nocapture"]
+async fn exchange_round_trip_cost() {
+    let h = harness(&PODS, false).await;
+    let mut client = ExternalProcessorClient::connect(format!("http://{}", h.addr))
+        .await
+        .unwrap();
+    let body = j("m", &"lorem ipsum ".repeat(40));
+    let mut samples = Vec::new();
+    for i in 0..3000 {
+        let t = std::time::Instant::now();
+        let (tx, rx) = mpsc::channel(8);
+        let mut rx = client
+            .process(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let send = |r| ProcessingRequest {
+            request: Some(r),
+            ..Default::default()
+        };
+        tx.send(send(req_headers(&[(":path", "/v1/completions")], false)))
+            .await
+            .unwrap();
+        tx.send(send(req_body(body.as_bytes(), true)))
+            .await
+            .unwrap();
+        rx.message().await.unwrap().unwrap();
+        rx.message().await.unwrap().unwrap();
+        tx.send(send(resp_headers(&[(":status", "200")], false)))
+            .await
+            .unwrap();
+        rx.message().await.unwrap().unwrap();
+        tx.send(send(resp_body(b"{\"ok\":true}", true)))
+            .await
+            .unwrap();
+        rx.message().await.unwrap().unwrap();
+        if i >= 300 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    println!(
+        "whole ext_proc exchange over loopback gRPC: p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs ({} samples)",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        samples.len()
+    );
+    let m = h.metrics.encode();
+    for l in m.lines().filter(|l| {
+        l.starts_with("epp_request_duration_seconds_sum{method=\"completions\"")
+            || l.starts_with("epp_request_duration_seconds_count{method=\"completions\"")
+    }) {
+        println!("{l}");
+    }
+}
