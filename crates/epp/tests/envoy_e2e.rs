@@ -257,3 +257,29 @@ async fn envoy_talks_tls_to_a_secure_serving_picker() {
     let r = post(&plain, &completion("plaintext", false), &[]).await;
     assert_eq!(r.status, 500);
 }
+
+#[test]
+fn serve_flag_errors_name_the_flag() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_epp"))
+            .arg("serve")
+            .args(args)
+            .args(["--endpoint", "127.0.0.1:1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&["--cert-path", "c.pem", "--key-path", "k.pem"]);
+    assert!(e.contains("need --secure-serving"), "{e}");
+    let e = run(&[
+        "--secure-serving",
+        "--cert-path",
+        "/nonexistent/c.pem",
+        "--key-path",
+        "/nonexistent/k.pem",
+    ]);
+    assert!(e.contains("--cert-path /nonexistent/c.pem"), "{e}");
+    let e = run(&["--secure-serving", "--cert-path", "c.pem"]);
+    assert!(e.contains("--key-path"), "{e}");
+}
