@@ -924,7 +924,8 @@ pub fn is_ready(ds: &Datastore) -> bool {
 /// `readiness` and the ext_proc service follow [`is_ready`]. Runs until `stop` resolves.
 pub async fn run_health(
     reporter: tonic_health::server::HealthReporter,
-    ds: Datastore,
+    ready: ReadyProbe,
+    mut changes: tokio::sync::watch::Receiver<u64>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     use tonic_health::ServingStatus;
@@ -934,11 +935,10 @@ pub async fn run_health(
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
-    let mut changes = ds.subscribe();
     let mut last = None;
     tokio::pin!(stop);
     loop {
-        let ready = is_ready(&ds);
+        let ready = ready();
         if last != Some(ready) {
             let st = if ready {
                 ServingStatus::Serving
@@ -949,7 +949,7 @@ pub async fn run_health(
             reporter.set_service_status(SERVICE_NAME, st).await;
             last = Some(ready);
         }
-        // Sync is a flag without a change notification, so also poll once a second.
+        // Sync and leadership change without a notification, so also poll once a second.
         tokio::select! {
             _ = &mut stop => break,
             _ = changes.changed() => {}
@@ -998,14 +998,33 @@ pub async fn serve_health(
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
+    let changes = ds.subscribe();
+    let ready: ReadyProbe = Arc::new(move || is_ready(&ds));
+    serve_health_with(ready, changes, listener, shutdown).await
+}
+
+/// Readiness as the gRPC health server sees it.
+pub type ReadyProbe = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// As [`serve_health`], with any readiness rule (e.g. the runtime's, which includes
+/// leadership); `changes` wakes the reporter early when the endpoint set changes.
+pub async fn serve_health_with(
+    ready: ReadyProbe,
+    changes: tokio::sync::watch::Receiver<u64>,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    tokio::spawn(run_health(reporter, ds, shutdown.wait()));
+    let reporting = tokio::spawn(run_health(reporter, ready, changes, shutdown.wait()));
     let stop = shutdown.wait();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(health)
         .serve_with_incoming_shutdown(incoming, stop)
-        .await
+        .await;
+    // The reporter stops on the same signal; wait so its readiness probe is released.
+    let _ = reporting.await;
+    served
 }
 
 /// Everything `epp serve` needs: the shared picker runtime plus the two gRPC listeners.
@@ -1086,9 +1105,15 @@ pub async fn spawn_with_shutdown(
     let service = ExtProcService::new(director.clone(), opts.extproc.clone());
     let grace = opts.picker.grace_period;
     let sd = shutdown.clone();
-    let ds = picker.datastore.clone();
+    // gRPC readiness is the runtime's (datastore synced, endpoints known, leader if HA).
+    let changes = picker.datastore.subscribe();
+    let picker = Arc::new(picker);
+    let ready: ReadyProbe = {
+        let p = picker.clone();
+        Arc::new(move || p.is_ready().is_ok())
+    };
     let done = tokio::spawn(async move {
-        let health_task = tokio::spawn(serve_health(ds, health, sd.clone()));
+        let health_task = tokio::spawn(serve_health_with(ready, changes, health, sd.clone()));
         let server: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
         > = match tls_config {
@@ -1107,7 +1132,12 @@ pub async fn spawn_with_shutdown(
             }
         }
         let _ = tokio::time::timeout(grace, health_task).await;
-        picker.join().await;
+        match Arc::try_unwrap(picker) {
+            Ok(p) => p.join().await,
+            Err(_) => {
+                tracing::warn!("gRPC health server still running; not waiting for background tasks")
+            }
+        }
         tracing::info!("ext_proc server stopped");
     });
     Ok(ServeHandle {
