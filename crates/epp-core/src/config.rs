@@ -157,7 +157,7 @@ schedulingProfiles:
   - pluginRef: kv-cache-utilization-scorer
     weight: 2
   - pluginRef: active-request-scorer
-    weight: 4
+    weight: 3
   - pluginRef: max-score-picker
 "#;
 

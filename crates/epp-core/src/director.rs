@@ -298,9 +298,13 @@ impl Director {
             let mut ranked = Vec::new();
             for w in &wanted {
                 for (i, e) in snapshot.endpoints.iter().enumerate() {
-                    if crate::scheduler::in_subset(e.endpoint.address(), std::slice::from_ref(w))
-                        && !ranked.contains(&i)
-                    {
+                    // `ip:port` matches exactly; a bare `ip` matches every port of that host.
+                    let hit = if w.contains(':') && !w.ends_with(']') {
+                        e.endpoint.address() == w
+                    } else {
+                        crate::scheduler::in_subset(e.endpoint.address(), std::slice::from_ref(w))
+                    };
+                    if hit && !ranked.contains(&i) {
                         ranked.push(i);
                     }
                 }
