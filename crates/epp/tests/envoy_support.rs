@@ -105,6 +105,16 @@ pub async fn try_get(addr: SocketAddr, path: &str) -> Option<HttpResp> {
     .ok()
 }
 
+/// Whether `raw` holds a whole response: its head, and as many body bytes as `content-length`.
+fn complete(raw: &[u8], head_end: Option<usize>) -> bool {
+    let Some(h) = head_end else { return false };
+    let head = String::from_utf8_lossy(&raw[..h]).to_ascii_lowercase();
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| raw.len() - h >= len)
+}
+
 pub async fn http_inner(
     addr: SocketAddr,
     method: &str,
@@ -136,13 +146,19 @@ pub async fn http_inner(
     let mut first_body = None;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = s.read(&mut buf).await.map_err(|e| {
-            format!(
-                "read failed after {} bytes: {e}: {:?}",
-                raw.len(),
-                String::from_utf8_lossy(&raw[..raw.len().min(500)])
-            )
-        })?;
+        let n = match s.read(&mut buf).await {
+            Ok(n) => n,
+            // A peer may reset a `connection: close` socket right after a complete response
+            // (Envoy does after its own 500): that is the end of the response, not a failure.
+            Err(_) if complete(&raw, head_end) => 0,
+            Err(e) => {
+                return Err(format!(
+                    "read failed after {} bytes: {e}: {:?}",
+                    raw.len(),
+                    String::from_utf8_lossy(&raw[..raw.len().min(500)])
+                ))
+            }
+        };
         if n == 0 {
             break;
         }

@@ -236,39 +236,10 @@ pub fn visit<'a>(e: &'a Expr, f: &mut dyn FnMut(&'a Expr)) {
     }
 }
 
-/// The metric family names an expression reads: the names of its vector and matrix selectors,
-/// with the histogram/summary suffixes `_bucket`, `_sum`, `_count` stripped (so
-/// `epp_request_duration_seconds_bucket` gives `epp_request_duration_seconds`). A selector
-/// without a name (`{__name__=~"..."}`) is reported as its `__name__` matcher value.
-pub fn metric_names(e: &Expr) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    visit(e, &mut |e| {
-        let vs = match e {
-            Expr::VectorSelector(vs) => vs,
-            Expr::MatrixSelector(ms) => &ms.vs,
-            _ => return,
-        };
-        let name = vs.name.clone().or_else(|| {
-            vs.matchers
-                .matchers
-                .iter()
-                .find(|m| m.name == "__name__")
-                .map(|m| m.value.clone())
-        });
-        if let Some(name) = name {
-            out.insert(family_name(&name).to_string());
-        }
-    });
-    out
-}
-
-/// `x_bucket` / `x_sum` / `x_count` → `x`; other names unchanged.
-pub fn family_name(sample: &str) -> &str {
-    ["_bucket", "_sum", "_count"]
-        .iter()
-        .find_map(|s| sample.strip_suffix(s))
-        .unwrap_or(sample)
-}
+/// The metric families an expression reads, `_bucket`/`_sum`/`_count` stripped: the same
+/// reading `epp doctor` uses (one implementation, in the `epp` library).
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use epp::assets::{family_name, metric_names};
 
 fn unparen(mut e: &Expr) -> &Expr {
     while let Expr::Paren(p) = e {

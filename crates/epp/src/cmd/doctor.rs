@@ -2,7 +2,7 @@
 //! scrapes it) and prints a checklist: ✓ passed, ✗ failed with a `fix:`, ! warning (e.g. no
 //! traffic yet) with a `hint:`, - skipped. Exits 1 when any check failed, 2 on bad flags.
 
-mod assets;
+use epp::assets;
 mod client;
 mod picker;
 mod prom;
