@@ -106,6 +106,57 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
     Ok(out)
 }
 
+/// The name a sample line reports under (up to `{` or the first blank), or `None` for blank
+/// lines.
+fn sample_name(line: &str) -> Option<&str> {
+    let end = line
+        .find(|c: char| c == '{' || c.is_ascii_whitespace())
+        .unwrap_or(line.len());
+    (end > 0).then(|| &line[..end])
+}
+
+/// Suffixes a family's series carry on the wire (histograms, summaries, counters).
+const SERIES_SUFFIXES: [&str; 6] = ["_bucket", "_sum", "_count", "_total", "_created", "_info"];
+
+fn wanted(name: &str, families: &[&str]) -> bool {
+    families.iter().any(|f| {
+        name.strip_prefix(f)
+            .is_some_and(|rest| rest.is_empty() || SERIES_SUFFIXES.contains(&rest))
+    })
+}
+
+/// The lines of `text` that belong to `families` (their `# HELP` / `# TYPE` lines and samples),
+/// in their original order. Other comments and blank lines are dropped.
+pub fn select_families(text: &str, families: &[&str]) -> String {
+    let mut out = String::with_capacity(512);
+    for line in text.lines() {
+        let keep = match line.strip_prefix('#') {
+            Some(comment) => {
+                let mut words = comment.split_ascii_whitespace();
+                matches!(words.next(), Some("HELP" | "TYPE"))
+                    && words.next().is_some_and(|n| families.contains(&n))
+            }
+            None => sample_name(line.trim_start()).is_some_and(|n| wanted(n, families)),
+        };
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// [`parse`] restricted to `families`: lines of every other family are skipped before the
+/// parser sees them, so a model server's large exposition (hundreds of histogram buckets) costs
+/// a line scan instead of a full parse. Errors in skipped lines go unnoticed by design.
+pub fn parse_families(text: &str, families: &[&str]) -> Result<Vec<Sample>, String> {
+    let selected = select_families(text, families);
+    if selected.is_empty() {
+        return Ok(Vec::new());
+    }
+    parse(&selected)
+}
+
 /// Sum of the samples named `name` whose labels include every `(k, v)` in `matchers`.
 pub fn sum(samples: &[Sample], name: &str, matchers: &[(&str, &str)]) -> f64 {
     samples
@@ -131,5 +182,29 @@ mod tests {
         assert_eq!(sum(&s, "x_seconds_bucket", &[("le", "+Inf")]), 2.0);
         assert_eq!(sum(&s, "x_seconds_count", &[]), 2.0);
         assert_eq!(sum(&s, "x_seconds_sum", &[]), 0.3);
+    }
+
+    #[test]
+    fn selected_families_parse_like_the_whole_exposition() {
+        let text = "# HELP vllm:num_requests_waiting w\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 3\n\n# HELP vllm:num_requests_waiting_x lookalike\n# TYPE vllm:num_requests_waiting_x gauge\nvllm:num_requests_waiting_x 9\n# TYPE vllm:request_success_total counter\nvllm:request_success_total{finished_reason=\"length\"} 5\n# TYPE x_seconds histogram\nx_seconds_bucket{le=\"0.1\"} 1\nx_seconds_bucket{le=\"+Inf\"} 2\nx_seconds_sum 0.3\nx_seconds_count 2\n";
+        let picked = select_families(text, &["vllm:num_requests_waiting", "x_seconds"]);
+        assert_eq!(
+            picked,
+            "# HELP vllm:num_requests_waiting w\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 3\n# TYPE x_seconds histogram\nx_seconds_bucket{le=\"0.1\"} 1\nx_seconds_bucket{le=\"+Inf\"} 2\nx_seconds_sum 0.3\nx_seconds_count 2\n"
+        );
+        let all = parse(text).unwrap();
+        let some = parse_families(text, &["vllm:num_requests_waiting", "x_seconds"]).unwrap();
+        let of = |v: &[Sample], n: &str| -> Vec<Sample> {
+            v.iter()
+                .filter(|s| s.name.starts_with(n))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(some.len(), 5);
+        assert_eq!(of(&some, "x_seconds"), of(&all, "x_seconds"));
+        assert_eq!(sum(&some, "vllm:num_requests_waiting", &[]), 3.0);
+        assert_eq!(sum(&some, "vllm:num_requests_waiting_x", &[]), 0.0);
+        // Nothing wanted: an empty (valid) exposition.
+        assert!(parse_families(text, &["absent"]).unwrap().is_empty());
     }
 }

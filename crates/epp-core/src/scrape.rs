@@ -93,7 +93,6 @@ async fn get(
 
 /// Parse an exposition and map the engine's names. Missing series read as 0.
 pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, String> {
-    let samples = crate::exposition::parse(text)?;
     let (waiting, running, kv, kv_legacy, lora, cache) = match engine {
         Engine::Vllm => (
             "vllm:num_requests_waiting",
@@ -120,6 +119,20 @@ pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, S
             None,
         ),
     };
+    // Only the families read below are parsed: a real vLLM exposition is mostly histogram
+    // buckets the picker never reads (docs/benchmarks.md, "Scrape cost").
+    let families: Vec<&str> = [
+        Some(waiting),
+        Some(running),
+        Some(kv),
+        kv_legacy,
+        lora,
+        cache,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let samples = crate::exposition::parse_families(text, &families)?;
     let value = |s: &crate::exposition::Sample| -> f64 { s.value };
     let sum = |name: &str| -> Option<f64> {
         let mut found = false;

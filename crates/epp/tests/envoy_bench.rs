@@ -7,7 +7,14 @@
 //! ```sh
 //! cargo test --release -p epp --test envoy_bench -- --ignored --nocapture
 //! ```
-//! Knobs (env): `EPP_BENCH_RATE` (default 500), `EPP_BENCH_SECS` (default 10).
+//! The same run also measures the protocol floor: a do-nothing ext_proc processor (its own
+//! process, the same tonic stack, the same messages: it routes round-robin without parsing,
+//! echoes every body) behind the same Envoy config. What Envoy's ext_proc filter plus a gRPC
+//! hop cost on this machine shows there; the picker's own cost is what it adds above it.
+//!
+//! Knobs (env): `EPP_BENCH_RATE` (default 500), `EPP_BENCH_SECS` (default 10; the fixed-rate
+//! comparison spends that long on each path, in `EPP_BENCH_ROUNDS` rounds, default 5),
+//! `EPP_BENCH_QUICK` (set: only the fixed-rate comparison).
 
 #[path = "envoy_support.rs"]
 mod support;
@@ -57,6 +64,232 @@ async fn run(
     run_load(&cfg, workload, rx).await.unwrap()
 }
 
+/// The floor processor: the fewest ext_proc answers Envoy's FULL_DUPLEX_STREAMED config allows
+/// (destination header + Content-Length + `envoy.lb` metadata at request end_of_stream, every
+/// body echoed, empty header/trailer answers), and no parsing, scheduling or metrics.
+mod floor {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+        ExternalProcessor, ExternalProcessorServer,
+    };
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        body_mutation, processing_request, processing_response, BodyMutation, BodyResponse,
+        CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest, ProcessingResponse,
+        StreamedBodyResponse, TrailersResponse,
+    };
+    use futures_util::Stream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    pub struct Floor {
+        pub targets: Vec<String>,
+        pub next: Arc<AtomicUsize>,
+    }
+
+    fn header(k: &str, v: &str) -> HeaderValueOption {
+        HeaderValueOption {
+            header: Some(HeaderValue {
+                key: k.into(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn echo(body: Vec<u8>, eos: bool, request: bool) -> ProcessingResponse {
+        let r = BodyResponse {
+            response: Some(CommonResponse {
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::StreamedResponse(
+                        StreamedBodyResponse {
+                            body,
+                            end_of_stream: eos,
+                            ..Default::default()
+                        },
+                    )),
+                }),
+                ..Default::default()
+            }),
+        };
+        ProcessingResponse {
+            response: Some(if request {
+                processing_response::Response::RequestBody(r)
+            } else {
+                processing_response::Response::ResponseBody(r)
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn routed(target: &str, len: Option<usize>) -> ProcessingResponse {
+        let mut set = vec![header(epp_core::extproc::DESTINATION, target)];
+        if let Some(n) = len {
+            set.push(header("content-length", &n.to_string()));
+        }
+        ProcessingResponse {
+            response: Some(processing_response::Response::RequestHeaders(
+                HeadersResponse {
+                    response: Some(CommonResponse {
+                        header_mutation: Some(HeaderMutation {
+                            set_headers: set,
+                            remove_headers: Vec::new(),
+                        }),
+                        clear_route_cache: true,
+                        ..Default::default()
+                    }),
+                },
+            )),
+            dynamic_metadata: Some(epp_core::extproc::destination_metadata(target)),
+            ..Default::default()
+        }
+    }
+
+    type Out = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl ExternalProcessor for Floor {
+        type ProcessStream = Out;
+
+        async fn process(
+            &self,
+            request: Request<Streaming<ProcessingRequest>>,
+        ) -> Result<Response<Out>, Status> {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let target = self.targets[i % self.targets.len()].clone();
+            let state = (request.into_inner(), VecDeque::new(), Vec::new());
+            let s = futures_util::stream::unfold(state, move |(mut inb, mut pending, mut body)| {
+                let target = target.clone();
+                async move {
+                    use processing_request::Request as R;
+                    loop {
+                        if let Some(r) = pending.pop_front() {
+                            return Some((Ok(r), (inb, pending, body)));
+                        }
+                        let msg = inb.message().await.ok().flatten()?;
+                        match msg.request? {
+                            R::RequestHeaders(h) if h.end_of_stream => {
+                                pending.push_back(routed(&target, None))
+                            }
+                            R::RequestHeaders(_) => {}
+                            R::RequestBody(b) => {
+                                body.extend_from_slice(&b.body);
+                                if b.end_of_stream {
+                                    let whole = std::mem::take(&mut body);
+                                    pending.push_back(routed(&target, Some(whole.len())));
+                                    pending.push_back(echo(whole, true, true));
+                                }
+                            }
+                            R::ResponseHeaders(_) => pending.push_back(ProcessingResponse {
+                                response: Some(processing_response::Response::ResponseHeaders(
+                                    HeadersResponse::default(),
+                                )),
+                                ..Default::default()
+                            }),
+                            R::ResponseBody(b) => {
+                                pending.push_back(echo(b.body, b.end_of_stream, false))
+                            }
+                            R::RequestTrailers(_) => pending.push_back(ProcessingResponse {
+                                response: Some(processing_response::Response::RequestTrailers(
+                                    TrailersResponse::default(),
+                                )),
+                                ..Default::default()
+                            }),
+                            R::ResponseTrailers(_) => pending.push_back(ProcessingResponse {
+                                response: Some(processing_response::Response::ResponseTrailers(
+                                    TrailersResponse::default(),
+                                )),
+                                ..Default::default()
+                            }),
+                        }
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(s)))
+        }
+    }
+
+    pub fn server(targets: Vec<String>) -> ExternalProcessorServer<Floor> {
+        ExternalProcessorServer::new(Floor {
+            targets,
+            next: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+}
+
+/// The floor processor's process: this test binary re-run with `EPP_FLOOR_ARGS` set
+/// (`grpc_port,health_port,target,target,...`); it serves until killed.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "child process of envoy_front_end_benchmark"]
+async fn floor_processor_child() {
+    let Ok(args) = std::env::var("EPP_FLOOR_ARGS") else {
+        return;
+    };
+    let mut parts = args.split(',');
+    let grpc: u16 = parts.next().unwrap().parse().unwrap();
+    let health: u16 = parts.next().unwrap().parse().unwrap();
+    let targets: Vec<String> = parts.map(str::to_string).collect();
+    let shutdown = epp_core::telemetry::Shutdown::new();
+    let (_tx, changes) = tokio::sync::watch::channel(0u64);
+    let hl = tokio::net::TcpListener::bind(("127.0.0.1", health))
+        .await
+        .unwrap();
+    tokio::spawn(epp_core::extproc::serve_health_with(
+        Arc::new(|| true),
+        changes,
+        hl,
+        shutdown.clone(),
+    ));
+    let gl = tokio::net::TcpListener::bind(("127.0.0.1", grpc))
+        .await
+        .unwrap();
+    let incoming = tonic::transport::server::TcpIncoming::from(gl).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(floor::server(targets))
+        .serve_with_incoming(incoming)
+        .await
+        .unwrap();
+}
+
+async fn start_floor(sims: &Sims) -> Picker {
+    let grpc = free_port("127.0.0.1");
+    let grpc_health = free_port("127.0.0.1");
+    let targets: Vec<String> = (0..3).map(|i| sims.addr(i).to_string()).collect();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "floor_processor_child",
+            "--nocapture",
+        ])
+        .env(
+            "EPP_FLOOR_ARGS",
+            format!("{grpc},{grpc_health},{}", targets.join(",")),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "floor processor never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Picker {
+        proc: Some(Proc(child)),
+        grpc,
+        grpc_health,
+        metrics: "127.0.0.1:9".parse().unwrap(),
+    }
+}
+
 struct Row {
     ok: u64,
     failed: u64,
@@ -65,17 +298,23 @@ struct Row {
 }
 
 fn row(o: &RunOutcome) -> Row {
-    let ok: Vec<f64> = o
-        .records
-        .iter()
+    pool(std::slice::from_ref(o))
+}
+
+/// One row from several runs of the same path: their samples pooled.
+fn pool(runs: &[RunOutcome]) -> Row {
+    let records = runs.iter().flat_map(|o| o.records.iter());
+    let ok: Vec<f64> = records
+        .clone()
         .filter(|r| r.ok())
         .map(|r| r.e2e_s)
         .collect();
-    let failed = o.records.iter().filter(|r| !r.ok()).count() as u64;
+    let failed = records.filter(|r| !r.ok()).count() as u64;
+    let elapsed: f64 = runs.iter().map(|o| o.elapsed_s).sum();
     Row {
         ok: ok.len() as u64,
         failed,
-        rps: ok.len() as f64 / o.elapsed_s.max(1e-9),
+        rps: ok.len() as f64 / elapsed.max(1e-9),
         e2e: Percentiles::from_values(ok),
     }
 }
@@ -93,6 +332,8 @@ async fn envoy_front_end_benchmark() {
     let picker = start_picker(&sims).await;
     let with = start_envoy(&picker, &sims, Variant::FailClosed).await;
     let direct = start_envoy(&picker, &sims, Variant::Direct).await;
+    let floor_proc = start_floor(&sims).await;
+    let floor = start_envoy(&floor_proc, &sims, Variant::FailClosed).await;
 
     // Warm both paths (connections, ORIGINAL_DST hosts).
     run(&with, LoadMode::ClosedLoop { concurrency: 4 }, 1.0, 128, 1).await;
@@ -104,6 +345,7 @@ async fn envoy_front_end_benchmark() {
         1,
     )
     .await;
+    run(&floor, LoadMode::ClosedLoop { concurrency: 4 }, 1.0, 128, 1).await;
 
     println!(
         "\n| scenario | path | ok | failed | achieved rps | p50 ms | p90 ms | p99 ms | max ms |"
@@ -122,18 +364,87 @@ async fn envoy_front_end_benchmark() {
         );
     };
     let mut added = Vec::new();
-    // Fixed rate, 128-token prompts; alternate the order so drift hits both paths.
+    // Fixed rate, 128-token prompts. The three paths take turns in short rounds (the order
+    // rotating) and each path's samples are pooled, so drift on this shared machine hits all
+    // three alike.
     let scenario = format!("{rate:.0} rps open loop, 128-token prompt");
-    let d = row(&run(&direct, LoadMode::OpenLoop { rate }, secs, 128, 2).await);
-    let p = row(&run(&with, LoadMode::OpenLoop { rate }, secs, 128, 2).await);
-    print(&scenario, "Envoy → sim (round-robin)", &d);
-    print(&scenario, "Envoy → epp → sim", &p);
-    added.push((scenario, p.e2e.p50 - d.e2e.p50, p.e2e.p99 - d.e2e.p99));
+    let rounds = env_f64("EPP_BENCH_ROUNDS", 5.0).max(1.0) as usize;
+    let paths: [(&str, &Envoy, Option<&Proc>); 3] = [
+        ("Envoy → sim (round-robin)", &direct, None),
+        (
+            "Envoy → floor processor → sim",
+            &floor,
+            floor_proc.proc.as_ref(),
+        ),
+        ("Envoy → epp → sim", &with, picker.proc.as_ref()),
+    ];
+    let mut pooled: Vec<Vec<RunOutcome>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut cpu = [(0.0f64, 0.0f64); 3]; // (Envoy, processor) CPU seconds per path
+    for round in 0..rounds {
+        for k in 0..3 {
+            let idx = (round + k) % 3;
+            let (_, envoy, proc) = paths[idx];
+            let before = (
+                envoy.proc.cpu_seconds(),
+                proc.map_or(0.0, Proc::cpu_seconds),
+            );
+            let o = run(
+                envoy,
+                LoadMode::OpenLoop { rate },
+                secs / rounds as f64,
+                128,
+                2 + round as u64,
+            )
+            .await;
+            cpu[idx].0 += envoy.proc.cpu_seconds() - before.0;
+            cpu[idx].1 += proc.map_or(0.0, Proc::cpu_seconds) - before.1;
+            pooled[idx].push(o);
+        }
+    }
+    let rows: Vec<Row> = pooled.iter().map(|runs| pool(runs)).collect();
+    for (k, r) in rows.iter().enumerate() {
+        print(&scenario, paths[k].0, r);
+    }
+    let per = |cpu: f64, r: &Row| format!("{:.0}", cpu * 1e6 / (r.ok + r.failed).max(1) as f64);
+    let (d, f, p) = (&rows[0], &rows[1], &rows[2]);
+    let cpu_rows = [
+        ("Envoy, direct", per(cpu[0].0, d)),
+        ("Envoy, with the floor processor", per(cpu[1].0, f)),
+        ("floor processor", per(cpu[1].1, f)),
+        ("Envoy, with the picker", per(cpu[2].0, p)),
+        (
+            "epp serve (incl. scraping 3 simulators every 100 ms)",
+            per(cpu[2].1, p),
+        ),
+    ];
+    added.push((
+        format!("{scenario}: floor processor"),
+        f.e2e.p50 - d.e2e.p50,
+        f.e2e.p99 - d.e2e.p99,
+    ));
+    added.push((
+        format!("{scenario}: epp"),
+        p.e2e.p50 - d.e2e.p50,
+        p.e2e.p99 - d.e2e.p99,
+    ));
+    added.push((
+        format!("{scenario}: epp above the floor"),
+        p.e2e.p50 - f.e2e.p50,
+        p.e2e.p99 - f.e2e.p99,
+    ));
+    drop(floor);
+    drop(floor_proc);
 
-    for (label, tokens, r) in [
-        ("64 KiB prompt", 16_384u32, 20.0),
-        ("1 MiB prompt", 262_144, 5.0),
-    ] {
+    let quick = std::env::var_os("EPP_BENCH_QUICK").is_some();
+    let large: &[(&str, u32, f64)] = if quick {
+        &[]
+    } else {
+        &[
+            ("64 KiB prompt", 16_384, 20.0),
+            ("1 MiB prompt", 262_144, 5.0),
+        ]
+    };
+    for &(label, tokens, r) in large {
         let scenario = format!("{r:.0} rps open loop, {label}");
         let d = row(&run(
             &direct,
@@ -158,6 +469,10 @@ async fn envoy_front_end_benchmark() {
 
     // Throughput: closed loop, enough concurrency to saturate; the picker pinned to one core.
     drop(with);
+    if quick {
+        print_summary(rate, cpu_rows, added);
+        return;
+    }
     let pinned = start_picker_with(&sims, Some(1)).await;
     let with1 = start_envoy(&pinned, &sims, Variant::FailClosed).await;
     run(&with1, LoadMode::ClosedLoop { concurrency: 4 }, 1.0, 128, 1).await;
@@ -180,6 +495,16 @@ async fn envoy_front_end_benchmark() {
     .await);
     print(scenario, "Envoy → sim (round-robin)", &d);
     print(scenario, "Envoy → epp (1 core) → sim", &p);
+
+    print_summary(rate, cpu_rows, added);
+}
+
+fn print_summary(rate: f64, cpu_rows: [(&str, String); 5], added: Vec<(String, f64, f64)>) {
+    println!("\n| process ({rate:.0} rps run) | CPU µs per request |");
+    println!("|---|---|");
+    for (who, us) in cpu_rows {
+        println!("| {who} | {us} |");
+    }
 
     println!("\n| scenario | added p50 ms | added p99 ms |");
     println!("|---|---|---|");

@@ -49,6 +49,20 @@ pub fn free_port(ip: &str) -> u16 {
 /// A child process killed (and reaped) on drop.
 pub struct Proc(pub Child);
 
+impl Proc {
+    /// CPU seconds (user + system) this process has used so far, from /proc (Linux).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY-free: the clock tick is 100 Hz on every Linux this runs on.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -354,7 +368,7 @@ pub async fn start_picker_args(sims: &Sims, cpu: Option<usize>, extra: &[&str]) 
 }
 
 pub struct Envoy {
-    _proc: Proc,
+    pub proc: Proc,
     pub listener: SocketAddr,
     pub admin: SocketAddr,
     _dir: tempfile::TempDir,
@@ -510,7 +524,7 @@ pub async fn start_envoy(picker: &Picker, sims: &Sims, variant: Variant) -> Envo
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Envoy {
-        _proc: proc,
+        proc,
         listener: format!("127.0.0.1:{listen}").parse().unwrap(),
         admin,
         _dir: dir,
