@@ -92,7 +92,11 @@ impl PickerOptions {
             }
             Discovery::External | Discovery::Kubernetes(_) => Vec::new(),
         };
-        let tls = self.metrics_tls.as_ref().map(|t| t.setup()).transpose()?;
+        let tls = self
+            .metrics_tls
+            .as_ref()
+            .map(|t| t.setup(crate::tls::TlsPort::METRICS))
+            .transpose()?;
         if let Some(le) = &self.leader_election {
             le.validate().map_err(|e| anyhow::anyhow!(e))?;
         }
@@ -207,14 +211,7 @@ impl Picker {
                         .await;
                 })),
                 Some(setup) => {
-                    tracing::info!(
-                        certificate = if setup.from_files() {
-                            "from files (reloaded on change)"
-                        } else {
-                            "self-signed"
-                        },
-                        "metrics served over HTTPS"
-                    );
+                    tracing::info!(certificate = setup.describe(), "metrics served over HTTPS");
                     let l = setup.serve_listener(l, shutdown.clone());
                     tasks.push(tokio::spawn(async move {
                         let _ = axum::serve(l, router)

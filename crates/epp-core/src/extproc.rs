@@ -8,8 +8,6 @@
 //! endpoint are settled when the response ends (or the stream goes away). Protocol violations end
 //! only the offending stream, with a gRPC status that says what was wrong.
 
-pub mod tls;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +34,7 @@ use crate::director::{Director, RequestTracker, RouteError, RouteRequest};
 use crate::request::ApiMethod;
 use crate::serving;
 use crate::telemetry::Shutdown;
+use crate::tls::{TlsPort, TlsSettings, TlsSetup};
 
 /// The gRPC service name, also a gRPC health service name.
 pub const SERVICE_NAME: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
@@ -978,17 +977,21 @@ pub async fn serve(
         .await
 }
 
-/// As [`serve`], terminating TLS with `config` first.
+/// As [`serve`], terminating TLS first (`--secure-serving`) with the accept loop and
+/// certificate reloading the metrics port uses too ([`crate::tls`]); until `shutdown`.
 pub async fn serve_tls(
     service: ExtProcService,
     listener: tokio::net::TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    tls: TlsSetup,
+    shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
+    let incoming = tls
+        .serve_listener(listener, shutdown.clone())
+        .into_incoming();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(tls::incoming(listener, config), stop)
+        .serve_with_incoming_shutdown(incoming, shutdown.wait())
         .await
 }
 
@@ -1033,8 +1036,9 @@ pub struct ServeOptions {
     pub grpc_addr: SocketAddr,
     pub grpc_health_addr: SocketAddr,
     pub extproc: ExtProcConfig,
-    /// TLS on the ext_proc port (`--secure-serving`); `None` = plaintext h2c.
-    pub tls: Option<tls::TlsSource>,
+    /// TLS on the ext_proc port (`--secure-serving`; files, or neither for self-signed);
+    /// `None` = plaintext h2c.
+    pub tls: Option<TlsSettings>,
     pub picker: PickerOptions,
 }
 
@@ -1083,7 +1087,12 @@ pub async fn spawn_with_shutdown(
     if opts.extproc.max_body_bytes == 0 {
         anyhow::bail!("--max-body-bytes must be greater than 0");
     }
-    let tls_config = opts.tls.as_ref().map(tls::server_config).transpose()?;
+    // Certificate errors (naming --cert-path/--key-path and the file) before binding anything.
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(|t| t.setup(TlsPort::GRPC))
+        .transpose()?;
     let validated = opts.picker.validate()?;
     let picker = Picker::start(opts.picker.clone(), validated, shutdown.clone()).await?;
     let grpc = serving::bind(opts.grpc_addr, "--grpc-port").await?;
@@ -1093,7 +1102,7 @@ pub async fn spawn_with_shutdown(
     tracing::info!(
         grpc = %grpc_addr,
         grpc_health = %grpc_health_addr,
-        tls = ?opts.tls,
+        tls = tls.as_ref().map_or("off", |t| t.describe()),
         test_hooks = opts.extproc.test_hooks,
         fallbacks = opts.extproc.fallbacks,
         max_body_bytes = opts.extproc.max_body_bytes,
@@ -1116,8 +1125,8 @@ pub async fn spawn_with_shutdown(
         let health_task = tokio::spawn(serve_health_with(ready, changes, health, sd.clone()));
         let server: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match tls_config {
-            Some(cfg) => Box::pin(serve_tls(service, grpc, cfg, sd.clone().wait())),
+        > = match tls {
+            Some(tls) => Box::pin(serve_tls(service, grpc, tls, sd.clone())),
             None => Box::pin(serve(service, grpc, sd.clone().wait())),
         };
         tokio::pin!(server);

@@ -1,14 +1,25 @@
-//! HTTPS for the metrics port (`--metrics-tls`): a bearer token should not cross the network in
-//! clear text. The certificate comes from `--metrics-cert-file` / `--metrics-key-file` (re-read
-//! when their contents change, e.g. a cert-manager Secret rotation) or, when none is given, is a
-//! self-signed one made at start-up. Probes are never on this listener and stay plain HTTP.
+//! TLS for the picker's ports, one implementation for both: HTTPS on the metrics port
+//! (`--metrics-tls`: a bearer token should not cross the network in clear text) and TLS on the
+//! ext_proc gRPC port (`epp serve --secure-serving`). What differs between the two is a
+//! [`TlsPort`]: the flags named in errors, the ALPN list and the log prefix.
 //!
-//! Handshakes run in their own tasks, so one slow client cannot hold up the others; finished
-//! connections are handed to axum through [`TlsListener`], an `axum::serve::Listener`.
+//! The certificate comes from PEM files (`--metrics-cert-file`/`--metrics-key-file`, or
+//! `--cert-path`/`--key-path`), checked every [`TlsSettings::reload_interval`] (10 s) and swapped
+//! for new connections when their contents change and parse (e.g. a cert-manager Secret
+//! rotation; a broken or half-written pair is refused and the old certificate kept), or, when
+//! none is given, is a self-signed one made at start-up. Probe ports are never TLS.
+//!
+//! Handshakes run in their own tasks (bounded to 10 s), so one slow client cannot hold up the
+//! others; finished connections come out of one accept loop as a [`TlsListener`], which is an
+//! `axum::serve::Listener` (metrics) and, through [`TlsListener::into_incoming`], a tonic
+//! incoming stream of [`TlsConn`] (gRPC). tonic itself then needs no TLS feature.
 
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,14 +27,51 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 
 use crate::telemetry::Shutdown;
 
-/// TLS settings for the metrics port.
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What makes one TLS port different from another: the flags its errors name, the application
+/// protocols it offers, and the prefix of its log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsPort {
+    /// Log prefix, e.g. `metrics TLS`.
+    pub label: &'static str,
+    /// The flag that names the certificate file.
+    pub cert_flag: &'static str,
+    /// The flag that names the key file.
+    pub key_flag: &'static str,
+    /// ALPN protocols, most preferred first.
+    pub alpn: &'static [&'static [u8]],
+}
+
+impl TlsPort {
+    /// The metrics port (`--metrics-tls`): HTTP/2 or HTTP/1.1.
+    pub const METRICS: TlsPort = TlsPort {
+        label: "metrics TLS",
+        cert_flag: "--metrics-cert-file",
+        key_flag: "--metrics-key-file",
+        alpn: &[b"h2", b"http/1.1"],
+    };
+    /// The ext_proc gRPC port (`epp serve --secure-serving`): gRPC is HTTP/2 only.
+    pub const GRPC: TlsPort = TlsPort {
+        label: "gRPC TLS",
+        cert_flag: "--cert-path",
+        key_flag: "--key-path",
+        alpn: &[b"h2"],
+    };
+}
+
+/// TLS settings for one port.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MetricsTls {
+pub struct TlsSettings {
     /// PEM certificate chain; with `key_file`. Neither: a self-signed certificate.
     pub cert_file: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
@@ -32,7 +80,10 @@ pub struct MetricsTls {
     pub reload_interval: Duration,
 }
 
-impl Default for MetricsTls {
+/// The metrics port's settings (`--metrics-tls`, `--metrics-cert-file`, `--metrics-key-file`).
+pub type MetricsTls = TlsSettings;
+
+impl Default for TlsSettings {
     fn default() -> Self {
         Self {
             cert_file: None,
@@ -45,13 +96,17 @@ impl Default for MetricsTls {
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("--metrics-cert-file and --metrics-key-file must be given together (or neither, for a self-signed certificate)")]
-    HalfPair,
-    #[error("{flag} {path}: cannot read: {source}")]
+    #[error("{cert_flag} and {key_flag} must be given together (or neither, for a self-signed certificate)")]
+    HalfPair {
+        cert_flag: &'static str,
+        key_flag: &'static str,
+    },
+    // `error`, not `source`: the message already says it, so `{:#}` must not repeat it.
+    #[error("{flag} {path}: cannot read: {error}")]
     Read {
         flag: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{flag} {path}: {message}")]
     Parse {
@@ -72,15 +127,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         flag,
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
-/// Build a certified key from PEM bytes.
+/// Build a certified key from PEM bytes; errors name `port`'s flag and the file.
 pub fn certified_key_from_pem(
+    port: &TlsPort,
     cert_pem: &[u8],
     key_pem: &[u8],
     cert_path: &Path,
@@ -89,19 +145,19 @@ pub fn certified_key_from_pem(
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Parse {
-            flag: "--metrics-cert-file",
+            flag: port.cert_flag,
             path: cert_path.to_path_buf(),
             message: format!("not a PEM certificate chain: {e}"),
         })?;
     if chain.is_empty() {
         return Err(TlsError::Parse {
-            flag: "--metrics-cert-file",
+            flag: port.cert_flag,
             path: cert_path.to_path_buf(),
             message: "no CERTIFICATE block found".into(),
         });
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Parse {
-        flag: "--metrics-key-file",
+        flag: port.key_flag,
         path: key_path.to_path_buf(),
         message: format!("no usable PEM private key: {e}"),
     })?;
@@ -109,7 +165,7 @@ pub fn certified_key_from_pem(
         .key_provider
         .load_private_key(key)
         .map_err(|e| TlsError::Parse {
-            flag: "--metrics-key-file",
+            flag: port.key_flag,
             path: key_path.to_path_buf(),
             message: format!("unsupported private key: {e}"),
         })?;
@@ -175,6 +231,7 @@ impl CertStore {
 pub struct TlsSetup {
     pub store: Arc<CertStore>,
     pub acceptor: tokio_rustls::TlsAcceptor,
+    port: TlsPort,
     files: Option<(PathBuf, PathBuf)>,
     reload_interval: Duration,
     /// Contents last loaded, to notice changes.
@@ -184,25 +241,29 @@ pub struct TlsSetup {
 impl std::fmt::Debug for TlsSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsSetup")
+            .field("port", &self.port.label)
             .field("files", &self.files)
             .finish_non_exhaustive()
     }
 }
 
-impl MetricsTls {
-    /// Load (or generate) the certificate and build the acceptor; errors name the flag.
-    pub fn setup(&self) -> Result<TlsSetup, TlsError> {
+impl TlsSettings {
+    /// Load (or generate) the certificate and build the acceptor for `port`; errors name
+    /// `port`'s flags and the file.
+    pub fn setup(&self, port: TlsPort) -> Result<TlsSetup, TlsError> {
         let (key, files, last) = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => {
-                let (cb, kb) = (
-                    read("--metrics-cert-file", c)?,
-                    read("--metrics-key-file", k)?,
-                );
-                let key = certified_key_from_pem(&cb, &kb, c, k)?;
+                let (cb, kb) = (read(port.cert_flag, c)?, read(port.key_flag, k)?);
+                let key = certified_key_from_pem(&port, &cb, &kb, c, k)?;
                 (key, Some((c.clone(), k.clone())), Some((cb, kb)))
             }
             (None, None) => (self_signed(&[])?, None, None),
-            _ => return Err(TlsError::HalfPair),
+            _ => {
+                return Err(TlsError::HalfPair {
+                    cert_flag: port.cert_flag,
+                    key_flag: port.key_flag,
+                })
+            }
         };
         let store = CertStore::new(key);
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
@@ -210,10 +271,11 @@ impl MetricsTls {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(store.clone());
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg.alpn_protocols = port.alpn.iter().map(|p| p.to_vec()).collect();
         Ok(TlsSetup {
             store,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+            port,
             files,
             reload_interval: self.reload_interval,
             last,
@@ -227,41 +289,60 @@ impl TlsSetup {
         self.files.is_some()
     }
 
+    /// The port this set-up serves.
+    pub fn port(&self) -> &TlsPort {
+        &self.port
+    }
+
+    /// For the start-up log line: where the certificate comes from.
+    pub fn describe(&self) -> &'static str {
+        if self.from_files() {
+            "from files (reloaded on change)"
+        } else {
+            "self-signed"
+        }
+    }
+
     /// Re-read the files once; swap the certificate when they changed and parse.
     /// Returns whether a new certificate is now served.
     pub fn reload_once(&mut self) -> bool {
+        let label = self.port.label;
         let Some((c, k)) = self.files.clone() else {
             return false;
         };
         let (Ok(cb), Ok(kb)) = (std::fs::read(&c), std::fs::read(&k)) else {
             tracing::warn!(cert = %c.display(), key = %k.display(),
-                "metrics TLS: cannot read the certificate files; keeping the current certificate");
+                "{label}: cannot read the certificate files; keeping the current certificate");
             return false;
         };
         if self.last.as_ref() == Some(&(cb.clone(), kb.clone())) {
             return false;
         }
-        match certified_key_from_pem(&cb, &kb, &c, &k) {
+        match certified_key_from_pem(&self.port, &cb, &kb, &c, &k) {
             Ok(key) => {
                 self.store.set(key);
                 self.last = Some((cb, kb));
-                tracing::info!(cert = %c.display(), "metrics TLS: certificate reloaded");
+                tracing::info!(cert = %c.display(), "{label}: certificate reloaded");
                 true
             }
             Err(e) => {
                 // A rotation writes two files; a half-written pair fails here and is
                 // retried on the next tick.
-                tracing::warn!(error = %e, "metrics TLS: new certificate files rejected; keeping the current certificate");
+                tracing::warn!(error = %e, "{label}: new certificate files rejected; keeping the current certificate");
                 false
             }
         }
     }
 
-    /// Accept TLS connections on `listener` until `shutdown`, reloading the certificate files.
+    /// Accept TLS connections on `listener` until `shutdown` (or until the returned listener
+    /// is dropped), reloading the certificate files. This is the one accept loop of both
+    /// ports: handshakes in their own tasks, bounded to 10 s, failures logged at debug and
+    /// never stopping the loop; TCP_NODELAY on every connection.
     pub fn serve_listener(mut self, listener: TcpListener, shutdown: Shutdown) -> TlsListener {
         let local = listener.local_addr().ok();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let acceptor = self.acceptor.clone();
+        let label = self.port.label;
         let sd = shutdown.clone();
         tokio::spawn(async move {
             let stop = sd.wait();
@@ -269,27 +350,28 @@ impl TlsSetup {
             loop {
                 let (tcp, peer) = tokio::select! {
                     _ = &mut stop => return,
+                    _ = tx.closed() => return,
                     r = listener.accept() => match r {
                         Ok(x) => x,
                         Err(e) => {
-                            tracing::debug!(error = %e, "metrics TLS: accept failed");
+                            tracing::warn!(error = %e, "{label}: accepting a connection failed");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
                     },
                 };
+                let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "metrics TLS: handshake failed (plain HTTP sent to the HTTPS port?)")
+                            tracing::debug!(peer = %peer, error = %e, "{label}: handshake failed (plain text sent to the TLS port?)")
                         }
-                        Err(_) => tracing::debug!(peer = %peer, "metrics TLS: handshake timed out"),
+                        Err(_) => tracing::debug!(peer = %peer, "{label}: handshake timed out"),
                     }
                 });
             }
@@ -313,10 +395,28 @@ impl TlsSetup {
     }
 }
 
-/// Finished TLS connections, for `axum::serve`.
+/// Finished TLS connections: an `axum::serve::Listener`, or a tonic incoming stream through
+/// [`TlsListener::into_incoming`].
 pub struct TlsListener {
     rx: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: Option<SocketAddr>,
+}
+
+impl TlsListener {
+    /// The same connections for tonic (`Server::serve_with_incoming_shutdown`). The stream
+    /// ends when the accept loop does (shutdown).
+    pub fn into_incoming(self) -> impl Stream<Item = Result<TlsConn, io::Error>> + Send {
+        let local = self.local;
+        ReceiverStream::new(self.rx).map(move |(stream, peer)| {
+            Ok(TlsConn {
+                stream,
+                info: tonic::transport::server::TcpConnectInfo {
+                    local_addr: local,
+                    remote_addr: Some(peer),
+                },
+            })
+        })
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -337,6 +437,59 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// One TLS-terminated connection, as tonic's server wants it. A newtype only because tonic's
+/// `Connected` is implemented for rustls streams only with tonic's own TLS feature, which this
+/// crate does not use; it reports the same `TcpConnectInfo` as a plaintext connection, so
+/// `Request::remote_addr` works either way.
+#[derive(Debug)]
+pub struct TlsConn {
+    stream: TlsStream<TcpStream>,
+    info: tonic::transport::server::TcpConnectInfo,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +500,14 @@ mod tests {
             cert_file: Some("/nonexistent.crt".into()),
             ..Default::default()
         };
-        assert!(matches!(t.setup(), Err(TlsError::HalfPair)));
+        let e = t.setup(TlsPort::METRICS).unwrap_err();
+        assert!(matches!(e, TlsError::HalfPair { .. }));
+        assert_eq!(
+            e.to_string(),
+            "--metrics-cert-file and --metrics-key-file must be given together (or neither, for a self-signed certificate)"
+        );
+        let e = t.setup(TlsPort::GRPC).unwrap_err().to_string();
+        assert!(e.starts_with("--cert-path and --key-path must"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let c = dir.path().join("tls.crt");
         let k = dir.path().join("tls.key");
@@ -358,22 +518,89 @@ mod tests {
             key_file: Some(k.clone()),
             ..Default::default()
         };
-        let e = t.setup().unwrap_err().to_string();
+        let e = t.setup(TlsPort::METRICS).unwrap_err().to_string();
         assert!(e.contains("--metrics-cert-file"), "{e}");
+        let e = t.setup(TlsPort::GRPC).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("--cert-path {}", c.display())),
+            "{e}"
+        );
         // A valid pair loads; a key of another pair is a mismatch.
         let a = rcgen::generate_simple_self_signed(vec!["a".to_string()]).unwrap();
         let b = rcgen::generate_simple_self_signed(vec!["b".to_string()]).unwrap();
         std::fs::write(&c, a.cert.pem()).unwrap();
+        std::fs::write(&k, "not pem").unwrap();
+        let e = t.setup(TlsPort::GRPC).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("--key-path {}", k.display())), "{e}");
         std::fs::write(&k, a.signing_key.serialize_pem()).unwrap();
-        assert!(t.setup().is_ok());
+        assert!(t.setup(TlsPort::METRICS).is_ok());
         std::fs::write(&k, b.signing_key.serialize_pem()).unwrap();
-        assert!(matches!(t.setup(), Err(TlsError::Mismatch(_))));
+        assert!(matches!(
+            t.setup(TlsPort::METRICS),
+            Err(TlsError::Mismatch(_))
+        ));
+        let e = TlsSettings {
+            cert_file: Some("/nonexistent/c.pem".into()),
+            key_file: Some("/nonexistent/k.pem".into()),
+            ..Default::default()
+        }
+        .setup(TlsPort::GRPC)
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("--cert-path /nonexistent/c.pem: cannot read"),
+            "{e}"
+        );
     }
 
     #[test]
     fn self_signed_when_no_files() {
-        let s = MetricsTls::default().setup().unwrap();
+        let s = MetricsTls::default().setup(TlsPort::METRICS).unwrap();
         assert!(!s.from_files());
         assert!(!s.store.leaf_der().is_empty());
+    }
+
+    #[test]
+    fn alpn_follows_the_port() {
+        let alpn = |p| {
+            let s = TlsSettings::default().setup(p).unwrap();
+            s.acceptor.config().alpn_protocols.clone()
+        };
+        assert_eq!(
+            alpn(TlsPort::METRICS),
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        assert_eq!(alpn(TlsPort::GRPC), vec![b"h2".to_vec()]);
+    }
+
+    #[test]
+    fn reload_swaps_only_a_valid_changed_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let write = |name: &str| {
+            let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+            std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+            std::fs::write(&c, ck.cert.pem()).unwrap();
+            ck.cert.der().to_vec()
+        };
+        let a = write("a");
+        let mut s = TlsSettings {
+            cert_file: Some(c.clone()),
+            key_file: Some(k.clone()),
+            ..Default::default()
+        }
+        .setup(TlsPort::GRPC)
+        .unwrap();
+        assert_eq!(s.store.leaf_der(), a);
+        assert!(!s.reload_once(), "unchanged files are not reloaded");
+        let b = write("b");
+        assert!(s.reload_once());
+        assert_eq!(s.store.leaf_der(), b);
+        std::fs::write(&c, "garbage").unwrap();
+        assert!(!s.reload_once());
+        assert_eq!(s.store.leaf_der(), b);
+        std::fs::remove_file(&k).unwrap();
+        assert!(!s.reload_once());
+        assert_eq!(s.store.leaf_der(), b);
     }
 }

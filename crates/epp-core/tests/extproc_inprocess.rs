@@ -22,9 +22,12 @@ use epp_core::metrics::Metrics;
 use epp_core::prefix::PrefixIndex;
 use epp_core::scheduler::Scheduler;
 use epp_core::telemetry::Shutdown;
+use epp_core::tls::{TlsPort, TlsSettings};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
+
+mod tls_support;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -95,10 +98,15 @@ struct Stream {
 
 impl Stream {
     async fn open(h: &Harness) -> Stream {
-        let mut client = ExternalProcessorClient::connect(format!("http://{}", h.addr))
+        let client = ExternalProcessorClient::connect(format!("http://{}", h.addr))
             .await
-            .unwrap()
-            .max_decoding_message_size(usize::MAX);
+            .unwrap();
+        Stream::over(client).await
+    }
+
+    /// A new stream on an existing client (e.g. one connected over TLS).
+    async fn over(client: ExternalProcessorClient<tonic::transport::Channel>) -> Stream {
+        let mut client = client.max_decoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(64);
         let rx = client
             .process(ReceiverStream::new(rx))
@@ -852,80 +860,195 @@ async fn grpc_health_follows_readiness() {
     shutdown.trigger();
 }
 
-#[tokio::test]
-async fn tls_serves_over_h2_with_files_and_self_signed_config_builds() {
-    use epp_core::extproc::tls::{server_config, TlsSource};
-    use rustls::pki_types::ServerName;
-    let h = harness(&PODS, false).await;
-    // A certificate for localhost, written as PEM files.
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let cfg = server_config(&TlsSource::Files {
-        cert: cert.clone(),
-        key: key.clone(),
-    })
-    .unwrap();
-    assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec()]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let svc = ExtProcService::new(h.director.clone(), ExtProcConfig::default());
-    tokio::spawn(extproc::serve_tls(svc, listener, cfg, h.shutdown.wait()));
-
-    // A client that trusts exactly that certificate.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
-    let mut client_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    client_cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+/// An ext_proc client over TLS (ALPN h2, any certificate accepted) on a fresh connection; also
+/// returns the leaf certificate that connection was served.
+async fn tls_client(
+    addr: std::net::SocketAddr,
+) -> (ExternalProcessorClient<tonic::transport::Channel>, Vec<u8>) {
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = served.clone();
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_uri: http::Uri| {
-            let connector = connector.clone();
+            let record = record.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let tls = connector
-                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                    .await?;
+                let (tls, leaf) = tls_support::connect(addr, &[b"h2"]).await?;
+                *record.lock().unwrap() = leaf;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         }))
         .await
         .unwrap();
-    let mut client = ExternalProcessorClient::new(channel);
-    let (tx, rx) = mpsc::channel(4);
-    let mut rx = client
-        .process(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tx.send(ProcessingRequest {
-        request: Some(req_headers(&[(":path", "/v1/models")], true)),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let r = tokio::time::timeout(TIMEOUT, rx.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(destination_md(&r), "10.0.0.2:8000");
+    let leaf = served.lock().unwrap().clone();
+    assert!(!leaf.is_empty());
+    (ExternalProcessorClient::new(channel), leaf)
+}
 
-    // The self-signed fallback builds; broken files are named in the error.
-    assert!(server_config(&TlsSource::SelfSigned { names: vec![] }).is_ok());
+/// One whole ext_proc exchange (request headers and body, the pick, response headers and
+/// body, the end of the stream) on `client`.
+async fn tls_exchange(client: &ExternalProcessorClient<tonic::transport::Channel>) {
+    let mut s = Stream::over(client.clone()).await;
+    s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    let body = j("m", "over tls");
+    s.send(req_body(body.as_bytes(), true), None).await;
+    let hr = s.recv().await;
+    assert!(is_request_headers(&hr));
+    assert_eq!(destination_md(&hr), "10.0.0.2:8000");
+    assert_eq!(piece(&s.recv().await), (body.into_bytes(), true));
+    s.send(
+        resp_headers(
+            &[(":status", "200"), ("content-type", "application/json")],
+            false,
+        ),
+        None,
+    )
+    .await;
+    s.recv().await;
+    s.send(resp_body(br#"{"ok":true}"#, true), None).await;
+    assert_eq!(piece(&s.recv().await), (br#"{"ok":true}"#.to_vec(), true));
+    assert!(s.recv_result().await.unwrap().is_none());
+}
+
+/// The leaf certificate a new TLS connection (ALPN h2) to `addr` is served.
+async fn served_leaf(addr: std::net::SocketAddr) -> Vec<u8> {
+    let (tls, leaf) = tls_support::connect(addr, &[b"h2"]).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    leaf
+}
+
+#[tokio::test]
+async fn tls_serves_ext_proc_and_a_rotated_certificate_reaches_new_connections() {
+    let h = harness(&PODS, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = tls_support::write_pair(dir.path(), "a.example");
+    let setup = TlsSettings {
+        cert_file: Some(dir.path().join("tls.crt")),
+        key_file: Some(dir.path().join("tls.key")),
+        reload_interval: Duration::from_millis(50),
+    }
+    .setup(TlsPort::GRPC)
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ExtProcService::new(h.director.clone(), ExtProcConfig::default());
+    tokio::spawn(extproc::serve_tls(svc, listener, setup, h.shutdown.clone()));
+
+    let (client_a, leaf) = tls_client(addr).await;
+    assert_eq!(leaf, a);
+    tls_exchange(&client_a).await;
+    // gRPC is h2 only: a client offering only HTTP/1.1 is refused in the handshake.
+    assert!(tls_support::connect(addr, &[b"http/1.1"]).await.is_err());
+    // Plaintext h2c to the TLS port gets no answer.
+    let plain = async {
+        let mut c = ExternalProcessorClient::connect(format!("http://{addr}"))
+            .await
+            .ok()?;
+        let (_tx, rx) = mpsc::channel::<ProcessingRequest>(1);
+        c.process(ReceiverStream::new(rx)).await.ok()
+    };
+    assert!(tokio::time::timeout(TIMEOUT, plain)
+        .await
+        .unwrap()
+        .is_none());
+
+    // Rotate: within a bounded wait, new connections are served B.
+    let b = tls_support::write_pair(dir.path(), "b.example");
+    assert_ne!(a, b);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut rotated = false;
+    for _ in 0..200 {
+        let leaf = served_leaf(addr).await;
+        if leaf == b {
+            rotated = true;
+            break;
+        }
+        assert_eq!(
+            leaf, a,
+            "only the old or the new certificate is ever served"
+        );
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(rotated, "the rotated certificate was not picked up");
+    let (client_b, leaf) = tls_client(addr).await;
+    assert_eq!(leaf, b);
+    tls_exchange(&client_b).await;
+    // The connection made before the rotation keeps working.
+    tls_exchange(&client_a).await;
+
+    // A broken rotation is refused: new connections still get B, and exchanges still work.
+    std::fs::write(dir.path().join("tls.crt"), "garbage").unwrap();
+    std::fs::write(dir.path().join("tls.key"), "garbage").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        assert_eq!(served_leaf(addr).await, b);
+    }
+    let (client_c, leaf) = tls_client(addr).await;
+    assert_eq!(leaf, b);
+    tls_exchange(&client_c).await;
+}
+
+#[tokio::test]
+async fn tls_self_signed_serves_and_bad_files_are_refused_before_binding() {
+    let h = harness(&PODS, false).await;
+    let setup = TlsSettings::default().setup(TlsPort::GRPC).unwrap();
+    assert!(!setup.from_files());
+    let self_signed = setup.store.leaf_der();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ExtProcService::new(h.director.clone(), ExtProcConfig::default());
+    tokio::spawn(extproc::serve_tls(svc, listener, setup, h.shutdown.clone()));
+    let (client, leaf) = tls_client(addr).await;
+    assert_eq!(leaf, self_signed);
+    tls_exchange(&client).await;
+
+    // `epp serve` start-up: a bad certificate is named (flag and file) before any port is
+    // bound: the gRPC port given is taken, yet the error is about the certificate.
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let opts = |cert: &std::path::Path, key: &std::path::Path| extproc::ServeOptions {
+        grpc_addr: taken.local_addr().unwrap(),
+        grpc_health_addr: "127.0.0.1:0".parse().unwrap(),
+        extproc: ExtProcConfig::default(),
+        tls: Some(TlsSettings {
+            cert_file: Some(cert.to_path_buf()),
+            key_file: Some(key.to_path_buf()),
+            ..Default::default()
+        }),
+        picker: epp_core::app::PickerOptions {
+            discovery: epp_core::app::Discovery::Static(epp_core::discovery::StaticDiscovery {
+                endpoints: vec!["127.0.0.1:9".into()],
+                ..Default::default()
+            }),
+            metrics_addr: None,
+            health_addr: None,
+            ..Default::default()
+        },
+    };
+    let err = extproc::spawn_with_shutdown(
+        opts("/nonexistent/c.pem".as_ref(), "/nonexistent/k.pem".as_ref()),
+        Shutdown::new(),
+    )
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.starts_with("--cert-path /nonexistent/c.pem: cannot read"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    tls_support::write_pair(dir.path(), "c.example");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&key, "not a key").unwrap();
-    let err = server_config(&TlsSource::Files { cert, key })
-        .unwrap_err()
+    let err = extproc::spawn_with_shutdown(opts(&cert, &key), Shutdown::new())
+        .await
+        .err()
+        .unwrap()
         .to_string();
-    assert!(err.contains("--key-path"), "{err}");
+    assert!(
+        err.starts_with(&format!("--key-path {}: ", key.display())),
+        "{err}"
+    );
 }
 
 /// The picker's share of the Envoy benchmark: one whole exchange (request headers, body, the

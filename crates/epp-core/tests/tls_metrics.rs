@@ -2,72 +2,21 @@
 //! picked up without a restart, a self-signed one is made when none is given, and the probe
 //! port stays plain HTTP.
 
+mod tls_support;
+
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use epp_core::app::{Discovery, Picker, PickerOptions};
 use epp_core::discovery::StaticDiscovery;
 use epp_core::telemetry::Shutdown;
 use epp_core::tls::MetricsTls;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use tls_support::write_pair;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Accepts any certificate: these tests compare the served certificate themselves.
-#[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 /// GET /metrics over HTTPS; returns (served leaf certificate DER, status, body).
 async fn https_get(addr: SocketAddr) -> (Vec<u8>, u16, String) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    let conn = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = conn
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (mut tls, leaf) = tls_support::connect(addr, &[]).await.unwrap();
     tls.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
@@ -93,16 +42,6 @@ async fn plain_get(addr: SocketAddr, path: &str) -> Option<u16> {
     text.starts_with("HTTP/1.1 ")
         .then(|| text[9..12].parse().ok())
         .flatten()
-}
-
-fn write_pair(dir: &Path, name: &str) -> Vec<u8> {
-    let ck =
-        rcgen::generate_simple_self_signed(vec![name.to_string(), "localhost".into()]).unwrap();
-    // Key first, then certificate: a reload between the two writes sees a mismatched pair,
-    // which must be rejected (and retried), never served.
-    std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
-    ck.cert.der().to_vec()
 }
 
 async fn start(tls: MetricsTls) -> Picker {

@@ -6,11 +6,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use epp_core::extproc::tls::TlsSource;
 use epp_core::extproc::{
     spawn_with_shutdown, ExtProcConfig, ServeOptions, DEFAULT_GRPC_HEALTH_PORT, DEFAULT_GRPC_PORT,
 };
 use epp_core::telemetry::Shutdown;
+use epp_core::tls::TlsSettings;
 
 use super::common::PickerArgs;
 
@@ -50,7 +50,8 @@ pub struct Args {
     #[arg(long)]
     pub secure_serving: bool,
 
-    /// PEM certificate chain for --secure-serving.
+    /// PEM certificate chain for --secure-serving. Re-read every 10 s: a changed pair is served to
+    /// new connections without a restart (a broken one is refused, the old one kept).
     #[arg(long, value_name = "FILE", requires = "key_path")]
     pub cert_path: Option<PathBuf>,
 
@@ -64,19 +65,15 @@ pub struct Args {
 
 impl Args {
     pub fn to_options(&self) -> anyhow::Result<ServeOptions> {
-        let tls = match (&self.cert_path, &self.key_path) {
-            _ if !self.secure_serving => {
-                if self.cert_path.is_some() {
-                    anyhow::bail!("--cert-path/--key-path need --secure-serving");
-                }
-                None
-            }
-            (Some(cert), Some(key)) => Some(TlsSource::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            _ => Some(TlsSource::SelfSigned { names: Vec::new() }),
-        };
+        if !self.secure_serving && (self.cert_path.is_some() || self.key_path.is_some()) {
+            anyhow::bail!("--cert-path/--key-path need --secure-serving");
+        }
+        // Neither file: self-signed. Both: loaded now, re-read every 10 s.
+        let tls = self.secure_serving.then(|| TlsSettings {
+            cert_file: self.cert_path.clone(),
+            key_file: self.key_path.clone(),
+            ..Default::default()
+        });
         Ok(ServeOptions {
             tls,
             grpc_addr: SocketAddr::new(self.grpc_host, self.grpc_port),
