@@ -15,7 +15,8 @@ use epp_core::telemetry::{init_logging, LogFormat};
 )]
 struct Cli {
     /// Log level or filter directive (e.g. `info`, `debug`, `epp_core=debug,info`).
-    /// When absent, `RUST_LOG` is used; when both are absent, `info`.
+    /// When absent, `RUST_LOG` is used; when both are absent, `info` (`warn` for `bench` and
+    /// `demo`, whose report would drown in their simulators' and pickers' start/stop lines).
     #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
 
@@ -45,9 +46,32 @@ enum Command {
     CheckConfig(cmd::check_config::Args),
 }
 
+/// The log filter used when neither `--log-level` nor `RUST_LOG` is given. `bench` and `demo`
+/// print a report; the simulators and pickers they start and stop in-process log each of
+/// those at INFO, so by default they show warnings and errors only (`--log-level info` brings
+/// the lifecycle lines back). Every server command keeps `info`: its effective configuration
+/// and listening addresses.
+fn default_log_level(command: &Command) -> &'static str {
+    match command {
+        Command::Bench(_) | Command::Demo(_) => "warn",
+        _ => "info",
+    }
+}
+
+/// `--log-level`, else `None` when `RUST_LOG` is set (init_logging reads it), else the
+/// command's default.
+fn log_level(cli: &Cli) -> Option<String> {
+    let rust_log_set = std::env::var("RUST_LOG").is_ok_and(|v| !v.trim().is_empty());
+    match &cli.log_level {
+        Some(l) => Some(l.clone()),
+        None if rust_log_set => None,
+        None => Some(default_log_level(&cli.command).to_string()),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_format) {
+    if let Err(e) = init_logging(log_level(&cli).as_deref(), cli.log_format) {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
@@ -78,5 +102,28 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bench_and_demo_default_to_warnings() {
+        let level = |argv: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("epp").chain(argv.iter().copied()))
+                .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            default_log_level(&cli.command)
+        };
+        assert_eq!(level(&["demo"]), "warn");
+        assert_eq!(level(&["bench"]), "warn");
+        // The servers log their configuration and addresses at start-up.
+        assert_eq!(level(&["sim"]), "info");
+        assert_eq!(level(&["proxy", "--endpoint", "127.0.0.1:8001"]), "info");
+        assert_eq!(level(&["serve", "--endpoint", "127.0.0.1:8001"]), "info");
+        // An explicit --log-level always wins.
+        let cli = Cli::try_parse_from(["epp", "--log-level", "debug", "demo"]).unwrap();
+        assert_eq!(log_level(&cli).as_deref(), Some("debug"));
     }
 }

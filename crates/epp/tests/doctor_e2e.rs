@@ -14,230 +14,18 @@
 #[path = "monitoring_common.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+#[path = "doctor_support.rs"]
+mod support;
+
+use std::io::Read;
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use common::*;
+use support::*;
 
-/// Child processes we started; each killed (by its own handle) when dropped.
-struct Procs {
-    children: Vec<(String, Child)>,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Procs {
-    fn spawn(&mut self, name: &str, args: &[String]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_epp"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting epp {name}: {e}"));
-        self.children.push((name.to_string(), child));
-    }
-
-    fn logs(&self) -> String {
-        self.children
-            .iter()
-            .map(|(name, _)| {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                format!(
-                    "--- {name}\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-fn free_ports(n: u16) -> u16 {
-    for _ in 0..100 {
-        let base = free_port();
-        if base > 65535 - n {
-            continue;
-        }
-        let held: Vec<_> = (0..n)
-            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if held.len() == n as usize {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
-
-fn wait_http_ok(addr: SocketAddr, path: &str, procs: &Procs) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(http_get(addr, path, None), Ok((200, _))) {
-        assert!(
-            Instant::now() < deadline,
-            "{addr}{path} never answered 200\n{}",
-            procs.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Three sims and `epp proxy` with `extra` flags (`{dir}` = the temp dir, where `files` are
-/// written). Returns the processes, the proxy's address and the metrics address.
-fn start_stack(extra: &[&str], files: &[(&str, &str)]) -> (Procs, SocketAddr, SocketAddr) {
-    let mut procs = Procs {
-        children: Vec::new(),
-        dir: tempfile::tempdir().unwrap(),
-    };
-    for (name, content) in files {
-        std::fs::write(procs.dir.path().join(name), content).unwrap();
-    }
-    let sim_base = free_ports(3);
-    procs.spawn(
-        "sim",
-        &[
-            "sim",
-            "--host",
-            "127.0.0.1",
-            "--count",
-            "3",
-            "--base-port",
-            &sim_base.to_string(),
-            "--inter-token-ms",
-            "0",
-            "--prefill-overhead-ms",
-            "0",
-        ]
-        .map(String::from),
-    );
-    for i in 0..3 {
-        wait_http_ok(
-            format!("127.0.0.1:{}", sim_base + i).parse().unwrap(),
-            "/health",
-            &procs,
-        );
-    }
-    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut args = vec![
-        "proxy".to_string(),
-        format!("--listen={proxy}"),
-        format!("--metrics-bind-address={metrics}"),
-        format!("--health-probe-bind-address={health}"),
-    ];
-    for i in 0..3 {
-        args.push(format!("--endpoint=127.0.0.1:{}", sim_base + i));
-    }
-    let dir = procs.dir.path().display().to_string();
-    args.extend(extra.iter().map(|a| a.replace("{dir}", &dir)));
-    procs.spawn("proxy", &args);
-    wait_http_ok(health, "/readyz", &procs);
-    (procs, proxy, metrics)
-}
-
-/// Completions with shared prompt prefixes from two threads until dropped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-fn start_load(proxy: SocketAddr) -> Load {
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads = (0..2)
-        .map(|t| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    let system = format!("{:=<400}", format!("system prompt {}", i % 4));
-                    let body = serde_json::json!({
-                        "model": "sim-model",
-                        "prompt": format!("{system} question {t}-{i}"),
-                        "max_tokens": 2,
-                    })
-                    .to_string();
-                    let _ = post(proxy, "/v1/completions", &body);
-                    i += 1;
-                    std::thread::sleep(Duration::from_millis(25));
-                }
-            })
-        })
-        .collect();
-    Load { stop, threads }
-}
-
-fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(())
-}
-
-/// Runs `epp doctor` with `args` in the checkout: exit code and stdout (stderr appended).
-fn doctor(args: &[String]) -> (i32, String) {
-    doctor_in(&repo_root(), args)
-}
-
-fn doctor_in(dir: &std::path::Path, args: &[String]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .arg("doctor")
-        .args(args)
-        .args(["--timeout", "3s"])
-        .current_dir(dir)
-        .output()
-        .expect("running epp doctor");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
-/// The line starting with `prefix`, and the line after it (the `fix:`/`hint:` line).
-fn line_and_next<'a>(out: &'a str, prefix: &str) -> (&'a str, &'a str) {
-    let lines: Vec<&str> = out.lines().collect();
-    let i = lines
-        .iter()
-        .position(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{out}"));
-    (lines[i], lines.get(i + 1).copied().unwrap_or(""))
-}
-
-fn lines_starting<'a>(out: &'a str, prefix: &str) -> Vec<&'a str> {
-    out.lines().filter(|l| l.starts_with(prefix)).collect()
-}
+/// Load: 2 senders, each pausing this long between requests.
+const LOAD_PAUSE: Duration = Duration::from_millis(25);
 
 /// Waits until `expr` returns data in Prometheus.
 fn wait_for(prom: &Prometheus, expr: &str, procs: &Procs) {
@@ -269,12 +57,9 @@ fn healthy_setup_passes() {
         ],
         &[("picker.token", &format!("{token}\n"))],
     );
-    let _load = start_load(proxy);
+    let _load = start_load(proxy, 2, LOAD_PAUSE);
     let mut cfg = shipped_static_config(SCRAPE_STATIC_TOKEN, &metrics.to_string());
-    let file = cfg["scrape_configs"][0]["authorization"]["credentials_file"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let file = credentials_file(&cfg);
     // With the shipped alerts loaded.
     cfg["rule_files"] = vec![serde_yaml::Value::from("epp-alerts.rules.yaml")].into();
     let rules = read(RULES);
@@ -360,10 +145,7 @@ fn wrong_token_is_explained() {
     );
     // Prometheus scrapes with the wrong token too.
     let cfg = shipped_static_config(SCRAPE_STATIC_TOKEN, &metrics.to_string());
-    let file = cfg["scrape_configs"][0]["authorization"]["credentials_file"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let file = credentials_file(&cfg);
     let prom = start_prometheus(&cfg, &[(&file, "a-wrong-token\n")]);
     wait_for(&prom, &format!("up{{job=\"{JOB}\"}} == 0"), &procs);
 
@@ -425,7 +207,7 @@ fn wrong_token_is_explained() {
 #[test]
 fn wrong_job_label_is_named() {
     let (procs, proxy, metrics) = start_stack(&["--metrics-auth=none"], &[]);
-    let _load = start_load(proxy);
+    let _load = start_load(proxy, 2, LOAD_PAUSE);
     let mut cfg = shipped_static_config(SCRAPE_STATIC, &metrics.to_string());
     // The seed's job name.
     cfg["scrape_configs"][0]["job_name"] = "llm-d-epp".into();
@@ -524,17 +306,12 @@ fn unreachable_picker_and_bad_flags() {
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
         }
     });
-    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .args([
-            "doctor".to_string(),
-            format!("--metrics-url=http://{silent_addr}/metrics"),
-            "--timeout=1s".into(),
-        ])
-        .current_dir(repo_root())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (code, text) = doctor_in(
+        &checkout(),
+        &[format!("--metrics-url=http://{silent_addr}/metrics")],
+        "1s",
+    );
+    assert_eq!(code, 1, "{text}");
     let (line, fix) = line_and_next(&text, "✗ picker HTTP:");
     assert!(
         line.contains("connected, but no response within 1s"),
@@ -548,6 +325,7 @@ fn unreachable_picker_and_bad_flags() {
     let (code, out) = doctor_in(
         elsewhere.path(),
         &[format!("--prometheus-url=http://127.0.0.1:{port}")],
+        "3s",
     );
     assert_eq!(code, 1, "{out}");
     assert!(

@@ -9,13 +9,16 @@
 //!
 //! `cargo test -p epp --test doctor_k8s_auth`. Everything binds 127.0.0.1.
 
+#[path = "doctor_support.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::*;
 
 const FORBIDDEN_USER: &str = "system:serviceaccount:llm-d-monitoring:prometheus";
 
@@ -112,26 +115,8 @@ fn start_fake_api() -> SocketAddr {
     addr
 }
 
-struct Picker {
-    child: Child,
-    metrics: SocketAddr,
-}
-
-impl Drop for Picker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn start_picker(dir: &Path, api: SocketAddr) -> Picker {
+/// `epp proxy` with `--metrics-auth=kubernetes`, its kubeconfig pointing at `api`.
+fn start_k8s_picker(dir: &Path, api: SocketAddr) -> Picker {
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -144,74 +129,30 @@ fn start_picker(dir: &Path, api: SocketAddr) -> Picker {
         ),
     )
     .unwrap();
-    let metrics = free_addr();
-    let log = std::fs::File::create(dir.join("picker.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .args([
-            "proxy".to_string(),
-            format!("--listen={}", free_addr()),
-            format!("--metrics-bind-address={metrics}"),
-            format!("--health-probe-bind-address={}", free_addr()),
-            format!("--endpoint={}", free_addr()),
+    start_picker(
+        dir.join("picker.log"),
+        &[
             "--metrics-auth=kubernetes".into(),
             format!("--kubeconfig={}", kubeconfig.display()),
-        ])
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("starting epp proxy");
-    let p = Picker { child, metrics };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(metrics).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the metrics port never opened:\n{}",
-            std::fs::read_to_string(dir.join("picker.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    p
-}
-
-fn doctor(args: &[String]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .arg("doctor")
-        .args(args)
-        .args(["--timeout", "5s"])
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
-        .output()
-        .expect("running epp doctor");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        ],
     )
 }
 
-fn line_and_next<'a>(out: &'a str, prefix: &str) -> (&'a str, &'a str) {
-    let lines: Vec<&str> = out.lines().collect();
-    let i = lines
-        .iter()
-        .position(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{out}"));
-    (lines[i], lines.get(i + 1).copied().unwrap_or(""))
+/// `epp doctor` with a 5 s timeout (each check waits on the fake API).
+fn doctor_k8s(args: &[String]) -> (i32, String) {
+    doctor_in(&checkout(), args, "5s")
 }
 
 #[test]
 fn kubernetes_auth_outcomes_are_explained() {
     let dir = tempfile::tempdir().unwrap();
     let api = start_fake_api();
-    let p = start_picker(dir.path(), api);
+    let p = start_k8s_picker(dir.path(), api);
     let url = format!("--metrics-url=http://{}/metrics", p.metrics);
-    let log = || std::fs::read_to_string(dir.path().join("picker.log")).unwrap_or_default();
+    let log = || p.log();
 
     // 403: authenticated, not authorized
-    let (code, out) = doctor(&[url.clone(), "--token=forbidden-token".into()]);
+    let (code, out) = doctor_k8s(&[url.clone(), "--token=forbidden-token".into()]);
     assert_eq!(code, 1, "{out}\n{}", log());
     let (line, fix) = line_and_next(&out, "✗ picker auth:");
     assert!(
@@ -230,7 +171,7 @@ fn kubernetes_auth_outcomes_are_explained() {
     );
 
     // 500: the picker may not create TokenReviews
-    let (code, out) = doctor(&[url.clone(), "--token=picker-lacks-rbac".into()]);
+    let (code, out) = doctor_k8s(&[url.clone(), "--token=picker-lacks-rbac".into()]);
     assert_eq!(code, 1, "{out}");
     let (line, fix) = line_and_next(&out, "✗ picker auth:");
     assert!(
@@ -244,7 +185,7 @@ fn kubernetes_auth_outcomes_are_explained() {
     );
 
     // 401: the API does not authenticate the token
-    let (code, out) = doctor(&[url, "--token=some-garbage".into()]);
+    let (code, out) = doctor_k8s(&[url, "--token=some-garbage".into()]);
     assert_eq!(code, 1, "{out}");
     let (line, fix) = line_and_next(&out, "✗ picker auth:");
     assert!(

@@ -4,73 +4,22 @@
 //!
 //! `cargo test -p epp --test doctor_tls`. Everything binds 127.0.0.1; no Prometheus needed.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+#[path = "doctor_support.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-/// An `epp proxy` whose metrics port serves HTTPS; killed when dropped.
-struct Picker {
-    child: Child,
-    metrics: SocketAddr,
-    log: PathBuf,
-}
+use support::*;
 
-impl Drop for Picker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Starts a picker with `--metrics-tls` (and the given cert/key files). No model server is
-/// needed: only the metrics listener is checked.
-fn start_picker(dir: &Path, name: &str, cert_key: Option<(&Path, &Path)>) -> Picker {
-    let metrics = free_addr();
-    let log = dir.join(format!("{name}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_epp"));
-    cmd.args([
-        "proxy".to_string(),
-        format!("--listen={}", free_addr()),
-        format!("--metrics-bind-address={metrics}"),
-        format!("--health-probe-bind-address={}", free_addr()),
-        format!("--endpoint={}", free_addr()),
-        "--metrics-auth=none".into(),
-        "--metrics-tls".into(),
-    ]);
+/// Starts a picker with `--metrics-tls` (and the given cert/key files), logging to
+/// `<dir>/<name>.log`.
+fn start_tls_picker(dir: &Path, name: &str, cert_key: Option<(&Path, &Path)>) -> Picker {
+    let mut flags = vec!["--metrics-auth=none".to_string(), "--metrics-tls".into()];
     if let Some((cert, key)) = cert_key {
-        cmd.arg(format!("--metrics-cert-file={}", cert.display()));
-        cmd.arg(format!("--metrics-key-file={}", key.display()));
+        flags.push(format!("--metrics-cert-file={}", cert.display()));
+        flags.push(format!("--metrics-key-file={}", key.display()));
     }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("starting epp proxy");
-    let p = Picker {
-        child,
-        metrics,
-        log,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(metrics).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the metrics port never opened:\n{}",
-            std::fs::read_to_string(&p.log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    p
+    start_picker(dir.join(format!("{name}.log")), &flags)
 }
 
 /// A self-signed certificate for `names`, valid from `from` to `until` (years); writes
@@ -95,38 +44,10 @@ fn cert(dir: &Path, stem: &str, names: &[&str], from: i32, until: i32) -> (PathB
     (crt, k)
 }
 
-fn doctor(args: &[String]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .arg("doctor")
-        .args(args)
-        .args(["--timeout", "3s"])
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
-        .output()
-        .expect("running epp doctor");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// The line starting with `prefix`, and the one after it.
-fn line_and_next<'a>(out: &'a str, prefix: &str) -> (&'a str, &'a str) {
-    let lines: Vec<&str> = out.lines().collect();
-    let i = lines
-        .iter()
-        .position(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{out}"));
-    (lines[i], lines.get(i + 1).copied().unwrap_or(""))
-}
-
 #[test]
 fn self_signed_picker() {
     let dir = tempfile::tempdir().unwrap();
-    let p = start_picker(dir.path(), "self-signed", None);
+    let p = start_tls_picker(dir.path(), "self-signed", None);
     let m = p.metrics;
 
     // http:// against the HTTPS port
@@ -175,7 +96,7 @@ fn certificates_are_checked() {
     let (ip_only, ip_only_key) = cert(d, "ip-only", &["127.0.0.1"], 2020, 2200);
     let (expired, expired_key) = cert(d, "expired", &["127.0.0.1"], 2020, 2021);
 
-    let p = start_picker(d, "good", Some((&good, &good_key)));
+    let p = start_tls_picker(d, "good", Some((&good, &good_key)));
     let url = format!("--metrics-url=https://{}/metrics", p.metrics);
     // Verified against the right CA
     let (code, out) = doctor(&[url.clone(), format!("--ca-file={}", good.display())]);
@@ -204,7 +125,7 @@ fn certificates_are_checked() {
     drop(p);
 
     // A certificate that does not name the host in the URL
-    let p = start_picker(d, "ip-only", Some((&ip_only, &ip_only_key)));
+    let p = start_tls_picker(d, "ip-only", Some((&ip_only, &ip_only_key)));
     let (code, out) = doctor(&[
         format!(
             "--metrics-url=https://localhost:{}/metrics",
@@ -222,7 +143,7 @@ fn certificates_are_checked() {
     drop(p);
 
     // An expired certificate
-    let p = start_picker(d, "expired", Some((&expired, &expired_key)));
+    let p = start_tls_picker(d, "expired", Some((&expired, &expired_key)));
     let (code, out) = doctor(&[
         format!("--metrics-url=https://{}/metrics", p.metrics),
         format!("--ca-file={}", expired.display()),

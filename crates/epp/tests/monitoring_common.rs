@@ -4,13 +4,20 @@
 //! - locating the shipped assets and `promtool`;
 //! - reading every PromQL query the assets ship (dashboard targets and variables, alert rules);
 //! - walking the PromQL AST (`promql-parser`): metric names, quantile and ratio shape, and the
-//!   "expression before its threshold" of an alert.
+//!   "expression before its threshold" of an alert;
+//! - a real Prometheus on loopback, and polling it until the shipped queries return data;
+//! - the real picker stack (`epp sim` + `epp proxy`, as child processes) and load through it.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use promql_parser::parser::{self, Expr};
 
@@ -575,4 +582,271 @@ pub fn http_get(
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     Ok((status, body.to_string()))
+}
+
+/// `credentials_file` of the first scrape job of a shipped token config: the file
+/// [`start_prometheus`] must be given the token in.
+pub fn credentials_file(config: &serde_yaml::Value) -> String {
+    config["scrape_configs"][0]["authorization"]["credentials_file"]
+        .as_str()
+        .expect("scrape config without authorization.credentials_file")
+        .to_string()
+}
+
+/// Every shipped query, ready to send: dashboard targets with `$job` expanded, the job
+/// variable's metric, and each alert's expression before its threshold.
+pub fn shipped_queries() -> Vec<Query> {
+    let dashboard = json(DASHBOARD);
+    let mut qs: Vec<Query> = dashboard_queries(&dashboard)
+        .into_iter()
+        .map(|q| Query {
+            expr: expand_dashboard_vars(&q.expr, JOB),
+            origin: q.origin,
+        })
+        .collect();
+    for m in dashboard_variable_metrics(&dashboard) {
+        qs.push(Query {
+            origin: "variable job".into(),
+            expr: format!("{m}{{job=\"{JOB}\"}}"),
+        });
+    }
+    for a in alerts() {
+        qs.push(Query {
+            origin: format!("alert {} (before its threshold)", a.name),
+            expr: alert_base_expr(&a.expr),
+        });
+    }
+    qs
+}
+
+/// Polls until every query returns data (rates need two scrapes) or `within` passes; returns
+/// the queries that stayed empty (`origin: expr`).
+pub fn wait_for_data(prom: &Prometheus, queries: &[Query], within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let empty: Vec<String> = queries
+            .iter()
+            .filter(|q| prom.query(&q.expr).is_empty())
+            .map(|q| format!("{}: {}", q.origin, q.expr))
+            .collect();
+        if empty.is_empty() || Instant::now() > deadline {
+            return empty;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The values of `up{job="llm-d-gaie-epp"}`, one per target.
+pub fn up_values(prom: &Prometheus) -> Vec<String> {
+    prom.query(&format!("up{{job=\"{JOB}\"}}"))
+        .iter()
+        .map(|r| r["value"][1].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// The real picker stack: three `epp sim` servers and `epp proxy` in front of them
+// ------------------------------------------------------------------------------------------
+
+/// Child processes we started, each logging to `<dir>/<name>.log`; each killed (by its own
+/// handle) when dropped.
+pub struct Procs {
+    children: Vec<(String, Child)>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Procs {
+    /// Starts `epp <args>` as `name`.
+    pub fn spawn(&mut self, name: &str, args: &[String]) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_epp"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting epp {name}: {e}"));
+        self.children.push((name.to_string(), child));
+    }
+
+    /// The last lines of every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.children
+            .iter()
+            .map(|(name, _)| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                format!(
+                    "--- {name} (last lines)\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// `n` consecutive free loopback ports; returns the first.
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..100 {
+        let base = free_port();
+        if base > 65535 - n {
+            continue;
+        }
+        let held: Vec<_> = (0..n)
+            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+/// Waits (60 s at most) until `GET path` on `addr` answers 200.
+pub fn wait_http_ok(addr: SocketAddr, path: &str, procs: &Procs) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(addr, path, None), Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "{addr}{path} never answered 200\n{}",
+            procs.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Three sims and `epp proxy` in front of them with `extra` flags (`{dir}` = the temp dir,
+/// where `files` are written first). Returns once the proxy is ready: the processes, the
+/// proxy's address and its metrics address.
+pub fn start_stack(extra: &[&str], files: &[(&str, &str)]) -> (Procs, SocketAddr, SocketAddr) {
+    let mut procs = Procs {
+        children: Vec::new(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    for (name, content) in files {
+        std::fs::write(procs.dir.path().join(name), content).unwrap();
+    }
+    let sim_base = free_ports(3);
+    procs.spawn(
+        "sim",
+        &[
+            "sim",
+            "--host",
+            "127.0.0.1",
+            "--count",
+            "3",
+            "--base-port",
+            &sim_base.to_string(),
+            "--inter-token-ms",
+            "0",
+            "--prefill-overhead-ms",
+            "0",
+        ]
+        .map(String::from),
+    );
+    for i in 0..3 {
+        wait_http_ok(
+            format!("127.0.0.1:{}", sim_base + i).parse().unwrap(),
+            "/health",
+            &procs,
+        );
+    }
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut args = vec![
+        "proxy".to_string(),
+        format!("--listen={proxy}"),
+        format!("--metrics-bind-address={metrics}"),
+        format!("--health-probe-bind-address={health}"),
+    ];
+    for i in 0..3 {
+        args.push(format!("--endpoint=127.0.0.1:{}", sim_base + i));
+    }
+    let dir = procs.dir.path().display().to_string();
+    args.extend(extra.iter().map(|a| a.replace("{dir}", &dir)));
+    procs.spawn("proxy", &args);
+    wait_http_ok(health, "/readyz", &procs);
+    (procs, proxy, metrics)
+}
+
+/// Completions with shared prompt prefixes through the proxy, until dropped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    /// Requests that got a response.
+    pub sent: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `threads` senders, each sending a request and then pausing for `pause`: 4 system prompts
+/// of ~400 bytes, each followed by a distinct question.
+pub fn start_load(proxy: SocketAddr, threads: usize, pause: Duration) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let threads = (0..threads)
+        .map(|t| {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let system = format!("{:=<400}", format!("system prompt number {}", i % 4));
+                    let body = serde_json::json!({
+                        "model": "sim-model",
+                        "prompt": format!("{system} question {t}-{i}"),
+                        "max_tokens": 2,
+                    })
+                    .to_string();
+                    if post(proxy, "/v1/completions", &body).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 1;
+                    std::thread::sleep(pause);
+                }
+            })
+        })
+        .collect();
+    Load {
+        stop,
+        sent,
+        threads,
+    }
+}
+
+/// A minimal HTTP/1.1 JSON POST: the response status.
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
 }

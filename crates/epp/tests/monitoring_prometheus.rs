@@ -151,55 +151,8 @@ fn start_fake_picker(token: Option<&str>) -> FakePicker {
     }
 }
 
-/// Every shipped query, ready to send: dashboard targets with `$job` expanded, the job
-/// variable's metric, and each alert's expression before its threshold.
-fn shipped_queries() -> Vec<Query> {
-    let dashboard = json(DASHBOARD);
-    let mut qs: Vec<Query> = dashboard_queries(&dashboard)
-        .into_iter()
-        .map(|q| Query {
-            expr: expand_dashboard_vars(&q.expr, JOB),
-            origin: q.origin,
-        })
-        .collect();
-    for m in dashboard_variable_metrics(&dashboard) {
-        qs.push(Query {
-            origin: "variable job".into(),
-            expr: format!("{m}{{job=\"{JOB}\"}}"),
-        });
-    }
-    for a in alerts() {
-        qs.push(Query {
-            origin: format!("alert {} (before its threshold)", a.name),
-            expr: alert_base_expr(&a.expr),
-        });
-    }
-    qs
-}
-
-/// Polls until every query returns data (rates need two scrapes) or 60 s pass; returns the
-/// queries that stayed empty.
-fn wait_for_data(prom: &Prometheus, queries: &[Query]) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let empty: Vec<String> = queries
-            .iter()
-            .filter(|q| prom.query(&q.expr).is_empty())
-            .map(|q| format!("{}: {}", q.origin, q.expr))
-            .collect();
-        if empty.is_empty() || Instant::now() > deadline {
-            return empty;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn up_values(prom: &Prometheus) -> Vec<String> {
-    prom.query(&format!("up{{job=\"{JOB}\"}}"))
-        .iter()
-        .map(|r| r["value"][1].as_str().unwrap_or("").to_string())
-        .collect()
-}
+/// How long the tests wait for a query to return data.
+const DATA_WAIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn static_config_dashboard_and_alerts_work_against_real_prometheus() {
@@ -211,7 +164,7 @@ fn static_config_dashboard_and_alerts_work_against_real_prometheus() {
     let prom = start_prometheus(&cfg, &[("epp-alerts.rules.yaml", &rules)]);
 
     let queries = shipped_queries();
-    let empty = wait_for_data(&prom, &queries);
+    let empty = wait_for_data(&prom, &queries, DATA_WAIT);
     assert_eq!(up_values(&prom), ["1"], "targets: {:?}", prom.targets());
     assert!(
         empty.is_empty(),
@@ -255,17 +208,14 @@ fn token_static_config_authenticates() {
     let token = "3pp-metrics-t0ken";
     let picker = start_fake_picker(Some(token));
     let cfg = shipped_static_config(SCRAPE_STATIC_TOKEN, &picker.addr.to_string());
-    let file = cfg["scrape_configs"][0]["authorization"]["credentials_file"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let file = credentials_file(&cfg);
     // A trailing newline, as `echo ... > file` writes it.
     let prom = start_prometheus(&cfg, &[(&file, &format!("{token}\n"))]);
     let q = [Query {
         origin: "up".into(),
         expr: format!("up{{job=\"{JOB}\"}} == 1"),
     }];
-    let empty = wait_for_data(&prom, &q);
+    let empty = wait_for_data(&prom, &q, DATA_WAIT);
     assert!(
         empty.is_empty(),
         "not scraped with the token: {:?}\n{}",
@@ -281,10 +231,7 @@ fn token_static_config_authenticates() {
 fn wrong_token_shows_as_target_down_with_401() {
     let picker = start_fake_picker(Some("the-right-token"));
     let cfg = shipped_static_config(SCRAPE_STATIC_TOKEN, &picker.addr.to_string());
-    let file = cfg["scrape_configs"][0]["authorization"]["credentials_file"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let file = credentials_file(&cfg);
     let prom = start_prometheus(&cfg, &[(&file, "a-wrong-token\n")]);
     // EPPTargetDown's condition holds.
     let down = [Query {
@@ -295,7 +242,7 @@ fn wrong_token_shows_as_target_down_with_401() {
             .unwrap()
             .expr,
     }];
-    let empty = wait_for_data(&prom, &down);
+    let empty = wait_for_data(&prom, &down, DATA_WAIT);
     assert!(empty.is_empty(), "{:?}", prom.targets());
     let targets = prom.targets();
     assert_eq!(targets.len(), 1, "{targets:?}");

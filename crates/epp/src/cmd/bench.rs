@@ -401,6 +401,28 @@ pub fn write_outputs(
     Ok((json, svg))
 }
 
+/// Prints the side-by-side table and the targets to stdout; with `out` (a directory and a file
+/// stem), also writes the JSON report and the SVG chart there (see [`write_outputs`]) and says
+/// so. Shared by `epp bench` and `epp demo`.
+pub fn print_report(report: &BenchReport, out: Option<(&Path, &str)>) -> anyhow::Result<()> {
+    print!("{}", report::render_table(report));
+    print!("{}", report::render_targets(&report.targets));
+    if let Some((dir, stem)) = out {
+        let (json, svg) = write_outputs(report, dir, stem)?;
+        println!("wrote {} and {}", json.display(), svg.display());
+    }
+    Ok(())
+}
+
+/// 130 when Ctrl-C cut the run short (the report holds partial results), else success.
+pub fn exit_code(report: &BenchReport) -> ExitCode {
+    if report.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 /// Prints what the comparison is doing, to stderr.
 pub fn print_events() -> compare::Observer {
     std::sync::Arc::new(|e: &CompareEvent| match e {
@@ -473,31 +495,31 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .await?
             .report
     };
-    print!("{}", report::render_table(&report));
-    print!("{}", report::render_targets(&report.targets));
     let stem = format!("bench-{}-seed{}", report.workload.name(), report.seed);
-    let (json, svg) = write_outputs(&report, &args.out, &stem)?;
-    println!("wrote {} and {}", json.display(), svg.display());
-    Ok(if report.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
+    print_report(&report, Some((&args.out, &stem)))?;
+    Ok(exit_code(&report))
+}
+
+/// Parses a subcommand's flags alone, for the tests of `epp bench` and `epp demo`.
+#[cfg(test)]
+pub fn parse_flags<A: clap::Args>(command: &str, argv: &[&str]) -> Result<A, clap::Error> {
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+
+    Cli::<A>::try_parse_from(std::iter::once(command).chain(argv.iter().copied())).map(|c| c.args)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser, Debug)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
 
     fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
-        Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied())).map(|c| c.args)
+        parse_flags("bench", argv)
     }
 
     #[test]

@@ -9,10 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use epp_bench::compare::{self, CompareConfig, CompareEvent, Policy};
-use epp_bench::report;
 use epp_bench::workload::{SharedPrefix, WorkloadSpec};
 
-use super::bench::{stop_on_signal, write_outputs, SimArgs};
+use super::bench::{exit_code, print_report, stop_on_signal, SimArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -97,13 +96,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let stop = stop_on_signal();
     let outcome = compare::compare(&cfg, Some(observer), stop.clone()).await?;
     println!();
-    print!("{}", report::render_table(&outcome.report));
-    print!("{}", report::render_targets(&outcome.report.targets));
-    if let Some(dir) = &args.out {
-        let stem = format!("demo-seed{}", args.seed);
-        let (json, svg) = write_outputs(&outcome.report, dir, &stem)?;
-        println!("wrote {} and {}", json.display(), svg.display());
-    }
+    let stem = format!("demo-seed{}", args.seed);
+    print_report(
+        &outcome.report,
+        args.out.as_deref().map(|dir| (dir, stem.as_str())),
+    )?;
     if let Some(live) = outcome.live {
         println!(
             "\nstill serving (--keep-running), policy {}:\n  proxy    {}/v1/chat/completions\n  metrics  {}\n  \
@@ -126,35 +123,26 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         live.shutdown().await;
         return Ok(ExitCode::SUCCESS);
     }
-    Ok(if outcome.report.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(exit_code(&outcome.report))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    #[derive(Parser, Debug)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
+    fn parse(argv: &[&str]) -> Args {
+        crate::cmd::bench::parse_flags("demo", argv).unwrap()
     }
 
     #[test]
     fn defaults_fit_in_a_minute() {
-        let a = Cli::try_parse_from(["demo"]).unwrap().args;
+        let a = parse(&[]);
         // Two policies back to back stay within the 60 s the README promises.
         assert!(2.0 * a.duration <= 60.0);
         assert_eq!((a.duration, a.rate, a.seed), (25.0, 30.0, 42));
         assert!(!a.keep_running && a.out.is_none() && !a.no_progress);
         assert_eq!(a.sims.setup().unwrap().backends, 4);
-        let a = Cli::try_parse_from(["demo", "--keep-running", "--duration", "5", "--out", "d"])
-            .unwrap()
-            .args;
+        let a = parse(&["--keep-running", "--duration", "5", "--out", "d"]);
         assert!(a.keep_running);
         assert_eq!(a.duration, 5.0);
         assert_eq!(a.out, Some(PathBuf::from("d")));
@@ -162,12 +150,10 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_duration_and_rate_are_rejected_before_starting() {
-        let a = Cli::try_parse_from(["demo", "--duration", "0"])
-            .unwrap()
-            .args;
+        let a = parse(&["--duration", "0"]);
         let e = run(a).await.unwrap_err().to_string();
         assert_eq!(e, "--duration must be a positive number of seconds");
-        let a = Cli::try_parse_from(["demo", "--rate", "0"]).unwrap().args;
+        let a = parse(&["--rate", "0"]);
         let e = run(a).await.unwrap_err().to_string();
         assert_eq!(e, "--rate must be a positive number of requests per second");
     }
