@@ -124,6 +124,39 @@ fn bench(c: &mut Criterion) {
             r.tracker.finish(200);
         })
     });
+    // A 1 MiB prompt (the Envoy benchmark's large-body case): parse, hash 16,384 blocks,
+    // schedule, index update.
+    let big: Vec<Vec<u8>> = (0..4)
+        .map(|g| {
+            let mut p = String::with_capacity(1 << 20);
+            while p.len() < (1 << 20) {
+                p.push_str(&prompt(g * 1000 + p.len() / 8192));
+            }
+            p.truncate(1 << 20);
+            serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": p, "max_tokens": 16}))
+                .unwrap()
+        })
+        .collect();
+    let mut k = 0usize;
+    let mut g = c.benchmark_group("pick_large");
+    g.sample_size(20);
+    g.bench_function("route_64_endpoints_1MiB_body", |b| {
+        b.iter(|| {
+            k = (k + 1) % big.len();
+            let r = director
+                .route(RouteRequest {
+                    method: Some(ApiMethod::Completions),
+                    body: &big[k],
+                    ..Default::default()
+                })
+                .unwrap();
+            r.tracker.finish(200);
+        })
+    });
+    g.bench_function("parse_1MiB_body", |b| {
+        b.iter(|| parse_body(ApiMethod::Completions, &big[0]).unwrap())
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench);

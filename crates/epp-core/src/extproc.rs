@@ -697,8 +697,9 @@ impl Exchange {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Direction {
+/// Which half of the HTTP exchange an answer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
     Request,
     Response,
 }
@@ -742,7 +743,8 @@ fn header_pairs(map: Option<&HeaderMap>) -> Vec<(String, Vec<u8>)> {
     .unwrap_or_default()
 }
 
-fn header_option(key: &str, value: &[u8]) -> HeaderValueOption {
+/// A `set` header mutation (raw value bytes).
+pub fn header_option(key: &str, value: &[u8]) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_string(),
@@ -812,7 +814,8 @@ fn immediate(err: &RouteError) -> ProcessingResponse {
     }
 }
 
-fn body_response(chunk: Vec<u8>, end_of_stream: bool, dir: Direction) -> ProcessingResponse {
+/// A `streamed_response` body answer carrying `chunk`.
+pub fn body_response(chunk: Vec<u8>, end_of_stream: bool, dir: Direction) -> ProcessingResponse {
     let br = BodyResponse {
         response: Some(CommonResponse {
             body_mutation: Some(BodyMutation {
@@ -836,7 +839,8 @@ fn body_response(chunk: Vec<u8>, end_of_stream: bool, dir: Direction) -> Process
     }
 }
 
-fn trailers_response(dir: Direction) -> ProcessingResponse {
+/// An empty trailers answer.
+pub fn trailers_response(dir: Direction) -> ProcessingResponse {
     let t = TrailersResponse::default();
     ProcessingResponse {
         response: Some(match dir {

@@ -73,14 +73,16 @@ mod floor {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
     use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
         ExternalProcessor, ExternalProcessorServer,
     };
     use envoy_types::pb::envoy::service::ext_proc::v3::{
-        body_mutation, processing_request, processing_response, BodyMutation, BodyResponse,
-        CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest, ProcessingResponse,
-        StreamedBodyResponse, TrailersResponse,
+        processing_request, processing_response, CommonResponse, HeaderMutation, HeadersResponse,
+        ProcessingRequest, ProcessingResponse,
+    };
+    use epp_core::extproc::{
+        body_response, destination_metadata, header_option, trailers_response, Direction,
+        DESTINATION,
     };
     use futures_util::Stream;
     use tonic::{Request, Response, Status, Streaming};
@@ -90,46 +92,10 @@ mod floor {
         pub next: Arc<AtomicUsize>,
     }
 
-    fn header(k: &str, v: &str) -> HeaderValueOption {
-        HeaderValueOption {
-            header: Some(HeaderValue {
-                key: k.into(),
-                raw_value: v.as_bytes().to_vec(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn echo(body: Vec<u8>, eos: bool, request: bool) -> ProcessingResponse {
-        let r = BodyResponse {
-            response: Some(CommonResponse {
-                body_mutation: Some(BodyMutation {
-                    mutation: Some(body_mutation::Mutation::StreamedResponse(
-                        StreamedBodyResponse {
-                            body,
-                            end_of_stream: eos,
-                            ..Default::default()
-                        },
-                    )),
-                }),
-                ..Default::default()
-            }),
-        };
-        ProcessingResponse {
-            response: Some(if request {
-                processing_response::Response::RequestBody(r)
-            } else {
-                processing_response::Response::ResponseBody(r)
-            }),
-            ..Default::default()
-        }
-    }
-
     fn routed(target: &str, len: Option<usize>) -> ProcessingResponse {
-        let mut set = vec![header(epp_core::extproc::DESTINATION, target)];
+        let mut set = vec![header_option(DESTINATION, target.as_bytes())];
         if let Some(n) = len {
-            set.push(header("content-length", &n.to_string()));
+            set.push(header_option("content-length", n.to_string().as_bytes()));
         }
         ProcessingResponse {
             response: Some(processing_response::Response::RequestHeaders(
@@ -144,7 +110,7 @@ mod floor {
                     }),
                 },
             )),
-            dynamic_metadata: Some(epp_core::extproc::destination_metadata(target)),
+            dynamic_metadata: Some(destination_metadata(target)),
             ..Default::default()
         }
     }
@@ -181,7 +147,11 @@ mod floor {
                                 if b.end_of_stream {
                                     let whole = std::mem::take(&mut body);
                                     pending.push_back(routed(&target, Some(whole.len())));
-                                    pending.push_back(echo(whole, true, true));
+                                    pending.push_back(body_response(
+                                        whole,
+                                        true,
+                                        Direction::Request,
+                                    ));
                                 }
                             }
                             R::ResponseHeaders(_) => pending.push_back(ProcessingResponse {
@@ -190,21 +160,17 @@ mod floor {
                                 )),
                                 ..Default::default()
                             }),
-                            R::ResponseBody(b) => {
-                                pending.push_back(echo(b.body, b.end_of_stream, false))
+                            R::ResponseBody(b) => pending.push_back(body_response(
+                                b.body,
+                                b.end_of_stream,
+                                Direction::Response,
+                            )),
+                            R::RequestTrailers(_) => {
+                                pending.push_back(trailers_response(Direction::Request))
                             }
-                            R::RequestTrailers(_) => pending.push_back(ProcessingResponse {
-                                response: Some(processing_response::Response::RequestTrailers(
-                                    TrailersResponse::default(),
-                                )),
-                                ..Default::default()
-                            }),
-                            R::ResponseTrailers(_) => pending.push_back(ProcessingResponse {
-                                response: Some(processing_response::Response::ResponseTrailers(
-                                    TrailersResponse::default(),
-                                )),
-                                ..Default::default()
-                            }),
+                            R::ResponseTrailers(_) => {
+                                pending.push_back(trailers_response(Direction::Response))
+                            }
                         }
                     }
                 }
@@ -323,29 +289,136 @@ fn ms(s: f64) -> String {
     format!("{:.3}", s * 1000.0)
 }
 
+/// Picker-only throughput: `workers` concurrent ext_proc exchanges, as Envoy sends them
+/// (request headers, body with end_of_stream → two answers; response headers, body → two
+/// answers), over one HTTP/2 connection straight to the picker's gRPC port; no Envoy.
+/// Returns (completed exchanges, seconds).
+async fn grpc_exchanges(port: u16, workers: usize, secs: f64) -> (u64, f64) {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        processing_request::Request as R, HttpBody, HttpHeaders, ProcessingRequest,
+    };
+    fn headers(pairs: &[(&str, &str)]) -> Option<HeaderMap> {
+        Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_string(),
+                    raw_value: v.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    }
+    fn msg(r: R) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(r),
+            ..Default::default()
+        }
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let mut client = ExternalProcessorClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while std::time::Instant::now() < deadline {
+                let prompt = format!("worker {w} request {done} ").repeat(24);
+                let body = serde_json::to_vec(
+                    &serde_json::json!({"model": "sim-model", "prompt": prompt, "max_tokens": 1}),
+                )
+                .unwrap();
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                let inbound = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|m| (m, rx))
+                });
+                let mut answers = client.process(inbound).await.unwrap().into_inner();
+                let req = [(":method", "POST"), (":path", "/v1/completions")];
+                let resp = [(":status", "200"), ("content-type", "application/json")];
+                let phases = [
+                    [
+                        R::RequestHeaders(HttpHeaders {
+                            headers: headers(&req),
+                            ..Default::default()
+                        }),
+                        R::RequestBody(HttpBody {
+                            body,
+                            end_of_stream: true,
+                            ..Default::default()
+                        }),
+                    ],
+                    [
+                        R::ResponseHeaders(HttpHeaders {
+                            headers: headers(&resp),
+                            ..Default::default()
+                        }),
+                        R::ResponseBody(HttpBody {
+                            body: br#"{"choices":[{"text":"x"}]}"#.to_vec(),
+                            end_of_stream: true,
+                            ..Default::default()
+                        }),
+                    ],
+                ];
+                // Each phase: two messages in, two answers out (headers, then body).
+                for phase in phases {
+                    for m in phase {
+                        tx.send(msg(m)).await.unwrap();
+                    }
+                    for _ in 0..2 {
+                        answers.message().await.unwrap().unwrap();
+                    }
+                }
+                drop(tx);
+                assert!(answers.message().await.unwrap().is_none());
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    (total, start.elapsed().as_secs_f64())
+}
+
+type PathRef<'a> = (&'a str, &'a Envoy, Option<&'a Proc>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --ignored --nocapture (release build recommended)"]
 async fn envoy_front_end_benchmark() {
     let rate = env_f64("EPP_BENCH_RATE", 500.0);
     let secs = env_f64("EPP_BENCH_SECS", 10.0);
+    let quick = std::env::var_os("EPP_BENCH_QUICK").is_some();
     let sims = Sims::start_with(LatencyModel::zero()).await;
     let picker = start_picker(&sims).await;
     let with = start_envoy(&picker, &sims, Variant::FailClosed).await;
     let direct = start_envoy(&picker, &sims, Variant::Direct).await;
     let floor_proc = start_floor(&sims).await;
     let floor = start_envoy(&floor_proc, &sims, Variant::FailClosed).await;
+    let paths: [PathRef; 3] = [
+        ("Envoy → sim (round-robin)", &direct, None),
+        (
+            "Envoy → floor processor → sim",
+            &floor,
+            floor_proc.proc.as_ref(),
+        ),
+        ("Envoy → epp → sim", &with, picker.proc.as_ref()),
+    ];
+    let closed = |concurrency| LoadMode::ClosedLoop { concurrency };
 
-    // Warm both paths (connections, ORIGINAL_DST hosts).
-    run(&with, LoadMode::ClosedLoop { concurrency: 4 }, 1.0, 128, 1).await;
-    run(
-        &direct,
-        LoadMode::ClosedLoop { concurrency: 4 },
-        1.0,
-        128,
-        1,
-    )
-    .await;
-    run(&floor, LoadMode::ClosedLoop { concurrency: 4 }, 1.0, 128, 1).await;
+    // Warm every path (connections, ORIGINAL_DST hosts).
+    for (_, envoy, _) in paths {
+        run(envoy, closed(4), 1.0, 128, 1).await;
+    }
 
     println!(
         "\n| scenario | path | ok | failed | achieved rps | p50 ms | p90 ms | p99 ms | max ms |"
@@ -364,20 +437,26 @@ async fn envoy_front_end_benchmark() {
         );
     };
     let mut added = Vec::new();
+    let mut note_added = |scenario: &str, rows: &[Row]| {
+        let (d, f, p) = (&rows[0], &rows[1], &rows[2]);
+        for (who, r, base) in [
+            ("floor processor", f, d),
+            ("epp", p, d),
+            ("epp above the floor", p, f),
+        ] {
+            added.push((
+                format!("{scenario}: {who}"),
+                r.e2e.p50 - base.e2e.p50,
+                r.e2e.p99 - base.e2e.p99,
+            ));
+        }
+    };
+
     // Fixed rate, 128-token prompts. The three paths take turns in short rounds (the order
     // rotating) and each path's samples are pooled, so drift on this shared machine hits all
     // three alike.
     let scenario = format!("{rate:.0} rps open loop, 128-token prompt");
     let rounds = env_f64("EPP_BENCH_ROUNDS", 5.0).max(1.0) as usize;
-    let paths: [(&str, &Envoy, Option<&Proc>); 3] = [
-        ("Envoy → sim (round-robin)", &direct, None),
-        (
-            "Envoy → floor processor → sim",
-            &floor,
-            floor_proc.proc.as_ref(),
-        ),
-        ("Envoy → epp → sim", &with, picker.proc.as_ref()),
-    ];
     let mut pooled: Vec<Vec<RunOutcome>> = vec![Vec::new(), Vec::new(), Vec::new()];
     let mut cpu = [(0.0f64, 0.0f64); 3]; // (Envoy, processor) CPU seconds per path
     for round in 0..rounds {
@@ -388,14 +467,8 @@ async fn envoy_front_end_benchmark() {
                 envoy.proc.cpu_seconds(),
                 proc.map_or(0.0, Proc::cpu_seconds),
             );
-            let o = run(
-                envoy,
-                LoadMode::OpenLoop { rate },
-                secs / rounds as f64,
-                128,
-                2 + round as u64,
-            )
-            .await;
+            let mode = LoadMode::OpenLoop { rate };
+            let o = run(envoy, mode, secs / rounds as f64, 128, 2 + round as u64).await;
             cpu[idx].0 += envoy.proc.cpu_seconds() - before.0;
             cpu[idx].1 += proc.map_or(0.0, Proc::cpu_seconds) - before.1;
             pooled[idx].push(o);
@@ -405,37 +478,20 @@ async fn envoy_front_end_benchmark() {
     for (k, r) in rows.iter().enumerate() {
         print(&scenario, paths[k].0, r);
     }
+    note_added(&scenario, &rows);
     let per = |cpu: f64, r: &Row| format!("{:.0}", cpu * 1e6 / (r.ok + r.failed).max(1) as f64);
-    let (d, f, p) = (&rows[0], &rows[1], &rows[2]);
     let cpu_rows = [
-        ("Envoy, direct", per(cpu[0].0, d)),
-        ("Envoy, with the floor processor", per(cpu[1].0, f)),
-        ("floor processor", per(cpu[1].1, f)),
-        ("Envoy, with the picker", per(cpu[2].0, p)),
+        ("Envoy, direct", per(cpu[0].0, &rows[0])),
+        ("Envoy, with the floor processor", per(cpu[1].0, &rows[1])),
+        ("floor processor", per(cpu[1].1, &rows[1])),
+        ("Envoy, with the picker", per(cpu[2].0, &rows[2])),
         (
             "epp serve (incl. scraping 3 simulators every 100 ms)",
-            per(cpu[2].1, p),
+            per(cpu[2].1, &rows[2]),
         ),
     ];
-    added.push((
-        format!("{scenario}: floor processor"),
-        f.e2e.p50 - d.e2e.p50,
-        f.e2e.p99 - d.e2e.p99,
-    ));
-    added.push((
-        format!("{scenario}: epp"),
-        p.e2e.p50 - d.e2e.p50,
-        p.e2e.p99 - d.e2e.p99,
-    ));
-    added.push((
-        format!("{scenario}: epp above the floor"),
-        p.e2e.p50 - f.e2e.p50,
-        p.e2e.p99 - f.e2e.p99,
-    ));
-    drop(floor);
-    drop(floor_proc);
 
-    let quick = std::env::var_os("EPP_BENCH_QUICK").is_some();
+    // Large bodies: the whole prompt is buffered, parsed and re-sent before Envoy forwards it.
     let large: &[(&str, u32, f64)] = if quick {
         &[]
     } else {
@@ -446,60 +502,58 @@ async fn envoy_front_end_benchmark() {
     };
     for &(label, tokens, r) in large {
         let scenario = format!("{r:.0} rps open loop, {label}");
-        let d = row(&run(
-            &direct,
-            LoadMode::OpenLoop { rate: r },
-            secs.min(5.0),
-            tokens,
-            3,
-        )
-        .await);
-        let p = row(&run(
-            &with,
-            LoadMode::OpenLoop { rate: r },
-            secs.min(5.0),
-            tokens,
-            3,
-        )
-        .await);
-        print(&scenario, "Envoy → sim (round-robin)", &d);
-        print(&scenario, "Envoy → epp → sim", &p);
-        added.push((scenario, p.e2e.p50 - d.e2e.p50, p.e2e.p99 - d.e2e.p99));
+        let mut rows = Vec::new();
+        for (name, envoy, _) in paths {
+            let mode = LoadMode::OpenLoop { rate: r };
+            let row = row(&run(envoy, mode, secs.min(5.0), tokens, 3).await);
+            print(&scenario, name, &row);
+            rows.push(row);
+        }
+        note_added(&scenario, &rows);
     }
-
-    // Throughput: closed loop, enough concurrency to saturate; the picker pinned to one core.
-    drop(with);
+    drop((with, floor, floor_proc));
     if quick {
-        print_summary(rate, cpu_rows, added);
+        print_summary(rate, cpu_rows, added, &[]);
         return;
     }
-    let pinned = start_picker_with(&sims, Some(1)).await;
-    let with1 = start_envoy(&pinned, &sims, Variant::FailClosed).await;
-    run(&with1, LoadMode::ClosedLoop { concurrency: 4 }, 1.0, 128, 1).await;
-    let scenario = "closed loop, 64 concurrent, 128-token prompt";
-    let d = row(&run(
-        &direct,
-        LoadMode::ClosedLoop { concurrency: 64 },
-        secs,
-        128,
-        4,
-    )
-    .await);
-    let p = row(&run(
-        &with1,
-        LoadMode::ClosedLoop { concurrency: 64 },
-        secs,
-        128,
-        4,
-    )
-    .await);
-    print(scenario, "Envoy → sim (round-robin)", &d);
-    print(scenario, "Envoy → epp (1 core) → sim", &p);
 
-    print_summary(rate, cpu_rows, added);
+    // Throughput with the picker pinned to one core: through Envoy (closed loop, 64 workers;
+    // Envoy runs one worker thread, so it may be the limit), and straight at the picker's gRPC
+    // port (no Envoy: the picker's own ceiling).
+    let pinned = start_picker_with(&sims, Some(1)).await;
+    let pinned_proc = pinned.proc.as_ref().unwrap();
+    let with1 = start_envoy(&pinned, &sims, Variant::FailClosed).await;
+    run(&with1, closed(4), 1.0, 128, 1).await;
+    let scenario = "closed loop, 64 concurrent, 128-token prompt";
+    let d = row(&run(&direct, closed(64), secs, 128, 4).await);
+    let (cpu0, envoy0) = (pinned_proc.cpu_seconds(), with1.proc.cpu_seconds());
+    let o = run(&with1, closed(64), secs, 128, 4).await;
+    let busy = |proc: &Proc, from: f64| (proc.cpu_seconds() - from) / o.elapsed_s.max(1e-9) * 100.0;
+    let (picker_busy, envoy_busy) = (busy(pinned_proc, cpu0), busy(&with1.proc, envoy0));
+    print(scenario, "Envoy → sim (round-robin)", &d);
+    print(scenario, "Envoy → epp (1 core) → sim", &row(&o));
+    let cpu0 = pinned_proc.cpu_seconds();
+    let (n, elapsed) = grpc_exchanges(pinned.grpc, 32, secs).await;
+    let alone_busy = (pinned_proc.cpu_seconds() - cpu0) / elapsed * 100.0;
+    let throughput = [
+        format!(
+            "through Envoy: {:.0} req/s; epp serve used {picker_busy:.0}% of its core, Envoy {envoy_busy:.0}% of its one worker",
+            row(&o).rps
+        ),
+        format!(
+            "straight at the picker (gRPC, 32 concurrent exchanges, no Envoy): {:.0} exchanges/s; epp serve used {alone_busy:.0}% of its core",
+            n as f64 / elapsed
+        ),
+    ];
+    print_summary(rate, cpu_rows, added, &throughput);
 }
 
-fn print_summary(rate: f64, cpu_rows: [(&str, String); 5], added: Vec<(String, f64, f64)>) {
+fn print_summary(
+    rate: f64,
+    cpu_rows: [(&str, String); 5],
+    added: Vec<(String, f64, f64)>,
+    throughput: &[String],
+) {
     println!("\n| process ({rate:.0} rps run) | CPU µs per request |");
     println!("|---|---|");
     for (who, us) in cpu_rows {
@@ -510,5 +564,8 @@ fn print_summary(rate: f64, cpu_rows: [(&str, String); 5], added: Vec<(String, f
     println!("|---|---|---|");
     for (s, p50, p99) in added {
         println!("| {s} | {} | {} |", ms(p50), ms(p99));
+    }
+    for t in throughput {
+        println!("\nthroughput, picker pinned to one core: {t}");
     }
 }
