@@ -299,3 +299,89 @@ impl Picker {
         let _ = tokio::time::timeout(self.grace_period, all).await;
     }
 }
+
+/// A running front-end, `epp proxy`'s [`ProxyHandle`](crate::proxy::ProxyHandle) or `epp serve`'s
+/// [`ServeHandle`](crate::extproc::ServeHandle): the shared runtime's director and side-server
+/// addresses, the front-end's own listen addresses `A` (their fields read through the handle,
+/// by `Deref`), and the shutdown that stops it all.
+pub struct FrontEndHandle<A> {
+    /// The front-end's own listen addresses.
+    pub addrs: A,
+    pub metrics_addr: Option<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
+    pub director: Director,
+    shutdown: Shutdown,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl<A> FrontEndHandle<A> {
+    /// Serve in the background: `run` gets `picker` (a [`Picker`], or one shared through an
+    /// `Arc`) and, once the picker's shutdown fires, stops the front-end and then the runtime.
+    pub(crate) fn spawn<P, F>(addrs: A, picker: P, run: impl FnOnce(P) -> F) -> Self
+    where
+        P: std::borrow::Borrow<Picker>,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let p = picker.borrow();
+        let (director, metrics_addr, health_addr) =
+            (p.director.clone(), p.metrics_addr, p.health_addr);
+        let shutdown = p.shutdown.clone();
+        Self {
+            addrs,
+            metrics_addr,
+            health_addr,
+            director,
+            shutdown,
+            done: tokio::spawn(run(picker)),
+        }
+    }
+
+    /// Stop accepting; in-flight requests (streams) get the grace period to finish.
+    pub fn shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
+    /// Wait until the front-end and its runtime have stopped.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// Trigger shutdown and wait.
+    pub async fn stop(self) {
+        self.shutdown();
+        self.wait().await;
+    }
+}
+
+impl<A> std::ops::Deref for FrontEndHandle<A> {
+    type Target = A;
+    fn deref(&self) -> &A {
+        &self.addrs
+    }
+}
+
+impl<A: std::fmt::Debug> std::fmt::Debug for FrontEndHandle<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrontEndHandle")
+            .field("addrs", &self.addrs)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("health_addr", &self.health_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Drive a front-end's `server`, which stops accepting when `shutdown` fires, until it finishes
+/// or until `grace` has passed since the shutdown; then its unfinished `work` is dropped.
+pub(crate) async fn serve_within_grace(
+    server: impl std::future::Future<Output = ()>,
+    shutdown: &Shutdown,
+    grace: Duration,
+    work: &str,
+) {
+    tokio::select! {
+        _ = server => {}
+        _ = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "grace period over; dropping unfinished {work}");
+        }
+    }
+}

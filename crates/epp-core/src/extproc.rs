@@ -28,7 +28,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::app::{Picker, PickerOptions};
+use crate::app::{serve_within_grace, FrontEndHandle, Picker, PickerOptions};
 use crate::datastore::Datastore;
 use crate::director::{Director, RequestTracker, RouteError, RouteRequest};
 use crate::request::ApiMethod;
@@ -1046,41 +1046,15 @@ pub struct ServeOptions {
     pub picker: PickerOptions,
 }
 
-/// A running `epp serve` (used by the CLI and tests).
-pub struct ServeHandle {
+/// `epp serve`'s own listen addresses (read through [`ServeHandle`], e.g. `handle.grpc_addr`).
+#[derive(Clone, Copy, Debug)]
+pub struct ServeAddrs {
     pub grpc_addr: SocketAddr,
     pub grpc_health_addr: SocketAddr,
-    pub metrics_addr: Option<SocketAddr>,
-    pub health_addr: Option<SocketAddr>,
-    pub director: Director,
-    shutdown: Shutdown,
-    done: tokio::task::JoinHandle<()>,
 }
 
-impl std::fmt::Debug for ServeHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServeHandle")
-            .field("grpc_addr", &self.grpc_addr)
-            .field("grpc_health_addr", &self.grpc_health_addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServeHandle {
-    /// Stop accepting streams; open ones get the grace period to finish.
-    pub fn shutdown(&self) {
-        self.shutdown.trigger();
-    }
-    /// Wait until the servers and the runtime have stopped.
-    pub async fn wait(self) {
-        let _ = self.done.await;
-    }
-    /// Trigger shutdown and wait.
-    pub async fn stop(self) {
-        self.shutdown();
-        self.wait().await;
-    }
-}
+/// A running `epp serve` (used by the CLI and tests).
+pub type ServeHandle = FrontEndHandle<ServeAddrs>;
 
 /// Validate, start the picker runtime, bind both gRPC listeners and serve in the background
 /// until `shutdown` fires.
@@ -1112,12 +1086,8 @@ pub async fn spawn_with_shutdown(
         max_body_bytes = opts.extproc.max_body_bytes,
         "ext_proc server listening"
     );
-    let director = picker.director.clone();
-    let metrics_addr = picker.metrics_addr;
-    let health_addr = picker.health_addr;
-    let service = ExtProcService::new(director.clone(), opts.extproc.clone());
+    let service = ExtProcService::new(picker.director.clone(), opts.extproc.clone());
     let grace = opts.picker.grace_period;
-    let sd = shutdown.clone();
     // gRPC readiness is the runtime's (datastore synced, endpoints known, leader if HA).
     let changes = picker.datastore.subscribe();
     let picker = Arc::new(picker);
@@ -1125,25 +1095,24 @@ pub async fn spawn_with_shutdown(
         let p = picker.clone();
         Arc::new(move || p.is_ready().is_ok())
     };
-    let done = tokio::spawn(async move {
-        let health_task = tokio::spawn(serve_health_with(ready, changes, health, sd.clone()));
+    let addrs = ServeAddrs {
+        grpc_addr,
+        grpc_health_addr,
+    };
+    let run = move |picker: Arc<Picker>| async move {
+        let health_task = tokio::spawn(serve_health_with(ready, changes, health, shutdown.clone()));
         let server: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
         > = match tls {
-            Some(tls) => Box::pin(serve_tls(service, grpc, tls, sd.clone())),
-            None => Box::pin(serve(service, grpc, sd.clone().wait())),
+            Some(tls) => Box::pin(serve_tls(service, grpc, tls, shutdown.clone())),
+            None => Box::pin(serve(service, grpc, shutdown.wait())),
         };
-        tokio::pin!(server);
-        tokio::select! {
-            r = &mut server => {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "ext_proc server failed");
-                }
+        let server = async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "ext_proc server failed");
             }
-            _ = async { sd.wait().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(?grace, "grace period over; dropping unfinished streams");
-            }
-        }
+        };
+        serve_within_grace(server, &shutdown, grace, "streams").await;
         let _ = tokio::time::timeout(grace, health_task).await;
         match Arc::try_unwrap(picker) {
             Ok(p) => p.join().await,
@@ -1152,16 +1121,8 @@ pub async fn spawn_with_shutdown(
             }
         }
         tracing::info!("ext_proc server stopped");
-    });
-    Ok(ServeHandle {
-        grpc_addr,
-        grpc_health_addr,
-        metrics_addr,
-        health_addr,
-        director,
-        shutdown,
-        done,
-    })
+    };
+    Ok(FrontEndHandle::spawn(addrs, picker, run))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
-use crate::app::{Picker, PickerOptions};
+use crate::app::{serve_within_grace, FrontEndHandle, Picker, PickerOptions};
 use crate::datastore::{FailureKind, Source};
 use crate::director::{error_body, Director, RequestTracker, RouteRequest};
 use crate::request::ApiMethod;
@@ -65,40 +65,14 @@ struct ProxyState {
     opts: ProxyOptions,
 }
 
-/// A running proxy (used by `epp proxy`, `epp demo`, `epp bench` and tests).
-pub struct ProxyHandle {
+/// The proxy's own listen address (read through [`ProxyHandle`], e.g. `handle.proxy_addr`).
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyAddrs {
     pub proxy_addr: SocketAddr,
-    pub metrics_addr: Option<SocketAddr>,
-    pub health_addr: Option<SocketAddr>,
-    pub director: Director,
-    shutdown: Shutdown,
-    done: tokio::task::JoinHandle<()>,
 }
 
-impl std::fmt::Debug for ProxyHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxyHandle")
-            .field("proxy_addr", &self.proxy_addr)
-            .field("metrics_addr", &self.metrics_addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ProxyHandle {
-    /// Stop accepting; in-flight requests finish within the grace period.
-    pub fn shutdown(&self) {
-        self.shutdown.trigger();
-    }
-    /// Wait until the proxy and its runtime have stopped.
-    pub async fn wait(self) {
-        let _ = self.done.await;
-    }
-    /// Trigger shutdown and wait.
-    pub async fn stop(self) {
-        self.shutdown();
-        self.wait().await;
-    }
-}
+/// A running proxy (used by `epp proxy`, `epp demo`, `epp bench` and tests).
+pub type ProxyHandle = FrontEndHandle<ProxyAddrs>;
 
 /// Validate, start the picker runtime, bind the proxy listener and serve in the background.
 pub async fn spawn(opts: ProxyOptions) -> anyhow::Result<ProxyHandle> {
@@ -127,9 +101,6 @@ pub async fn spawn_with_shutdown(
         max_attempts = opts.max_attempts,
         "proxy listening"
     );
-    let director = picker.director.clone();
-    let metrics_addr = picker.metrics_addr;
-    let health_addr = picker.health_addr;
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
     conn.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -137,43 +108,30 @@ pub async fn spawn_with_shutdown(
         .pool_idle_timeout(Duration::from_secs(60))
         .build(conn);
     let state = Arc::new(ProxyState {
-        director: director.clone(),
+        director: picker.director.clone(),
         client,
         opts: opts.clone(),
     });
     let app = axum::Router::new().fallback(handle).with_state(state);
     let grace = opts.picker.grace_period;
-    let sd = shutdown.clone();
-    let done = tokio::spawn(async move {
+    let addrs = ProxyAddrs { proxy_addr };
+    let run = move |picker: Picker| async move {
         // Small SSE chunks must not wait for the client's delayed ACK (Nagle).
         use axum::serve::ListenerExt;
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let server = axum::serve(listener, app).with_graceful_shutdown(sd.clone().wait());
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.wait());
         let server = async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "proxy server failed");
             }
         };
-        tokio::pin!(server);
-        tokio::select! {
-            _ = &mut server => {}
-            _ = async { sd.wait().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(?grace, "grace period over; dropping unfinished requests");
-            }
-        }
+        serve_within_grace(server, &shutdown, grace, "requests").await;
         picker.join().await;
         tracing::info!("proxy stopped");
-    });
-    Ok(ProxyHandle {
-        proxy_addr,
-        metrics_addr,
-        health_addr,
-        director,
-        shutdown,
-        done,
-    })
+    };
+    Ok(FrontEndHandle::spawn(addrs, picker, run))
 }
 
 fn new_request_id() -> String {

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use promql_parser::parser::{self, Expr};
 
 /// The job label every shipped scrape path produces.
@@ -510,7 +511,10 @@ impl Prometheus {
     pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
         let (status, body) = http_get(
             self.addr,
-            &format!("/api/v1/query?query={}", percent_encode(expr)),
+            &format!(
+                "/api/v1/query?query={}",
+                utf8_percent_encode(expr, NON_ALPHANUMERIC)
+            ),
             None,
         )
         .unwrap_or_else(|e| panic!("querying prometheus: {e}"));
@@ -541,19 +545,6 @@ impl Prometheus {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// A minimal HTTP/1.0 GET (no dependencies): status and body.

@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use promql_parser::parser;
 
 use super::assets::{family_name, for_each_selector, is_synthetic, selector_name, Assets, Query};
-use super::client::{percent_encode, Client, Endpoint};
+use super::client::{Client, Endpoint};
 use super::picker::{appears_with_traffic, Exposition, MetricState};
 use super::report::{Mark, Report};
 use super::transport::{report_transport, snippet, Peer};
@@ -58,7 +59,10 @@ impl Prom<'_> {
             return r.clone();
         }
         let r = self
-            .get_json(&format!("/api/v1/query?query={}", percent_encode(expr)))
+            .get_json(&format!(
+                "/api/v1/query?query={}",
+                utf8_percent_encode(expr, NON_ALPHANUMERIC)
+            ))
             .await
             .map(|v| v["data"]["result"].as_array().cloned().unwrap_or_default());
         self.cache.insert(expr.to_string(), r.clone());
