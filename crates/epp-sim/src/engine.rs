@@ -288,11 +288,15 @@ impl Engine {
                     .inter_token(self.running_count(), &mut *self.rng.lock());
                 deadline += itl;
             }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = tx.closed() => {
-                    aborted(&self, emitted);
-                    return;
+            // A deadline already due is not slept on: tokio's timer rounds up to the next
+            // millisecond, which would give a zero-latency simulator a 1 ms floor per token.
+            if deadline > Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = tx.closed() => {
+                        aborted(&self, emitted);
+                        return;
+                    }
                 }
             }
             if i == 0 {
