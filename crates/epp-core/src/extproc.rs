@@ -500,22 +500,7 @@ impl Exchange {
             set.push(header_option(REQUEST_ID_HEADER, id.as_bytes()));
         }
         let mut out = Vec::with_capacity(2 + out_body.len() / BODY_PIECE_BYTES);
-        out.push(ProcessingResponse {
-            response: Some(processing_response::Response::RequestHeaders(
-                HeadersResponse {
-                    response: Some(CommonResponse {
-                        header_mutation: Some(HeaderMutation {
-                            set_headers: set,
-                            remove_headers: Vec::new(),
-                        }),
-                        clear_route_cache: true,
-                        ..Default::default()
-                    }),
-                },
-            )),
-            dynamic_metadata: Some(destination_metadata(&metadata_value)),
-            ..Default::default()
-        });
+        out.push(routed_headers_response(set, &metadata_value));
         if with_body {
             push_body_pieces(&mut out, out_body, !trailers, Direction::Request);
             if trailers {
@@ -810,6 +795,30 @@ fn immediate(err: &RouteError) -> ProcessingResponse {
                 details: format!("epp: {}", err.message),
             },
         )),
+        ..Default::default()
+    }
+}
+
+/// The request-headers answer that carries a pick: `set` (the destination header first), the
+/// `envoy.lb` metadata with `metadata_value`, and `clear_route_cache` so Envoy re-routes on it.
+pub fn routed_headers_response(
+    set: Vec<HeaderValueOption>,
+    metadata_value: &str,
+) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestHeaders(
+            HeadersResponse {
+                response: Some(CommonResponse {
+                    header_mutation: Some(HeaderMutation {
+                        set_headers: set,
+                        remove_headers: Vec::new(),
+                    }),
+                    clear_route_cache: true,
+                    ..Default::default()
+                }),
+            },
+        )),
+        dynamic_metadata: Some(destination_metadata(metadata_value)),
         ..Default::default()
     }
 }

@@ -77,11 +77,11 @@ mod floor {
         ExternalProcessor, ExternalProcessorServer,
     };
     use envoy_types::pb::envoy::service::ext_proc::v3::{
-        processing_request, processing_response, CommonResponse, HeaderMutation, HeadersResponse,
-        ProcessingRequest, ProcessingResponse,
+        processing_request, processing_response, HeadersResponse, ProcessingRequest,
+        ProcessingResponse,
     };
     use epp_core::extproc::{
-        body_response, destination_metadata, header_option, trailers_response, Direction,
+        body_response, header_option, routed_headers_response, trailers_response, Direction,
         DESTINATION,
     };
     use futures_util::Stream;
@@ -97,22 +97,7 @@ mod floor {
         if let Some(n) = len {
             set.push(header_option("content-length", n.to_string().as_bytes()));
         }
-        ProcessingResponse {
-            response: Some(processing_response::Response::RequestHeaders(
-                HeadersResponse {
-                    response: Some(CommonResponse {
-                        header_mutation: Some(HeaderMutation {
-                            set_headers: set,
-                            remove_headers: Vec::new(),
-                        }),
-                        clear_route_cache: true,
-                        ..Default::default()
-                    }),
-                },
-            )),
-            dynamic_metadata: Some(destination_metadata(target)),
-            ..Default::default()
-        }
+        routed_headers_response(set, target)
     }
 
     type Out = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
