@@ -14,7 +14,8 @@
 //!
 //! Knobs (env): `EPP_BENCH_RATE` (default 500), `EPP_BENCH_SECS` (default 10; the fixed-rate
 //! comparison spends that long on each path, in `EPP_BENCH_ROUNDS` rounds, default 5),
-//! `EPP_BENCH_QUICK` (set: only the fixed-rate comparison).
+//! `EPP_BENCH_QUICK` (set: only the fixed-rate comparison), `EPP_BENCH_PICKER_ARGS` (extra
+//! `epp serve` flags, whitespace-separated, e.g. `--scrape-interval 1s`).
 
 #[path = "envoy_support.rs"]
 mod support;
@@ -384,7 +385,9 @@ async fn envoy_front_end_benchmark() {
     let secs = env_f64("EPP_BENCH_SECS", 10.0);
     let quick = std::env::var_os("EPP_BENCH_QUICK").is_some();
     let sims = Sims::start_with(LatencyModel::zero()).await;
-    let picker = start_picker(&sims).await;
+    let extra = std::env::var("EPP_BENCH_PICKER_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let picker = start_picker_args(&sims, None, &extra).await;
     let with = start_envoy(&picker, &sims, Variant::FailClosed).await;
     let direct = start_envoy(&picker, &sims, Variant::Direct).await;
     let floor_proc = start_floor(&sims).await;
