@@ -4,14 +4,10 @@
 //!
 //!     cargo bench -p epp-core --bench pick
 
-use std::sync::Arc;
-
 use criterion::{criterion_group, criterion_main, Criterion};
 use epp_core::config::{presets, EndpointPickerConfig};
 use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetrics};
 use epp_core::director::{Director, RouteRequest};
-use epp_core::metrics::Metrics;
-use epp_core::prefix::PrefixIndex;
 use epp_core::request::{parse_body, ApiMethod};
 use epp_core::scheduler::{SchedCtx, Scheduler};
 
@@ -57,11 +53,7 @@ fn setup() -> (Director, Vec<Vec<u8>>) {
         );
     }
     let cfg = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
-    let sched = Scheduler::from_config(&cfg).unwrap();
-    let prefix = Arc::new(PrefixIndex::new(sched.prefix_config()));
-    let metrics = Metrics::new(ds.clone(), prefix.clone());
-    let sched = Arc::new(sched.with_observer(metrics.clone()));
-    let director = Director::new(ds, sched, prefix, metrics);
+    let director = Director::build(ds, Scheduler::from_config(&cfg).unwrap());
     let bodies: Vec<Vec<u8>> = (0..256)
         .map(|g| {
             serde_json::to_vec(
@@ -106,7 +98,10 @@ fn bench(c: &mut Criterion) {
                 request: req,
                 prefix: &m,
             };
-            let s = director.scheduler().schedule(&ctx, None).unwrap();
+            let s = director
+                .scheduler()
+                .schedule(&ctx, &Default::default())
+                .unwrap();
             std::hint::black_box(s.ranked[0])
         })
     });

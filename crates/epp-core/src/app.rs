@@ -12,7 +12,6 @@ use crate::datastore::{Datastore, EndpointSpec, HealthConfig};
 use crate::director::Director;
 use crate::discovery::StaticDiscovery;
 use crate::metrics::Metrics;
-use crate::prefix::PrefixIndex;
 use crate::scheduler::Scheduler;
 use crate::scrape::ScrapeOptions;
 use crate::serving::{self, MetricsAuth, ReadyFn};
@@ -183,19 +182,8 @@ impl Picker {
             });
         }
         let datastore = Datastore::new(opts.health.clone());
-        let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
-        {
-            let p = prefix.clone();
-            datastore.on_slot_freed(move |slot| p.remove_slot(slot));
-        }
-        let metrics = Metrics::new(datastore.clone(), prefix.clone());
-        let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
-        let director = Director::new(
-            datastore.clone(),
-            scheduler.clone(),
-            prefix,
-            metrics.clone(),
-        );
+        let director = Director::build(datastore.clone(), scheduler);
+        let metrics = director.metrics().clone();
 
         // Bind side servers (after validation).
         let mut metrics_addr = None;

@@ -8,27 +8,49 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::datastore::{Datastore, Endpoint, InFlight};
+use crate::datastore::{Datastore, Endpoint, FailureKind, InFlight, Source};
+use crate::gateway::rewrite::{self, ModelRestorer};
+use crate::gateway::InboundHeaders;
 use crate::metrics::Metrics;
 use crate::prefix::{PrefixIndex, PromptHashes};
 use crate::request::{parse_body, ApiMethod, BadRequest, ParsedRequest};
-use crate::scheduler::{DecisionType, SchedCtx, ScheduleError, Scheduler};
+use crate::scheduler::{DecisionType, Hints, SchedCtx, ScheduleError, Scheduler};
 
 /// Status a request gets when the client goes away before its response completed
 /// (nginx's "client closed request").
 pub const STATUS_CLIENT_CLOSED: u16 = 499;
 
 /// One request as a front-end hands it over.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct RouteRequest<'a> {
     pub method: Option<ApiMethod>,
     pub body: &'a [u8],
     /// Gateway subset hint: only these addresses may be picked.
     pub subset: Option<&'a [String]>,
-    /// `test-epp-endpoint-selection`: pick exactly these (in order), bypassing the scorers.
-    pub forced: Option<&'a str>,
-    /// `x-gateway-model-name-rewrite`: the model to route (and forward) as.
-    pub model_rewrite: Option<&'a str>,
+    /// The gateway headers, read under the front-end's [`GatewayPolicy`]
+    /// (forced pick, model rewrite, objective, fairness id).
+    ///
+    /// [`GatewayPolicy`]: crate::gateway::GatewayPolicy
+    pub headers: &'a InboundHeaders,
+}
+
+static NO_HEADERS: InboundHeaders = InboundHeaders {
+    request_id: None,
+    forced: None,
+    model_rewrite: None,
+    objective: None,
+    fairness_id: None,
+};
+
+impl Default for RouteRequest<'_> {
+    fn default() -> Self {
+        Self {
+            method: None,
+            body: &[],
+            subset: None,
+            headers: &NO_HEADERS,
+        }
+    }
 }
 
 /// A refusal, with the HTTP status the client gets and a message it can act on.
@@ -64,6 +86,8 @@ pub fn error_type(status: u16) -> &'static str {
     match status {
         400 => "invalid_request_error",
         404 => "not_found_error",
+        405 => "invalid_request_error",
+        408 => "invalid_request_error",
         413 => "request_too_large",
         429 => "rate_limit_exceeded",
         502 => "bad_gateway",
@@ -73,14 +97,31 @@ pub fn error_type(status: u16) -> &'static str {
     }
 }
 
-/// `{"error": {"message", "type", "param", "code"}}`.
+/// The OpenAI-style `code` string for a status the picker itself answers with.
+pub fn error_code(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        413 => "request_too_large",
+        429 => "rate_limited",
+        499 => "client_closed_request",
+        502 => "upstream_failed",
+        503 => "no_endpoint_available",
+        504 => "upstream_timeout",
+        _ => "internal_error",
+    }
+}
+
+/// `{"error": {"message", "type", "param", "code"}}` (`code` a string, as OpenAI's).
 pub fn error_body(status: u16, message: &str, param: Option<&str>) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "error": {
             "message": message,
             "type": error_type(status),
             "param": param,
-            "code": status,
+            "code": error_code(status),
         }
     }))
     .unwrap_or_default()
@@ -114,12 +155,21 @@ pub struct Routed {
     pub targets: Vec<Arc<Endpoint>>,
     pub decision: DecisionType,
     pub tracker: RequestTracker,
+    /// The body to forward when it differs from the client's (the model rewrite); `None`: the
+    /// client's bytes go out untouched.
+    pub body: Option<Vec<u8>>,
 }
 
 /// Tracks one routed request until its response ends. Dropping it without [`finish`] counts
 /// the request as aborted by the client (status 499).
 ///
+/// The front-end reports what the upstream did ([`upstream_status`], [`upstream_failed`]);
+/// those reports, and only those, feed the endpoint's passive health. Local errors (a request
+/// that cannot be forwarded, a client that goes away) never count against an endpoint.
+///
 /// [`finish`]: RequestTracker::finish
+/// [`upstream_status`]: RequestTracker::upstream_status
+/// [`upstream_failed`]: RequestTracker::upstream_failed
 #[derive(Debug)]
 pub struct RequestTracker {
     director: Director,
@@ -127,6 +177,7 @@ pub struct RequestTracker {
     started: Instant,
     guard: Option<InFlight>,
     hashes: PromptHashes,
+    restorer: Option<ModelRestorer>,
     first_byte_seen: bool,
     done: bool,
 }
@@ -147,7 +198,46 @@ impl RequestTracker {
         self.guard = Some(InFlight::new(ep));
     }
 
-    /// First response byte (proxy mode TTFT).
+    /// The serving endpoint answered with `status`: a 5xx counts against its passive health,
+    /// anything else for it.
+    pub fn upstream_status(&self, status: u16) {
+        let result = if status >= 500 {
+            Err(FailureKind::Other)
+        } else {
+            Ok(())
+        };
+        self.record_passive(result);
+    }
+
+    /// The serving endpoint could not be reached or failed mid-exchange (`kind` says how).
+    pub fn upstream_failed(&self, kind: FailureKind) {
+        self.record_passive(Err(kind));
+    }
+
+    fn record_passive(&self, result: Result<(), FailureKind>) {
+        if let Some(ep) = self.endpoint() {
+            self.director
+                .inner
+                .datastore
+                .record(ep.address(), Source::Passive, result);
+        }
+    }
+
+    /// A response body (or one streamed chunk of it) on its way to the client: the model name
+    /// the client asked for is put back where the server names the rewritten one.
+    pub fn response_chunk(&self, chunk: Vec<u8>) -> Vec<u8> {
+        match &self.restorer {
+            Some(r) => r.apply(chunk),
+            None => chunk,
+        }
+    }
+
+    /// Whether response bodies are rewritten (a model rewrite happened).
+    pub fn rewrites_responses(&self) -> bool {
+        self.restorer.is_some()
+    }
+
+    /// First response byte (TTFT).
     pub fn first_byte(&mut self) {
         if !self.first_byte_seen {
             self.first_byte_seen = true;
@@ -201,12 +291,18 @@ impl std::fmt::Debug for Director {
 }
 
 impl Director {
-    pub fn new(
-        datastore: Datastore,
-        scheduler: Arc<Scheduler>,
-        prefix: Arc<PrefixIndex>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// The one way to build the core: the prefix index sized by the scheduler's prefix
+    /// configuration and forgetting endpoints the datastore frees, the metrics registry over
+    /// both, and the scheduler reporting plugin latencies into it. The runtime, the benchmarks
+    /// and every test that needs a picker build it here, so they all measure the product.
+    pub fn build(datastore: Datastore, scheduler: Scheduler) -> Self {
+        let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
+        {
+            let p = prefix.clone();
+            datastore.on_slot_freed(move |slot| p.remove_slot(slot));
+        }
+        let metrics = Metrics::new(datastore.clone(), prefix.clone());
+        let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
         Self {
             inner: Arc::new(Inner {
                 datastore,
@@ -231,7 +327,7 @@ impl Director {
     }
 
     /// Record a request refused before routing (e.g. body too large), so counters stay complete.
-    pub fn record_rejected(&self, method: ApiMethod, status: u16) {
+    pub fn record_answered(&self, method: ApiMethod, status: u16) {
         self.inner.metrics.record_request(method, status);
     }
 
@@ -278,7 +374,7 @@ impl Director {
     ) -> Result<Routed, RouteError> {
         let inner = &self.inner;
         let mut parsed = parse_body(method, req.body)?;
-        if let Some(t) = req.model_rewrite.filter(|t| !t.is_empty()) {
+        if let Some(t) = req.headers.model_rewrite.as_deref() {
             parsed.target_model = t.to_string();
         }
         let snapshot = inner.datastore.snapshot();
@@ -289,46 +385,15 @@ impl Director {
             request: &parsed,
             prefix: &matches,
         };
-        let (ranked, decision) = if let Some(forced) = req.forced {
-            let wanted: Vec<String> = forced
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
-            let mut ranked = Vec::new();
-            for w in &wanted {
-                for (i, e) in snapshot.endpoints.iter().enumerate() {
-                    // `ip:port` matches exactly; a bare `ip` matches every port of that host.
-                    let hit = if w.contains(':') && !w.ends_with(']') {
-                        e.endpoint.address() == w
-                    } else {
-                        crate::scheduler::in_subset(e.endpoint.address(), std::slice::from_ref(w))
-                    };
-                    if hit && !ranked.contains(&i) {
-                        ranked.push(i);
-                    }
-                }
-            }
-            if ranked.is_empty() {
+        let hints = Hints {
+            subset: req.subset,
+            forced: req.headers.forced.as_deref(),
+        };
+        let (ranked, decision) = match inner.scheduler.schedule(&ctx, &hints) {
+            Ok(s) => (s.ranked, s.decision),
+            Err(e) => {
                 inner.metrics.record_decision(DecisionType::NoEndpoint);
-                return Err(RouteError::new(
-                    503,
-                    format!("no known endpoint matches test-epp-endpoint-selection {forced:?}"),
-                ));
-            }
-            let d = if matches.matched(snapshot.endpoints[ranked[0]].slot()) > 0 {
-                DecisionType::CacheHit
-            } else {
-                DecisionType::LoadBalance
-            };
-            (ranked, d)
-        } else {
-            match inner.scheduler.schedule(&ctx, req.subset) {
-                Ok(s) => (s.ranked, s.decision),
-                Err(e) => {
-                    inner.metrics.record_decision(DecisionType::NoEndpoint);
-                    return Err(e.into());
-                }
+                return Err(e.into());
             }
         };
         let targets: Vec<Arc<Endpoint>> = ranked
@@ -357,12 +422,14 @@ impl Director {
         inner
             .prefix
             .insert_capped(primary.slot, &hashes, server_blocks);
+        let body = rewrite::request_body(&parsed);
         let tracker = RequestTracker {
             director: self.clone(),
             method,
             started,
             guard: Some(InFlight::new(primary)),
             hashes,
+            restorer: ModelRestorer::new(&parsed.model, &parsed.target_model),
             first_byte_seen: false,
             done: false,
         };
@@ -371,6 +438,7 @@ impl Director {
             targets,
             decision,
             tracker,
+            body,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! epp-core: the picker library. Layers point one way:
 //! front-ends (`proxy`, `extproc`) → `director` → `scheduler` → `datastore` / `prefix`;
+//! `gateway` (the header contract both front-ends share),
 //! `telemetry`, `metrics` and `config` are leaves.
 #![forbid(unsafe_code)]
 
@@ -10,6 +11,7 @@ pub mod director;
 pub mod discovery;
 pub mod exposition;
 pub mod extproc;
+pub mod gateway;
 pub mod k8s;
 pub mod metrics;
 pub mod prefix;

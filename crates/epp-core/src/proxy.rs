@@ -1,36 +1,36 @@
-//! `epp proxy`: the picker as a standalone OpenAI-compatible HTTP proxy. Each request is read
-//! (bounded), routed by the shared director, and forwarded to the picked endpoint; responses,
-//! SSE included, stream back frame by frame without buffering. A connection that fails before
-//! any byte was sent is retried on the next-ranked endpoint.
+//! `epp proxy`: the picker as a standalone OpenAI-compatible HTTP proxy. Each request is
+//! classified ([`read`]: only the inference API is forwarded), its body read within bounds,
+//! routed by the shared director under the shared gateway contract, and forwarded
+//! ([`forward`], with fallback when connecting fails) to the picked endpoint; responses, SSE
+//! included, stream back frame by frame ([`relay`]). `GET /v1/models` is answered from the
+//! pool ([`models`]). Connections are bounded in number and in how long they may take to send
+//! headers and bodies, so slow or idle clients cannot exhaust the process.
+
+pub mod forward;
+pub mod models;
+pub mod read;
+pub mod relay;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
-use rand::Rng;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::app::{serve_within_grace, FrontEndHandle, Picker, PickerOptions};
-use crate::datastore::{FailureKind, Source};
-use crate::director::{error_body, Director, RequestTracker, RouteRequest};
+use crate::director::{Director, RouteError, RouteRequest};
+use crate::gateway::headers::REQUEST_ID;
+use crate::gateway::{BodyLimit, GatewayPolicy, InboundHeaders};
 use crate::request::ApiMethod;
-use crate::scrape::failure_kind;
 use crate::telemetry::Shutdown;
-
-pub const HEADER_SERVED: &str = "x-gateway-destination-endpoint-served";
-pub const HEADER_REQUEST_ID: &str = "x-request-id";
-pub const HEADER_FORCE: &str = "test-epp-endpoint-selection";
-pub const HEADER_MODEL_REWRITE: &str = "x-gateway-model-name-rewrite";
+use read::{ReadError, Route};
 
 /// Proxy front-end settings.
 #[derive(Clone, Debug)]
@@ -42,6 +42,15 @@ pub struct ProxyOptions {
     pub upstream_timeout: Duration,
     /// Endpoints tried at most per request when connecting fails.
     pub max_attempts: usize,
+    /// Honour the forced-pick header (`test-epp-endpoint-selection`). Test only.
+    pub test_hooks: bool,
+    /// A connection must send a complete request head within this (HTTP/1.1: also the longest
+    /// a kept-alive connection may sit idle between requests).
+    pub header_read_timeout: Duration,
+    /// A request body must arrive completely within this (408 past it).
+    pub body_read_timeout: Duration,
+    /// Open client connections at most; connections over it are closed at once.
+    pub max_connections: usize,
     pub picker: PickerOptions,
 }
 
@@ -52,14 +61,23 @@ impl Default for ProxyOptions {
             max_body_bytes: 10 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(300),
             max_attempts: 3,
+            test_hooks: false,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
             picker: PickerOptions::default(),
         }
     }
 }
 
-type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+/// Largest request head (HTTP/1.1) and header list (HTTP/2), the same for both.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Concurrent streams per HTTP/2 connection.
+pub const MAX_H2_STREAMS: u32 = 256;
 
-struct ProxyState {
+pub(crate) type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+pub(crate) struct ProxyState {
     director: Director,
     client: UpstreamClient,
     opts: ProxyOptions,
@@ -79,17 +97,36 @@ pub async fn spawn(opts: ProxyOptions) -> anyhow::Result<ProxyHandle> {
     spawn_with_shutdown(opts, Shutdown::new()).await
 }
 
+impl ProxyOptions {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.max_body_bytes == 0 {
+            anyhow::bail!("--max-body-bytes must be greater than 0");
+        }
+        if self.max_attempts == 0 {
+            anyhow::bail!("--max-attempts must be at least 1");
+        }
+        for (flag, d) in [
+            ("--upstream-timeout", self.upstream_timeout),
+            ("--header-read-timeout", self.header_read_timeout),
+            ("--body-read-timeout", self.body_read_timeout),
+        ] {
+            if d.is_zero() {
+                anyhow::bail!("{flag} must be greater than 0");
+            }
+        }
+        if self.max_connections == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// As [`spawn`], stopping when `shutdown` fires.
 pub async fn spawn_with_shutdown(
     opts: ProxyOptions,
     shutdown: Shutdown,
 ) -> anyhow::Result<ProxyHandle> {
-    if opts.max_body_bytes == 0 {
-        anyhow::bail!("--max-body-bytes must be greater than 0");
-    }
-    if opts.max_attempts == 0 {
-        anyhow::bail!("--max-attempts must be at least 1");
-    }
+    opts.validate()?;
     let validated = opts.picker.validate()?;
     let picker = Picker::start(opts.picker.clone(), validated, shutdown.clone()).await?;
     let listener = crate::serving::bind(opts.listen, "--listen").await?;
@@ -99,6 +136,10 @@ pub async fn spawn_with_shutdown(
         max_body_bytes = opts.max_body_bytes,
         upstream_timeout = ?opts.upstream_timeout,
         max_attempts = opts.max_attempts,
+        header_read_timeout = ?opts.header_read_timeout,
+        body_read_timeout = ?opts.body_read_timeout,
+        max_connections = opts.max_connections,
+        test_hooks = opts.test_hooks,
         "proxy listening"
     );
     let mut conn = HttpConnector::new();
@@ -116,17 +157,7 @@ pub async fn spawn_with_shutdown(
     let grace = opts.picker.grace_period;
     let addrs = ProxyAddrs { proxy_addr };
     let run = move |picker: Picker| async move {
-        // Small SSE chunks must not wait for the client's delayed ACK (Nagle).
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.wait());
-        let server = async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "proxy server failed");
-            }
-        };
+        let server = accept_loop(listener, app, opts, shutdown.clone());
         serve_within_grace(server, &shutdown, grace, "requests").await;
         picker.join().await;
         tracing::info!("proxy stopped");
@@ -134,285 +165,171 @@ pub async fn spawn_with_shutdown(
     Ok(FrontEndHandle::spawn(addrs, picker, run))
 }
 
-fn new_request_id() -> String {
-    let v: u128 = rand::rng().random();
-    format!("{v:032x}")
+/// Accept connections until `shutdown`, each bounded by the limits in `opts`; then wait for the
+/// open ones to finish their requests (the caller bounds that by the grace period).
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    opts: ProxyOptions,
+    shutdown: Shutdown,
+) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let mut warned_at: Option<Instant> = None;
+    let mut warn = |what: &str, detail: String| {
+        // At most one line per 10 s, so a flood cannot flood the log too.
+        if warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            warned_at = Some(Instant::now());
+            tracing::warn!(detail = %detail, "{what}");
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, _peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn("proxy cannot accept connections", e.to_string());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn(
+                "proxy connection limit reached; closing new connections",
+                format!("--max-connections {}", opts.max_connections),
+            );
+            drop(tcp);
+            continue;
+        };
+        // Small SSE chunks must not wait for the client's delayed ACK (Nagle).
+        let _ = tcp.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
-fn error_response(status: u16, body: Vec<u8>, request_id: &str) -> Response {
-    let mut r = Response::new(Body::from(body));
-    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+pub(crate) fn error_response(err: &RouteError, request_id: &str) -> Response {
+    let mut r = Response::new(Body::from(err.json_body()));
+    *r.status_mut() = StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert(HEADER_REQUEST_ID, v);
+        h.insert(REQUEST_ID, v);
     }
     r
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
-}
-
-fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for (k, v) in from {
-        if !is_hop_by_hop(k) {
-            to.append(k.clone(), v.clone());
-        }
+fn json_response(body: Vec<u8>, request_id: &str) -> Response {
+    let mut r = Response::new(Body::from(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(REQUEST_ID, v);
     }
+    r
 }
 
 async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let method = ApiMethod::from_path(parts.uri.path());
-    let request_id = parts
-        .headers
-        .get(HEADER_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-        .map(str::to_string)
-        .unwrap_or_else(new_request_id);
-    let max = st.opts.max_body_bytes;
-    let too_large = || {
-        st.director.record_rejected(method, 413);
-        error_response(
-            413,
-            error_body(
-                413,
-                &format!(
-                    "request body exceeds the proxy's limit of {max} bytes (--max-body-bytes)"
-                ),
-                None,
-            ),
-            &request_id,
-        )
+    let inbound = InboundHeaders::read(
+        &parts.headers,
+        GatewayPolicy {
+            test_hooks: st.opts.test_hooks,
+        },
+    );
+    let (request_id, _) = inbound.request_id_or_new();
+    let method = match read::route(&parts.method, parts.uri.path()) {
+        Route::Inference(m) => m,
+        Route::ListModels => return list_models(&st, &request_id, None).await,
+        Route::GetModel(id) => return list_models(&st, &request_id, Some(id)).await,
+        Route::Refuse(err) => {
+            st.director
+                .record_answered(ApiMethod::from_path(parts.uri.path()), err.status);
+            return error_response(&err, &request_id);
+        }
     };
-    if let Some(len) = parts
+    let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > max as u64 {
-            return too_large();
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = BodyLimit::new(st.opts.max_body_bytes);
+    let bytes = match read::body(body, declared, limit, st.opts.body_read_timeout).await {
+        Ok(b) => b,
+        Err(ReadError::ClientGone) => {
+            st.director
+                .record_answered(method, crate::director::STATUS_CLIENT_CLOSED);
+            let err = RouteError::new(499, "the client closed the connection mid-body");
+            return error_response(&err, &request_id);
         }
-    }
-    let bytes = match http_body_util::Limited::new(body, max).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return too_large();
-            }
-            st.director.record_rejected(method, 400);
-            return error_response(
-                400,
-                error_body(400, &format!("failed to read request body: {e}"), None),
-                &request_id,
-            );
+        Err(ReadError::Refuse(err)) => {
+            st.director.record_answered(method, err.status);
+            return error_response(&err, &request_id);
         }
     };
-    let header_str = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok());
     let routed = match st.director.route(RouteRequest {
         method: Some(method),
         body: &bytes,
         subset: None,
-        forced: header_str(HEADER_FORCE),
-        model_rewrite: header_str(HEADER_MODEL_REWRITE),
+        headers: &inbound,
     }) {
         Ok(r) => r,
-        Err(e) => return error_response(e.status, e.json_body(), &request_id),
+        Err(e) => return error_response(&e, &request_id),
     };
-    let mut tracker = routed.tracker;
-    let ds = st.director.datastore().clone();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let mut last_err = String::new();
-    for (attempt, ep) in routed.targets.iter().take(st.opts.max_attempts).enumerate() {
-        if attempt > 0 {
-            tracker.retarget(ep.clone());
-        }
-        let addr = ep.address().to_string();
-        let uri = match format!("http://{addr}{path_and_query}").parse::<http::Uri>() {
-            Ok(u) => u,
-            Err(e) => {
-                last_err = format!("{addr}: bad upstream URI: {e}");
-                continue;
-            }
-        };
-        let mut up = http::Request::builder()
-            .method(parts.method.clone())
-            .uri(uri)
-            .body(Full::new(bytes.clone()))
-            .expect("valid request parts");
-        copy_headers(&parts.headers, up.headers_mut());
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            up.headers_mut().insert(HEADER_REQUEST_ID, v);
-        }
-        if !bytes.is_empty() {
-            up.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        }
-        match tokio::time::timeout(st.opts.upstream_timeout, st.client.request(up)).await {
-            Err(_) => {
-                ds.record(&addr, Source::Passive, Err(FailureKind::Other));
-                tracker.finish(504);
-                return error_response(
-                    504,
-                    error_body(
-                        504,
-                        &format!(
-                            "upstream {addr} did not answer within {:?} (--upstream-timeout)",
-                            st.opts.upstream_timeout
-                        ),
-                        None,
-                    ),
-                    &request_id,
-                );
-            }
-            Ok(Err(e)) => {
-                let kind = failure_kind(&e);
-                ds.record(&addr, Source::Passive, Err(kind));
-                if e.is_connect() {
-                    tracing::debug!(endpoint = %addr, error = %e, "connect failed; trying the next endpoint");
-                    last_err = format!("{addr}: {e}");
-                    continue;
-                }
-                tracker.finish(502);
-                return error_response(
-                    502,
-                    error_body(502, &format!("upstream {addr} failed: {e}"), None),
-                    &request_id,
-                );
-            }
-            Ok(Ok(resp)) => {
-                let status = resp.status().as_u16();
-                ds.record(
-                    &addr,
-                    Source::Passive,
-                    if status >= 500 {
-                        Err(FailureKind::Other)
-                    } else {
-                        Ok(())
-                    },
-                );
-                let (rparts, rbody) = resp.into_parts();
-                let mut out = Response::new(Body::empty());
-                *out.status_mut() = rparts.status;
-                copy_headers(&rparts.headers, out.headers_mut());
-                if let Some(cl) = rparts.headers.get(header::CONTENT_LENGTH) {
-                    out.headers_mut().insert(header::CONTENT_LENGTH, cl.clone());
-                }
-                if let Ok(v) = HeaderValue::from_str(&addr) {
-                    out.headers_mut().insert(HEADER_SERVED, v);
-                }
-                if let Ok(v) = HeaderValue::from_str(&request_id) {
-                    out.headers_mut().insert(HEADER_REQUEST_ID, v);
-                }
-                *out.body_mut() = Body::new(TrackedBody::new(rbody, tracker, status));
-                return out;
-            }
-        }
-    }
-    tracker.finish(502);
-    error_response(
-        502,
-        error_body(
-            502,
-            &format!("could not connect to any picked endpoint; last error: {last_err}"),
-            None,
-        ),
-        &request_id,
-    )
+    forward::forward(&st, &parts, bytes, routed, &request_id).await
 }
 
-/// Streams the upstream body through and completes the request's tracker when it ends
-/// (or counts an abort if the client goes away first).
-struct TrackedBody {
-    inner: hyper::body::Incoming,
-    tracker: Option<RequestTracker>,
-    status: u16,
-}
-
-impl TrackedBody {
-    fn new(inner: hyper::body::Incoming, tracker: RequestTracker, status: u16) -> Self {
-        let mut tb = Self {
-            inner,
-            tracker: Some(tracker),
-            status,
-        };
-        if tb.inner.is_end_stream() {
-            if let Some(mut t) = tb.tracker.take() {
-                t.first_byte();
-                t.finish(status);
+async fn list_models(st: &ProxyState, request_id: &str, id: Option<String>) -> Response {
+    let snapshot = st.director.datastore().snapshot();
+    let result = models::pool_models(&st.client, &snapshot).await;
+    let (status, resp) = match (result, id) {
+        (Err(e), _) => (e.status, error_response(&e, request_id)),
+        (Ok(all), None) => (200, json_response(models::list_body(all), request_id)),
+        (Ok(mut all), Some(id)) => match all.remove(&id) {
+            Some(m) => (
+                200,
+                json_response(serde_json::to_vec(&m).unwrap_or_default(), request_id),
+            ),
+            None => {
+                let e = RouteError::new(404, format!("the pool serves no model {id:?}"));
+                (404, error_response(&e, request_id))
             }
-        }
-        tb
-    }
-
-    fn finish(&mut self) {
-        if let Some(t) = self.tracker.take() {
-            t.finish(self.status);
-        }
-    }
-}
-
-impl HttpBody for TrackedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if frame.is_data() {
-                    if let Some(t) = this.tracker.as_mut() {
-                        t.first_byte();
-                    }
-                }
-                if this.inner.is_end_stream() {
-                    this.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(None) => {
-                this.finish();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.finish();
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+        },
+    };
+    st.director.record_answered(ApiMethod::Models, status);
+    resp
 }

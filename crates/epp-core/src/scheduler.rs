@@ -75,6 +75,18 @@ pub enum ScheduleError {
     NoHealthy(String),
     #[error("all candidate endpoints are saturated")]
     Saturated,
+    #[error("no known endpoint matches test-epp-endpoint-selection {0:?}")]
+    NoForcedMatch(String),
+}
+
+/// What the gateway says about where a request may go, beside the request itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Hints<'a> {
+    /// The gateway's subset hint: only these addresses may be picked.
+    pub subset: Option<&'a [String]>,
+    /// A forced pick (comma list of `ip:port` or bare IPs, in order), bypassing filters and
+    /// scorers. Front-ends pass it only with the conformance hooks on.
+    pub forced: Option<&'a str>,
 }
 
 /// Observes per-plugin latency (the metrics module implements it).
@@ -245,13 +257,18 @@ impl Scheduler {
         format!("profile {:?} [{}]", self.profile.name, parts.join(", "))
     }
 
-    /// Schedule one request. `subset`, when given, restricts candidates to those addresses
-    /// (port-insensitive when an entry has no port).
+    /// Schedule one request. `hints.subset`, when given, restricts candidates to those
+    /// addresses (port-insensitive when an entry has no port); `hints.forced` picks exactly the
+    /// named endpoints.
     pub fn schedule(
         &self,
         ctx: &SchedCtx<'_>,
-        subset: Option<&[String]>,
+        hints: &Hints<'_>,
     ) -> Result<Schedule, ScheduleError> {
+        if let Some(forced) = hints.forced {
+            return forced_schedule(ctx, forced);
+        }
+        let subset = hints.subset;
         let snap = ctx.snapshot;
         if snap.endpoints.is_empty() {
             return Err(ScheduleError::NoEndpoints);
@@ -354,6 +371,38 @@ impl Scheduler {
             scores,
         })
     }
+}
+
+/// The conformance hook's forced pick: the named endpoints in the order given. `ip:port` matches
+/// exactly; a bare `ip` matches every port of that host.
+fn forced_schedule(ctx: &SchedCtx<'_>, forced: &str) -> Result<Schedule, ScheduleError> {
+    let snap = ctx.snapshot;
+    let mut ranked = Vec::new();
+    for w in forced.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for (i, e) in snap.endpoints.iter().enumerate() {
+            let hit = if w.contains(':') && !w.ends_with(']') {
+                e.endpoint.address() == w
+            } else {
+                in_subset(e.endpoint.address(), &[w.to_string()])
+            };
+            if hit && !ranked.contains(&i) {
+                ranked.push(i);
+            }
+        }
+    }
+    let Some(&first) = ranked.first() else {
+        return Err(ScheduleError::NoForcedMatch(forced.to_string()));
+    };
+    let decision = if ctx.prefix.matched(ctx.ep(first).slot()) > 0 {
+        DecisionType::CacheHit
+    } else {
+        DecisionType::LoadBalance
+    };
+    Ok(Schedule {
+        scores: vec![0.0; ranked.len()],
+        ranked,
+        decision,
+    })
 }
 
 /// Subset entries are `ip:port` or bare `ip`; as in GAIE, the port is ignored.

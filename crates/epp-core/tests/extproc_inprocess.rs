@@ -19,7 +19,6 @@ use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetr
 use epp_core::director::Director;
 use epp_core::extproc::{self, ExtProcConfig, ExtProcService, BODY_PIECE_BYTES};
 use epp_core::metrics::Metrics;
-use epp_core::prefix::PrefixIndex;
 use epp_core::scheduler::Scheduler;
 use epp_core::telemetry::Shutdown;
 use epp_core::tls::{TlsPort, TlsSettings};
@@ -49,10 +48,8 @@ async fn harness(pods: &[(&str, f64, f64)], test_hooks: bool) -> Harness {
     let cfg = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
     let scheduler = Scheduler::from_config(&cfg).unwrap();
     let datastore = Datastore::new(HealthConfig::default());
-    let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
-    let metrics = Metrics::new(datastore.clone(), prefix.clone());
-    let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
-    let director = Director::new(datastore.clone(), scheduler, prefix, metrics.clone());
+    let director = Director::build(datastore.clone(), scheduler);
+    let metrics = director.metrics().clone();
     datastore.set_endpoints(pods.iter().map(|p| EndpointSpec::new(p.0)).collect());
     for (addr, q, kv) in pods {
         datastore.record_scrape(
@@ -442,7 +439,7 @@ async fn subset_hint_restricts_the_pick_and_an_empty_or_unmatched_hint_is_503() 
         let im = immediate(&r);
         assert_eq!(im.status.unwrap().code, 503);
         let v: serde_json::Value = serde_json::from_slice(&im.body).unwrap();
-        assert_eq!(v["error"]["code"], 503);
+        assert_eq!(v["error"]["code"], "no_endpoint_available");
         assert!(v["error"]["message"].as_str().unwrap().len() > 5);
     }
     assert_eq!(
@@ -506,7 +503,7 @@ async fn missing_model_and_malformed_json_are_400() {
         let im = immediate(&r);
         assert_eq!(im.status.unwrap().code, 400);
         let v: serde_json::Value = serde_json::from_slice(&im.body).unwrap();
-        assert_eq!(v["error"]["code"], 400);
+        assert_eq!(v["error"]["code"], "invalid_request");
         assert_eq!(v["error"]["param"].as_str(), param);
         assert!(s.recv_result().await.unwrap().is_none());
     }
@@ -797,6 +794,61 @@ async fn test_hooks_force_the_pick_and_report_served_and_selected() {
     .await;
     s.send(req_body(j("m", "p").as_bytes(), true), None).await;
     assert_eq!(destination_md(&s.recv().await), "10.0.0.2:8000");
+}
+
+/// One request through the exchange whose response the gateway reports with `status`.
+async fn request_answered_with(h: &Harness, status: &str) -> String {
+    let mut s = Stream::open(h).await;
+    s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    s.send(req_body(j("m", "p").as_bytes(), true), None).await;
+    let picked = destination_md(&s.recv().await);
+    let _ = s.recv().await;
+    s.send(resp_headers(&[(":status", status)], true), None)
+        .await;
+    let _ = s.recv().await;
+    picked
+}
+
+fn health_of(h: &Harness, addr: &str) -> &'static str {
+    h.director
+        .datastore()
+        .snapshot()
+        .endpoints
+        .iter()
+        .find(|e| e.endpoint.address() == addr)
+        .map(|e| e.health.as_str())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn upstream_5xx_counts_against_the_endpoint_as_in_proxy_mode() {
+    let h = harness(&PODS, false).await;
+    // 4xx and 2xx are the client's business: health is untouched.
+    for status in ["200", "404", "429"] {
+        assert_eq!(request_answered_with(&h, status).await, "10.0.0.2:8000");
+    }
+    assert_eq!(health_of(&h, "10.0.0.2:8000"), "healthy");
+    // Three 5xx in a row (the failure threshold) take it out of rotation.
+    for _ in 0..3 {
+        assert_eq!(request_answered_with(&h, "503").await, "10.0.0.2:8000");
+    }
+    assert_eq!(health_of(&h, "10.0.0.2:8000"), "unhealthy");
+    assert_eq!(health_of(&h, "10.0.0.1:8000"), "healthy");
+    // The next pick avoids it.
+    assert_ne!(request_answered_with(&h, "200").await, "10.0.0.2:8000");
+}
+
+#[tokio::test]
+async fn a_request_without_an_id_gets_a_uuid_v4() {
+    let h = harness(&PODS, false).await;
+    let mut s = Stream::open(&h).await;
+    s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    s.send(req_body(j("m", "p").as_bytes(), true), None).await;
+    let set = set_headers(&s.recv().await);
+    let id = &set["x-request-id"];
+    assert!(epp_core::gateway::request_id::is_uuid_v4(id), "{id}");
 }
 
 #[tokio::test]

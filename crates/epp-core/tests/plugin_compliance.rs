@@ -10,7 +10,7 @@ use epp_core::datastore::{
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ParsedRequest;
 use epp_core::scheduler::plugins::{self, Plugin, ALL_TYPES};
-use epp_core::scheduler::{SchedCtx, Scheduler};
+use epp_core::scheduler::{Hints, SchedCtx, Scheduler};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -169,7 +169,7 @@ proptest! {
             prop_assert_eq!(&again, &cfg);
             let sched = Scheduler::from_config(&again).unwrap();
             for hint in [None, Some(subset.as_slice())] {
-                match sched.schedule(&ctx, hint) {
+                match sched.schedule(&ctx, &Hints { subset: hint, forced: None }) {
                     Ok(s) => {
                         for &i in &s.ranked {
                             let e = &snap.endpoints[i];

@@ -83,8 +83,8 @@ mod floor {
     };
     use epp_core::extproc::{
         body_response, header_option, routed_headers_response, trailers_response, Direction,
-        DESTINATION,
     };
+    use epp_core::gateway::headers::DESTINATION;
     use futures_util::Stream;
     use tonic::{Request, Response, Status, Streaming};
 

@@ -26,6 +26,26 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub max_attempts: u64,
 
+    /// A client must send a complete request head within this; for HTTP/1.1 it is also the
+    /// longest a kept-alive connection may sit idle between requests.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+
+    /// A request body must arrive completely within this (past it: 408).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub body_read_timeout: std::time::Duration,
+
+    /// Open client connections at most; new connections over it are closed at once (the
+    /// metrics and probe ports keep answering).
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Gateway API Inference Extension conformance hooks: honour the `test-epp-endpoint-selection`
+    /// request header, which pins a request to the named endpoint. Test only: with it, any
+    /// client could steer its own requests.
+    #[arg(long)]
+    pub conformance_test_hooks: bool,
+
     #[command(flatten)]
     pub picker: PickerArgs,
 }
@@ -37,6 +57,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         max_body_bytes: args.max_body_bytes as usize,
         upstream_timeout: args.upstream_timeout,
         max_attempts: args.max_attempts as usize,
+        test_hooks: args.conformance_test_hooks,
+        header_read_timeout: args.header_read_timeout,
+        body_read_timeout: args.body_read_timeout,
+        max_connections: args.max_connections as usize,
         picker,
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "epp proxy starting");

@@ -1,0 +1,163 @@
+//! The gateway contract both front-ends share: every header the picker reads or writes, the one
+//! request-id format, the model-rewrite body mutation and its reversal on responses, the body
+//! limit and its error, and the one place that turns inbound headers into what the director
+//! routes on. `epp serve` (ext_proc) and `epp proxy` (HTTP) only differ in where the headers come
+//! from, so the policy — e.g. that the forced-pick header is honoured only with the conformance
+//! hooks on — cannot drift between them.
+
+pub mod headers;
+pub mod request_id;
+pub mod rewrite;
+
+pub use headers::HeaderLookup;
+pub use request_id::new_request_id;
+
+/// How the gateway headers are honoured (the same for both front-ends).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayPolicy {
+    /// Honour `test-epp-endpoint-selection` and add the `x-conformance-test-*` response headers.
+    /// Test only: with it on, any client can steer its own requests to any endpoint.
+    pub test_hooks: bool,
+}
+
+/// What the picker takes from one request's headers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InboundHeaders {
+    /// The client's `x-request-id`, if it sent a non-empty one.
+    pub request_id: Option<String>,
+    /// The forced pick (`test-epp-endpoint-selection`), only under [`GatewayPolicy::test_hooks`].
+    pub forced: Option<String>,
+    /// The model to route and forward as (`x-llm-d-model-name-rewrite`, or the legacy
+    /// `x-gateway-model-name-rewrite`).
+    pub model_rewrite: Option<String>,
+    /// The `InferenceObjective` named by the request (`x-llm-d-inference-objective`, or the
+    /// legacy `x-gateway-inference-objective`).
+    pub objective: Option<String>,
+    /// The fairness id (`x-llm-d-inference-fairness-id`, or the legacy
+    /// `x-gateway-inference-fairness-id`).
+    pub fairness_id: Option<String>,
+}
+
+impl InboundHeaders {
+    /// Read the gateway headers of one request under `policy`.
+    pub fn read(h: &(impl HeaderLookup + ?Sized), policy: GatewayPolicy) -> Self {
+        let get = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| h.lookup(n))
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        Self {
+            request_id: get(&[headers::REQUEST_ID]),
+            forced: if policy.test_hooks {
+                get(&[headers::TEST_SELECTION])
+            } else {
+                None
+            },
+            model_rewrite: get(&headers::MODEL_REWRITE),
+            objective: get(&headers::OBJECTIVE),
+            fairness_id: get(&headers::FAIRNESS_ID),
+        }
+    }
+
+    /// The request id to use: the client's, or a new one (`true` when generated here).
+    pub fn request_id_or_new(&self) -> (String, bool) {
+        match &self.request_id {
+            Some(id) => (id.clone(), false),
+            None => (new_request_id(), true),
+        }
+    }
+}
+
+/// The largest request body the picker buffers, and the one error both front-ends give past it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyLimit {
+    pub max_bytes: usize,
+}
+
+impl BodyLimit {
+    pub const fn new(max_bytes: usize) -> Self {
+        Self { max_bytes }
+    }
+
+    /// Whether `len` bytes are over the limit.
+    pub fn exceeded_by(&self, len: usize) -> bool {
+        len > self.max_bytes
+    }
+
+    /// The 413 the client gets.
+    pub fn error(&self) -> crate::director::RouteError {
+        crate::director::RouteError::new(
+            413,
+            format!(
+                "request body exceeds the picker's limit of {} bytes (--max-body-bytes)",
+                self.max_bytes
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn forced_pick_only_with_test_hooks() {
+        let h = pairs(&[("Test-EPP-Endpoint-Selection", "10.0.0.1")]);
+        assert_eq!(
+            InboundHeaders::read(h.as_slice(), GatewayPolicy::default()).forced,
+            None
+        );
+        assert_eq!(
+            InboundHeaders::read(h.as_slice(), GatewayPolicy { test_hooks: true })
+                .forced
+                .as_deref(),
+            Some("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn llm_d_names_win_over_legacy_ones() {
+        let h = pairs(&[
+            ("x-gateway-model-name-rewrite", "legacy"),
+            ("x-llm-d-model-name-rewrite", "new"),
+            ("x-gateway-inference-objective", "obj"),
+            ("x-llm-d-inference-fairness-id", " tenant-a "),
+            ("x-request-id", ""),
+        ]);
+        let r = InboundHeaders::read(h.as_slice(), GatewayPolicy::default());
+        assert_eq!(r.model_rewrite.as_deref(), Some("new"));
+        assert_eq!(r.objective.as_deref(), Some("obj"));
+        assert_eq!(r.fairness_id.as_deref(), Some("tenant-a"));
+        assert_eq!(r.request_id, None);
+        let (id, generated) = r.request_id_or_new();
+        assert!(generated && request_id::is_uuid_v4(&id), "{id}");
+    }
+
+    #[test]
+    fn http_header_maps_read_the_same() {
+        let mut m = http::HeaderMap::new();
+        m.insert("x-gateway-model-name-rewrite", "t".parse().unwrap());
+        m.insert("x-request-id", "abc".parse().unwrap());
+        let r = InboundHeaders::read(&m, GatewayPolicy::default());
+        assert_eq!(r.model_rewrite.as_deref(), Some("t"));
+        assert_eq!(r.request_id_or_new(), ("abc".to_string(), false));
+    }
+
+    #[test]
+    fn body_limit() {
+        let l = BodyLimit::new(10);
+        assert!(!l.exceeded_by(10) && l.exceeded_by(11));
+        let e = l.error();
+        assert_eq!(e.status, 413);
+        assert!(e.message.contains("10 bytes"), "{}", e.message);
+    }
+}
