@@ -163,6 +163,26 @@ async fn envoy_routes_where_the_picker_says() {
         drop(s);
     }
 
+    // Only the inference API is routed: the model servers' other paths get a JSON 404 from
+    // Envoy itself and the picker is never asked (its counters below do not move).
+    for (method, path) in [
+        ("GET", "/admin/faults"),
+        ("POST", "/admin/faults"),
+        ("GET", "/metrics"),
+        ("POST", "/reset_prefix_cache"),
+        ("GET", "/version"),
+    ] {
+        let r = http(envoy.listener, method, path, &[], b"").await;
+        assert_eq!(r.status, 404, "{method} {path}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.json()["error"]["code"], "not_found", "{method} {path}");
+    }
+    let m = http(picker.metrics, "GET", "/metrics", &[], b"").await;
+    assert!(
+        !String::from_utf8_lossy(&m.body).contains(r#"epp_requests_total{method="other""#),
+        "a non-inference path reached the picker"
+    );
+
     // The picker counted what the clients saw, and released every in-flight request.
     let deadline = std::time::Instant::now() + WAIT;
     let text = loop {
