@@ -705,6 +705,28 @@ async fn protocol_violations_end_only_that_stream() {
         tonic::Code::InvalidArgument
     );
 
+    // A message with no oneof set (e.g. a zero-length message), and response headers before
+    // any request: INVALID_ARGUMENT naming the fault, not a silent OK.
+    let mut s = Stream::open(&h).await;
+    s.tx.send(ProcessingRequest::default()).await.unwrap();
+    let e = s.recv_result().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("no request or response part"), "{e}");
+    let mut s = Stream::open(&h).await;
+    s.send(resp_headers(&[(":status", "200")], false), None)
+        .await;
+    let e = s.recv_result().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("response_headers before request_headers"),
+        "{e}"
+    );
+    // Bytes that are not a ProcessingRequest at all.
+    let (code, message) = raw_grpc_call(h.addr, &[0xff, 0xff, 0xff, 0x01, 0x02]).await;
+    assert_eq!(code, "3", "INVALID_ARGUMENT; message: {message}");
+    assert!(message.contains("undecodable"), "{message}");
+
     // The server keeps serving other streams.
     let r = route_with_subset(&h, &["10.0.0.1:8000"]).await;
     assert_eq!(destination_md(&r), "10.0.0.1:8000");
@@ -1163,4 +1185,47 @@ async fn exchange_round_trip_cost() {
     }) {
         println!("{l}");
     }
+}
+
+/// One gRPC call to `Process` carrying `payload` as its only message, over a bare HTTP/2
+/// client; returns the `grpc-status` and `grpc-message` the server ended with.
+async fn raw_grpc_call(addr: std::net::SocketAddr, payload: &[u8]) -> (String, String) {
+    use http_body_util::BodyExt;
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(format!(
+        "http://{addr}/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+    .unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let headers = resp.headers().clone();
+    let collected = tokio::time::timeout(TIMEOUT, resp.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let get = |n: &str| {
+        trailers
+            .get(n)
+            .or_else(|| headers.get(n))
+            .map(|v| percent_decode(v.to_str().unwrap_or("")))
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }

@@ -105,8 +105,10 @@ impl Exchange {
     pub fn handle(&mut self, msg: ProcessingRequest) -> Out {
         use processing_request::Request as R;
         let Some(req) = msg.request else {
-            // Flow-control-only or empty messages carry nothing to answer.
-            return Ok(Vec::new());
+            return self.violation(
+                tonic::Code::InvalidArgument,
+                "a ProcessingRequest with no request or response part (empty or unknown message)",
+            );
         };
         match req {
             R::RequestHeaders(h) => {
@@ -319,9 +321,14 @@ impl Exchange {
         attributes: &HashMap<String, Struct>,
     ) -> Out {
         match self.phase {
-            // Start: a stream that begins at the response (no request phase) must work.
+            Phase::Start => {
+                return self.violation(
+                    tonic::Code::InvalidArgument,
+                    "response_headers before request_headers",
+                )
+            }
             // RequestBody: a local reply (e.g. a timeout) can arrive before the body ended.
-            Phase::Start | Phase::RequestBody | Phase::Upstream => {}
+            Phase::RequestBody | Phase::Upstream => {}
             _ => {
                 return self.violation(
                     tonic::Code::FailedPrecondition,

@@ -92,6 +92,17 @@ fn answers(inbound: Streaming<ProcessingRequest>, exchange: Exchange) -> Process
             let msg = match p.inbound.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
+                Err(status) if is_decode_error(&status) => {
+                    tracing::warn!(error = %status.message(), "undecodable ext_proc message, ending the stream");
+                    p.over = true;
+                    return Some((
+                        Err(Status::invalid_argument(format!(
+                            "ext_proc protocol violation: undecodable message: {}",
+                            status.message()
+                        ))),
+                        p,
+                    ));
+                }
                 Err(status) => {
                     tracing::debug!(code = ?status.code(), "ext_proc stream ended by the gateway");
                     return None;
@@ -234,4 +245,10 @@ pub async fn spawn_with_shutdown(
         tracing::info!("ext_proc server stopped");
     };
     Ok(FrontEndHandle::spawn(addrs, picker, run))
+}
+
+/// tonic reports bytes that are not a `ProcessingRequest` as an INTERNAL status from its
+/// decoder; that is the gateway's error, not ours.
+fn is_decode_error(status: &Status) -> bool {
+    status.code() == tonic::Code::Internal && status.message().contains("decode")
 }
