@@ -320,7 +320,7 @@ impl Scheduler {
             self.observer
                 .observe(f.type_name(), f.name(), t.elapsed().as_secs_f64());
             if cands.is_empty() {
-                return Err(if f.type_name() == plugins::SATURATION_FILTER {
+                return Err(if f.empty_means_saturated() {
                     ScheduleError::Saturated
                 } else {
                     ScheduleError::NoHealthy(format!(

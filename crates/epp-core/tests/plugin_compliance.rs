@@ -9,7 +9,7 @@ use epp_core::datastore::{
 };
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ParsedRequest;
-use epp_core::scheduler::plugins::{self, Plugin, ALL_TYPES};
+use epp_core::scheduler::plugins::{self, all_types, Plugin};
 use epp_core::scheduler::{Hints, SchedCtx, Scheduler};
 use proptest::prelude::*;
 
@@ -132,7 +132,7 @@ proptest! {
             .filter(|i| subset_mask & (1 << i) != 0)
             .map(|i| format!("10.0.0.{i}:8000"))
             .collect();
-        for t in ALL_TYPES {
+        for t in all_types() {
             let spec = PluginSpec { name: None, type_: t.to_string(), parameters: None };
             let plugin = plugins::build(&spec, "plugins[0]").unwrap();
             // Scores finite and in [0, 1]; filters only remove; pickers return distinct candidates.

@@ -1,0 +1,95 @@
+//! The one table from a plugin `type` name to its builder. Adding a plugin is one file plus one
+//! line here; the compliance test runs over every entry by itself.
+
+use super::{filters, pickers, profiles, scorers, Plugin};
+use crate::config::{ConfigError, PluginSpec};
+
+/// What a plugin is, for listings and checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Filter,
+    Scorer,
+    Picker,
+    ProfileHandler,
+}
+
+/// One registered plugin type.
+pub struct Registration {
+    pub type_name: &'static str,
+    pub kind: Kind,
+    /// Builds the plugin from its spec; `field` is the spec's path, for errors.
+    pub build: fn(&PluginSpec, &str) -> Result<Plugin, ConfigError>,
+}
+
+/// Every plugin type this build implements.
+pub static REGISTRY: &[Registration] = &[
+    reg(
+        filters::saturation::TYPE,
+        Kind::Filter,
+        filters::saturation::build,
+    ),
+    reg(
+        scorers::prefix_cache::TYPE,
+        Kind::Scorer,
+        scorers::prefix_cache::build,
+    ),
+    reg(scorers::queue::TYPE, Kind::Scorer, scorers::queue::build),
+    reg(
+        scorers::kv_cache::TYPE,
+        Kind::Scorer,
+        scorers::kv_cache::build,
+    ),
+    reg(
+        scorers::active_request::TYPE,
+        Kind::Scorer,
+        scorers::active_request::build,
+    ),
+    reg(
+        scorers::lora_affinity::TYPE,
+        Kind::Scorer,
+        scorers::lora_affinity::build,
+    ),
+    reg(
+        pickers::max_score::TYPE,
+        Kind::Picker,
+        pickers::max_score::build,
+    ),
+    reg(pickers::random::TYPE, Kind::Picker, pickers::random::build),
+    reg(
+        pickers::weighted_random::TYPE,
+        Kind::Picker,
+        pickers::weighted_random::build,
+    ),
+    reg(
+        pickers::round_robin::TYPE,
+        Kind::Picker,
+        pickers::round_robin::build,
+    ),
+    reg(
+        profiles::single::TYPE,
+        Kind::ProfileHandler,
+        profiles::single::build,
+    ),
+];
+
+const fn reg(
+    type_name: &'static str,
+    kind: Kind,
+    build: fn(&PluginSpec, &str) -> Result<Plugin, ConfigError>,
+) -> Registration {
+    Registration {
+        type_name,
+        kind,
+        build,
+    }
+}
+
+/// The registration of `type_name`, if this build implements it.
+pub fn lookup(type_name: &str) -> Option<&'static Registration> {
+    REGISTRY.iter().find(|r| r.type_name == type_name)
+}
+
+/// Every implemented type name, in registry order.
+pub fn all_types() -> impl Iterator<Item = &'static str> {
+    REGISTRY.iter().map(|r| r.type_name)
+}
