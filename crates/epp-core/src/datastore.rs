@@ -244,6 +244,10 @@ struct Tracker {
     ok_since_trip: [u32; 3],
     unhealthy: bool,
     draining: bool,
+    /// Why it is unhealthy (set when it trips).
+    reason: Option<String>,
+    /// The state last logged, so each change is logged once.
+    logged: Option<HealthState>,
 }
 
 #[derive(Debug)]
@@ -495,29 +499,33 @@ impl Datastore {
             }
             let now = Instant::now();
             let staleness = self.shared.health.staleness;
-            let endpoints: Vec<EndpointView> = inner
-                .order
-                .iter()
-                .map(|a| {
-                    let (ep, t) = &inner.by_address[a];
-                    let age = t.metrics_at.map(|at| now.saturating_duration_since(at));
-                    let health = if t.draining {
-                        HealthState::Draining
-                    } else if t.unhealthy {
-                        HealthState::Unhealthy
-                    } else if age.is_none_or(|a| a > staleness) {
-                        HealthState::Stale
-                    } else {
-                        HealthState::Healthy
-                    };
-                    EndpointView {
-                        endpoint: ep.clone(),
-                        health,
-                        metrics: t.metrics.clone(),
-                        metrics_age: age,
-                    }
-                })
-                .collect();
+            let health_cfg = &self.shared.health;
+            let Inner {
+                by_address, order, ..
+            } = &mut *inner;
+            let mut endpoints: Vec<EndpointView> = Vec::with_capacity(order.len());
+            for a in order.iter() {
+                let Some((ep, t)) = by_address.get_mut(a) else {
+                    continue;
+                };
+                let age = t.metrics_at.map(|at| now.saturating_duration_since(at));
+                let health = if t.draining {
+                    HealthState::Draining
+                } else if t.unhealthy {
+                    HealthState::Unhealthy
+                } else if age.is_none_or(|a| a > staleness) {
+                    HealthState::Stale
+                } else {
+                    HealthState::Healthy
+                };
+                log_change(ep, t, health, health_cfg);
+                endpoints.push(EndpointView {
+                    endpoint: ep.clone(),
+                    health,
+                    metrics: t.metrics.clone(),
+                    metrics_age: age,
+                });
+            }
             let old = self.shared.snapshot.load();
             let changed = !gone.is_empty() || old.endpoints.len() != endpoints.len() || {
                 old.endpoints.iter().zip(&endpoints).any(|(a, b)| {
@@ -604,12 +612,65 @@ fn observe(t: &mut Tracker, source: Source, _ok: bool, h: &HealthConfig) -> bool
     false
 }
 
+/// Log a health-state change of `ep` once, with the reason (the first state, `stale` before
+/// any scrape, is not a change).
+fn log_change(ep: &Endpoint, t: &mut Tracker, health: HealthState, h: &HealthConfig) {
+    let prev = t.logged.replace(health);
+    if prev == Some(health) || (prev.is_none() && health == HealthState::Stale) {
+        return;
+    }
+    let from = prev.map_or("new", |p| p.as_str());
+    let (name, to) = (ep.name(), health.as_str());
+    match health {
+        HealthState::Unhealthy => {
+            let reason = t.reason.as_deref().unwrap_or("failure threshold reached");
+            tracing::warn!(endpoint = %name, from, to, reason, "endpoint health changed");
+        }
+        HealthState::Stale => tracing::warn!(
+            endpoint = %name,
+            from,
+            to,
+            reason = %format!("no successful scrape within {:?}", h.staleness),
+            "endpoint health changed"
+        ),
+        HealthState::Healthy => {
+            let reason = if prev == Some(HealthState::Unhealthy) {
+                "recovered: consecutive successful scrapes and probes"
+            } else {
+                "fresh metrics scraped"
+            };
+            tracing::info!(endpoint = %name, from, to, reason, "endpoint health changed");
+        }
+        HealthState::Draining => tracing::info!(
+            endpoint = %name,
+            from,
+            to,
+            reason = "removed by discovery; in-flight requests finish",
+            "endpoint health changed"
+        ),
+    }
+}
+
+fn source_name(s: Source) -> &'static str {
+    match s {
+        Source::Scrape => "metrics scrape",
+        Source::Probe => "health probe",
+        Source::Passive => "proxied request",
+    }
+}
+
 fn observe_failure(t: &mut Tracker, source: Source, kind: FailureKind, h: &HealthConfig) -> bool {
     let i = idx(source);
     t.fail[i] = t.fail[i].saturating_add(1);
     t.ok_since_trip[i] = 0;
     let trips = kind == FailureKind::Refused || t.fail[i] >= h.failure_threshold;
     if trips && !t.unhealthy {
+        t.reason = Some(match kind {
+            FailureKind::Refused => format!("connection refused ({})", source_name(source)),
+            FailureKind::Other => {
+                format!("{} consecutive {} failures", t.fail[i], source_name(source))
+            }
+        });
         t.unhealthy = true;
         t.ok_since_trip = [0; 3];
         return true;

@@ -1,0 +1,75 @@
+//! Health-state changes are logged once each, with the endpoint and the reason. Its own test
+//! binary: it installs the process-wide log subscriber.
+
+use std::sync::Arc;
+
+use epp_core::datastore::{
+    Datastore, EndpointSpec, FailureKind, HealthConfig, ModelServerMetrics, Source,
+};
+use parking_lot::Mutex;
+
+#[derive(Clone, Default)]
+struct Buf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
+    type Writer = Buf;
+    fn make_writer(&'a self) -> Buf {
+        self.clone()
+    }
+}
+
+#[test]
+fn health_changes_are_logged_once_with_the_reason() {
+    let buf = Buf::default();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(buf.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::set_global_default(sub).unwrap();
+    let d = Datastore::new(HealthConfig::default());
+    d.set_endpoints(vec![EndpointSpec::new("a:1")]);
+    d.record_scrape("a:1", Ok(ModelServerMetrics::default()));
+    // Six passive failures: one change (at the third), not six lines.
+    for _ in 0..6 {
+        d.record("a:1", Source::Passive, Err(FailureKind::Other));
+    }
+    for _ in 0..2 {
+        d.record_scrape("a:1", Ok(ModelServerMetrics::default()));
+        d.record("a:1", Source::Probe, Ok(()));
+    }
+    d.tick();
+    let out = String::from_utf8(buf.0.lock().clone()).unwrap();
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("endpoint health changed"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].contains(r#"from="stale" to="healthy""#),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("WARN"), "{}", lines[1]);
+    assert!(
+        lines[1].contains(r#"from="healthy" to="unhealthy""#),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[1].contains("3 consecutive proxied request failures"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[1].contains("endpoint=a:1"), "{}", lines[1]);
+    assert!(lines[2].contains("recovered"), "{}", lines[2]);
+}
