@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::driver::{run_load, LoadConfig, LoadMode};
 use crate::ideal::{block_hashes, prompt_tokens, IdealTracker, BLOCK_TOKENS};
-use crate::picker;
+use crate::picker_metrics;
 use crate::report::{BenchReport, PolicyRun, SetupInfo};
 use crate::stats::{summarize, Backend};
 use crate::workload::{Workload, WorkloadSpec};
@@ -379,7 +379,9 @@ async fn run_policy(
 ) -> anyhow::Result<PolicyRun> {
     let http = crate::http::client();
     wait_until_picker_sees(&http, metrics_url, sims.len()).await;
-    let before = picker::scrape(&http, metrics_url).await.unwrap_or_default();
+    let before = picker_metrics::scrape(&http, metrics_url)
+        .await
+        .unwrap_or_default();
     let mut load = LoadConfig::new(proxy_url, cfg.sims.model.clone());
     load.mode = cfg.mode;
     load.max_requests = cfg.max_requests;
@@ -389,7 +391,7 @@ async fn run_policy(
     load.progress = cfg.progress;
     load.label = policy.name.clone();
     let outcome = run_load(&load, workload.clone(), stop).await?;
-    let after = picker::scrape(&http, metrics_url).await;
+    let after = picker_metrics::scrape(&http, metrics_url).await;
     let known: Vec<Backend> = sims
         .iter()
         .map(|s| Backend {
@@ -455,7 +457,7 @@ pub async fn bench_url(run: &UrlRun, stop: watch::Receiver<bool>) -> anyhow::Res
     };
     let before = match &run.metrics_url {
         Some(u) => Some(
-            picker::scrape(&http, u)
+            picker_metrics::scrape(&http, u)
                 .await
                 .with_context(|| format!("cannot scrape {u}"))?,
         ),
@@ -472,7 +474,7 @@ pub async fn bench_url(run: &UrlRun, stop: watch::Receiver<bool>) -> anyhow::Res
     let outcome = run_load(&load, workload.clone(), stop).await?;
     let mut note = None;
     let picker = match (&run.metrics_url, before) {
-        (Some(u), Some(before)) => match picker::scrape(&http, u).await {
+        (Some(u), Some(before)) => match picker_metrics::scrape(&http, u).await {
             Ok(after) if after.seen => Some(after.since(&before)),
             Ok(_) => {
                 note = Some(format!("{u} has no epp_* series"));
@@ -547,12 +549,12 @@ impl PickerHandle {
 /// Starts the picker in proxy mode on loopback ports, in front of `endpoints`, with the policy
 /// `config_yaml`.
 async fn start_picker(endpoints: &[SocketAddr], config_yaml: &str) -> anyhow::Result<PickerHandle> {
-    use epp_core::app::{Discovery, PickerOptions};
+    use epp_core::app::{Discovery, RuntimeOptions};
     use epp_core::discovery::StaticDiscovery;
     let config = epp_core::config::EndpointPickerConfig::from_yaml(config_yaml)
         .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let picker = PickerOptions {
+    let picker = RuntimeOptions {
         discovery: Discovery::Static(StaticDiscovery {
             endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
             file: None,
@@ -562,7 +564,7 @@ async fn start_picker(endpoints: &[SocketAddr], config_yaml: &str) -> anyhow::Re
         metrics_addr: Some(loopback(0)),
         health_addr: None,
         grace_period: Duration::from_secs(2),
-        ..PickerOptions::default()
+        ..RuntimeOptions::default()
     };
     let opts = epp_core::proxy::ProxyOptions {
         listen: loopback(0),

@@ -6,7 +6,7 @@ pub mod compare;
 pub mod driver;
 pub mod http;
 pub mod ideal;
-pub mod picker;
+pub mod picker_metrics;
 pub mod report;
 pub mod sse;
 pub mod stats;

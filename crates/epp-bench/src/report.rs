@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::driver::LoadMode;
 use crate::ideal::IdealBound;
-use crate::picker::PickerStats;
+use crate::picker_metrics::PickerStats;
 use crate::stats::RunStats;
 use crate::workload::WorkloadSpec;
 
@@ -52,7 +52,7 @@ pub struct BenchReport {
     pub runs: Vec<PolicyRun>,
     /// The run was stopped early (Ctrl-C): results are partial.
     pub interrupted: bool,
-    /// Issue 7's targets evaluated on these runs (see [`check_targets`]).
+    /// The routing-quality targets evaluated on these runs (see [`check_targets`]).
     #[serde(default)]
     pub targets: Vec<TargetCheck>,
 }
@@ -219,7 +219,8 @@ pub fn render_table(report: &BenchReport) -> String {
     out
 }
 
-/// One routing-quality target of issue 7, evaluated on a report.
+/// One routing-quality target (cache reuse against the ideal and round-robin, hot-spot spread),
+/// evaluated on a report.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TargetCheck {
     pub name: String,
@@ -301,7 +302,7 @@ pub fn render_targets(checks: &[TargetCheck]) -> String {
     if checks.is_empty() {
         return out;
     }
-    let _ = writeln!(out, "targets (issue 7):");
+    let _ = writeln!(out, "routing-quality targets:");
     for c in checks {
         let _ = writeln!(
             out,

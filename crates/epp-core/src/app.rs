@@ -27,10 +27,10 @@ pub enum Discovery {
     Kubernetes(crate::k8s::discovery::KubeDiscovery),
 }
 
-/// Everything the shared runtime needs. Build it, call [`PickerOptions::validate`] (before
-/// binding anything), then [`Picker::start`].
+/// Everything the shared runtime needs. Build it, call [`RuntimeOptions::validate`] (before
+/// binding anything), then [`Runtime::start`].
 #[derive(Clone, Debug)]
-pub struct PickerOptions {
+pub struct RuntimeOptions {
     pub discovery: Discovery,
     pub config: EndpointPickerConfig,
     pub metrics_addr: Option<SocketAddr>,
@@ -46,7 +46,7 @@ pub struct PickerOptions {
     pub leader_election: Option<crate::k8s::leader::LeaderElectionConfig>,
 }
 
-impl Default for PickerOptions {
+impl Default for RuntimeOptions {
     fn default() -> Self {
         Self {
             discovery: Discovery::Static(StaticDiscovery {
@@ -74,7 +74,7 @@ pub struct Validated {
     tls: Option<crate::tls::TlsSetup>,
 }
 
-impl PickerOptions {
+impl RuntimeOptions {
     /// Check everything that can be wrong before any port is bound.
     pub fn validate(&self) -> anyhow::Result<Validated> {
         let scheduler = Scheduler::from_config(&self.config)
@@ -111,7 +111,7 @@ impl PickerOptions {
 }
 
 /// A running picker runtime.
-pub struct Picker {
+pub struct Runtime {
     pub director: Director,
     pub datastore: Datastore,
     pub metrics: Arc<Metrics>,
@@ -124,9 +124,9 @@ pub struct Picker {
     extra_ready: Option<ReadyFn>,
 }
 
-impl std::fmt::Debug for Picker {
+impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Picker")
+        f.debug_struct("Runtime")
             .field("metrics_addr", &self.metrics_addr)
             .field("health_addr", &self.health_addr)
             .finish_non_exhaustive()
@@ -144,10 +144,10 @@ pub fn readiness(ds: &Datastore) -> Result<(), String> {
     Ok(())
 }
 
-impl Picker {
+impl Runtime {
     /// Build the shared state, bind the side servers and start background tasks.
     pub async fn start(
-        opts: PickerOptions,
+        opts: RuntimeOptions,
         validated: Validated,
         shutdown: Shutdown,
     ) -> anyhow::Result<Self> {
@@ -156,7 +156,7 @@ impl Picker {
 
     /// As [`start`](Self::start), with an extra readiness condition.
     pub async fn start_with(
-        opts: PickerOptions,
+        opts: RuntimeOptions,
         validated: Validated,
         shutdown: Shutdown,
         extra_ready: Option<ReadyFn>,
@@ -303,11 +303,11 @@ pub struct FrontEndHandle<A> {
 }
 
 impl<A> FrontEndHandle<A> {
-    /// Serve in the background: `run` gets `picker` (a [`Picker`], or one shared through an
+    /// Serve in the background: `run` gets `picker` (a [`Runtime`], or one shared through an
     /// `Arc`) and, once the picker's shutdown fires, stops the front-end and then the runtime.
     pub(crate) fn spawn<P, F>(addrs: A, picker: P, run: impl FnOnce(P) -> F) -> Self
     where
-        P: std::borrow::Borrow<Picker>,
+        P: std::borrow::Borrow<Runtime>,
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         let p = picker.borrow();

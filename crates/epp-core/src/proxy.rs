@@ -24,7 +24,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::app::{serve_within_grace, FrontEndHandle, Picker, PickerOptions};
+use crate::app::{serve_within_grace, FrontEndHandle, Runtime, RuntimeOptions};
 use crate::director::{Director, RouteError, RouteRequest};
 use crate::gateway::headers::REQUEST_ID;
 use crate::gateway::{BodyLimit, GatewayPolicy, InboundHeaders};
@@ -51,7 +51,7 @@ pub struct ProxyOptions {
     pub body_read_timeout: Duration,
     /// Open client connections at most; connections over it are closed at once.
     pub max_connections: usize,
-    pub picker: PickerOptions,
+    pub picker: RuntimeOptions,
 }
 
 impl Default for ProxyOptions {
@@ -65,7 +65,7 @@ impl Default for ProxyOptions {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
-            picker: PickerOptions::default(),
+            picker: RuntimeOptions::default(),
         }
     }
 }
@@ -128,7 +128,7 @@ pub async fn spawn_with_shutdown(
 ) -> anyhow::Result<ProxyHandle> {
     opts.validate()?;
     let validated = opts.picker.validate()?;
-    let picker = Picker::start(opts.picker.clone(), validated, shutdown.clone()).await?;
+    let picker = Runtime::start(opts.picker.clone(), validated, shutdown.clone()).await?;
     let listener = crate::serving::bind(opts.listen, "--listen").await?;
     let proxy_addr = listener.local_addr()?;
     tracing::info!(
@@ -156,7 +156,7 @@ pub async fn spawn_with_shutdown(
     let app = axum::Router::new().fallback(handle).with_state(state);
     let grace = opts.picker.grace_period;
     let addrs = ProxyAddrs { proxy_addr };
-    let run = move |picker: Picker| async move {
+    let run = move |picker: Runtime| async move {
         let server = accept_loop(listener, app, opts, shutdown.clone());
         serve_within_grace(server, &shutdown, grace, "requests").await;
         picker.join().await;

@@ -1088,7 +1088,7 @@ async fn tls_self_signed_serves_and_bad_files_are_refused_before_binding() {
             key_file: Some(key.to_path_buf()),
             ..Default::default()
         }),
-        picker: epp_core::app::PickerOptions {
+        picker: epp_core::app::RuntimeOptions {
             discovery: epp_core::app::Discovery::Static(epp_core::discovery::StaticDiscovery {
                 endpoints: vec!["127.0.0.1:9".into()],
                 ..Default::default()

@@ -7,7 +7,7 @@ mod k8s_fake;
 use std::sync::Arc;
 use std::time::Duration;
 
-use epp_core::app::{Discovery, Picker, PickerOptions};
+use epp_core::app::{Discovery, Runtime, RuntimeOptions};
 use epp_core::discovery::StaticDiscovery;
 use epp_core::k8s::auth::KubeAuthorizer;
 use epp_core::k8s::KubeClient;
@@ -38,8 +38,8 @@ async fn get(addr: std::net::SocketAddr, token: Option<&str>) -> (u16, String) {
     )
 }
 
-async fn picker(auth: MetricsAuth) -> Picker {
-    let opts = PickerOptions {
+async fn picker(auth: MetricsAuth) -> Runtime {
+    let opts = RuntimeOptions {
         discovery: Discovery::Static(StaticDiscovery {
             endpoints: vec!["127.0.0.1:9".into()],
             poll_interval: Duration::from_secs(1),
@@ -51,7 +51,7 @@ async fn picker(auth: MetricsAuth) -> Picker {
         ..Default::default()
     };
     let v = opts.validate().unwrap();
-    Picker::start(opts, v, Shutdown::new()).await.unwrap()
+    Runtime::start(opts, v, Shutdown::new()).await.unwrap()
 }
 
 fn assert_no_metrics(body: &str) {

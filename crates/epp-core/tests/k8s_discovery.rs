@@ -6,7 +6,7 @@ mod k8s_fake;
 
 use std::time::Duration;
 
-use epp_core::app::{Discovery, Picker, PickerOptions};
+use epp_core::app::{Discovery, Runtime, RuntimeOptions};
 use epp_core::datastore::{Datastore, Engine, HealthConfig, HealthState};
 use epp_core::k8s::discovery::{KubeDiscovery, PodSource, ENGINE_LABEL};
 use epp_core::k8s::selector::LabelSelector;
@@ -351,7 +351,7 @@ async fn picker_with_pool_discovery_gates_readiness_and_exports_the_gauge() {
         NS,
         pod("vllm-a", "127.0.0.31", true, &[("app", "vllm")]),
     );
-    let opts = PickerOptions {
+    let opts = RuntimeOptions {
         discovery: Discovery::Kubernetes(KubeDiscovery {
             client: api.client(),
             source: PodSource::Pool {
@@ -364,7 +364,7 @@ async fn picker_with_pool_discovery_gates_readiness_and_exports_the_gauge() {
         ..Default::default()
     };
     let validated = opts.validate().unwrap();
-    let picker = Picker::start(opts, validated, Shutdown::new())
+    let picker = Runtime::start(opts, validated, Shutdown::new())
         .await
         .unwrap();
     let (m, h) = (picker.metrics_addr.unwrap(), picker.health_addr.unwrap());

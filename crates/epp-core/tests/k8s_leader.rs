@@ -7,7 +7,7 @@ mod k8s_fake;
 
 use std::time::Duration;
 
-use epp_core::app::{Discovery, Picker, PickerOptions};
+use epp_core::app::{Discovery, Runtime, RuntimeOptions};
 use epp_core::discovery::StaticDiscovery;
 use epp_core::k8s::leader::{self, LeaderElectionConfig};
 use epp_core::telemetry::Shutdown;
@@ -24,8 +24,8 @@ fn cfg(api: &FakeApi, identity: &str) -> LeaderElectionConfig {
     c
 }
 
-async fn replica(api: &FakeApi, identity: &str) -> Picker {
-    let opts = PickerOptions {
+async fn replica(api: &FakeApi, identity: &str) -> Runtime {
+    let opts = RuntimeOptions {
         discovery: Discovery::Static(StaticDiscovery {
             endpoints: vec!["127.0.0.1:9".into()],
             poll_interval: Duration::from_secs(1),
@@ -37,7 +37,7 @@ async fn replica(api: &FakeApi, identity: &str) -> Picker {
         ..Default::default()
     };
     let v = opts.validate().unwrap();
-    Picker::start(opts, v, Shutdown::new()).await.unwrap()
+    Runtime::start(opts, v, Shutdown::new()).await.unwrap()
 }
 
 async fn readyz(addr: std::net::SocketAddr) -> (u16, String) {
@@ -55,7 +55,7 @@ async fn readyz(addr: std::net::SocketAddr) -> (u16, String) {
     )
 }
 
-async fn wait_ready(p: &Picker, want: bool, within: Duration) {
+async fn wait_ready(p: &Runtime, want: bool, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         if p.is_ready().is_ok() == want {

@@ -7,7 +7,7 @@ mod tls_support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use epp_core::app::{Discovery, Picker, PickerOptions};
+use epp_core::app::{Discovery, Runtime, RuntimeOptions};
 use epp_core::discovery::StaticDiscovery;
 use epp_core::telemetry::Shutdown;
 use epp_core::tls::MetricsTls;
@@ -44,8 +44,8 @@ async fn plain_get(addr: SocketAddr, path: &str) -> Option<u16> {
         .flatten()
 }
 
-async fn start(tls: MetricsTls) -> Picker {
-    let opts = PickerOptions {
+async fn start(tls: MetricsTls) -> Runtime {
+    let opts = RuntimeOptions {
         discovery: Discovery::Static(StaticDiscovery {
             endpoints: vec!["127.0.0.1:9".into()],
             poll_interval: Duration::from_secs(1),
@@ -57,7 +57,7 @@ async fn start(tls: MetricsTls) -> Picker {
         ..Default::default()
     };
     let v = opts.validate().unwrap();
-    Picker::start(opts, v, Shutdown::new()).await.unwrap()
+    Runtime::start(opts, v, Shutdown::new()).await.unwrap()
 }
 
 #[tokio::test]
@@ -126,7 +126,7 @@ async fn self_signed_when_no_certificate_is_given() {
 
 #[tokio::test]
 async fn unreadable_certificate_files_fail_validation_before_binding() {
-    let opts = PickerOptions {
+    let opts = RuntimeOptions {
         metrics_tls: Some(MetricsTls {
             cert_file: Some("/nonexistent/tls.crt".into()),
             key_file: Some("/nonexistent/tls.key".into()),

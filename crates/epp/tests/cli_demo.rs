@@ -59,7 +59,7 @@ fn demo_prints_its_report_without_lifecycle_logs_by_default() {
     // The report: both policies, the table and the targets.
     assert!(stdout.contains("[round-robin] done"), "{stdout}");
     assert!(stdout.contains("[default] done"), "{stdout}");
-    assert!(stdout.contains("targets (issue 7):"), "{stdout}");
+    assert!(stdout.contains("routing-quality targets:"), "{stdout}");
     assert_no_lifecycle_logs(&stderr);
 
     // Asked for, with --log-level or RUST_LOG, they are all there.

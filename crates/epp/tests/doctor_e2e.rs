@@ -1,4 +1,4 @@
-//! `epp doctor` against the real thing (issue 6): `epp proxy` in front of three `epp sim`
+//! `epp doctor` against the real thing: `epp proxy` in front of three `epp sim`
 //! servers, and a real Prometheus scraping it with the shipped static configs.
 //!
 //! - a healthy setup (token auth, right token, traffic): exit 0, every line ✓;

@@ -1,4 +1,4 @@
-//! The monitoring assets of `deploy/monitoring/` (issue 6), checked without a running picker:
+//! The monitoring assets of `deploy/monitoring/`, checked without a running picker:
 //! promtool on the rules and static scrape configs, the rules' unit tests, the two forms of the
 //! rules and of the dashboard kept equal, the PromQL of every shipped query (parses, quantiles
 //! over `sum by (le)`, ratios summed on both sides, metric names from the contract), and the

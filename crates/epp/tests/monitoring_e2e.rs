@@ -1,4 +1,4 @@
-//! End to end (issue 6): a real Prometheus, configured with the shipped static scrape config,
+//! End to end: a real Prometheus, configured with the shipped static scrape config,
 //! scrapes `epp proxy` in front of three `epp sim` servers under load — once without metrics
 //! auth and once with `--metrics-auth=token`. Then `up{job="llm-d-gaie-epp"} == 1`, every
 //! dashboard query returns data through the Prometheus HTTP API, and so does every alert

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::exchange::Exchange;
 use super::health::{serve_health_with, ReadyProbe};
 use super::ExtProcConfig;
-use crate::app::{serve_within_grace, FrontEndHandle, Picker, PickerOptions};
+use crate::app::{serve_within_grace, FrontEndHandle, Runtime, RuntimeOptions};
 use crate::director::Director;
 use crate::serving;
 use crate::telemetry::Shutdown;
@@ -165,7 +165,7 @@ pub struct ServeOptions {
     /// TLS on the ext_proc port (`--secure-serving`; files, or neither for self-signed);
     /// `None` = plaintext h2c.
     pub tls: Option<TlsSettings>,
-    pub picker: PickerOptions,
+    pub picker: RuntimeOptions,
 }
 
 /// `epp serve`'s own listen addresses (read through [`ServeHandle`], e.g. `handle.grpc_addr`).
@@ -194,7 +194,7 @@ pub async fn spawn_with_shutdown(
         .map(|t| t.setup(TlsPort::GRPC))
         .transpose()?;
     let validated = opts.picker.validate()?;
-    let picker = Picker::start(opts.picker.clone(), validated, shutdown.clone()).await?;
+    let picker = Runtime::start(opts.picker.clone(), validated, shutdown.clone()).await?;
     let grpc = serving::bind(opts.grpc_addr, "--grpc-port").await?;
     let grpc_addr = grpc.local_addr()?;
     let health = serving::bind(opts.grpc_health_addr, "--grpc-health-port").await?;
@@ -221,7 +221,7 @@ pub async fn spawn_with_shutdown(
         grpc_addr,
         grpc_health_addr,
     };
-    let run = move |picker: Arc<Picker>| async move {
+    let run = move |picker: Arc<Runtime>| async move {
         let health_task = tokio::spawn(serve_health_with(ready, changes, health, shutdown.clone()));
         let server: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
-use epp_core::app::{Discovery, PickerOptions};
+use epp_core::app::{Discovery, RuntimeOptions};
 use epp_core::discovery::StaticDiscovery;
 use epp_core::proxy::{ProxyHandle, ProxyOptions};
 use epp_core::scrape::ScrapeOptions;
@@ -43,8 +43,8 @@ pub async fn sims(n: usize, tweak: impl Fn(&mut epp_sim::SimConfig)) -> Vec<epp_
     out
 }
 
-pub fn picker_options(endpoints: Vec<String>) -> PickerOptions {
-    PickerOptions {
+pub fn picker_options(endpoints: Vec<String>) -> RuntimeOptions {
+    RuntimeOptions {
         discovery: Discovery::Static(StaticDiscovery {
             endpoints,
             file: None,
@@ -62,7 +62,7 @@ pub fn picker_options(endpoints: Vec<String>) -> PickerOptions {
     }
 }
 
-pub fn proxy_options(picker: PickerOptions) -> ProxyOptions {
+pub fn proxy_options(picker: RuntimeOptions) -> ProxyOptions {
     ProxyOptions {
         listen: loopback0(),
         picker,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use epp_core::app::{Discovery, PickerOptions};
+use epp_core::app::{Discovery, RuntimeOptions};
 use epp_core::config::{presets, EndpointPickerConfig};
 use epp_core::datastore::HealthConfig;
 use epp_core::discovery::StaticDiscovery;
@@ -27,7 +27,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(clap::Args, Debug, Clone)]
-pub struct PickerArgs {
+pub struct RuntimeArgs {
     /// A model-server endpoint `host:port` (repeatable). For `serve`, use `ip:port`.
     #[arg(long = "endpoint", value_name = "HOST:PORT")]
     pub endpoints: Vec<String>,
@@ -197,9 +197,9 @@ pub fn resolve_metrics_auth(flag: Option<MetricsAuthMode>) -> (MetricsAuthMode, 
     }
 }
 
-impl PickerArgs {
+impl RuntimeArgs {
     /// Turn flags into options, reading and validating every file they name.
-    pub fn to_options(&self) -> anyhow::Result<PickerOptions> {
+    pub fn to_options(&self) -> anyhow::Result<RuntimeOptions> {
         let config = match (&self.config_file, &self.config_text) {
             (Some(f), _) => {
                 let text = std::fs::read_to_string(f).map_err(|e| {
@@ -288,7 +288,7 @@ impl PickerArgs {
             le.retry_period = k.ha_retry_period;
             le
         });
-        Ok(PickerOptions {
+        Ok(RuntimeOptions {
             discovery,
             config,
             metrics_addr: Some(self.metrics_bind_address),
@@ -321,10 +321,10 @@ mod kube_flag_tests {
     #[derive(Parser, Debug)]
     struct T {
         #[command(flatten)]
-        p: PickerArgs,
+        p: RuntimeArgs,
     }
 
-    fn opts(args: &[&str]) -> anyhow::Result<PickerOptions> {
+    fn opts(args: &[&str]) -> anyhow::Result<RuntimeOptions> {
         let t = T::try_parse_from(std::iter::once("epp").chain(args.iter().copied()))
             .map_err(|e| anyhow::anyhow!(e.to_string()))?;
         t.p.to_options()

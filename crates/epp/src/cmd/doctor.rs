@@ -4,7 +4,7 @@
 
 use epp::assets;
 mod client;
-mod picker;
+mod picker_metrics;
 mod prom;
 mod report;
 mod transport;
@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use self::client::{Client, Endpoint, Trust};
-use self::picker::TokenSource;
+use self::picker_metrics::TokenSource;
 use self::report::Report;
 use super::common::parse_duration;
 
@@ -143,7 +143,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     ));
     let expo = match &metrics_ep {
         Some(ep) => {
-            picker::check(
+            picker_metrics::check(
                 &mut r,
                 &metrics_client,
                 ep,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use epp_core::proxy::{spawn_with_shutdown, ProxyOptions};
 use epp_core::telemetry::Shutdown;
 
-use super::common::{parse_duration, PickerArgs};
+use super::common::{parse_duration, RuntimeArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -47,7 +47,7 @@ pub struct Args {
     pub conformance_test_hooks: bool,
 
     #[command(flatten)]
-    pub picker: PickerArgs,
+    pub picker: RuntimeArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {

@@ -12,7 +12,7 @@ use epp_core::extproc::{
 use epp_core::telemetry::Shutdown;
 use epp_core::tls::TlsSettings;
 
-use super::common::PickerArgs;
+use super::common::RuntimeArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -60,7 +60,7 @@ pub struct Args {
     pub key_path: Option<PathBuf>,
 
     #[command(flatten)]
-    pub picker: PickerArgs,
+    pub picker: RuntimeArgs,
 }
 
 impl Args {

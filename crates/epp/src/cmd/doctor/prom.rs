@@ -9,7 +9,7 @@ use promql_parser::parser;
 
 use super::assets::{family_name, for_each_selector, is_synthetic, selector_name, Assets, Query};
 use super::client::{Client, Endpoint};
-use super::picker::{appears_with_traffic, Exposition, MetricState};
+use super::picker_metrics::{appears_with_traffic, Exposition, MetricState};
 use super::report::{Mark, Report};
 use super::transport::{report_transport, snippet, Peer};
 
