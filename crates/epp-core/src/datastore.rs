@@ -215,7 +215,15 @@ pub struct HealthConfig {
     pub staleness: Duration,
     /// Whether `/health` probes feed the state (off: only scrapes and passive failures do).
     pub probe_enabled: bool,
+    /// An endpoint taken out by failing routed requests stays out at least this long, however
+    /// well its scrapes and probes go (they do not see what requests see). Each further trip
+    /// before it has stayed healthy for [`PASSIVE_COOLDOWN_MAX`] doubles the wait, up to that.
+    pub passive_cooldown: Duration,
 }
+
+/// The longest an endpoint is kept out after repeated passive trips, and how long it must stay
+/// healthy for its wait to start over from [`HealthConfig::passive_cooldown`].
+pub const PASSIVE_COOLDOWN_MAX: Duration = Duration::from_secs(60);
 
 impl Default for HealthConfig {
     fn default() -> Self {
@@ -224,6 +232,7 @@ impl Default for HealthConfig {
             success_threshold: 2,
             staleness: Duration::from_secs(2),
             probe_enabled: true,
+            passive_cooldown: Duration::from_secs(5),
         }
     }
 }
@@ -248,6 +257,12 @@ struct Tracker {
     reason: Option<String>,
     /// The state last logged, so each change is logged once.
     logged: Option<HealthState>,
+    /// Passive trips in a row (without a long healthy spell between them).
+    passive_trips: u32,
+    /// No recovery before this (set by a passive trip).
+    out_until: Option<Instant>,
+    /// When it last recovered.
+    recovered_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -603,8 +618,11 @@ fn observe(t: &mut Tracker, source: Source, _ok: bool, h: &HealthConfig) -> bool
     t.ok_since_trip[i] = t.ok_since_trip[i].saturating_add(1);
     let scrape_ok = t.ok_since_trip[0] >= h.success_threshold;
     let probe_ok = !h.probe_enabled || t.ok_since_trip[1] >= h.success_threshold;
-    if scrape_ok && probe_ok {
+    let cooled = t.out_until.is_none_or(|u| Instant::now() >= u);
+    if scrape_ok && probe_ok && cooled {
         t.unhealthy = false;
+        t.out_until = None;
+        t.recovered_at = Some(Instant::now());
         t.fail = [0; 3];
         t.ok_since_trip = [0; 3];
         return true;
@@ -673,6 +691,25 @@ fn observe_failure(t: &mut Tracker, source: Source, kind: FailureKind, h: &Healt
         });
         t.unhealthy = true;
         t.ok_since_trip = [0; 3];
+        if source == Source::Passive {
+            let now = Instant::now();
+            let long_healthy = t
+                .recovered_at
+                .is_none_or(|r| now.saturating_duration_since(r) >= PASSIVE_COOLDOWN_MAX);
+            t.passive_trips = if long_healthy {
+                1
+            } else {
+                t.passive_trips.saturating_add(1)
+            };
+            let wait = h
+                .passive_cooldown
+                .saturating_mul(1u32 << (t.passive_trips - 1).min(16))
+                .min(PASSIVE_COOLDOWN_MAX.max(h.passive_cooldown));
+            t.out_until = Some(now + wait);
+            if let Some(r) = t.reason.as_mut() {
+                r.push_str(&format!("; kept out for at least {wait:?}"));
+            }
+        }
         return true;
     }
     false
@@ -728,6 +765,50 @@ mod tests {
         tokio::time::advance(Duration::from_millis(2100)).await;
         d.tick();
         assert_eq!(d.snapshot().endpoints[0].health, HealthState::Stale);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_requests_keep_an_endpoint_out_longer_each_time() {
+        let d = ds();
+        d.set_endpoints(vec![EndpointSpec::new("a:1")]);
+        let health = || d.snapshot().endpoints[0].health;
+        let good_checks = || {
+            for _ in 0..2 {
+                d.record_scrape("a:1", Ok(ModelServerMetrics::default()));
+                d.record("a:1", Source::Probe, Ok(()));
+            }
+        };
+        good_checks();
+        assert_eq!(health(), HealthState::Healthy);
+        // A backend answering 500 to every request while its /metrics and /health look fine.
+        let mut waits = Vec::new();
+        for _ in 0..4 {
+            for _ in 0..3 {
+                d.record("a:1", Source::Passive, Err(FailureKind::Other));
+            }
+            assert_eq!(health(), HealthState::Unhealthy);
+            let t0 = Instant::now();
+            // Scrapes and probes keep succeeding; it stays out until the cooldown has passed.
+            while health() != HealthState::Healthy {
+                tokio::time::advance(Duration::from_millis(100)).await;
+                good_checks();
+                assert!(t0.elapsed() < Duration::from_secs(120));
+            }
+            waits.push(t0.elapsed().as_secs());
+        }
+        assert_eq!(waits, [5, 10, 20, 40]);
+        // Healthy for a long spell: the next trip starts over from the base cooldown.
+        tokio::time::advance(PASSIVE_COOLDOWN_MAX).await;
+        good_checks();
+        for _ in 0..3 {
+            d.record("a:1", Source::Passive, Err(FailureKind::Other));
+        }
+        let t0 = Instant::now();
+        while health() != HealthState::Healthy {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            good_checks();
+        }
+        assert_eq!(t0.elapsed().as_secs(), 5);
     }
 
     #[tokio::test]

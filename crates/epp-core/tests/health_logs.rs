@@ -36,7 +36,10 @@ fn health_changes_are_logged_once_with_the_reason() {
         .with_ansi(false)
         .finish();
     tracing::subscriber::set_global_default(sub).unwrap();
-    let d = Datastore::new(HealthConfig::default());
+    let d = Datastore::new(HealthConfig {
+        passive_cooldown: std::time::Duration::ZERO,
+        ..Default::default()
+    });
     d.set_endpoints(vec![EndpointSpec::new("a:1")]);
     d.record_scrape("a:1", Ok(ModelServerMetrics::default()));
     // Six passive failures: one change (at the third), not six lines.
@@ -66,7 +69,7 @@ fn health_changes_are_logged_once_with_the_reason() {
         lines[1]
     );
     assert!(
-        lines[1].contains("3 consecutive proxied request failures"),
+        lines[1].contains("3 consecutive proxied request failures; kept out for at least 0ns"),
         "{}",
         lines[1]
     );

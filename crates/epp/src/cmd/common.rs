@@ -89,6 +89,12 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub health_success_threshold: u32,
 
+    /// An endpoint taken out by failing routed requests (5xx, refused, timed out) stays out at
+    /// least this long even while its scrapes and probes succeed; each further trip soon after
+    /// doubles the wait, up to 60 s.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub health_passive_cooldown: Duration,
+
     /// Time in-flight requests get to finish after SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
@@ -305,6 +311,7 @@ impl RuntimeArgs {
                 success_threshold: self.health_success_threshold,
                 staleness: self.metrics_staleness_threshold,
                 probe_enabled: !self.health_check_interval.is_zero(),
+                passive_cooldown: self.health_passive_cooldown,
             },
             grace_period: self.shutdown_grace_period,
             metrics_tls,
