@@ -120,6 +120,8 @@ pub struct Runtime {
     pub shutdown: Shutdown,
     pub grace_period: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Stops the probe server, which outlives the drain.
+    probes_stop: Shutdown,
     /// Extra readiness condition (e.g. leader election).
     extra_ready: Option<ReadyFn>,
 }
@@ -210,12 +212,17 @@ impl Runtime {
             }
         }
         let mut health_addr = None;
+        let probes_stop = Shutdown::new();
         if let Some(addr) = opts.health_addr {
             let l = serving::bind(addr, "--health-probe-bind-address").await?;
             health_addr = Some(l.local_addr()?);
             let ds = datastore.clone();
             let extra = extra_ready.clone();
+            let draining = shutdown.clone();
             let ready: ReadyFn = Arc::new(move || {
+                if draining.is_triggered() {
+                    return Err("shutting down: finishing in-flight requests".into());
+                }
                 readiness(&ds)?;
                 if let Some(x) = &extra {
                     x()?;
@@ -223,7 +230,10 @@ impl Runtime {
                 Ok(())
             });
             let router = serving::health_router(ready);
-            let sd = shutdown.clone();
+            // The probe port stays up through the drain (answering 503 on /readyz), so
+            // orchestrators see "not ready" rather than a refused connection; it stops when
+            // the front-end has finished (`join`).
+            let sd = probes_stop.clone();
             tasks.push(tokio::spawn(async move {
                 let _ = axum::serve(l, router)
                     .with_graceful_shutdown(sd.wait())
@@ -268,6 +278,7 @@ impl Runtime {
             shutdown,
             grace_period: opts.grace_period,
             tasks,
+            probes_stop,
             extra_ready,
         })
     }
@@ -282,7 +293,14 @@ impl Runtime {
     }
 
     /// Wait for background tasks after shutdown was triggered (bounded by the grace period).
+    /// Stop the probe server (normally done by [`join`](Self::join)).
+    pub fn stop_probes(&self) {
+        self.probes_stop.trigger();
+    }
+
     pub async fn join(self) {
+        self.shutdown.trigger();
+        self.probes_stop.trigger();
         let all = futures_util::future::join_all(self.tasks);
         let _ = tokio::time::timeout(self.grace_period, all).await;
     }

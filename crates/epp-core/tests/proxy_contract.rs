@@ -421,3 +421,37 @@ async fn a_backend_that_breaks_off_mid_body_is_counted_as_what_the_client_got() 
     assert_eq!(sum(&m, "epp_requests_total", &[("status", "200")]), 0.0);
     p.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_answers_503_through_the_drain_then_the_probe_port_closes() {
+    let sims = sims(1, |c| c.latency.prefill_overhead_ms = 800.0).await;
+    let p = epp_core::proxy::spawn(proxy_options(picker_options(vec![sims[0]
+        .addr()
+        .to_string()])))
+    .await
+    .unwrap();
+    wait_healthy(&p, 1).await;
+    let c = client();
+    let health = p.health_addr.unwrap();
+    let readyz = format!("http://{health}/readyz");
+    assert_eq!(
+        request(&c, "GET", &readyz, &[], Bytes::new()).await.status,
+        200
+    );
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let c2 = c.clone();
+    let slow = tokio::spawn(async move { post_json(&c2, &url, &completion("a", "b", 2)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = request(&c, "GET", &readyz, &[], Bytes::new()).await;
+    assert_eq!(r.status, 503);
+    assert!(String::from_utf8_lossy(&r.body).contains("shutting down"));
+    // The in-flight request still completes.
+    assert_eq!(slow.await.unwrap().status, 200);
+    p.wait().await;
+    assert!(
+        TcpStream::connect(health).await.is_err(),
+        "probe port closed at the end"
+    );
+}

@@ -238,7 +238,8 @@ pub async fn spawn_with_shutdown(
         let _ = tokio::time::timeout(grace, health_task).await;
         match Arc::try_unwrap(picker) {
             Ok(p) => p.join().await,
-            Err(_) => {
+            Err(p) => {
+                p.stop_probes();
                 tracing::warn!("gRPC health server still running; not waiting for background tasks")
             }
         }
