@@ -103,6 +103,35 @@ pub struct ModelServerMetrics {
     pub max_loras: Option<u32>,
     pub block_size: Option<u32>,
     pub num_gpu_blocks: Option<u64>,
+    /// The models the server reports serving (the `model_name` label of its metrics; at most
+    /// [`MAX_REPORTED_MODELS`]), sorted.
+    pub models: Vec<String>,
+}
+
+/// Most distinct model names kept per endpoint.
+pub const MAX_REPORTED_MODELS: usize = 64;
+
+impl Snapshot {
+    /// The models the routable endpoints (else the stale ones) report serving, sorted, distinct.
+    pub fn served_models(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .routable()
+            .filter_map(|e| e.metrics.as_ref())
+            .flat_map(|m| m.models.iter().cloned())
+            .collect();
+        if names.is_empty() {
+            names = self
+                .endpoints
+                .iter()
+                .filter(|e| e.health == HealthState::Stale)
+                .filter_map(|e| e.metrics.as_ref())
+                .flat_map(|m| m.models.iter().cloned())
+                .collect();
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
 }
 
 /// One endpoint's identity plus its lock-free counters. Shared by snapshots and in-flight guards,

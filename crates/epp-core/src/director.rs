@@ -13,7 +13,7 @@ use crate::gateway::rewrite::{self, ModelRestorer};
 use crate::gateway::InboundHeaders;
 use crate::metrics::Metrics;
 use crate::prefix::{PrefixIndex, PromptHashes};
-use crate::request::{parse_body, ApiMethod, BadRequest, ParsedRequest};
+use crate::request::{parse_body, parse_body_or, ApiMethod, BadRequest, ParsedRequest};
 use crate::scheduler::{DecisionType, Hints, SchedCtx, ScheduleError, Scheduler};
 
 /// Status a request gets when the client goes away before its response completed
@@ -373,11 +373,29 @@ impl Director {
         started: Instant,
     ) -> Result<Routed, RouteError> {
         let inner = &self.inner;
-        let mut parsed = parse_body(method, req.body)?;
+        let snapshot = inner.datastore.snapshot();
+        let mut parsed = match parse_body(method, req.body) {
+            Err(e) if e.param.as_deref() == Some("model") && e.message.starts_with("missing") => {
+                // As vLLM: with one model served, a request may leave `model` out.
+                match snapshot.served_models().as_slice() {
+                    [only] => parse_body_or(method, req.body, Some(only))?,
+                    [] => return Err(e.into()),
+                    many => {
+                        let mut e = RouteError::from(e);
+                        e.message = format!(
+                            "{}; the pool serves several models: {}",
+                            e.message,
+                            many.join(", ")
+                        );
+                        return Err(e);
+                    }
+                }
+            }
+            r => r?,
+        };
         if let Some(t) = req.headers.model_rewrite.as_deref() {
             parsed.target_model = t.to_string();
         }
-        let snapshot = inner.datastore.snapshot();
         let hashes = inner.prefix.hash(&parsed.target_model, &parsed.prompt);
         let matches = inner.prefix.lookup(&hashes);
         let ctx = SchedCtx {

@@ -89,6 +89,16 @@ impl BadRequest {
 /// Parse an OpenAI-style body. An empty body is allowed (header-only requests) and yields an
 /// empty prompt; a non-empty body must be a JSON object with a string `model`.
 pub fn parse_body(method: ApiMethod, body: &[u8]) -> Result<ParsedRequest, BadRequest> {
+    parse_body_or(method, body, None)
+}
+
+/// As [`parse_body`], with the model to assume when the body names none (as vLLM does when it
+/// serves exactly one model). The body is not changed.
+pub fn parse_body_or(
+    method: ApiMethod,
+    body: &[u8],
+    default_model: Option<&str>,
+) -> Result<ParsedRequest, BadRequest> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(ParsedRequest::default());
     }
@@ -98,6 +108,9 @@ pub fn parse_body(method: ApiMethod, body: &[u8]) -> Result<ParsedRequest, BadRe
         .as_object()
         .ok_or_else(|| BadRequest::new("request body must be a JSON object", None))?;
     let model = match obj.get("model") {
+        None | Some(Value::Null) if default_model.is_some() => {
+            default_model.unwrap_or_default().to_string()
+        }
         None | Some(Value::Null) => {
             return Err(BadRequest::new(
                 "missing required field `model`",

@@ -159,6 +159,17 @@ pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, S
             .clamp(0.0, 1.0),
         ..Default::default()
     };
+    let mut models: Vec<String> = samples
+        .iter()
+        .filter(|s| s.name == waiting || s.name == running)
+        .filter_map(|s| s.labels.get("model_name"))
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .collect();
+    models.sort();
+    models.dedup();
+    models.truncate(crate::datastore::MAX_REPORTED_MODELS);
+    m.models = models;
     if let Some(name) = lora {
         // The series with the newest timestamp value is current.
         if let Some(s) = samples
@@ -310,6 +321,7 @@ vllm:cache_config_info{block_size="16",num_gpu_blocks="1000"} 1
         assert_eq!(m.running, 2.0);
         assert_eq!(m.kv_cache_usage, 0.25);
         assert_eq!(m.running_loras, vec!["a", "b"]);
+        assert_eq!(m.models, vec!["m"]);
         assert!(m.waiting_loras.is_empty());
         assert_eq!(m.max_loras, Some(2));
         assert_eq!(m.block_size, Some(16));

@@ -455,3 +455,42 @@ async fn readyz_answers_503_through_the_drain_then_the_probe_port_closes() {
         "probe port closed at the end"
     );
 }
+
+#[tokio::test]
+async fn a_request_without_model_is_routed_when_the_pool_serves_one_model() {
+    let mut pool = sims(1, |c| c.model = "model-a".into()).await;
+    let c = client();
+    let p = epp_core::proxy::spawn(proxy_options(picker_options(vec![pool[0]
+        .addr()
+        .to_string()])))
+    .await
+    .unwrap();
+    wait_healthy(&p, 1).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let r = request(
+        &c,
+        "POST",
+        &url,
+        &[],
+        Bytes::from(r#"{"prompt":"hi","max_tokens":1}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["model"], "model-a");
+    p.stop().await;
+
+    // Two models: 400 naming the choices.
+    pool.extend(sims(1, |c| c.model = "model-b".into()).await);
+    let addrs = pool.iter().map(|s| s.addr().to_string()).collect();
+    let p = epp_core::proxy::spawn(proxy_options(picker_options(addrs)))
+        .await
+        .unwrap();
+    wait_healthy(&p, 2).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let r = request(&c, "POST", &url, &[], Bytes::from(r#"{"prompt":"hi"}"#)).await;
+    assert_eq!(r.status, 400);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("model-a, model-b"), "{msg}");
+    assert_eq!(r.json()["error"]["param"], "model");
+    p.stop().await;
+}

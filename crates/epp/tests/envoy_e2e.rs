@@ -129,10 +129,14 @@ async fn envoy_routes_where_the_picker_says() {
     );
     assert_eq!(via.json()["usage"]["prompt_tokens"], big.len().div_ceil(4));
 
-    // 5. Errors come back as the picker's JSON: a body without a model is 400.
-    let r = post(&envoy, br#"{"prompt":"no model"}"#, &[]).await;
+    // 5. Errors come back as the picker's JSON: a non-string model is 400. (A body without a
+    //    model is routed as the one model the pool serves, as vLLM does.)
+    let r = post(&envoy, br#"{"model":7,"prompt":"bad model"}"#, &[]).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "model");
+    assert_eq!(r.json()["error"]["code"], "invalid_request");
+    let r = post(&envoy, br#"{"prompt":"no model","max_tokens":1}"#, &[]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
 
     // 6. A client that goes away mid-stream: the picker releases the in-flight slot (499).
     {
@@ -209,7 +213,7 @@ async fn envoy_routes_where_the_picker_says() {
     };
     assert_eq!(
         count(r#"epp_requests_total{method="completions",status="200"} "#),
-        16.0,
+        17.0,
         "{text}"
     );
     assert_eq!(
