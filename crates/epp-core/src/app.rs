@@ -40,6 +40,8 @@ pub struct RuntimeOptions {
     pub health: HealthConfig,
     /// How long in-flight work may take to finish after a shutdown signal.
     pub grace_period: Duration,
+    /// Bytes of request bodies all requests together may buffer (503 past it).
+    pub max_buffered_body_bytes: usize,
     /// HTTPS on the metrics port (probes stay plain).
     pub metrics_tls: Option<crate::tls::MetricsTls>,
     /// Only the holder of a Kubernetes Lease reports ready.
@@ -60,6 +62,7 @@ impl Default for RuntimeOptions {
             scrape: ScrapeOptions::default(),
             health: HealthConfig::default(),
             grace_period: crate::telemetry::DEFAULT_GRACE_PERIOD,
+            max_buffered_body_bytes: crate::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
             metrics_tls: None,
             leader_election: None,
         }
@@ -98,6 +101,9 @@ impl RuntimeOptions {
             .transpose()?;
         if let Some(le) = &self.leader_election {
             le.validate().map_err(|e| anyhow::anyhow!(e))?;
+        }
+        if self.max_buffered_body_bytes == 0 {
+            anyhow::bail!("--max-buffered-body-bytes must be greater than 0");
         }
         if self.scrape.interval.is_zero() {
             anyhow::bail!("--scrape-interval must be greater than 0");
@@ -184,7 +190,8 @@ impl Runtime {
             });
         }
         let datastore = Datastore::new(opts.health.clone());
-        let director = Director::build(datastore.clone(), scheduler);
+        let director =
+            Director::build_with_budget(datastore.clone(), scheduler, opts.max_buffered_body_bytes);
         let metrics = director.metrics().clone();
 
         // Bind side servers (after validation).
@@ -267,6 +274,7 @@ impl Runtime {
             probe_interval = ?opts.scrape.probe_interval,
             staleness = ?opts.health.staleness,
             grace_period = ?opts.grace_period,
+            max_buffered_body_bytes = opts.max_buffered_body_bytes,
             "picker runtime started"
         );
         Ok(Self {

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::datastore::{Datastore, Endpoint, FailureKind, InFlight, Source};
 use crate::gateway::rewrite::{self, ModelRestorer};
-use crate::gateway::InboundHeaders;
+use crate::gateway::{BodyBudget, InboundHeaders};
 use crate::metrics::Metrics;
 use crate::prefix::{PrefixIndex, PromptHashes};
 use crate::request::{parse_body, parse_body_or, ApiMethod, BadRequest, ParsedRequest};
@@ -272,6 +272,7 @@ impl Drop for RequestTracker {
 }
 
 struct Inner {
+    body_budget: BodyBudget,
     datastore: Datastore,
     scheduler: Arc<Scheduler>,
     prefix: Arc<PrefixIndex>,
@@ -296,6 +297,20 @@ impl Director {
     /// both, and the scheduler reporting plugin latencies into it. The runtime, the benchmarks
     /// and every test that needs a picker build it here, so they all measure the product.
     pub fn build(datastore: Datastore, scheduler: Scheduler) -> Self {
+        Self::build_with_budget(
+            datastore,
+            scheduler,
+            crate::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
+        )
+    }
+
+    /// As [`build`](Self::build), with the request-body budget both front-ends share
+    /// (`--max-buffered-body-bytes`).
+    pub fn build_with_budget(
+        datastore: Datastore,
+        scheduler: Scheduler,
+        max_buffered_body_bytes: usize,
+    ) -> Self {
         let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
         {
             let p = prefix.clone();
@@ -303,14 +318,22 @@ impl Director {
         }
         let metrics = Metrics::new(datastore.clone(), prefix.clone());
         let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
+        let body_budget =
+            BodyBudget::with_meters(max_buffered_body_bytes, Some(metrics.body_budget.clone()));
         Self {
             inner: Arc::new(Inner {
                 datastore,
                 scheduler,
                 prefix,
                 metrics,
+                body_budget,
             }),
         }
+    }
+
+    /// The request-body budget both front-ends reserve against while they buffer bodies.
+    pub fn body_budget(&self) -> &BodyBudget {
+        &self.inner.body_budget
     }
 
     pub fn datastore(&self) -> &Datastore {

@@ -52,6 +52,10 @@ pub struct ExtProcConfig {
     pub fallbacks: usize,
     /// Largest request body buffered for a pick; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Concurrent ext_proc streams at most; more are refused with RESOURCE_EXHAUSTED.
+    pub max_streams: usize,
+    /// A stream whose request is still incomplete is ended after this long without a message.
+    pub stream_idle_timeout: std::time::Duration,
 }
 
 impl Default for ExtProcConfig {
@@ -60,6 +64,8 @@ impl Default for ExtProcConfig {
             test_hooks: false,
             fallbacks: 0,
             max_body_bytes: 64 * 1024 * 1024,
+            max_streams: 10_000,
+            stream_idle_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -99,6 +99,128 @@ impl BodyLimit {
     }
 }
 
+/// The bytes of request bodies all requests together may hold in memory while they wait to be
+/// routed (both front-ends buffer bodies: the pick needs the whole prompt). Each request
+/// reserves what it buffers; over the budget it is refused with 503 instead of growing memory.
+#[derive(Clone, Debug)]
+pub struct BodyBudget {
+    inner: std::sync::Arc<BudgetInner>,
+}
+
+#[derive(Debug)]
+struct BudgetInner {
+    max_bytes: usize,
+    used: std::sync::atomic::AtomicUsize,
+    meters: Option<BudgetMeters>,
+}
+
+/// Where a [`BodyBudget`] reports itself: bytes held (gauge) and refusals (counter).
+#[derive(Clone, Debug)]
+pub struct BudgetMeters {
+    pub buffered_bytes: prometheus_client::metrics::gauge::Gauge,
+    pub rejections: prometheus_client::metrics::counter::Counter,
+}
+
+/// Default of `--max-buffered-body-bytes`.
+pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: usize = 512 * 1024 * 1024;
+
+impl BodyBudget {
+    pub fn new(max_bytes: usize) -> Self {
+        Self::with_meters(max_bytes, None)
+    }
+
+    pub fn with_meters(max_bytes: usize, meters: Option<BudgetMeters>) -> Self {
+        Self {
+            inner: std::sync::Arc::new(BudgetInner {
+                max_bytes,
+                used: std::sync::atomic::AtomicUsize::new(0),
+                meters,
+            }),
+        }
+    }
+
+    /// Bytes reserved right now.
+    pub fn used(&self) -> usize {
+        self.inner.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.inner.max_bytes
+    }
+
+    /// An empty reservation to grow as a body arrives.
+    pub fn reservation(&self) -> Reservation {
+        Reservation {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// The 503 a request gets when the budget is spent (counted as a refusal).
+    pub fn error(&self) -> crate::director::RouteError {
+        if let Some(m) = &self.inner.meters {
+            m.rejections.inc();
+        }
+        crate::director::RouteError::new(
+            503,
+            format!(
+                "the picker is already buffering its limit of {} bytes of request bodies                  (--max-buffered-body-bytes); retry shortly",
+                self.inner.max_bytes
+            ),
+        )
+    }
+}
+
+/// Bytes one request holds against a [`BodyBudget`]; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: BodyBudget,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Reserve `n` more bytes; `false` (nothing reserved) when that would exceed the budget.
+    pub fn grow(&mut self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let b = &self.budget.inner;
+        let mut cur = b.used.load(Ordering::Relaxed);
+        loop {
+            let Some(next) = cur.checked_add(n).filter(|v| *v <= b.max_bytes) else {
+                return false;
+            };
+            match b
+                .used
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.bytes += n;
+                    if let Some(m) = &b.meters {
+                        m.buffered_bytes.inc_by(n as i64);
+                    }
+                    return true;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Bytes this reservation holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let b = &self.budget.inner;
+        b.used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+        if let Some(m) = &b.meters {
+            m.buffered_bytes.dec_by(self.bytes as i64);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +272,23 @@ mod tests {
         let r = InboundHeaders::read(&m, GatewayPolicy::default());
         assert_eq!(r.model_rewrite.as_deref(), Some("t"));
         assert_eq!(r.request_id_or_new(), ("abc".to_string(), false));
+    }
+
+    #[test]
+    fn body_budget_is_shared_and_released() {
+        let b = BodyBudget::new(100);
+        let mut r1 = b.reservation();
+        let mut r2 = b.reservation();
+        assert!(r1.grow(60));
+        assert!(!r2.grow(41), "over the shared budget");
+        assert!(r2.grow(40));
+        assert_eq!(b.used(), 100);
+        drop(r1);
+        assert_eq!(b.used(), 40);
+        assert!(r2.grow(60));
+        drop(r2);
+        assert_eq!(b.used(), 0);
+        assert_eq!(b.error().status, 503);
     }
 
     #[test]

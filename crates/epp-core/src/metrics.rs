@@ -62,6 +62,8 @@ pub struct Metrics {
     plugin_duration: Family<L2, Histogram, fn() -> Histogram>,
     e2e: Family<L1, Histogram, fn() -> Histogram>,
     ttft: Family<L1, Histogram, fn() -> Histogram>,
+    /// Where the request-body budget reports itself.
+    pub body_budget: crate::gateway::BudgetMeters,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -130,6 +132,20 @@ impl Metrics {
             "Proxy mode: from receiving the request to the first response body byte",
             ttft.clone(),
         );
+        let body_budget = crate::gateway::BudgetMeters {
+            buffered_bytes: Default::default(),
+            rejections: Default::default(),
+        };
+        registry.register(
+            "epp_request_body_buffered_bytes",
+            "Bytes of request bodies held in memory right now, waiting to be routed (both front-ends)",
+            body_budget.buffered_bytes.clone(),
+        );
+        registry.register(
+            "epp_request_body_budget_rejections",
+            "Requests refused with 503 because --max-buffered-body-bytes was spent",
+            body_budget.rejections.clone(),
+        );
         // Seed the fixed label sets so rates exist (as 0) before the first event.
         for m in ApiMethod::ALL {
             let _ = duration.get_or_create(&[("method", m.as_str().to_string())]);
@@ -149,6 +165,7 @@ impl Metrics {
             plugin_duration,
             e2e,
             ttft,
+            body_budget,
         })
     }
 

@@ -288,19 +288,21 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let limit = BodyLimit::new(st.opts.max_body_bytes);
-    let bytes = match read::body(body, declared, limit, st.opts.body_read_timeout).await {
-        Ok(b) => b,
-        Err(ReadError::ClientGone) => {
-            st.director
-                .record_answered(method, crate::director::STATUS_CLIENT_CLOSED);
-            let err = RouteError::new(499, "the client closed the connection mid-body");
-            return error_response(&err, &request_id);
-        }
-        Err(ReadError::Refuse(err)) => {
-            st.director.record_answered(method, err.status);
-            return error_response(&err, &request_id);
-        }
-    };
+    let budget = st.director.body_budget();
+    let (bytes, _reservation) =
+        match read::body(body, declared, limit, budget, st.opts.body_read_timeout).await {
+            Ok(b) => b,
+            Err(ReadError::ClientGone) => {
+                st.director
+                    .record_answered(method, crate::director::STATUS_CLIENT_CLOSED);
+                let err = RouteError::new(499, "the client closed the connection mid-body");
+                return error_response(&err, &request_id);
+            }
+            Err(ReadError::Refuse(err)) => {
+                st.director.record_answered(method, err.status);
+                return error_response(&err, &request_id);
+            }
+        };
     let routed = match st.director.route(RouteRequest {
         method: Some(method),
         body: &bytes,

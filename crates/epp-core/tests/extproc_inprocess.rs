@@ -45,10 +45,24 @@ impl Drop for Harness {
 
 /// Pods as (address, waiting queue, kv usage).
 async fn harness(pods: &[(&str, f64, f64)], test_hooks: bool) -> Harness {
-    let cfg = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
-    let scheduler = Scheduler::from_config(&cfg).unwrap();
+    let cfg = ExtProcConfig {
+        test_hooks,
+        ..Default::default()
+    };
+    harness_with(
+        pods,
+        cfg,
+        epp_core::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
+    )
+    .await
+}
+
+/// As [`harness`], with the front-end settings and the shared body budget given.
+async fn harness_with(pods: &[(&str, f64, f64)], cfg: ExtProcConfig, budget: usize) -> Harness {
+    let epc = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
+    let scheduler = Scheduler::from_config(&epc).unwrap();
     let datastore = Datastore::new(HealthConfig::default());
-    let director = Director::build(datastore.clone(), scheduler);
+    let director = Director::build_with_budget(datastore.clone(), scheduler, budget);
     let metrics = director.metrics().clone();
     datastore.set_endpoints(pods.iter().map(|p| EndpointSpec::new(p.0)).collect());
     for (addr, q, kv) in pods {
@@ -65,13 +79,7 @@ async fn harness(pods: &[(&str, f64, f64)], test_hooks: bool) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = Shutdown::new();
-    let svc = ExtProcService::new(
-        director.clone(),
-        ExtProcConfig {
-            test_hooks,
-            ..Default::default()
-        },
-    );
+    let svc = ExtProcService::new(director.clone(), cfg);
     tokio::spawn(extproc::serve(svc, listener, shutdown.wait()));
     Harness {
         director,
@@ -871,6 +879,63 @@ async fn a_request_without_an_id_gets_a_uuid_v4() {
     let set = set_headers(&s.recv().await);
     let id = &set["x-request-id"];
     assert!(epp_core::gateway::request_id::is_uuid_v4(id), "{id}");
+}
+
+#[tokio::test]
+async fn buffered_bodies_share_one_budget_and_stalled_or_excess_streams_end() {
+    let cfg = ExtProcConfig {
+        max_streams: 3,
+        stream_idle_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let h = harness_with(&PODS, cfg, 100_000).await;
+    // Two streams buffer 60 kB each: the second one is over the shared 100 kB budget.
+    let mut a = Stream::open(&h).await;
+    a.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    a.send(req_body(&[b' '; 60_000], false), None).await;
+    a.assert_quiet().await;
+    let mut b = Stream::open(&h).await;
+    b.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    b.send(req_body(&[b' '; 60_000], false), None).await;
+    let im = immediate(&b.recv().await).clone();
+    assert_eq!(im.status.unwrap().code, 503);
+    let v: serde_json::Value = serde_json::from_slice(&im.body).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-buffered-body-bytes"),
+        "{v}"
+    );
+    let text = h.metrics.encode();
+    assert!(
+        text.contains("epp_request_body_buffered_bytes 60000"),
+        "{text}"
+    );
+    assert!(text.contains("epp_request_body_budget_rejections_total 1"));
+    // Stream a stalls mid-body: ended after the idle timeout, and its bytes are released.
+    let e = tokio::time::timeout(Duration::from_secs(5), a.recv_result())
+        .await
+        .expect("ended in time")
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+    assert!(e.message().contains("--stream-idle-timeout"), "{e}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(h
+        .metrics
+        .encode()
+        .contains("epp_request_body_buffered_bytes 0"));
+    // At most 3 concurrent streams: a fourth is refused with RESOURCE_EXHAUSTED.
+    let _open: Vec<Stream> = futures_util::future::join_all((0..3).map(|_| Stream::open(&h))).await;
+    let mut client = ExternalProcessorClient::connect(format!("http://{}", h.addr))
+        .await
+        .unwrap();
+    let (_tx, rx) = mpsc::channel::<ProcessingRequest>(1);
+    let e = client.process(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("--max-concurrent-streams"), "{e}");
 }
 
 #[tokio::test]

@@ -494,3 +494,41 @@ async fn a_request_without_model_is_routed_when_the_pool_serves_one_model() {
     assert_eq!(r.json()["error"]["param"], "model");
     p.stop().await;
 }
+
+#[tokio::test]
+async fn request_bodies_share_one_memory_budget() {
+    let sims = sims(1, |_| {}).await;
+    let mut opts = picker_options(vec![sims[0].addr().to_string()]);
+    opts.max_buffered_body_bytes = 20_000;
+    let p = epp_core::proxy::spawn(proxy_options(opts)).await.unwrap();
+    wait_healthy(&p, 1).await;
+    let c = client();
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    // One slow upload holds 15 kB of the 20 kB budget...
+    let mut slow = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 30000\r\n\r\n";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&[b' '; 15_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...so a 10 kB request is refused with 503 while it lasts (the body limit is 10 MiB).
+    let big = serde_json::to_vec(&completion(&"y".repeat(10_000), "", 1)).unwrap();
+    let r = request(&c, "POST", &url, &[], big.clone()).await;
+    assert_eq!(r.status, 503, "{:?}", String::from_utf8_lossy(&r.body));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--max-buffered-body-bytes"));
+    let m = scrape(&c, p.metrics_addr.unwrap()).await;
+    assert_eq!(sum(&m, "epp_request_body_buffered_bytes", &[]), 15_000.0);
+    assert_eq!(
+        sum(&m, "epp_request_body_budget_rejections_total", &[]),
+        1.0
+    );
+    // Once the slow client is gone, its share is released and the request goes through.
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(request(&c, "POST", &url, &[], big).await.status, 200);
+    let m = scrape(&c, p.metrics_addr.unwrap()).await;
+    assert_eq!(sum(&m, "epp_request_body_buffered_bytes", &[]), 0.0);
+    p.stop().await;
+}

@@ -24,7 +24,7 @@ use crate::gateway::headers::{
     self, system_owned, DESTINATION, RESPONSE_MARKER, SUBSET, SUBSET_NAMESPACE, TEST_SELECTED,
     TEST_SERVED,
 };
-use crate::gateway::{BodyLimit, GatewayPolicy, HeaderLookup, InboundHeaders};
+use crate::gateway::{BodyLimit, GatewayPolicy, HeaderLookup, InboundHeaders, Reservation};
 use crate::request::ApiMethod;
 
 /// Headers Envoy's default mutation rules refuse to set (they would only show up as
@@ -68,6 +68,8 @@ pub struct Exchange {
     status: u16,
     streaming: bool,
     response_buf: Vec<u8>,
+    /// What the buffered request body holds against the shared budget.
+    reservation: Option<Reservation>,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -94,7 +96,13 @@ impl Exchange {
             status: 0,
             streaming: false,
             response_buf: Vec::new(),
+            reservation: None,
         }
+    }
+
+    /// The request has started but not yet been answered (headers or body still arriving).
+    pub fn request_open(&self) -> bool {
+        matches!(self.phase, Phase::Start | Phase::RequestBody)
     }
 
     /// The conversation is over; the server ends the stream.
@@ -210,7 +218,18 @@ impl Exchange {
             let method = self.method.unwrap_or(ApiMethod::Other);
             self.director.record_answered(method, 413);
             self.phase = Phase::Done;
+            self.reservation = None;
             return Ok(vec![immediate(&limit.error())]);
+        }
+        let budget = self.director.body_budget();
+        let reservation = self.reservation.get_or_insert_with(|| budget.reservation());
+        if !reservation.grow(b.body.len()) {
+            let method = self.method.unwrap_or(ApiMethod::Other);
+            self.director.record_answered(method, 503);
+            self.phase = Phase::Done;
+            self.reservation = None;
+            self.body = Vec::new();
+            return Ok(vec![immediate(&budget.error())]);
         }
         if self.body.is_empty() {
             self.body = b.body;
@@ -249,6 +268,7 @@ impl Exchange {
             },
         );
         let body = std::mem::take(&mut self.body);
+        self.reservation = None;
         let result = self.director.route(RouteRequest {
             method: self.method,
             body: &body,

@@ -26,12 +26,14 @@ use crate::tls::{TlsPort, TlsSettings, TlsSetup};
 pub struct ExtProcService {
     director: Director,
     cfg: Arc<ExtProcConfig>,
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl ExtProcService {
     pub fn new(director: Director, cfg: ExtProcConfig) -> Self {
         Self {
             director,
+            streams: Arc::new(tokio::sync::Semaphore::new(cfg.max_streams.max(1))),
             cfg: Arc::new(cfg),
         }
     }
@@ -53,8 +55,20 @@ impl ExternalProcessor for ExtProcService {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "the picker already serves its limit of {} concurrent ext_proc streams \
+                 (--max-concurrent-streams)",
+                self.cfg.max_streams
+            )));
+        };
         let exchange = Exchange::new(self.director.clone(), self.cfg.clone());
-        Ok(Response::new(answers(request.into_inner(), exchange)))
+        Ok(Response::new(answers(
+            request.into_inner(),
+            exchange,
+            permit,
+            self.cfg.stream_idle_timeout,
+        )))
     }
 }
 
@@ -68,18 +82,28 @@ struct Pump {
     exchange: Exchange,
     pending: std::collections::VecDeque<ProcessingResponse>,
     over: bool,
+    /// Held for the stream's life: one of `--max-concurrent-streams`.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    idle_timeout: std::time::Duration,
 }
 
 /// Read a message, answer it, until the exchange ends, the gateway goes away, or a protocol
 /// violation ends the stream with an error status. When tonic drops the stream (the gateway
 /// reset it, the client went away) the exchange is dropped with it, which releases the
 /// in-flight count (counted as 499 unless the response completed).
-fn answers(inbound: Streaming<ProcessingRequest>, exchange: Exchange) -> ProcessStream {
+fn answers(
+    inbound: Streaming<ProcessingRequest>,
+    exchange: Exchange,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    idle_timeout: std::time::Duration,
+) -> ProcessStream {
     let pump = Pump {
         inbound,
         exchange,
         pending: std::collections::VecDeque::new(),
         over: false,
+        _permit: permit,
+        idle_timeout,
     };
     Box::pin(futures_util::stream::unfold(pump, |mut p| async move {
         loop {
@@ -89,7 +113,28 @@ fn answers(inbound: Streaming<ProcessingRequest>, exchange: Exchange) -> Process
             if p.over {
                 return None;
             }
-            let msg = match p.inbound.message().await {
+            // While the request is still arriving, a gateway that stops sending is cut off; once
+            // it was answered, the wait for the model's response is bounded by the gateway.
+            let next = if p.exchange.request_open() {
+                match tokio::time::timeout(p.idle_timeout, p.inbound.message()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::debug!(timeout = ?p.idle_timeout, "ext_proc request stalled, ending the stream");
+                        p.over = true;
+                        return Some((
+                            Err(Status::deadline_exceeded(format!(
+                                "no ext_proc message for {:?} while the request was incomplete \
+                                 (--stream-idle-timeout)",
+                                p.idle_timeout
+                            ))),
+                            p,
+                        ));
+                    }
+                }
+            } else {
+                p.inbound.message().await
+            };
+            let msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
                 Err(status) if is_decode_error(&status) => {
@@ -184,6 +229,9 @@ pub async fn spawn_with_shutdown(
     opts: ServeOptions,
     shutdown: Shutdown,
 ) -> anyhow::Result<ServeHandle> {
+    if opts.extproc.stream_idle_timeout.is_zero() {
+        anyhow::bail!("--stream-idle-timeout must be greater than 0");
+    }
     if opts.extproc.max_body_bytes == 0 {
         anyhow::bail!("--max-body-bytes must be greater than 0");
     }
@@ -206,6 +254,8 @@ pub async fn spawn_with_shutdown(
         test_hooks = opts.extproc.test_hooks,
         fallbacks = opts.extproc.fallbacks,
         max_body_bytes = opts.extproc.max_body_bytes,
+        max_concurrent_streams = opts.extproc.max_streams,
+        stream_idle_timeout = ?opts.extproc.stream_idle_timeout,
         "ext_proc server listening"
     );
     let service = ExtProcService::new(picker.director.clone(), opts.extproc.clone());

@@ -10,7 +10,7 @@ use http::Method;
 use http_body_util::BodyExt;
 
 use crate::director::RouteError;
-use crate::gateway::BodyLimit;
+use crate::gateway::{BodyBudget, BodyLimit, Reservation};
 use crate::request::ApiMethod;
 
 /// The paths forwarded to model servers (POST only): the OpenAI inference API and the vLLM
@@ -89,44 +89,62 @@ pub enum ReadError {
 }
 
 /// Read the whole body: at most `limit` bytes (a declared `Content-Length` over it is refused
-/// before reading), and all of it within `timeout`.
+/// before reading), all of it within `timeout`, each chunk reserved against the shared
+/// `budget` as it arrives. The reservation is handed back with the body: hold it while the
+/// body is in memory.
 pub async fn body(
     body: Body,
     declared_len: Option<u64>,
     limit: BodyLimit,
+    budget: &BodyBudget,
     timeout: Duration,
-) -> Result<Bytes, ReadError> {
+) -> Result<(Bytes, Reservation), ReadError> {
     if let Some(len) = declared_len {
         if len > limit.max_bytes as u64 {
             return Err(ReadError::Refuse(limit.error()));
         }
     }
-    let read = http_body_util::Limited::new(body, limit.max_bytes).collect();
+    let mut reservation = budget.reservation();
+    let read = async {
+        let mut body = body;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                if is_client_gone(&e) {
+                    ReadError::ClientGone
+                } else {
+                    ReadError::Refuse(RouteError::new(
+                        400,
+                        format!("failed to read the request body: {e}"),
+                    ))
+                }
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if limit.exceeded_by(buf.len() + data.len()) {
+                return Err(ReadError::Refuse(limit.error()));
+            }
+            if !reservation.grow(data.len()) {
+                return Err(ReadError::Refuse(budget.error()));
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    };
     match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(ReadError::Refuse(RouteError::new(
             408,
             format!("the request body did not arrive within {timeout:?} (--body-read-timeout)"),
         ))),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Err(ReadError::Refuse(limit.error()))
-            } else if is_client_gone(e.as_ref()) {
-                Err(ReadError::ClientGone)
-            } else {
-                Err(ReadError::Refuse(RouteError::new(
-                    400,
-                    format!("failed to read the request body: {e}"),
-                )))
-            }
-        }
+        Ok(Ok(b)) => Ok((b, reservation)),
+        Ok(Err(e)) => Err(e),
     }
 }
 
 /// An incomplete body (the connection closed or reset before the declared end).
-fn is_client_gone(e: &(dyn std::error::Error + 'static)) -> bool {
+fn is_client_gone(e: &axum::Error) -> bool {
+    let e: &(dyn std::error::Error + 'static) = e;
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {

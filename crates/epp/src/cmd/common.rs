@@ -95,6 +95,12 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub health_passive_cooldown: Duration,
 
+    /// Bytes of request bodies all requests together may hold in memory while they are read
+    /// and routed (each front-end buffers bodies: the pick needs the whole prompt); requests
+    /// over it get 503.
+    #[arg(long, value_name = "BYTES", default_value_t = 512 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffered_body_bytes: u64,
+
     /// Time in-flight requests get to finish after SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
@@ -314,6 +320,7 @@ impl RuntimeArgs {
                 passive_cooldown: self.health_passive_cooldown,
             },
             grace_period: self.shutdown_grace_period,
+            max_buffered_body_bytes: self.max_buffered_body_bytes as usize,
             metrics_tls,
             leader_election,
         })

@@ -32,6 +32,16 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_body_bytes: u64,
 
+    /// Concurrent ext_proc streams (requests in flight through the gateway) at most; more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_streams: u64,
+
+    /// A stream whose request is still incomplete (headers or body arriving) is ended with
+    /// DEADLINE_EXCEEDED after this long without a message.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = super::common::parse_duration)]
+    pub stream_idle_timeout: std::time::Duration,
+
     /// Fallback endpoints appended (comma list) to the `envoy.lb` metadata after the pick, for
     /// gateways that retry on them. The destination header always carries the pick alone.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=16))]
@@ -82,6 +92,8 @@ impl Args {
                 test_hooks: self.conformance_test_hooks,
                 fallbacks: self.destination_fallbacks as usize,
                 max_body_bytes: self.max_body_bytes as usize,
+                max_streams: self.max_concurrent_streams as usize,
+                stream_idle_timeout: self.stream_idle_timeout,
             },
             picker: self.picker.to_options()?,
         })
