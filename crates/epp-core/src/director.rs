@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::datastore::{Datastore, Endpoint, FailureKind, InFlight, Source};
 use crate::gateway::rewrite::{self, ModelRestorer};
+use crate::gateway::usage::UsageTail;
 use crate::gateway::{BodyBudget, InboundHeaders};
 use crate::metrics::Metrics;
 use crate::prefix::{PrefixIndex, PromptHashes};
@@ -178,6 +179,10 @@ pub struct RequestTracker {
     guard: Option<InFlight>,
     hashes: PromptHashes,
     restorer: Option<ModelRestorer>,
+    /// The end of the response, for its `usage`.
+    usage: UsageTail,
+    /// Prompt tokens the picker believed the serving endpoint had cached when it picked it.
+    predicted_cached_tokens: u64,
     first_byte_seen: bool,
     done: bool,
 }
@@ -194,7 +199,10 @@ impl RequestTracker {
         if self.endpoint().is_some_and(|cur| Arc::ptr_eq(cur, &ep)) {
             return;
         }
-        self.director.inner.prefix.insert(ep.slot, &self.hashes);
+        let prefix = &self.director.inner.prefix;
+        self.predicted_cached_tokens =
+            predicted_tokens(prefix, prefix.lookup(&self.hashes).matched(ep.slot));
+        prefix.insert(ep.slot, &self.hashes);
         self.guard = Some(InFlight::new(ep));
     }
 
@@ -223,13 +231,20 @@ impl RequestTracker {
         }
     }
 
-    /// A response body (or one streamed chunk of it) on its way to the client: the model name
-    /// the client asked for is put back where the server names the rewritten one.
-    pub fn response_chunk(&self, chunk: Vec<u8>) -> Vec<u8> {
+    /// A response body (or one streamed chunk of it) on its way to the client: read for its
+    /// `usage`, and the model name the client asked for put back where the server names the
+    /// rewritten one.
+    pub fn response_chunk(&mut self, chunk: Vec<u8>) -> Vec<u8> {
+        self.usage.feed(&chunk);
         match &self.restorer {
             Some(r) => r.apply(chunk),
             None => chunk,
         }
+    }
+
+    /// A response chunk passed on unchanged (no rewrite): only read for its `usage`.
+    pub fn observe_response(&mut self, chunk: &[u8]) {
+        self.usage.feed(chunk);
     }
 
     /// Whether response bodies are rewritten (a model rewrite happened).
@@ -259,10 +274,23 @@ impl RequestTracker {
         }
         self.done = true;
         let m = &self.director.inner.metrics;
+        if let (Some(u), Some(ep)) = (self.usage.usage(), self.endpoint()) {
+            m.record_usage(
+                ep.name(),
+                &u,
+                self.predicted_cached_tokens.min(u.prompt_tokens),
+            );
+        }
         m.record_request(self.method, status);
         m.observe_e2e(self.method, self.started.elapsed().as_secs_f64());
         self.guard = None;
     }
+}
+
+/// Matched prefix blocks as prompt tokens (the index's 4 bytes of prompt text per token).
+fn predicted_tokens(prefix: &PrefixIndex, matched_blocks: u32) -> u64 {
+    let block_bytes = prefix.config().block_size as u64;
+    u64::from(matched_blocks) * block_bytes / crate::scheduler::plugins::BYTES_PER_TOKEN
 }
 
 impl Drop for RequestTracker {
@@ -464,6 +492,8 @@ impl Director {
             .prefix
             .insert_capped(primary.slot, &hashes, server_blocks);
         let body = rewrite::request_body(&parsed);
+        let predicted_cached_tokens =
+            predicted_tokens(&inner.prefix, matches.matched(primary.slot));
         let tracker = RequestTracker {
             director: self.clone(),
             method,
@@ -471,6 +501,8 @@ impl Director {
             guard: Some(InFlight::new(primary)),
             hashes,
             restorer: ModelRestorer::new(&parsed.model, &parsed.target_model),
+            usage: UsageTail::default(),
+            predicted_cached_tokens,
             first_byte_seen: false,
             done: false,
         };

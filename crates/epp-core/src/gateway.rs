@@ -8,6 +8,7 @@
 pub mod headers;
 pub mod request_id;
 pub mod rewrite;
+pub mod usage;
 
 pub use headers::HeaderLookup;
 pub use request_id::new_request_id;

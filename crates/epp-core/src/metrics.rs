@@ -62,6 +62,10 @@ pub struct Metrics {
     plugin_duration: Family<L2, Histogram, fn() -> Histogram>,
     e2e: Family<L1, Histogram, fn() -> Histogram>,
     ttft: Family<L1, Histogram, fn() -> Histogram>,
+    prompt_tokens: Family<L1, Counter>,
+    completion_tokens: Family<L1, Counter>,
+    cached_tokens: Family<L1, Counter>,
+    predicted_cached_tokens: Family<L1, Counter>,
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
 }
@@ -146,6 +150,30 @@ impl Metrics {
             "Requests refused with 503 because --max-buffered-body-bytes was spent",
             body_budget.rejections.clone(),
         );
+        let prompt_tokens = Family::<L1, Counter>::default();
+        registry.register(
+            "epp_backend_prompt_tokens",
+            "Prompt tokens the backend reported computing for (usage.prompt_tokens of responses)",
+            prompt_tokens.clone(),
+        );
+        let completion_tokens = Family::<L1, Counter>::default();
+        registry.register(
+            "epp_backend_completion_tokens",
+            "Completion tokens the backend reported (usage.completion_tokens)",
+            completion_tokens.clone(),
+        );
+        let cached_tokens = Family::<L1, Counter>::default();
+        registry.register(
+            "epp_backend_cached_tokens",
+            "Prompt tokens the backend reported found in its cache (usage.prompt_tokens_details.cached_tokens): observed reuse",
+            cached_tokens.clone(),
+        );
+        let predicted_cached_tokens = Family::<L1, Counter>::default();
+        registry.register(
+            "epp_backend_predicted_cached_tokens",
+            "Prompt tokens the picker believed the backend had cached when it picked it, for the same responses: predicted reuse",
+            predicted_cached_tokens.clone(),
+        );
         // Seed the fixed label sets so rates exist (as 0) before the first event.
         for m in ApiMethod::ALL {
             let _ = duration.get_or_create(&[("method", m.as_str().to_string())]);
@@ -165,6 +193,10 @@ impl Metrics {
             plugin_duration,
             e2e,
             ttft,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            predicted_cached_tokens,
             body_budget,
         })
     }
@@ -178,6 +210,19 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+
+    /// One response's `usage`, with the cached tokens the picker predicted for it.
+    pub fn record_usage(&self, backend: &str, u: &crate::gateway::usage::Usage, predicted: u64) {
+        let l = [("backend", backend.to_string())];
+        self.prompt_tokens.get_or_create(&l).inc_by(u.prompt_tokens);
+        self.completion_tokens
+            .get_or_create(&l)
+            .inc_by(u.completion_tokens);
+        self.cached_tokens.get_or_create(&l).inc_by(u.cached_tokens);
+        self.predicted_cached_tokens
+            .get_or_create(&l)
+            .inc_by(predicted);
     }
 
     pub fn record_request(&self, method: ApiMethod, status: u16) {

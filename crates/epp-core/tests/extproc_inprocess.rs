@@ -870,6 +870,54 @@ async fn upstream_5xx_counts_against_the_endpoint_as_in_proxy_mode() {
 }
 
 #[tokio::test]
+async fn usage_of_plain_and_streamed_responses_is_counted_per_backend() {
+    let h = harness(&PODS, false).await;
+    for (ct, chunks) in [
+        (
+            "application/json",
+            vec![&br#"{"id":"a","usage":{"prompt_tokens":40,"#[..], &br#""completion_tokens":3,"prompt_tokens_details":{"cached_tokens":32}}}"#[..]],
+        ),
+        (
+            "text/event-stream",
+            vec![
+                &b"data: {\"choices\":[],\"usage\":null}\n\n"[..],
+                &b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n"[..],
+            ],
+        ),
+    ] {
+        let mut s = Stream::open(&h).await;
+        s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+            .await;
+        s.send(req_body(j("m", "p").as_bytes(), true), None).await;
+        assert_eq!(destination_md(&s.recv().await), "10.0.0.2:8000");
+        let _ = s.recv().await;
+        s.send(resp_headers(&[(":status", "200"), ("content-type", ct)], false), None)
+            .await;
+        let _ = s.recv().await;
+        let n = chunks.len();
+        for (i, c) in chunks.into_iter().enumerate() {
+            s.send(resp_body(c, i + 1 == n), None).await;
+            if ct == "text/event-stream" || i + 1 == n {
+                let _ = s.recv().await;
+            }
+        }
+    }
+    let b = r#"{backend="10.0.0.2:8000"}"#;
+    assert_eq!(
+        counter(&h, &format!("epp_backend_prompt_tokens_total{b}")),
+        50.0
+    );
+    assert_eq!(
+        counter(&h, &format!("epp_backend_completion_tokens_total{b}")),
+        5.0
+    );
+    assert_eq!(
+        counter(&h, &format!("epp_backend_cached_tokens_total{b}")),
+        32.0
+    );
+}
+
+#[tokio::test]
 async fn a_request_without_an_id_gets_a_uuid_v4() {
     let h = harness(&PODS, false).await;
     let mut s = Stream::open(&h).await;

@@ -532,3 +532,68 @@ async fn request_bodies_share_one_memory_budget() {
     assert_eq!(sum(&m, "epp_request_body_buffered_bytes", &[]), 0.0);
     p.stop().await;
 }
+
+#[tokio::test]
+async fn reported_and_predicted_cached_tokens_are_counted_per_backend() {
+    let sims = sims(1, |_| {}).await;
+    let p = epp_core::proxy::spawn(proxy_options(picker_options(vec![sims[0]
+        .addr()
+        .to_string()])))
+    .await
+    .unwrap();
+    wait_healthy(&p, 1).await;
+    let c = client();
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let shared = text(3, 2048);
+    let (mut prompt, mut completion_t, mut cached) = (0u64, 0u64, 0u64);
+    for (i, stream) in [(0, false), (1, false), (2, true)] {
+        let mut body = completion(&shared, &format!(" q{i}"), 3);
+        if stream {
+            body["stream"] = true.into();
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let r = post_json(&c, &url, &body).await;
+        assert_eq!(r.status, 200);
+        let usage = if stream {
+            let text = String::from_utf8_lossy(&r.body).to_string();
+            let last = text
+                .split("\n\n")
+                .filter_map(|e| e.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+                .filter(|v| v["usage"].is_object())
+                .last()
+                .unwrap();
+            last["usage"].clone()
+        } else {
+            r.json()["usage"].clone()
+        };
+        prompt += usage["prompt_tokens"].as_u64().unwrap();
+        completion_t += usage["completion_tokens"].as_u64().unwrap();
+        cached += usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    assert!(cached > 0, "the sim reused the shared prefix");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let m = scrape(&c, p.metrics_addr.unwrap()).await;
+    let backend = sims[0].addr().to_string();
+    let b = [("backend", backend.as_str())];
+    assert_eq!(
+        sum(&m, "epp_backend_prompt_tokens_total", &b),
+        prompt as f64
+    );
+    assert_eq!(
+        sum(&m, "epp_backend_completion_tokens_total", &b),
+        completion_t as f64
+    );
+    assert_eq!(
+        sum(&m, "epp_backend_cached_tokens_total", &b),
+        cached as f64
+    );
+    // The picker predicted the shared 2 KiB prefix (512 tokens, whole 16-token blocks) on the
+    // second and third request.
+    let predicted = sum(&m, "epp_backend_predicted_cached_tokens_total", &b);
+    assert_eq!(predicted, 2.0 * 512.0, "{m:?}");
+    p.stop().await;
+}

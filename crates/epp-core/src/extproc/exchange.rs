@@ -485,8 +485,8 @@ impl Exchange {
     }
 
     /// Put the client's model name back where the server echoes the target model.
-    fn restore_model(&self, body: Vec<u8>) -> Vec<u8> {
-        match &self.routed {
+    fn restore_model(&mut self, body: Vec<u8>) -> Vec<u8> {
+        match &mut self.routed {
             Some(r) => r.tracker.response_chunk(body),
             None => body,
         }

@@ -68,6 +68,7 @@ impl HttpBody for TrackedBody {
                                 if this.rewrite {
                                     Bytes::from(t.response_chunk(data.to_vec()))
                                 } else {
+                                    t.observe_response(&data);
                                     data
                                 }
                             }
