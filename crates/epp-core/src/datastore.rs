@@ -142,6 +142,8 @@ pub struct Endpoint {
     /// is gone and its prefix-index bits are cleared.
     pub slot: usize,
     pub spec: EndpointSpec,
+    /// The name as a metric label value (built once; no allocation per observation).
+    label: crate::metrics::LabelStr,
     inflight: AtomicUsize,
     scrape_errors: AtomicU64,
     requests: AtomicU64,
@@ -160,6 +162,10 @@ impl Endpoint {
     }
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+    /// The name as a metric label value.
+    pub fn label(&self) -> &crate::metrics::LabelStr {
+        &self.label
     }
     pub fn address(&self) -> &str {
         &self.spec.address
@@ -427,6 +433,7 @@ impl Datastore {
                             let slot = ep.slot;
                             *ep = Arc::new(Endpoint {
                                 slot,
+                                label: spec.name.as_str().into(),
                                 spec: spec.clone(),
                                 inflight: AtomicUsize::new(ep.inflight()),
                                 scrape_errors: AtomicU64::new(ep.scrape_errors()),
@@ -450,6 +457,7 @@ impl Datastore {
                 };
                 let ep = Arc::new(Endpoint {
                     slot,
+                    label: spec.name.as_str().into(),
                     spec,
                     inflight: AtomicUsize::new(0),
                     scrape_errors: AtomicU64::new(0),

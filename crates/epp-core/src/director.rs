@@ -276,7 +276,7 @@ impl RequestTracker {
         let m = &self.director.inner.metrics;
         if let (Some(u), Some(ep)) = (self.usage.usage(), self.endpoint()) {
             m.record_usage(
-                ep.name(),
+                ep.label(),
                 &u,
                 self.predicted_cached_tokens.min(u.prompt_tokens),
             );
@@ -474,7 +474,7 @@ impl Director {
         if !hashes.hashes.is_empty() {
             inner
                 .metrics
-                .record_cache(primary.name(), matches.matched(primary.slot) > 0);
+                .record_cache(primary.label(), matches.matched(primary.slot) > 0);
         }
         // Teach the index after the pick; only the touched shards are locked. Bound what we
         // remember by the server's real cache size when it reports one.

@@ -6,10 +6,13 @@
 //! into gauges: a collector reads the datastore snapshot at scrape time, so a removed backend's
 //! series disappear with it and values are never stale.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -41,6 +44,88 @@ pub const E2E_BUCKETS: [f64; 16] = [
 type L1 = [(&'static str, String); 1];
 type L2 = [(&'static str, String); 2];
 
+/// A label value shared by reference count: building a label set from it allocates nothing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LabelStr(Arc<str>);
+
+impl LabelStr {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for LabelStr {
+    fn from(s: &str) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl std::ops::Deref for LabelStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl EncodeLabelValue for LabelStr {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+impl EncodeLabelValue for ApiMethod {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for DecisionType {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// `method`, `status`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: ApiMethod,
+    pub status: u16,
+}
+
+/// `method`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: ApiMethod,
+}
+
+/// `decision_type`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision_type: DecisionType,
+}
+
+/// `backend`: an endpoint's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: LabelStr,
+}
+
+/// `plugin_type`, `plugin_name`: built once per configured plugin.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin_type: &'static str,
+    pub plugin_name: LabelStr,
+}
+
+impl PluginLabels {
+    pub fn new(plugin_type: &'static str, plugin_name: &str) -> Self {
+        Self {
+            plugin_type,
+            plugin_name: plugin_name.into(),
+        }
+    }
+}
+
 fn decision_histogram() -> Histogram {
     Histogram::new(DECISION_BUCKETS)
 }
@@ -54,18 +139,18 @@ fn e2e_histogram() -> Histogram {
 /// Handles for everything the request path records.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<L2, Counter>,
-    duration: Family<L1, Histogram, fn() -> Histogram>,
-    cache_requests: Family<L1, Counter>,
-    cache_hits: Family<L1, Counter>,
-    decisions: Family<L1, Counter>,
-    plugin_duration: Family<L2, Histogram, fn() -> Histogram>,
-    e2e: Family<L1, Histogram, fn() -> Histogram>,
-    ttft: Family<L1, Histogram, fn() -> Histogram>,
-    prompt_tokens: Family<L1, Counter>,
-    completion_tokens: Family<L1, Counter>,
-    cached_tokens: Family<L1, Counter>,
-    predicted_cached_tokens: Family<L1, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    cache_requests: Family<BackendLabels, Counter>,
+    cache_hits: Family<BackendLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    plugin_duration: Family<PluginLabels, Histogram, fn() -> Histogram>,
+    e2e: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    ttft: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    prompt_tokens: Family<BackendLabels, Counter>,
+    completion_tokens: Family<BackendLabels, Counter>,
+    cached_tokens: Family<BackendLabels, Counter>,
+    predicted_cached_tokens: Family<BackendLabels, Counter>,
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
 }
@@ -80,13 +165,13 @@ impl Metrics {
     /// Register every metric. `datastore` and `prefix` feed the scrape-time collector.
     pub fn new(datastore: Datastore, prefix: Arc<PrefixIndex>) -> Arc<Self> {
         let mut registry = Registry::default();
-        let requests = Family::<L2, Counter>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "epp_requests",
             "Requests the picker handled, by API operation and the HTTP status the client finally got",
             requests.clone(),
         );
-        let duration = Family::<L1, Histogram, fn() -> Histogram>::new_with_constructor(
+        let duration = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             decision_histogram as fn() -> Histogram,
         );
         registry.register(
@@ -94,33 +179,34 @@ impl Metrics {
             "The picker's own latency per request: from having the request to handing back the routing decision",
             duration.clone(),
         );
-        let cache_requests = Family::<L1, Counter>::default();
+        let cache_requests = Family::<BackendLabels, Counter>::default();
         registry.register(
             "epp_cache_requests",
             "Routed requests whose prompt had at least one full prefix block, by picked backend",
             cache_requests.clone(),
         );
-        let cache_hits = Family::<L1, Counter>::default();
+        let cache_hits = Family::<BackendLabels, Counter>::default();
         registry.register(
             "epp_cache_hits",
             "Of epp_cache_requests_total, those whose picked backend held at least the prompt's first prefix block",
             cache_hits.clone(),
         );
-        let decisions = Family::<L1, Counter>::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "epp_routing_decisions",
             "Routing decisions by reason: cache_hit, load_balance, health_check, no_endpoint",
             decisions.clone(),
         );
-        let plugin_duration = Family::<L2, Histogram, fn() -> Histogram>::new_with_constructor(
-            plugin_histogram as fn() -> Histogram,
-        );
+        let plugin_duration =
+            Family::<PluginLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                plugin_histogram as fn() -> Histogram,
+            );
         registry.register(
             "epp_plugin_duration_seconds",
             "Time spent in each scheduler plugin per request",
             plugin_duration.clone(),
         );
-        let e2e = Family::<L1, Histogram, fn() -> Histogram>::new_with_constructor(
+        let e2e = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             e2e_histogram as fn() -> Histogram,
         );
         registry.register(
@@ -128,7 +214,7 @@ impl Metrics {
             "Proxy mode: from receiving the request to the end of the response",
             e2e.clone(),
         );
-        let ttft = Family::<L1, Histogram, fn() -> Histogram>::new_with_constructor(
+        let ttft = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
             e2e_histogram as fn() -> Histogram,
         );
         registry.register(
@@ -150,25 +236,25 @@ impl Metrics {
             "Requests refused with 503 because --max-buffered-body-bytes was spent",
             body_budget.rejections.clone(),
         );
-        let prompt_tokens = Family::<L1, Counter>::default();
+        let prompt_tokens = Family::<BackendLabels, Counter>::default();
         registry.register(
             "epp_backend_prompt_tokens",
             "Prompt tokens the backend reported computing for (usage.prompt_tokens of responses)",
             prompt_tokens.clone(),
         );
-        let completion_tokens = Family::<L1, Counter>::default();
+        let completion_tokens = Family::<BackendLabels, Counter>::default();
         registry.register(
             "epp_backend_completion_tokens",
             "Completion tokens the backend reported (usage.completion_tokens)",
             completion_tokens.clone(),
         );
-        let cached_tokens = Family::<L1, Counter>::default();
+        let cached_tokens = Family::<BackendLabels, Counter>::default();
         registry.register(
             "epp_backend_cached_tokens",
             "Prompt tokens the backend reported found in its cache (usage.prompt_tokens_details.cached_tokens): observed reuse",
             cached_tokens.clone(),
         );
-        let predicted_cached_tokens = Family::<L1, Counter>::default();
+        let predicted_cached_tokens = Family::<BackendLabels, Counter>::default();
         registry.register(
             "epp_backend_predicted_cached_tokens",
             "Prompt tokens the picker believed the backend had cached when it picked it, for the same responses: predicted reuse",
@@ -176,10 +262,10 @@ impl Metrics {
         );
         // Seed the fixed label sets so rates exist (as 0) before the first event.
         for m in ApiMethod::ALL {
-            let _ = duration.get_or_create(&[("method", m.as_str().to_string())]);
+            let _ = duration.get_or_create(&MethodLabels { method: m });
         }
         for d in DecisionType::ALL {
-            let _ = decisions.get_or_create(&[("decision_type", d.as_str().to_string())]);
+            let _ = decisions.get_or_create(&DecisionLabels { decision_type: d });
         }
         registry.register_collector(Box::new(StateCollector { datastore, prefix }));
         registry.register_collector(Box::new(ProcessCollector));
@@ -213,8 +299,15 @@ impl Metrics {
     }
 
     /// One response's `usage`, with the cached tokens the picker predicted for it.
-    pub fn record_usage(&self, backend: &str, u: &crate::gateway::usage::Usage, predicted: u64) {
-        let l = [("backend", backend.to_string())];
+    pub fn record_usage(
+        &self,
+        backend: &LabelStr,
+        u: &crate::gateway::usage::Usage,
+        predicted: u64,
+    ) {
+        let l = BackendLabels {
+            backend: backend.clone(),
+        };
         self.prompt_tokens.get_or_create(&l).inc_by(u.prompt_tokens);
         self.completion_tokens
             .get_or_create(&l)
@@ -227,29 +320,28 @@ impl Metrics {
 
     pub fn record_request(&self, method: ApiMethod, status: u16) {
         self.requests
-            .get_or_create(&[
-                ("method", method.as_str().to_string()),
-                ("status", status.to_string()),
-            ])
+            .get_or_create(&RequestLabels { method, status })
             .inc();
     }
 
     pub fn observe_decision_latency(&self, method: ApiMethod, seconds: f64) {
         self.duration
-            .get_or_create(&[("method", method.as_str().to_string())])
+            .get_or_create(&MethodLabels { method })
             .observe(seconds);
     }
 
     pub fn record_decision(&self, d: DecisionType) {
         self.decisions
-            .get_or_create(&[("decision_type", d.as_str().to_string())])
+            .get_or_create(&DecisionLabels { decision_type: d })
             .inc();
     }
 
     /// A routed request with at least one full prefix block; `hit` if the picked backend held
     /// its first block.
-    pub fn record_cache(&self, backend: &str, hit: bool) {
-        let l = [("backend", backend.to_string())];
+    pub fn record_cache(&self, backend: &LabelStr, hit: bool) {
+        let l = BackendLabels {
+            backend: backend.clone(),
+        };
         self.cache_requests.get_or_create(&l).inc();
         let hits = self.cache_hits.get_or_create(&l);
         if hit {
@@ -259,25 +351,20 @@ impl Metrics {
 
     pub fn observe_e2e(&self, method: ApiMethod, seconds: f64) {
         self.e2e
-            .get_or_create(&[("method", method.as_str().to_string())])
+            .get_or_create(&MethodLabels { method })
             .observe(seconds);
     }
 
     pub fn observe_ttft(&self, method: ApiMethod, seconds: f64) {
         self.ttft
-            .get_or_create(&[("method", method.as_str().to_string())])
+            .get_or_create(&MethodLabels { method })
             .observe(seconds);
     }
 }
 
 impl PluginObserver for Metrics {
-    fn observe(&self, plugin_type: &'static str, plugin_name: &str, seconds: f64) {
-        self.plugin_duration
-            .get_or_create(&[
-                ("plugin_type", plugin_type.to_string()),
-                ("plugin_name", plugin_name.to_string()),
-            ])
-            .observe(seconds);
+    fn observe(&self, labels: &PluginLabels, seconds: f64) {
+        self.plugin_duration.get_or_create(labels).observe(seconds);
     }
 }
 

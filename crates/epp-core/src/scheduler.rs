@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use crate::config::{ConfigError, EndpointPickerConfig};
 use crate::datastore::{EndpointView, HealthState, Snapshot};
+pub use crate::metrics::PluginLabels;
 use crate::prefix::{PrefixConfig, PrefixMatch};
 use crate::request::ParsedRequest;
 
@@ -91,12 +92,12 @@ pub struct Hints<'a> {
 
 /// Observes per-plugin latency (the metrics module implements it).
 pub trait PluginObserver: Send + Sync {
-    fn observe(&self, plugin_type: &'static str, plugin_name: &str, seconds: f64);
+    fn observe(&self, plugin: &PluginLabels, seconds: f64);
 }
 
 struct NoopObserver;
 impl PluginObserver for NoopObserver {
-    fn observe(&self, _: &'static str, _: &str, _: f64) {}
+    fn observe(&self, _: &PluginLabels, _: f64) {}
 }
 
 /// One scheduling profile.
@@ -111,6 +112,9 @@ pub struct Scheduler {
     profile: Profile,
     prefix: PrefixConfig,
     observer: Arc<dyn PluginObserver>,
+    /// Metric labels of the profile's plugins, built once: filters, then scorers, then the
+    /// picker.
+    labels: Vec<PluginLabels>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -213,6 +217,19 @@ impl Scheduler {
             }
         }
         let picker = picker.unwrap_or_else(|| Arc::new(plugins::MaxScorePicker::default()));
+        let labels = filters
+            .iter()
+            .map(|f| PluginLabels::new(f.type_name(), f.name()))
+            .chain(
+                scorers
+                    .iter()
+                    .map(|(s, _)| PluginLabels::new(s.type_name(), s.name())),
+            )
+            .chain(std::iter::once(PluginLabels::new(
+                picker.type_name(),
+                picker.name(),
+            )))
+            .collect();
         Ok(Self {
             profile: Profile {
                 name: pspec.name.clone(),
@@ -222,6 +239,7 @@ impl Scheduler {
             },
             prefix,
             observer: Arc::new(NoopObserver),
+            labels,
         })
     }
 
@@ -313,12 +331,13 @@ impl Scheduler {
             stale
         };
         let mut cands = cands;
-        for f in &self.profile.filters {
+        let nf = self.profile.filters.len();
+        for (k, f) in self.profile.filters.iter().enumerate() {
             let t = Instant::now();
             let before = cands.len();
             f.filter(ctx, &mut cands);
             self.observer
-                .observe(f.type_name(), f.name(), t.elapsed().as_secs_f64());
+                .observe(&self.labels[k], t.elapsed().as_secs_f64());
             if cands.is_empty() {
                 return Err(if f.empty_means_saturated() {
                     ScheduleError::Saturated
@@ -332,12 +351,12 @@ impl Scheduler {
         }
         let mut totals = vec![0.0f64; cands.len()];
         let mut buf = vec![0.0f64; cands.len()];
-        for (s, w) in &self.profile.scorers {
+        for (k, (s, w)) in self.profile.scorers.iter().enumerate() {
             let t = Instant::now();
             buf.iter_mut().for_each(|v| *v = 0.0);
             s.score(ctx, &cands, &mut buf);
             self.observer
-                .observe(s.type_name(), s.name(), t.elapsed().as_secs_f64());
+                .observe(&self.labels[nf + k], t.elapsed().as_secs_f64());
             for (tot, v) in totals.iter_mut().zip(&buf) {
                 // Plugins promise [0,1]; clamp defensively so one bad value cannot dominate.
                 let v = if v.is_finite() {
@@ -350,11 +369,9 @@ impl Scheduler {
         }
         let t = Instant::now();
         let order = self.profile.picker.pick(ctx, &cands, &totals);
-        self.observer.observe(
-            self.profile.picker.type_name(),
-            self.profile.picker.name(),
-            t.elapsed().as_secs_f64(),
-        );
+        if let Some(l) = self.labels.last() {
+            self.observer.observe(l, t.elapsed().as_secs_f64());
+        }
         let ranked: Vec<usize> = order.iter().map(|&k| cands[k]).collect();
         let scores: Vec<f64> = order.iter().map(|&k| totals[k]).collect();
         let first = ranked[0];

@@ -21,7 +21,7 @@ use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetr
 use epp_core::metrics::Metrics;
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ApiMethod;
-use epp_core::scheduler::{DecisionType, PluginObserver};
+use epp_core::scheduler::{DecisionType, PluginLabels, PluginObserver};
 
 /// A registry in the state of a picker that has routed some traffic to three backends.
 fn exposition() -> String {
@@ -51,10 +51,10 @@ fn exposition() -> String {
     for d in DecisionType::ALL {
         m.record_decision(d);
     }
-    m.record_cache(addrs[0], true);
-    m.record_cache(addrs[1], false);
-    m.observe("scorer", "prefix-cache-scorer", 0.00002);
-    m.observe("picker", "max-score-picker", 0.000001);
+    m.record_cache(&addrs[0].into(), true);
+    m.record_cache(&addrs[1].into(), false);
+    m.observe(&PluginLabels::new("scorer", "prefix-cache-scorer"), 0.00002);
+    m.observe(&PluginLabels::new("picker", "max-score-picker"), 0.000001);
     m.encode()
 }
 

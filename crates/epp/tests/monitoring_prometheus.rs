@@ -24,7 +24,7 @@ use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetr
 use epp_core::metrics::{Metrics, CONTENT_TYPE};
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ApiMethod;
-use epp_core::scheduler::{DecisionType, PluginObserver};
+use epp_core::scheduler::{DecisionType, PluginLabels, PluginObserver};
 
 /// The picker's registry, fed continuously, served on `/metrics` of a loopback port.
 struct FakePicker {
@@ -83,9 +83,9 @@ fn start_fake_picker(token: Option<&str>) -> FakePicker {
                 }
                 let d = DecisionType::ALL[(i as usize) % DecisionType::ALL.len()];
                 metrics.record_decision(d);
-                metrics.record_cache(backends[(i % 3) as usize], !i.is_multiple_of(3));
-                metrics.observe("scorer", "prefix-cache-scorer", 0.00002);
-                metrics.observe("picker", "max-score-picker", 0.000002);
+                metrics.record_cache(&backends[(i % 3) as usize].into(), !i.is_multiple_of(3));
+                metrics.observe(&PluginLabels::new("scorer", "prefix-cache-scorer"), 0.00002);
+                metrics.observe(&PluginLabels::new("picker", "max-score-picker"), 0.000002);
                 let prompt = format!("{i:0>256}");
                 let hashes = prefix.hash("model", prompt.as_bytes());
                 prefix.insert((i % 3) as usize, &hashes);
