@@ -40,44 +40,38 @@ pub struct PickerStats {
     pub decision_p99_s: f64,
 }
 
-/// Parses a Prometheus text exposition.
+/// Parses a Prometheus text exposition (with the workspace's one exposition reader).
 pub fn parse(text: &str) -> PickerSnapshot {
-    let scrape = match prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))) {
-        Ok(s) => s,
-        Err(_) => return PickerSnapshot::default(),
+    let Ok(samples) = epp_core::exposition::parse(text) else {
+        return PickerSnapshot::default();
     };
     let mut snap = PickerSnapshot::default();
     let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for s in &scrape.samples {
-        let value = match &s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(*v),
-            _ => None,
-        };
-        if s.metric.starts_with("epp_") {
+    for s in &samples {
+        if s.name.starts_with("epp_") {
             snap.seen = true;
         }
-        match (s.metric.as_str(), value) {
-            ("epp_cache_hits_total" | "epp_cache_hits", Some(v)) => snap.cache_hits += v,
-            ("epp_cache_requests_total" | "epp_cache_requests", Some(v)) => {
-                snap.cache_requests += v
-            }
-            ("epp_routing_decisions_total" | "epp_routing_decisions", Some(v)) => {
-                let kind = s.labels.get("decision_type").unwrap_or("").to_owned();
+        let v = s.value;
+        match s.name.as_str() {
+            "epp_cache_hits_total" | "epp_cache_hits" => snap.cache_hits += v,
+            "epp_cache_requests_total" | "epp_cache_requests" => snap.cache_requests += v,
+            "epp_routing_decisions_total" | "epp_routing_decisions" => {
+                let kind = s.label("decision_type").unwrap_or("").to_owned();
                 *snap.decisions.entry(kind).or_insert(0.0) += v;
             }
-            ("epp_request_duration_seconds_sum", Some(v)) => snap.duration_sum += v,
-            ("epp_request_duration_seconds_count", Some(v)) => snap.duration_count += v,
-            ("epp_request_duration_seconds", None) => {
-                if let prometheus_parse::Value::Histogram(h) = &s.value {
-                    for b in h {
-                        let e = buckets
-                            .entry(b.less_than.to_bits())
-                            .or_insert((b.less_than, 0.0));
-                        e.1 += b.count;
-                    }
-                }
+            "epp_request_duration_seconds_sum" => snap.duration_sum += v,
+            "epp_request_duration_seconds_count" => snap.duration_count += v,
+            "epp_request_duration_seconds_bucket" => {
+                let le = match s.label("le") {
+                    Some("+Inf") => f64::INFINITY,
+                    Some(x) => match x.parse::<f64>() {
+                        Ok(le) => le,
+                        Err(_) => continue,
+                    },
+                    None => continue,
+                };
+                let e = buckets.entry(le.to_bits()).or_insert((le, 0.0));
+                e.1 += v;
             }
             _ => {}
         }
@@ -169,15 +163,16 @@ pub fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 mod tests {
     use super::*;
 
+    // As the picker serves it (Prometheus text 0.0.4); a trailing OpenMetrics `# EOF` is cut.
     const TEXT: &str = "\
-# HELP epp_cache_hits Hits.
-# TYPE epp_cache_hits counter
+# HELP epp_cache_hits_total Hits.
+# TYPE epp_cache_hits_total counter
 epp_cache_hits_total{backend=\"a\"} 3
 epp_cache_hits_total{backend=\"b\"} 5
-# TYPE epp_cache_requests counter
+# TYPE epp_cache_requests_total counter
 epp_cache_requests_total{backend=\"a\"} 4
 epp_cache_requests_total{backend=\"b\"} 6
-# TYPE epp_routing_decisions counter
+# TYPE epp_routing_decisions_total counter
 epp_routing_decisions_total{decision_type=\"cache_hit\"} 8
 epp_routing_decisions_total{decision_type=\"load_balance\"} 2
 # TYPE epp_request_duration_seconds histogram

@@ -26,9 +26,16 @@ fn num(n: &MetricNumber) -> f64 {
 
 /// Parse an exposition. Errors carry the parser's message.
 pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
-    // The parser wants a trailing newline and no `# EOF` (that is OpenMetrics).
+    // The parser wants a trailing newline and no `# EOF` (OpenMetrics' terminator, which some
+    // encoders append to text they serve as Prometheus 0.0.4): cut it.
+    let text = match text.rfind("# EOF") {
+        Some(i) if text[i..].trim() == "# EOF" && (i == 0 || text.as_bytes()[i - 1] == b'\n') => {
+            &text[..i]
+        }
+        _ => text,
+    };
     let owned;
-    let text = if text.ends_with('\n') {
+    let text = if text.is_empty() || text.ends_with('\n') {
         text
     } else {
         owned = format!("{text}\n");
@@ -168,6 +175,14 @@ pub fn sum(samples: &[Sample], name: &str, matchers: &[(&str, &str)]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_trailing_eof_terminator_is_accepted() {
+        let t = "# TYPE a_total counter\na_total{x=\"1\"} 2\n# EOF\n";
+        let s = super::parse(t).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].value, 2.0);
+    }
+
     use super::*;
 
     #[test]
