@@ -549,13 +549,13 @@ impl PickerHandle {
 /// Starts the picker in proxy mode on loopback ports, in front of `endpoints`, with the policy
 /// `config_yaml`.
 async fn start_picker(endpoints: &[SocketAddr], config_yaml: &str) -> anyhow::Result<PickerHandle> {
-    use epp_core::app::{Discovery, RuntimeOptions};
+    use epp_core::app::RuntimeOptions;
     use epp_core::discovery::StaticDiscovery;
     let config = epp_core::config::EndpointPickerConfig::from_yaml(config_yaml)
         .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let picker = RuntimeOptions {
-        discovery: Discovery::Static(StaticDiscovery {
+        discovery: std::sync::Arc::new(StaticDiscovery {
             endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
             file: None,
             poll_interval: Duration::from_secs(1),

@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use epp_core::config::{presets, EndpointPickerConfig};
-use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetrics};
+use epp_core::datastore::{DatastoreWriter, EndpointSpec, HealthConfig, ModelServerMetrics};
 use epp_core::director::{Director, RouteRequest};
 use epp_core::request::{parse_body, ApiMethod};
 use epp_core::scheduler::{SchedCtx, Scheduler};
@@ -35,7 +35,7 @@ fn setup() -> (Director, Vec<Vec<u8>>) {
         .build()
         .unwrap();
     let _g = rt.enter();
-    let ds = Datastore::new(HealthConfig::default());
+    let ds = DatastoreWriter::new(HealthConfig::default());
     ds.set_endpoints(
         (0..ENDPOINTS)
             .map(|i| EndpointSpec::new(format!("10.0.{}.{}:8000", i / 250, i % 250)))
@@ -53,7 +53,7 @@ fn setup() -> (Director, Vec<Vec<u8>>) {
         );
     }
     let cfg = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
-    let director = Director::build(ds, Scheduler::from_config(&cfg).unwrap());
+    let director = Director::build(&ds, Scheduler::from_config(&cfg).unwrap());
     let bodies: Vec<Vec<u8>> = (0..256)
         .map(|g| {
             serde_json::to_vec(

@@ -8,24 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{presets, EndpointPickerConfig};
-use crate::datastore::{Datastore, EndpointSpec, HealthConfig};
+use crate::datastore::{Datastore, DatastoreWriter, EndpointSpec, HealthConfig};
 use crate::director::Director;
-use crate::discovery::StaticDiscovery;
+use crate::discovery::{EndpointDiscovery, StaticDiscovery};
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 use crate::scrape::ScrapeOptions;
 use crate::serving::{self, MetricsAuth, ReadyFn};
 use crate::telemetry::Shutdown;
 
-/// Where endpoints come from.
-#[derive(Clone, Debug)]
-pub enum Discovery {
-    Static(StaticDiscovery),
-    /// Started by the caller; it writes the datastore itself.
-    External,
-    /// Pods watched through the Kubernetes API (InferencePool or label selector).
-    Kubernetes(crate::k8s::discovery::KubeDiscovery),
-}
+/// Where endpoints come from (a static list or file, Kubernetes pods or an InferencePool).
+pub type Discovery = Arc<dyn EndpointDiscovery>;
 
 /// Everything the shared runtime needs. Build it, call [`RuntimeOptions::validate`] (before
 /// binding anything), then [`Runtime::start`].
@@ -51,7 +44,7 @@ pub struct RuntimeOptions {
 impl Default for RuntimeOptions {
     fn default() -> Self {
         Self {
-            discovery: Discovery::Static(StaticDiscovery {
+            discovery: Arc::new(StaticDiscovery {
                 poll_interval: Duration::from_secs(1),
                 ..Default::default()
             }),
@@ -82,18 +75,7 @@ impl RuntimeOptions {
     pub fn validate(&self) -> anyhow::Result<Validated> {
         let scheduler = Scheduler::from_config(&self.config)
             .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
-        let initial = match &self.discovery {
-            Discovery::Static(s) => {
-                let v = s.validate().map_err(|e| anyhow::anyhow!(e))?;
-                if v.is_empty() {
-                    anyhow::bail!(
-                        "no endpoints: give --endpoint host:port (repeatable), --endpoints-file FILE, or --pool-name"
-                    );
-                }
-                v
-            }
-            Discovery::External | Discovery::Kubernetes(_) => Vec::new(),
-        };
+        let initial = self.discovery.validate().map_err(|e| anyhow::anyhow!(e))?;
         let tls = self
             .metrics_tls
             .as_ref()
@@ -189,9 +171,10 @@ impl Runtime {
                 }),
             });
         }
-        let datastore = Datastore::new(opts.health.clone());
+        let datastore_writer = DatastoreWriter::new(opts.health.clone());
+        let datastore = datastore_writer.reader();
         let director =
-            Director::build_with_budget(datastore.clone(), scheduler, opts.max_buffered_body_bytes);
+            Director::build_with_budget(&datastore_writer, scheduler, opts.max_buffered_body_bytes);
         let metrics = director.metrics().clone();
 
         // Bind side servers (after validation).
@@ -248,17 +231,15 @@ impl Runtime {
             }));
         }
 
-        // Discovery and scraping.
-        if let Discovery::Static(s) = opts.discovery.clone() {
-            let ds = datastore.clone();
-            let sd = shutdown.clone();
-            tasks.push(tokio::spawn(s.run(ds, initial, sd)));
-        }
-        if let Discovery::Kubernetes(k) = opts.discovery.clone() {
-            tasks.push(tokio::spawn(k.run(datastore.clone(), shutdown.clone())));
-        }
+        // Discovery (the one writer of the endpoint set) and scraping (health observations).
+        let health = datastore_writer.health_sink();
+        tasks.push(tokio::spawn(opts.discovery.run(
+            datastore_writer,
+            initial,
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(crate::scrape::run(
-            datastore.clone(),
+            health,
             opts.scrape.clone(),
             shutdown.clone(),
         )));

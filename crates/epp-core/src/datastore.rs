@@ -312,7 +312,8 @@ struct Inner {
 
 type RemovalHook = Box<dyn Fn(usize) + Send + Sync>;
 
-/// The datastore. Cheap to clone (an `Arc` inside).
+/// The reading side of the datastore: snapshots, change notifications, "synced". Cheap to
+/// clone (an `Arc` inside); hand it to anything that only looks.
 #[derive(Clone)]
 pub struct Datastore {
     shared: Arc<Shared>,
@@ -336,8 +337,115 @@ impl std::fmt::Debug for Datastore {
     }
 }
 
-impl Datastore {
+/// The one writer of the endpoint set, as kube-rs's reflector has one: not `Clone`, owned by
+/// discovery. It hands out [`Datastore`] readers and [`HealthSink`]s for the sources of health
+/// observations (scraping, probing, the director's passive feedback).
+pub struct DatastoreWriter {
+    store: Datastore,
+}
+
+impl std::fmt::Debug for DatastoreWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("DatastoreWriter").field(&self.store).finish()
+    }
+}
+
+/// The writer reads too.
+impl std::ops::Deref for DatastoreWriter {
+    type Target = Datastore;
+    fn deref(&self) -> &Datastore {
+        &self.store
+    }
+}
+
+impl DatastoreWriter {
+    /// A new, empty datastore.
     pub fn new(health: HealthConfig) -> Self {
+        Self {
+            store: Datastore::new(health),
+        }
+    }
+
+    /// A reader of this datastore.
+    pub fn reader(&self) -> Datastore {
+        self.store.clone()
+    }
+
+    /// A sink for health observations of this datastore's endpoints.
+    pub fn health_sink(&self) -> HealthSink {
+        HealthSink {
+            store: self.store.clone(),
+        }
+    }
+
+    /// Replace the endpoint set; returns (added, removed). Removed endpoints with requests in
+    /// flight drain first.
+    pub fn set_endpoints(&self, specs: Vec<EndpointSpec>) -> (usize, usize) {
+        self.store.set_endpoints(specs)
+    }
+
+    /// Discovery has delivered its first complete list.
+    pub fn mark_synced(&self) {
+        self.store.mark_synced()
+    }
+
+    /// Discovery labels for `epp_pods_discovered{namespace,label_selector}`.
+    pub fn set_discovery_labels(&self, namespace: &str, label_selector: &str) {
+        self.store.set_discovery_labels(namespace, label_selector)
+    }
+
+    /// Register a hook run when an endpoint's slot is released (the prefix index clears it).
+    pub fn on_slot_freed(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
+        self.store.on_slot_freed(hook)
+    }
+
+    /// As [`HealthSink::record_scrape`] (for discovery that also observes).
+    pub fn record_scrape(&self, address: &str, result: Result<ModelServerMetrics, FailureKind>) {
+        self.store.record_scrape(address, result)
+    }
+
+    /// As [`HealthSink::record`].
+    pub fn record(&self, address: &str, source: Source, result: Result<(), FailureKind>) {
+        self.store.record(address, source, result)
+    }
+
+    /// As [`HealthSink::tick`].
+    pub fn tick(&self) {
+        self.store.tick()
+    }
+}
+
+/// Where health observations go: scrapes, probes and the outcomes of routed requests. Cheap to
+/// clone; it cannot change which endpoints exist.
+#[derive(Clone, Debug)]
+pub struct HealthSink {
+    store: Datastore,
+}
+
+impl HealthSink {
+    /// A scrape of `address` succeeded with these metrics, or failed.
+    pub fn record_scrape(&self, address: &str, result: Result<ModelServerMetrics, FailureKind>) {
+        self.store.record_scrape(address, result)
+    }
+
+    /// A `/health` probe or a routed request's outcome.
+    pub fn record(&self, address: &str, source: Source, result: Result<(), FailureKind>) {
+        self.store.record(address, source, result)
+    }
+
+    /// Recompute time-dependent states (staleness) and drop drained endpoints.
+    pub fn tick(&self) {
+        self.store.tick()
+    }
+
+    /// A reader of the same datastore.
+    pub fn reader(&self) -> Datastore {
+        self.store.clone()
+    }
+}
+
+impl Datastore {
+    fn new(health: HealthConfig) -> Self {
         let (changed, _) = tokio::sync::watch::channel(0);
         Self {
             shared: Arc::new(Shared {
@@ -373,12 +481,12 @@ impl Datastore {
     }
 
     /// Register a hook run when an endpoint's slot is released (the prefix index clears it).
-    pub fn on_slot_freed(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
+    fn on_slot_freed(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
         self.shared.on_slot_freed.lock().push(Box::new(hook));
     }
 
     /// Discovery labels for `epp_pods_discovered{namespace,label_selector}`.
-    pub fn set_discovery_labels(&self, namespace: &str, label_selector: &str) {
+    fn set_discovery_labels(&self, namespace: &str, label_selector: &str) {
         *self.shared.discovery_labels.lock() = (namespace.to_string(), label_selector.to_string());
     }
     pub fn discovery_labels(&self) -> (String, String) {
@@ -386,9 +494,21 @@ impl Datastore {
     }
 
     /// Discovery has produced its first complete list.
-    pub fn mark_synced(&self) {
+    fn mark_synced(&self) {
         self.shared.synced.store(true, Ordering::Release);
+        // Wake `wait_synced` and readiness watchers.
+        self.shared.changed.send_modify(|_| {});
     }
+    /// Wait until discovery has delivered its first complete list.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.subscribe();
+        while !self.is_synced() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     pub fn is_synced(&self) -> bool {
         self.shared.synced.load(Ordering::Acquire)
     }
@@ -405,7 +525,7 @@ impl Datastore {
 
     /// Replace the discovered set. New endpoints are added; missing ones are removed at once if
     /// idle, or marked `draining` until their in-flight requests finish. Returns (added, removed).
-    pub fn set_endpoints(&self, specs: Vec<EndpointSpec>) -> (usize, usize) {
+    fn set_endpoints(&self, specs: Vec<EndpointSpec>) -> (usize, usize) {
         let mut added = 0;
         let mut removed = 0;
         {
@@ -475,7 +595,7 @@ impl Datastore {
     }
 
     /// Record a scrape result for an endpoint (by address).
-    pub fn record_scrape(&self, address: &str, result: Result<ModelServerMetrics, FailureKind>) {
+    fn record_scrape(&self, address: &str, result: Result<ModelServerMetrics, FailureKind>) {
         let mut changed = false;
         {
             let mut inner = self.shared.inner.lock();
@@ -504,7 +624,7 @@ impl Datastore {
     }
 
     /// Record a `/health` probe or a proxied request outcome.
-    pub fn record(&self, address: &str, source: Source, result: Result<(), FailureKind>) {
+    fn record(&self, address: &str, source: Source, result: Result<(), FailureKind>) {
         let changed = {
             let mut inner = self.shared.inner.lock();
             let thresholds = &self.shared.health;
@@ -523,7 +643,7 @@ impl Datastore {
 
     /// Recompute time-dependent states (staleness) and drop drained endpoints; publishes a new
     /// snapshot when anything changed. Called periodically by the scraper.
-    pub fn tick(&self) {
+    fn tick(&self) {
         self.reap_and_publish();
     }
 

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::datastore::{Datastore, Endpoint, FailureKind, InFlight, Source};
+use crate::datastore::{
+    Datastore, DatastoreWriter, Endpoint, FailureKind, HealthSink, InFlight, Source,
+};
 use crate::gateway::rewrite::{self, ModelRestorer};
 use crate::gateway::usage::UsageTail;
 use crate::gateway::{BodyBudget, InboundHeaders};
@@ -226,7 +228,7 @@ impl RequestTracker {
         if let Some(ep) = self.endpoint() {
             self.director
                 .inner
-                .datastore
+                .health
                 .record(ep.address(), Source::Passive, result);
         }
     }
@@ -302,6 +304,8 @@ impl Drop for RequestTracker {
 struct Inner {
     body_budget: BodyBudget,
     datastore: Datastore,
+    /// Passive health: what the upstreams did with routed requests.
+    health: HealthSink,
     scheduler: Arc<Scheduler>,
     prefix: Arc<PrefixIndex>,
     metrics: Arc<Metrics>,
@@ -324,7 +328,7 @@ impl Director {
     /// configuration and forgetting endpoints the datastore frees, the metrics registry over
     /// both, and the scheduler reporting plugin latencies into it. The runtime, the benchmarks
     /// and every test that needs a picker build it here, so they all measure the product.
-    pub fn build(datastore: Datastore, scheduler: Scheduler) -> Self {
+    pub fn build(datastore: &DatastoreWriter, scheduler: Scheduler) -> Self {
         Self::build_with_budget(
             datastore,
             scheduler,
@@ -335,14 +339,15 @@ impl Director {
     /// As [`build`](Self::build), with the request-body budget both front-ends share
     /// (`--max-buffered-body-bytes`).
     pub fn build_with_budget(
-        datastore: Datastore,
+        writer: &DatastoreWriter,
         scheduler: Scheduler,
         max_buffered_body_bytes: usize,
     ) -> Self {
+        let datastore = writer.reader();
         let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
         {
             let p = prefix.clone();
-            datastore.on_slot_freed(move |slot| p.remove_slot(slot));
+            writer.on_slot_freed(move |slot| p.remove_slot(slot));
         }
         let metrics = Metrics::new(datastore.clone(), prefix.clone());
         let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
@@ -350,6 +355,7 @@ impl Director {
             BodyBudget::with_meters(max_buffered_body_bytes, Some(metrics.body_budget.clone()));
         Self {
             inner: Arc::new(Inner {
+                health: writer.health_sink(),
                 datastore,
                 scheduler,
                 prefix,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::datastore::{Datastore, EndpointSpec};
+use crate::datastore::{DatastoreWriter, EndpointSpec};
 use crate::telemetry::Shutdown;
 
 /// The endpoints file:
@@ -68,9 +68,55 @@ pub struct StaticDiscovery {
     pub poll_interval: Duration,
 }
 
+/// Where endpoints come from: a static list and endpoints file ([`StaticDiscovery`]), or the
+/// Kubernetes API ([`crate::k8s::discovery::KubeDiscovery`]). The runtime validates it before
+/// binding any port, then runs it with the datastore's one writer.
+pub trait EndpointDiscovery: Send + Sync + std::fmt::Debug {
+    /// Check what can be checked before any port is bound; the endpoints known at start.
+    fn validate(&self) -> Result<Vec<EndpointSpec>, String>;
+
+    /// Keep the datastore's endpoint set current until `shutdown` (marking it synced once the
+    /// first complete list is in).
+    fn run(
+        &self,
+        writer: DatastoreWriter,
+        initial: Vec<EndpointSpec>,
+        shutdown: Shutdown,
+    ) -> futures_util::future::BoxFuture<'static, ()>;
+
+    /// The concrete source, for checks and diagnostics.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl EndpointDiscovery for StaticDiscovery {
+    fn validate(&self) -> Result<Vec<EndpointSpec>, String> {
+        let v = self.check()?;
+        if v.is_empty() {
+            return Err(
+                "no endpoints: give --endpoint host:port (repeatable), --endpoints-file FILE, or --pool-name"
+                    .into(),
+            );
+        }
+        Ok(v)
+    }
+
+    fn run(
+        &self,
+        writer: DatastoreWriter,
+        initial: Vec<EndpointSpec>,
+        shutdown: Shutdown,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(self.clone().follow(writer, initial, shutdown))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 impl StaticDiscovery {
-    /// Validate flags and file before anything binds.
-    pub fn validate(&self) -> Result<Vec<EndpointSpec>, String> {
+    /// Validate flags and file before anything binds (an empty list is allowed here).
+    pub fn check(&self) -> Result<Vec<EndpointSpec>, String> {
         let mut all = Vec::new();
         for a in &self.endpoints {
             check_address(a).map_err(|m| format!("--endpoint: {m}"))?;
@@ -83,7 +129,7 @@ impl StaticDiscovery {
     }
 
     /// Publish the initial set, mark synced, then follow the file until shutdown.
-    pub async fn run(self, ds: Datastore, initial: Vec<EndpointSpec>, shutdown: Shutdown) {
+    pub async fn follow(self, ds: DatastoreWriter, initial: Vec<EndpointSpec>, shutdown: Shutdown) {
         ds.set_discovery_labels("local", "static");
         ds.set_endpoints(initial);
         ds.mark_synced();

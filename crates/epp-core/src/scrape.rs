@@ -11,7 +11,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinHandle;
 
-use crate::datastore::{Datastore, Engine, FailureKind, ModelServerMetrics, Source};
+use crate::datastore::{Engine, FailureKind, HealthSink, ModelServerMetrics, Source};
 use crate::telemetry::Shutdown;
 
 /// Scraper settings.
@@ -205,7 +205,7 @@ pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, S
 
 async fn scrape_once(
     client: &HttpClient,
-    ds: &Datastore,
+    ds: &HealthSink,
     address: &str,
     engine: Engine,
     timeout: Duration,
@@ -228,7 +228,7 @@ async fn scrape_once(
     }
 }
 
-async fn probe_once(client: &HttpClient, ds: &Datastore, address: &str, timeout: Duration) {
+async fn probe_once(client: &HttpClient, ds: &HealthSink, address: &str, timeout: Duration) {
     let url = format!("http://{address}/health");
     let r = match get(client, &url, timeout).await {
         Ok((s, _)) if (200..300).contains(&s) => Ok(()),
@@ -239,10 +239,11 @@ async fn probe_once(client: &HttpClient, ds: &Datastore, address: &str, timeout:
 }
 
 /// Run scrapers for every discovered endpoint until shutdown.
-pub async fn run(ds: Datastore, opts: ScrapeOptions, shutdown: Shutdown) {
+pub async fn run(ds: HealthSink, opts: ScrapeOptions, shutdown: Shutdown) {
     let client = http_client();
     let mut tasks: HashMap<String, JoinHandle<()>> = HashMap::new();
-    let mut changes = ds.subscribe();
+    let reader = ds.reader();
+    let mut changes = reader.subscribe();
     let mut tick = tokio::time::interval(
         Duration::from_millis(250).min(opts.interval.max(Duration::from_millis(10))),
     );
@@ -251,7 +252,7 @@ pub async fn run(ds: Datastore, opts: ScrapeOptions, shutdown: Shutdown) {
     tokio::pin!(stop);
     loop {
         // Reconcile tasks with the current snapshot.
-        let snap = ds.snapshot();
+        let snap = reader.snapshot();
         let live: HashMap<String, Engine> = snap
             .endpoints
             .iter()

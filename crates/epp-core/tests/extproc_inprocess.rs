@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::value::Kind;
 use epp_core::config::{presets, EndpointPickerConfig};
-use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetrics};
+use epp_core::datastore::{DatastoreWriter, EndpointSpec, HealthConfig, ModelServerMetrics};
 use epp_core::director::Director;
 use epp_core::extproc::{self, ExtProcConfig, ExtProcService, BODY_PIECE_BYTES};
 use epp_core::metrics::Metrics;
@@ -61,8 +61,8 @@ async fn harness(pods: &[(&str, f64, f64)], test_hooks: bool) -> Harness {
 async fn harness_with(pods: &[(&str, f64, f64)], cfg: ExtProcConfig, budget: usize) -> Harness {
     let epc = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
     let scheduler = Scheduler::from_config(&epc).unwrap();
-    let datastore = Datastore::new(HealthConfig::default());
-    let director = Director::build_with_budget(datastore.clone(), scheduler, budget);
+    let datastore = DatastoreWriter::new(HealthConfig::default());
+    let director = Director::build_with_budget(&datastore, scheduler, budget);
     let metrics = director.metrics().clone();
     datastore.set_endpoints(pods.iter().map(|p| EndpointSpec::new(p.0)).collect());
     for (addr, q, kv) in pods {
@@ -991,7 +991,7 @@ async fn grpc_health_follows_readiness() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    let ds = Datastore::new(HealthConfig::default());
+    let ds = DatastoreWriter::new(HealthConfig::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = Shutdown::new();
@@ -1202,7 +1202,7 @@ async fn tls_self_signed_serves_and_bad_files_are_refused_before_binding() {
             ..Default::default()
         }),
         picker: epp_core::app::RuntimeOptions {
-            discovery: epp_core::app::Discovery::Static(epp_core::discovery::StaticDiscovery {
+            discovery: std::sync::Arc::new(epp_core::discovery::StaticDiscovery {
                 endpoints: vec!["127.0.0.1:9".into()],
                 ..Default::default()
             }),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use epp_core::datastore::{
-    Datastore, EndpointSpec, FailureKind, HealthConfig, ModelServerMetrics, Source,
+    DatastoreWriter, EndpointSpec, FailureKind, HealthConfig, ModelServerMetrics, Source,
 };
 use parking_lot::Mutex;
 
@@ -36,7 +36,7 @@ fn health_changes_are_logged_once_with_the_reason() {
         .with_ansi(false)
         .finish();
     tracing::subscriber::set_global_default(sub).unwrap();
-    let d = Datastore::new(HealthConfig {
+    let d = DatastoreWriter::new(HealthConfig {
         passive_cooldown: std::time::Duration::ZERO,
         ..Default::default()
     });

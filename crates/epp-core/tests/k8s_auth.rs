@@ -7,7 +7,7 @@ mod k8s_fake;
 use std::sync::Arc;
 use std::time::Duration;
 
-use epp_core::app::{Discovery, Runtime, RuntimeOptions};
+use epp_core::app::{Runtime, RuntimeOptions};
 use epp_core::discovery::StaticDiscovery;
 use epp_core::k8s::auth::KubeAuthorizer;
 use epp_core::k8s::KubeClient;
@@ -40,7 +40,7 @@ async fn get(addr: std::net::SocketAddr, token: Option<&str>) -> (u16, String) {
 
 async fn picker(auth: MetricsAuth) -> Runtime {
     let opts = RuntimeOptions {
-        discovery: Discovery::Static(StaticDiscovery {
+        discovery: std::sync::Arc::new(StaticDiscovery {
             endpoints: vec!["127.0.0.1:9".into()],
             poll_interval: Duration::from_secs(1),
             ..Default::default()

@@ -6,8 +6,8 @@ mod k8s_fake;
 
 use std::time::Duration;
 
-use epp_core::app::{Discovery, Runtime, RuntimeOptions};
-use epp_core::datastore::{Datastore, Engine, HealthConfig, HealthState};
+use epp_core::app::{Runtime, RuntimeOptions};
+use epp_core::datastore::{Datastore, DatastoreWriter, Engine, HealthConfig, HealthState};
 use epp_core::k8s::discovery::{KubeDiscovery, PodSource, ENGINE_LABEL};
 use epp_core::k8s::selector::LabelSelector;
 use epp_core::telemetry::Shutdown;
@@ -70,13 +70,14 @@ async fn wait_synced(ds: &Datastore) {
 }
 
 fn start(api: &FakeApi, source: PodSource) -> (Datastore, Shutdown) {
-    let ds = Datastore::new(HealthConfig::default());
+    let writer = DatastoreWriter::new(HealthConfig::default());
+    let ds = writer.reader();
     let sd = Shutdown::new();
     let d = KubeDiscovery {
         client: api.client(),
         source,
     };
-    tokio::spawn(d.run(ds.clone(), sd.clone()));
+    tokio::spawn(d.follow(writer, sd.clone()));
     (ds, sd)
 }
 
@@ -352,7 +353,7 @@ async fn picker_with_pool_discovery_gates_readiness_and_exports_the_gauge() {
         pod("vllm-a", "127.0.0.31", true, &[("app", "vllm")]),
     );
     let opts = RuntimeOptions {
-        discovery: Discovery::Kubernetes(KubeDiscovery {
+        discovery: std::sync::Arc::new(KubeDiscovery {
             client: api.client(),
             source: PodSource::Pool {
                 namespace: NS.into(),
@@ -439,7 +440,7 @@ async fn kubeconfig_file_is_honoured_and_a_bad_one_is_named() {
         ),
     )
     .unwrap();
-    let ds = Datastore::new(HealthConfig::default());
+    let ds = DatastoreWriter::new(HealthConfig::default());
     let sd = Shutdown::new();
     let d = KubeDiscovery {
         client: epp_core::k8s::KubeClient::infer(Some(path)),
@@ -449,7 +450,12 @@ async fn kubeconfig_file_is_honoured_and_a_bad_one_is_named() {
             ports: vec![8000],
         },
     };
-    tokio::spawn(d.run(ds.clone(), sd.clone()));
+    let ds = {
+        let writer = ds;
+        let reader = writer.reader();
+        tokio::spawn(d.follow(writer, sd.clone()));
+        reader
+    };
     wait_synced(&ds).await;
     expect_names(&ds, &["vllm-k"]).await;
     sd.trigger();

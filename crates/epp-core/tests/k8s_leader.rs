@@ -7,7 +7,7 @@ mod k8s_fake;
 
 use std::time::Duration;
 
-use epp_core::app::{Discovery, Runtime, RuntimeOptions};
+use epp_core::app::{Runtime, RuntimeOptions};
 use epp_core::discovery::StaticDiscovery;
 use epp_core::k8s::leader::{self, LeaderElectionConfig};
 use epp_core::telemetry::Shutdown;
@@ -26,7 +26,7 @@ fn cfg(api: &FakeApi, identity: &str) -> LeaderElectionConfig {
 
 async fn replica(api: &FakeApi, identity: &str) -> Runtime {
     let opts = RuntimeOptions {
-        discovery: Discovery::Static(StaticDiscovery {
+        discovery: std::sync::Arc::new(StaticDiscovery {
             endpoints: vec!["127.0.0.1:9".into()],
             poll_interval: Duration::from_secs(1),
             ..Default::default()

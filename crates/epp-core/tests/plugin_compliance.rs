@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use epp_core::config::{EndpointPickerConfig, PluginSpec, ProfilePluginRef, ProfileSpec};
 use epp_core::datastore::{
-    Datastore, EndpointSpec, FailureKind, HealthConfig, HealthState, InFlight, ModelServerMetrics,
+    DatastoreWriter, EndpointSpec, FailureKind, HealthConfig, HealthState, InFlight,
+    ModelServerMetrics,
 };
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ParsedRequest;
@@ -37,13 +38,13 @@ fn ep_case() -> impl Strategy<Value = EpCase> {
 }
 
 struct World {
-    ds: Datastore,
+    ds: DatastoreWriter,
     prefix: PrefixIndex,
     _guards: Vec<InFlight>,
 }
 
 fn world(cases: &[EpCase]) -> World {
-    let ds = Datastore::new(HealthConfig::default());
+    let ds = DatastoreWriter::new(HealthConfig::default());
     let specs: Vec<EndpointSpec> = (0..cases.len())
         .map(|i| EndpointSpec::new(format!("10.0.0.{i}:8000")))
         .collect();

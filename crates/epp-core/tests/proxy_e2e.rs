@@ -263,7 +263,7 @@ async fn hot_reload_of_the_endpoints_file_brings_a_new_endpoint_into_use() {
     let a1 = sims[1].addr().to_string();
     write(std::slice::from_ref(&a0));
     let mut opts = picker_options(vec![]);
-    opts.discovery = epp_core::app::Discovery::Static(epp_core::discovery::StaticDiscovery {
+    opts.discovery = std::sync::Arc::new(epp_core::discovery::StaticDiscovery {
         endpoints: vec![],
         file: Some(file.clone()),
         poll_interval: Duration::from_millis(50),

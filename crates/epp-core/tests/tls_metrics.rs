@@ -7,7 +7,7 @@ mod tls_support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use epp_core::app::{Discovery, Runtime, RuntimeOptions};
+use epp_core::app::{Runtime, RuntimeOptions};
 use epp_core::discovery::StaticDiscovery;
 use epp_core::telemetry::Shutdown;
 use epp_core::tls::MetricsTls;
@@ -46,7 +46,7 @@ async fn plain_get(addr: SocketAddr, path: &str) -> Option<u16> {
 
 async fn start(tls: MetricsTls) -> Runtime {
     let opts = RuntimeOptions {
-        discovery: Discovery::Static(StaticDiscovery {
+        discovery: std::sync::Arc::new(StaticDiscovery {
             endpoints: vec!["127.0.0.1:9".into()],
             poll_interval: Duration::from_secs(1),
             ..Default::default()
@@ -132,7 +132,7 @@ async fn unreadable_certificate_files_fail_validation_before_binding() {
             key_file: Some("/nonexistent/tls.key".into()),
             ..Default::default()
         }),
-        discovery: Discovery::Static(StaticDiscovery {
+        discovery: std::sync::Arc::new(StaticDiscovery {
             endpoints: vec!["127.0.0.1:9".into()],
             ..Default::default()
         }),

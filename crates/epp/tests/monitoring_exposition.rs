@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::*;
-use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetrics};
+use epp_core::datastore::{DatastoreWriter, EndpointSpec, HealthConfig, ModelServerMetrics};
 use epp_core::metrics::Metrics;
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ApiMethod;
@@ -25,7 +25,7 @@ use epp_core::scheduler::{DecisionType, PluginLabels, PluginObserver};
 
 /// A registry in the state of a picker that has routed some traffic to three backends.
 fn exposition() -> String {
-    let ds = Datastore::new(HealthConfig::default());
+    let ds = DatastoreWriter::new(HealthConfig::default());
     ds.set_discovery_labels("llm-d", "app=vllm");
     let addrs = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"];
     ds.set_endpoints(addrs.iter().map(|a| EndpointSpec::new(*a)).collect());
@@ -42,7 +42,7 @@ fn exposition() -> String {
     }
     ds.tick();
     let prefix = Arc::new(PrefixIndex::new(PrefixConfig::default()));
-    let m = Metrics::new(ds, prefix);
+    let m = Metrics::new(ds.reader(), prefix);
     for method in [ApiMethod::ChatCompletions, ApiMethod::Completions] {
         m.record_request(method, 200);
         m.observe_decision_latency(method, 0.0003);

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetrics};
+use epp_core::datastore::{DatastoreWriter, EndpointSpec, HealthConfig, ModelServerMetrics};
 use epp_core::metrics::{Metrics, CONTENT_TYPE};
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ApiMethod;
@@ -44,7 +44,7 @@ impl Drop for FakePicker {
 }
 
 fn start_fake_picker(token: Option<&str>) -> FakePicker {
-    let ds = Datastore::new(HealthConfig::default());
+    let ds = DatastoreWriter::new(HealthConfig::default());
     ds.set_discovery_labels("llm-d", "app=vllm");
     let backends = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"];
     ds.set_endpoints(backends.iter().map(|a| EndpointSpec::new(*a)).collect());
@@ -54,7 +54,7 @@ fn start_fake_picker(token: Option<&str>) -> FakePicker {
         max_blocks: 16,
         capacity_per_endpoint: 8,
     }));
-    let metrics = Metrics::new(ds.clone(), prefix.clone());
+    let metrics = Metrics::new(ds.reader(), prefix.clone());
     let stop = Arc::new(AtomicBool::new(false));
 
     let feeder = {

@@ -5,7 +5,7 @@
 //! An endpoint counts only when the pod's labels match, `PodReady=True`, it has no
 //! `deletionTimestamp` and it has a pod IP. `epp_pods_discovered{namespace,label_selector}` reads
 //! the datastore, which this task rewrites after every event, so the gauge is never stale.
-//! Readiness waits for the first complete list (`Datastore::mark_synced`).
+//! Readiness waits for the first complete list (`DatastoreWriter::mark_synced`).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -21,7 +21,7 @@ use kube::Api;
 use super::pool::{ports_from, InferencePool};
 use super::selector::LabelSelector;
 use super::KubeClient;
-use crate::datastore::{Datastore, EndpointSpec, Engine};
+use crate::datastore::{DatastoreWriter, EndpointSpec, Engine};
 use crate::telemetry::Shutdown;
 
 /// Pod label naming the model-server engine (`vllm` when absent).
@@ -160,9 +160,28 @@ fn pod_watch_hint(namespace: &str) -> String {
     )
 }
 
+impl crate::discovery::EndpointDiscovery for KubeDiscovery {
+    fn validate(&self) -> Result<Vec<EndpointSpec>, String> {
+        Ok(Vec::new())
+    }
+
+    fn run(
+        &self,
+        writer: DatastoreWriter,
+        _initial: Vec<EndpointSpec>,
+        shutdown: Shutdown,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(self.clone().follow(writer, shutdown))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 impl KubeDiscovery {
     /// Watch until shutdown, writing every change to `ds`.
-    pub async fn run(self, ds: Datastore, shutdown: Shutdown) {
+    pub async fn follow(self, ds: DatastoreWriter, shutdown: Shutdown) {
         let stop = shutdown.wait();
         tokio::pin!(stop);
         let client = loop {
@@ -207,7 +226,7 @@ impl KubeDiscovery {
 
 /// Apply one pod watch event; returns whether endpoints were rewritten.
 fn on_pod_event(
-    ds: &Datastore,
+    ds: &DatastoreWriter,
     w: &mut PodWatch,
     ev: Result<Event<Pod>, watcher::Error>,
     ports: &[u16],
@@ -238,7 +257,7 @@ fn on_pod_event(
 /// Rewrite the endpoints (and the labels of `epp_pods_discovered`, in the same step, so the
 /// gauge never pairs one selector with another selector's count).
 fn publish(
-    ds: &Datastore,
+    ds: &DatastoreWriter,
     store: &Store<Pod>,
     selector: &LabelSelector,
     ports: &[u16],
@@ -277,7 +296,7 @@ async fn run_pool(
     client: kube::Client,
     namespace: String,
     name: String,
-    ds: Datastore,
+    ds: DatastoreWriter,
     stop: &mut Pin<&mut impl std::future::Future<Output = ()>>,
 ) {
     ds.set_discovery_labels(&namespace, "");

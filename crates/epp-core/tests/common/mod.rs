@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
-use epp_core::app::{Discovery, RuntimeOptions};
+use epp_core::app::RuntimeOptions;
 use epp_core::discovery::StaticDiscovery;
 use epp_core::proxy::{ProxyHandle, ProxyOptions};
 use epp_core::scrape::ScrapeOptions;
@@ -45,7 +45,7 @@ pub async fn sims(n: usize, tweak: impl Fn(&mut epp_sim::SimConfig)) -> Vec<epp_
 
 pub fn picker_options(endpoints: Vec<String>) -> RuntimeOptions {
     RuntimeOptions {
-        discovery: Discovery::Static(StaticDiscovery {
+        discovery: std::sync::Arc::new(StaticDiscovery {
             endpoints,
             file: None,
             poll_interval: Duration::from_millis(50),

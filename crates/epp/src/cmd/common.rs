@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use epp_core::app::{Discovery, RuntimeOptions};
+use epp_core::app::RuntimeOptions;
 use epp_core::config::{presets, EndpointPickerConfig};
 use epp_core::datastore::HealthConfig;
 use epp_core::discovery::StaticDiscovery;
@@ -249,8 +249,8 @@ impl RuntimeArgs {
             ))),
         };
         let namespace = k.namespace();
-        let discovery = if let Some(pool) = &k.pool_name {
-            Discovery::Kubernetes(KubeDiscovery {
+        let discovery: epp_core::app::Discovery = if let Some(pool) = &k.pool_name {
+            std::sync::Arc::new(KubeDiscovery {
                 client: kube.clone().expect("pool implies a client"),
                 source: PodSource::Pool {
                     namespace: namespace.clone(),
@@ -262,7 +262,7 @@ impl RuntimeArgs {
                 .map_err(|e| anyhow::anyhow!("--endpoint-selector {sel:?}: {e}"))?;
             let ports = ports_from(k.endpoint_target_ports.iter().map(|p| i32::from(*p)))
                 .map_err(|e| anyhow::anyhow!("--endpoint-target-ports: {e}"))?;
-            Discovery::Kubernetes(KubeDiscovery {
+            std::sync::Arc::new(KubeDiscovery {
                 client: kube.clone().expect("selector implies a client"),
                 source: PodSource::Selector {
                     namespace: namespace.clone(),
@@ -271,7 +271,7 @@ impl RuntimeArgs {
                 },
             })
         } else {
-            Discovery::Static(StaticDiscovery {
+            std::sync::Arc::new(StaticDiscovery {
                 endpoints: self.endpoints.clone(),
                 file: self.endpoints_file.clone(),
                 poll_interval: self.endpoints_file_poll_interval,
@@ -359,7 +359,7 @@ mod kube_flag_tests {
             "none",
         ])
         .unwrap();
-        let Discovery::Kubernetes(k) = &o.discovery else {
+        let Some(k) = o.discovery.as_any().downcast_ref::<KubeDiscovery>() else {
             panic!("{:?}", o.discovery)
         };
         assert_eq!(
@@ -381,7 +381,7 @@ mod kube_flag_tests {
             "ns",
         ])
         .unwrap();
-        let Discovery::Kubernetes(k) = &o.discovery else {
+        let Some(k) = o.discovery.as_any().downcast_ref::<KubeDiscovery>() else {
             panic!()
         };
         let PodSource::Selector {
@@ -400,7 +400,11 @@ mod kube_flag_tests {
 
         // Static discovery stays the default.
         let o = opts(&["--endpoint", "127.0.0.1:8000"]).unwrap();
-        assert!(matches!(o.discovery, Discovery::Static(_)));
+        assert!(o
+            .discovery
+            .as_any()
+            .downcast_ref::<StaticDiscovery>()
+            .is_some());
     }
 
     #[tokio::test]
