@@ -12,6 +12,8 @@ WORKDIR /src
 # Dependencies first, so source edits do not refetch the registry.
 COPY Cargo.toml Cargo.lock ./
 COPY crates ./crates
+# The doctor embeds the shipped dashboard and alert rules.
+COPY deploy ./deploy
 RUN cargo fetch --locked
 RUN cargo build --release --locked -p epp \
  && cp target/release/epp /usr/local/bin/epp \

@@ -11,10 +11,10 @@
 //! `cargo test -p epp --test doctor_e2e`. Needs `prometheus` (EPP_PROMETHEUS_BIN or PATH;
 //! `scripts/test` installs it). Everything binds 127.0.0.1.
 
-#[path = "monitoring_common.rs"]
+#[path = "support/monitoring.rs"]
 mod common;
 
-#[path = "doctor_support.rs"]
+#[path = "support/doctor.rs"]
 mod support;
 
 use std::io::Read;

@@ -9,7 +9,7 @@
 //!
 //! `cargo test -p epp --test doctor_k8s_auth`. Everything binds 127.0.0.1.
 
-#[path = "doctor_support.rs"]
+#[path = "support/doctor.rs"]
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};

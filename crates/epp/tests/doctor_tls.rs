@@ -4,7 +4,7 @@
 //!
 //! `cargo test -p epp --test doctor_tls`. Everything binds 127.0.0.1; no Prometheus needed.
 
-#[path = "doctor_support.rs"]
+#[path = "support/doctor.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};

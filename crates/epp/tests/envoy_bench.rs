@@ -17,7 +17,7 @@
 //! `EPP_BENCH_QUICK` (set: only the fixed-rate comparison), `EPP_BENCH_PICKER_ARGS` (extra
 //! `epp serve` flags, whitespace-separated, e.g. `--scrape-interval 1s`).
 
-#[path = "envoy_support.rs"]
+#[path = "support/envoy.rs"]
 mod support;
 
 use std::sync::Arc;

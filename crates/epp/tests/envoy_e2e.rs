@@ -4,7 +4,7 @@
 //! server) answer. Everything binds to loopback; children are killed on drop; every wait is
 //! bounded.
 
-#[path = "envoy_support.rs"]
+#[path = "support/envoy.rs"]
 mod support;
 
 use std::time::Duration;

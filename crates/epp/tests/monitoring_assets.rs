@@ -7,7 +7,7 @@
 //! `cargo test -p epp --test monitoring_assets`. Needs `promtool` (EPP_PROMTOOL_BIN or PATH;
 //! `scripts/test` installs Debian's prometheus package). Without it the promtool tests fail.
 
-#[path = "monitoring_common.rs"]
+#[path = "support/monitoring.rs"]
 mod common;
 
 use std::collections::BTreeSet;

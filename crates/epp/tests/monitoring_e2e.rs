@@ -7,7 +7,7 @@
 //! `cargo test -p epp --test monitoring_e2e`. Needs `prometheus` (EPP_PROMETHEUS_BIN or PATH;
 //! `scripts/test` installs it). Everything binds 127.0.0.1.
 
-#[path = "monitoring_common.rs"]
+#[path = "support/monitoring.rs"]
 mod common;
 
 use std::sync::atomic::Ordering;

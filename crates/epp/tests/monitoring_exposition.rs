@@ -8,7 +8,7 @@
 //!
 //! `cargo test -p epp --test monitoring_exposition`
 
-#[path = "monitoring_common.rs"]
+#[path = "support/monitoring.rs"]
 mod common;
 
 use std::collections::BTreeSet;

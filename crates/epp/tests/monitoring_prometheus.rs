@@ -4,12 +4,12 @@
 //! this test, with and without a bearer token.
 //!
 //! This does not need the running picker; the end-to-end test through `epp proxy` and `epp sim`
-//! reuses the same helpers (monitoring_common.rs) with the real servers.
+//! reuses the same helpers (support/monitoring.rs) with the real servers.
 //!
 //! `cargo test -p epp --test monitoring_prometheus`. Needs `prometheus` (EPP_PROMETHEUS_BIN or
 //! PATH; `scripts/test` installs Debian's prometheus package). Without it the tests fail.
 
-#[path = "monitoring_common.rs"]
+#[path = "support/monitoring.rs"]
 mod common;
 
 use std::io::{Read, Write};

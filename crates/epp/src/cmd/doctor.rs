@@ -1,21 +1,12 @@
-//! `epp doctor`: checks a running picker's `/metrics` (and, given its URL, the Prometheus that
-//! scrapes it) and prints a checklist: ✓ passed, ✗ failed with a `fix:`, ! warning (e.g. no
-//! traffic yet) with a `hint:`, - skipped. Exits 1 when any check failed, 2 on bad flags.
-
-use epp::assets;
-mod client;
-mod picker_metrics;
-mod prom;
-mod report;
-mod transport;
+//! `epp doctor`: the flags of the troubleshooter in the `epp-doctor` crate. Exits 1 when any
+//! check failed, 2 on bad flags.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use self::client::{Client, Endpoint, Trust};
-use self::picker_metrics::TokenSource;
-use self::report::Report;
+use epp_doctor::assets;
+
 use super::common::parse_duration;
 
 #[derive(clap::Args, Debug)]
@@ -75,102 +66,25 @@ pub struct Args {
     pub timeout: Duration,
 }
 
-fn usage_error(msg: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("epp doctor: {msg}");
-    Ok(ExitCode::from(2))
-}
-
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let assets = match assets::load(args.dashboard.as_deref(), args.rules.as_deref(), &args.job) {
-        Ok(a) => a,
-        Err(e) => return usage_error(&e),
+    let opts = epp_doctor::DoctorOptions {
+        metrics_url: args.metrics_url,
+        token: args.token,
+        token_file: args.token_file,
+        ca_file: args.ca_file,
+        insecure_skip_verify: args.insecure_skip_verify,
+        prometheus_url: args.prometheus_url,
+        job: args.job,
+        dashboard: args.dashboard,
+        rules: args.rules,
+        timeout: args.timeout,
     };
-    let metrics_ep = match args.metrics_url.as_deref().map(Endpoint::parse).transpose() {
-        Ok(ep) => ep.map(|mut ep| {
-            if ep.path == "/" {
-                ep.path = "/metrics".into();
-                ep.url = format!("{}/metrics", ep.url.trim_end_matches('/'));
-            }
-            ep
-        }),
-        Err(e) => return usage_error(&format!("--metrics-url: {e}")),
-    };
-    let prom_ep = match args
-        .prometheus_url
-        .as_deref()
-        .map(Endpoint::parse)
-        .transpose()
-    {
-        Ok(ep) => ep,
-        Err(e) => return usage_error(&format!("--prometheus-url: {e}")),
-    };
-    let (token, source) = match (&args.token, &args.token_file) {
-        (Some(t), _) => (Some(t.trim().to_string()), TokenSource::Flag),
-        (None, Some(f)) => match std::fs::read_to_string(f) {
-            Ok(t) if !t.trim().is_empty() => (
-                Some(t.trim().to_string()),
-                TokenSource::File(f.display().to_string()),
-            ),
-            Ok(_) => return usage_error(&format!("--token-file {}: file is empty", f.display())),
-            Err(e) => {
-                return usage_error(&format!("--token-file {}: cannot read: {e}", f.display()))
-            }
-        },
-        (None, None) => (None, TokenSource::None),
-    };
-    let trust = match (&args.ca_file, args.insecure_skip_verify) {
-        (Some(f), _) => Trust::CaFile(f.clone()),
-        (None, true) => Trust::Insecure,
-        (None, false) => Trust::System,
-    };
-    let metrics_client = match Client::new(trust, args.timeout) {
-        Ok(c) => c,
-        Err(e) => return usage_error(&e),
-    };
-    let prom_client = match Client::new(Trust::System, args.timeout) {
-        Ok(c) => c,
-        Err(e) => return usage_error(&e),
-    };
-
-    let mut r = Report::default();
-    r.note(&format!(
-        "epp doctor {}\n  dashboard: {} ({} queries)\n  rules:     {} ({} alerts)",
-        env!("CARGO_PKG_VERSION"),
-        assets.dashboard_source,
-        assets.dashboard.len(),
-        assets.rules_source,
-        assets.alerts.len()
-    ));
-    let expo = match &metrics_ep {
-        Some(ep) => {
-            picker_metrics::check(
-                &mut r,
-                &metrics_client,
-                ep,
-                token.as_deref(),
-                &source,
-                &assets,
-            )
-            .await
+    Ok(match epp_doctor::run(&opts).await {
+        Ok(epp_doctor::Outcome::Passed) => ExitCode::SUCCESS,
+        Ok(epp_doctor::Outcome::Failed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("epp doctor: {e}");
+            ExitCode::from(2)
         }
-        None => None,
-    };
-    if let Some(ep) = &prom_ep {
-        prom::check(
-            &mut r,
-            &prom_client,
-            ep,
-            &args.job,
-            &assets,
-            expo.as_ref(),
-            metrics_ep.as_ref(),
-        )
-        .await;
-    }
-    r.summary();
-    Ok(if r.failed > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
     })
 }

@@ -1,5 +1,6 @@
 //! Helpers shared by the monitoring tests (`monitoring_*.rs` include this file with
-//! `#[path = "monitoring_common.rs"] mod common;`); built alone, it runs the helpers' own tests.
+//! `#[path = "support/monitoring.rs"] mod common;`); under `support/`, so it is not a test
+//! binary of its own.
 //!
 //! - locating the shipped assets and `promtool`;
 //! - reading every PromQL query the assets ship (dashboard targets and variables, alert rules);
@@ -247,7 +248,7 @@ pub fn visit<'a>(e: &'a Expr, f: &mut dyn FnMut(&'a Expr)) {
 /// The metric families an expression reads, `_bucket`/`_sum`/`_count` stripped: the same
 /// reading `epp doctor` uses (one implementation, in the `epp` library).
 #[allow(unused_imports)] // each test binary uses a different subset
-pub use epp::assets::{family_name, metric_names};
+pub use epp_doctor::assets::{family_name, metric_names};
 
 fn unparen(mut e: &Expr) -> &Expr {
     while let Expr::Paren(p) = e {

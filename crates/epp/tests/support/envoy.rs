@@ -1,7 +1,7 @@
 //! Shared harness of the Envoy tests (`envoy_e2e`, `envoy_bench`): locate the Envoy binary,
 //! start simulators, `epp serve` and Envoy (config rendered from `deploy/envoy/envoy.yaml` with
 //! loopback ports), and a tiny HTTP/1.1 client that times the first body bytes. Included by
-//! those tests with `#[path]`; on its own it holds no tests.
+//! those tests with `#[path]` (it lives under `support/`, so it is no test binary of its own).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;

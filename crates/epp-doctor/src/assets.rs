@@ -13,9 +13,8 @@ pub const DEFAULT_RULES: &str = "deploy/monitoring/rules/epp-alerts.rules.yaml";
 pub const DEFAULT_JOB: &str = "llm-d-gaie-epp";
 
 const BUILTIN_DASHBOARD: &str =
-    include_str!("../../../../../deploy/monitoring/grafana/epp-dashboard.json");
-const BUILTIN_RULES: &str =
-    include_str!("../../../../../deploy/monitoring/rules/epp-alerts.rules.yaml");
+    include_str!("../../../deploy/monitoring/grafana/epp-dashboard.json");
+const BUILTIN_RULES: &str = include_str!("../../../deploy/monitoring/rules/epp-alerts.rules.yaml");
 
 /// Series Prometheus makes itself: never in an exposition.
 const SYNTHETIC: &[&str] = &[

@@ -1,6 +1,6 @@
 //! Shared harness of the `epp doctor` tests (`doctor_e2e`, `doctor_tls`, `doctor_k8s_auth`):
 //! run `epp doctor` and read its report, and start a lone `epp proxy` whose metrics port is
-//! what doctor checks. Included by those tests with `#[path]`; on its own it holds no tests.
+//! what doctor checks. Included by those tests with `#[path]` (under `support/`, so no test binary of its own).
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
