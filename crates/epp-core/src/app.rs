@@ -17,6 +17,38 @@ use crate::scrape::ScrapeOptions;
 use crate::serving::{self, MetricsAuth, ReadyFn};
 use crate::telemetry::Shutdown;
 
+/// Why the picker could not start. Every message names the flag, field or file at fault, and
+/// all of them surface before any port is bound, except a port that cannot be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A flag, configuration field or file is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// A listener could not be bound.
+    #[error("{flag} {addr}: cannot listen: {source}")]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate or key could not be used.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The Kubernetes API could not be used (leader election).
+    #[error("{0}")]
+    Kubernetes(#[from] crate::k8s::KubeError),
+    /// Another I/O failure while starting.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl StartError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::Invalid(msg.into())
+    }
+}
+
 /// Where endpoints come from (a static list or file, Kubernetes pods or an InferencePool).
 pub type Discovery = Arc<dyn EndpointDiscovery>;
 
@@ -72,23 +104,27 @@ pub struct Validated {
 
 impl RuntimeOptions {
     /// Check everything that can be wrong before any port is bound.
-    pub fn validate(&self) -> anyhow::Result<Validated> {
+    pub fn validate(&self) -> Result<Validated, StartError> {
         let scheduler = Scheduler::from_config(&self.config)
-            .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
-        let initial = self.discovery.validate().map_err(|e| anyhow::anyhow!(e))?;
+            .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
+        let initial = self.discovery.validate().map_err(StartError::Invalid)?;
         let tls = self
             .metrics_tls
             .as_ref()
             .map(|t| t.setup(crate::tls::TlsPort::METRICS))
             .transpose()?;
         if let Some(le) = &self.leader_election {
-            le.validate().map_err(|e| anyhow::anyhow!(e))?;
+            le.validate().map_err(StartError::Invalid)?;
         }
         if self.max_buffered_body_bytes == 0 {
-            anyhow::bail!("--max-buffered-body-bytes must be greater than 0");
+            return Err(StartError::invalid(
+                "--max-buffered-body-bytes must be greater than 0",
+            ));
         }
         if self.scrape.interval.is_zero() {
-            anyhow::bail!("--scrape-interval must be greater than 0");
+            return Err(StartError::invalid(
+                "--scrape-interval must be greater than 0",
+            ));
         }
         Ok(Validated {
             scheduler,
@@ -140,7 +176,7 @@ impl Runtime {
         opts: RuntimeOptions,
         validated: Validated,
         shutdown: Shutdown,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, StartError> {
         Self::start_with(opts, validated, shutdown, None).await
     }
 
@@ -150,7 +186,7 @@ impl Runtime {
         validated: Validated,
         shutdown: Shutdown,
         extra_ready: Option<ReadyFn>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, StartError> {
         let Validated {
             scheduler,
             initial,

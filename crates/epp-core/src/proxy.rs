@@ -24,7 +24,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::app::{serve_within_grace, FrontEndHandle, Runtime, RuntimeOptions};
+use crate::app::{serve_within_grace, FrontEndHandle, Runtime, RuntimeOptions, StartError};
 use crate::director::{Director, RouteError, RouteRequest};
 use crate::gateway::headers::REQUEST_ID;
 use crate::gateway::{BodyLimit, GatewayPolicy, InboundHeaders};
@@ -93,17 +93,19 @@ pub struct ProxyAddrs {
 pub type ProxyHandle = FrontEndHandle<ProxyAddrs>;
 
 /// Validate, start the picker runtime, bind the proxy listener and serve in the background.
-pub async fn spawn(opts: ProxyOptions) -> anyhow::Result<ProxyHandle> {
+pub async fn spawn(opts: ProxyOptions) -> Result<ProxyHandle, StartError> {
     spawn_with_shutdown(opts, Shutdown::new()).await
 }
 
 impl ProxyOptions {
-    fn validate(&self) -> anyhow::Result<()> {
+    fn validate(&self) -> Result<(), StartError> {
         if self.max_body_bytes == 0 {
-            anyhow::bail!("--max-body-bytes must be greater than 0");
+            return Err(StartError::invalid(
+                "--max-body-bytes must be greater than 0",
+            ));
         }
         if self.max_attempts == 0 {
-            anyhow::bail!("--max-attempts must be at least 1");
+            return Err(StartError::invalid("--max-attempts must be at least 1"));
         }
         for (flag, d) in [
             ("--upstream-timeout", self.upstream_timeout),
@@ -111,11 +113,13 @@ impl ProxyOptions {
             ("--body-read-timeout", self.body_read_timeout),
         ] {
             if d.is_zero() {
-                anyhow::bail!("{flag} must be greater than 0");
+                return Err(StartError::invalid(format!(
+                    "{flag} must be greater than 0"
+                )));
             }
         }
         if self.max_connections == 0 {
-            anyhow::bail!("--max-connections must be at least 1");
+            return Err(StartError::invalid("--max-connections must be at least 1"));
         }
         Ok(())
     }
@@ -125,7 +129,7 @@ impl ProxyOptions {
 pub async fn spawn_with_shutdown(
     opts: ProxyOptions,
     shutdown: Shutdown,
-) -> anyhow::Result<ProxyHandle> {
+) -> Result<ProxyHandle, StartError> {
     opts.validate()?;
     let validated = opts.picker.validate()?;
     let picker = Runtime::start(opts.picker.clone(), validated, shutdown.clone()).await?;

@@ -15,7 +15,7 @@ use crate::director::error_body;
 use crate::metrics::{Metrics, CONTENT_TYPE};
 
 /// How `/metrics` is protected.
-#[derive(Clone, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MetricsAuthMode {
     /// No authentication (local use, or a network policy protects the port).
@@ -185,8 +185,11 @@ pub fn health_router(ready: ReadyFn) -> Router {
 }
 
 /// Bind a listener with an error that names the flag.
-pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+pub async fn bind(
+    addr: SocketAddr,
+    flag: &'static str,
+) -> Result<tokio::net::TcpListener, crate::app::StartError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("{flag} {addr}: cannot listen: {e}"))
+        .map_err(|source| crate::app::StartError::Bind { flag, addr, source })
 }

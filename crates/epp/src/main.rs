@@ -4,7 +4,8 @@
 mod cmd;
 
 use clap::{Parser, Subcommand};
-use epp_core::telemetry::{init_logging, LogFormat};
+use cmd::common::LogFormatArg;
+use epp_core::telemetry::init_logging;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,8 +22,8 @@ struct Cli {
     log_level: Option<String>,
 
     /// Log output format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
 
     #[command(subcommand)]
     command: Command,
@@ -71,7 +72,7 @@ fn log_level(cli: &Cli) -> Option<String> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(log_level(&cli).as_deref(), cli.log_format) {
+    if let Err(e) = init_logging(log_level(&cli).as_deref(), cli.log_format.into()) {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::exchange::Exchange;
 use super::health::{serve_health_with, ReadyProbe};
 use super::ExtProcConfig;
-use crate::app::{serve_within_grace, FrontEndHandle, Runtime, RuntimeOptions};
+use crate::app::{serve_within_grace, FrontEndHandle, Runtime, RuntimeOptions, StartError};
 use crate::director::Director;
 use crate::serving;
 use crate::telemetry::Shutdown;
@@ -228,12 +228,16 @@ pub type ServeHandle = FrontEndHandle<ServeAddrs>;
 pub async fn spawn_with_shutdown(
     opts: ServeOptions,
     shutdown: Shutdown,
-) -> anyhow::Result<ServeHandle> {
+) -> Result<ServeHandle, StartError> {
     if opts.extproc.stream_idle_timeout.is_zero() {
-        anyhow::bail!("--stream-idle-timeout must be greater than 0");
+        return Err(StartError::invalid(
+            "--stream-idle-timeout must be greater than 0",
+        ));
     }
     if opts.extproc.max_body_bytes == 0 {
-        anyhow::bail!("--max-body-bytes must be greater than 0");
+        return Err(StartError::invalid(
+            "--max-body-bytes must be greater than 0",
+        ));
     }
     // Certificate errors (naming --cert-path/--key-path and the file) before binding anything.
     let tls = opts

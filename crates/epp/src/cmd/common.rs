@@ -26,6 +26,45 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration (e.g. 100ms, 2s, 1m): {e}"))
 }
 
+/// `--metrics-auth`: how `/metrics` is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsAuthArg {
+    /// No authentication (local use, or a network policy protects the port).
+    None,
+    /// A static bearer token read from `--metrics-token-file`.
+    Token,
+    /// Kubernetes TokenReview + SubjectAccessReview (as controller-runtime does).
+    Kubernetes,
+}
+
+impl From<MetricsAuthArg> for MetricsAuthMode {
+    fn from(a: MetricsAuthArg) -> Self {
+        match a {
+            MetricsAuthArg::None => MetricsAuthMode::None,
+            MetricsAuthArg::Token => MetricsAuthMode::Token,
+            MetricsAuthArg::Kubernetes => MetricsAuthMode::Kubernetes,
+        }
+    }
+}
+
+/// `--log-format`: how log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogFormatArg> for epp_core::telemetry::LogFormat {
+    fn from(a: LogFormatArg) -> Self {
+        match a {
+            LogFormatArg::Text => Self::Text,
+            LogFormatArg::Json => Self::Json,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RuntimeArgs {
     /// A model-server endpoint `host:port` (repeatable). For `serve`, use `ip:port`.
@@ -59,7 +98,7 @@ pub struct RuntimeArgs {
     /// How `/metrics` is protected. Default: `kubernetes` inside a cluster (KUBERNETES_SERVICE_HOST
     /// set), `none` elsewhere; the active mode is logged at start-up.
     #[arg(long, value_enum, value_name = "MODE")]
-    pub metrics_auth: Option<MetricsAuthMode>,
+    pub metrics_auth: Option<MetricsAuthArg>,
 
     /// File holding the bearer token for `--metrics-auth=token`.
     #[arg(long, value_name = "FILE")]
@@ -225,7 +264,7 @@ impl RuntimeArgs {
             (None, None) => EndpointPickerConfig::from_yaml(presets::DEFAULT)
                 .map_err(|e| anyhow::anyhow!("built-in default config: {e}"))?,
         };
-        let (auth_mode, why) = resolve_metrics_auth(self.metrics_auth.clone());
+        let (auth_mode, why) = resolve_metrics_auth(self.metrics_auth.map(Into::into));
         tracing::info!(mode = ?auth_mode, reason = why, "metrics endpoint protection");
         let k = &self.kube;
         let kube = k
