@@ -15,7 +15,7 @@ pub use crate::metrics::PluginLabels;
 use crate::prefix::{PrefixConfig, PrefixMatch};
 use crate::request::ParsedRequest;
 
-pub use plugins::{Filter, Picker, Plugin, Scorer};
+pub use plugins::{Filter, Picker, Plugin, ProfileHandler, Scorer};
 
 /// Everything a plugin may read for one pick.
 pub struct SchedCtx<'a> {
@@ -106,21 +106,24 @@ pub struct Profile {
     pub filters: Vec<Arc<dyn Filter>>,
     pub scorers: Vec<(Arc<dyn Scorer>, f64)>,
     pub picker: Arc<dyn Picker>,
-}
-
-pub struct Scheduler {
-    profile: Profile,
-    prefix: PrefixConfig,
-    observer: Arc<dyn PluginObserver>,
     /// Metric labels of the profile's plugins, built once: filters, then scorers, then the
     /// picker.
     labels: Vec<PluginLabels>,
 }
 
+pub struct Scheduler {
+    /// Every configured profile, in config order.
+    profiles: Vec<Profile>,
+    /// Chooses which profile runs for a request.
+    handler: Arc<dyn ProfileHandler>,
+    prefix: PrefixConfig,
+    observer: Arc<dyn PluginObserver>,
+}
+
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler")
-            .field("profile", &self.profile.name)
+            .field("handler", &self.handler.name())
             .field("plugins", &self.describe())
             .finish()
     }
@@ -132,6 +135,7 @@ impl Scheduler {
         let mut built: Vec<(String, Plugin)> = Vec::new();
         let mut prefix = PrefixConfig::default();
         let mut prefix_seen = false;
+        let mut handler: Option<Arc<dyn ProfileHandler>> = None;
         for (i, spec) in cfg.plugins.iter().enumerate() {
             let field = format!("plugins[{i}]");
             if built.iter().any(|(n, _)| n == spec.name()) {
@@ -141,105 +145,48 @@ impl Scheduler {
                 ));
             }
             let plugin = plugins::build(spec, &field)?;
-            if let Plugin::Scorer(s) = &plugin {
-                if let Some(p) = s.prefix_config() {
-                    if prefix_seen && p != prefix {
+            match &plugin {
+                Plugin::Scorer(s) => {
+                    if let Some(p) = s.prefix_config() {
+                        if prefix_seen && p != prefix {
+                            return Err(ConfigError::new(
+                                format!("{field}.parameters"),
+                                "all prefix-cache-scorer plugins must share one index configuration",
+                            ));
+                        }
+                        prefix = p;
+                        prefix_seen = true;
+                    }
+                }
+                Plugin::ProfileHandler(h) => {
+                    if handler.is_some() {
                         return Err(ConfigError::new(
-                            format!("{field}.parameters"),
-                            "all prefix-cache-scorer plugins must share one index configuration",
+                            format!("{field}.type"),
+                            "only one profile handler may be configured",
                         ));
                     }
-                    prefix = p;
-                    prefix_seen = true;
+                    handler = Some(h.clone());
                 }
+                _ => {}
             }
             built.push((spec.name().to_string(), plugin));
         }
-        let profile_spec = cfg
-            .scheduling_profiles
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.name == "default")
-            .or_else(|| cfg.scheduling_profiles.iter().enumerate().next());
-        let Some((pi, pspec)) = profile_spec else {
+        if cfg.scheduling_profiles.is_empty() {
             return Err(ConfigError::new(
                 "schedulingProfiles",
                 "at least one scheduling profile is required",
             ));
-        };
-        let mut filters = Vec::new();
-        let mut scorers = Vec::new();
-        let mut picker: Option<Arc<dyn Picker>> = None;
-        for (j, r) in pspec.plugins.iter().enumerate() {
-            let field = format!("schedulingProfiles[{pi}].plugins[{j}]");
-            let Some((_, p)) = built.iter().find(|(n, _)| *n == r.plugin_ref) else {
-                return Err(ConfigError::new(
-                    format!("{field}.pluginRef"),
-                    format!("no plugin named {:?} in `plugins`", r.plugin_ref),
-                ));
-            };
-            match p {
-                Plugin::Filter(f) => {
-                    if r.weight.is_some() {
-                        return Err(ConfigError::new(
-                            format!("{field}.weight"),
-                            "only scorers take a weight",
-                        ));
-                    }
-                    filters.push(f.clone())
-                }
-                Plugin::Scorer(s) => {
-                    let w = r.weight.unwrap_or(1.0);
-                    if !w.is_finite() || w < 0.0 {
-                        return Err(ConfigError::new(
-                            format!("{field}.weight"),
-                            "must be a finite number >= 0",
-                        ));
-                    }
-                    scorers.push((s.clone(), w));
-                }
-                Plugin::Picker(k) => {
-                    if picker.is_some() {
-                        return Err(ConfigError::new(
-                            format!("{field}.pluginRef"),
-                            "a profile takes exactly one picker",
-                        ));
-                    }
-                    if r.weight.is_some() {
-                        return Err(ConfigError::new(
-                            format!("{field}.weight"),
-                            "only scorers take a weight",
-                        ));
-                    }
-                    picker = Some(k.clone());
-                }
-                Plugin::ProfileHandler => {}
-            }
         }
-        let picker = picker.unwrap_or_else(|| Arc::new(plugins::MaxScorePicker::default()));
-        let labels = filters
-            .iter()
-            .map(|f| PluginLabels::new(f.type_name(), f.name()))
-            .chain(
-                scorers
-                    .iter()
-                    .map(|(s, _)| PluginLabels::new(s.type_name(), s.name())),
-            )
-            .chain(std::iter::once(PluginLabels::new(
-                picker.type_name(),
-                picker.name(),
-            )))
-            .collect();
+        let mut profiles = Vec::with_capacity(cfg.scheduling_profiles.len());
+        for (pi, pspec) in cfg.scheduling_profiles.iter().enumerate() {
+            profiles.push(build_profile(pi, pspec, &built)?);
+        }
+        let handler = handler.unwrap_or_else(|| Arc::new(plugins::SingleProfileHandler::default()));
         Ok(Self {
-            profile: Profile {
-                name: pspec.name.clone(),
-                filters,
-                scorers,
-                picker,
-            },
+            profiles,
+            handler,
             prefix,
             observer: Arc::new(NoopObserver),
-            labels,
         })
     }
 
@@ -253,26 +200,38 @@ impl Scheduler {
         self.prefix
     }
 
+    /// The profile the handler runs for requests (with the single-profile handler: the one
+    /// named `default`, else the first).
     pub fn profile(&self) -> &Profile {
-        &self.profile
+        &self.profiles[self.handler.select(&self.profiles)]
+    }
+
+    /// Every configured profile, in config order.
+    pub fn profiles(&self) -> &[Profile] {
+        &self.profiles
     }
 
     /// A one-line description for start-up logs.
     pub fn describe(&self) -> String {
-        let mut parts: Vec<String> = self
-            .profile
+        let p = self.profile();
+        let mut parts: Vec<String> = p
             .filters
             .iter()
             .map(|f| format!("filter:{}", f.name()))
             .collect();
         parts.extend(
-            self.profile
-                .scorers
+            p.scorers
                 .iter()
                 .map(|(s, w)| format!("scorer:{}*{w}", s.name())),
         );
-        parts.push(format!("picker:{}", self.profile.picker.name()));
-        format!("profile {:?} [{}]", self.profile.name, parts.join(", "))
+        parts.push(format!("picker:{}", p.picker.name()));
+        format!(
+            "{} runs profile {:?} [{}] (of {})",
+            self.handler.name(),
+            p.name,
+            parts.join(", "),
+            self.profiles.len()
+        )
     }
 
     /// Schedule one request. `hints.subset`, when given, restricts candidates to those
@@ -331,13 +290,14 @@ impl Scheduler {
             stale
         };
         let mut cands = cands;
-        let nf = self.profile.filters.len();
-        for (k, f) in self.profile.filters.iter().enumerate() {
+        let profile = self.profile();
+        let nf = profile.filters.len();
+        for (k, f) in profile.filters.iter().enumerate() {
             let t = Instant::now();
             let before = cands.len();
             f.filter(ctx, &mut cands);
             self.observer
-                .observe(&self.labels[k], t.elapsed().as_secs_f64());
+                .observe(&profile.labels[k], t.elapsed().as_secs_f64());
             if cands.is_empty() {
                 return Err(if f.empty_means_saturated() {
                     ScheduleError::Saturated
@@ -351,12 +311,12 @@ impl Scheduler {
         }
         let mut totals = vec![0.0f64; cands.len()];
         let mut buf = vec![0.0f64; cands.len()];
-        for (k, (s, w)) in self.profile.scorers.iter().enumerate() {
+        for (k, (s, w)) in profile.scorers.iter().enumerate() {
             let t = Instant::now();
             buf.iter_mut().for_each(|v| *v = 0.0);
             s.score(ctx, &cands, &mut buf);
             self.observer
-                .observe(&self.labels[nf + k], t.elapsed().as_secs_f64());
+                .observe(&profile.labels[nf + k], t.elapsed().as_secs_f64());
             for (tot, v) in totals.iter_mut().zip(&buf) {
                 // Plugins promise [0,1]; clamp defensively so one bad value cannot dominate.
                 let v = if v.is_finite() {
@@ -368,8 +328,8 @@ impl Scheduler {
             }
         }
         let t = Instant::now();
-        let order = self.profile.picker.pick(ctx, &cands, &totals);
-        if let Some(l) = self.labels.last() {
+        let order = profile.picker.pick(ctx, &cands, &totals);
+        if let Some(l) = profile.labels.last() {
             self.observer.observe(l, t.elapsed().as_secs_f64());
         }
         let ranked: Vec<usize> = order.iter().map(|&k| cands[k]).collect();
@@ -388,6 +348,92 @@ impl Scheduler {
             scores,
         })
     }
+}
+
+/// Build profile `pi` from its spec over the built plugins.
+fn build_profile(
+    pi: usize,
+    pspec: &crate::config::ProfileSpec,
+    built: &[(String, Plugin)],
+) -> Result<Profile, ConfigError> {
+    let mut filters = Vec::new();
+    let mut scorers = Vec::new();
+    let mut picker: Option<Arc<dyn Picker>> = None;
+    for (j, r) in pspec.plugins.iter().enumerate() {
+        let field = format!("schedulingProfiles[{pi}].plugins[{j}]");
+        let Some((_, p)) = built.iter().find(|(n, _)| *n == r.plugin_ref) else {
+            return Err(ConfigError::new(
+                format!("{field}.pluginRef"),
+                format!("no plugin named {:?} in `plugins`", r.plugin_ref),
+            ));
+        };
+        let no_weight = || {
+            if r.weight.is_some() {
+                Err(ConfigError::new(
+                    format!("{field}.weight"),
+                    "only scorers take a weight",
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match p {
+            Plugin::Filter(f) => {
+                no_weight()?;
+                filters.push(f.clone())
+            }
+            Plugin::Scorer(s) => {
+                let w = r.weight.unwrap_or(1.0);
+                if !w.is_finite() || w < 0.0 {
+                    return Err(ConfigError::new(
+                        format!("{field}.weight"),
+                        "must be a finite number >= 0",
+                    ));
+                }
+                scorers.push((s.clone(), w));
+            }
+            Plugin::Picker(k) => {
+                if picker.is_some() {
+                    return Err(ConfigError::new(
+                        format!("{field}.pluginRef"),
+                        "a profile takes exactly one picker",
+                    ));
+                }
+                no_weight()?;
+                picker = Some(k.clone());
+            }
+            Plugin::ProfileHandler(_) => {
+                return Err(ConfigError::new(
+                    format!("{field}.pluginRef"),
+                    format!(
+                        "{:?} is a profile handler: it chooses between profiles and is configured in `plugins` only",
+                        r.plugin_ref
+                    ),
+                ))
+            }
+        }
+    }
+    let picker = picker.unwrap_or_else(|| Arc::new(plugins::MaxScorePicker::default()));
+    let labels = filters
+        .iter()
+        .map(|f| PluginLabels::new(f.type_name(), f.name()))
+        .chain(
+            scorers
+                .iter()
+                .map(|(s, _)| PluginLabels::new(s.type_name(), s.name())),
+        )
+        .chain(std::iter::once(PluginLabels::new(
+            picker.type_name(),
+            picker.name(),
+        )))
+        .collect();
+    Ok(Profile {
+        name: pspec.name.clone(),
+        filters,
+        scorers,
+        picker,
+        labels,
+    })
 }
 
 /// The conformance hook's forced pick: the named endpoints in the order given. `ip:port` matches

@@ -87,7 +87,11 @@ fn world(cases: &[EpCase]) -> World {
     }
 }
 
+/// A config with one plugin of `type_`, referenced by the default profile (profile handlers
+/// choose between profiles, so they are only listed).
 fn single_plugin_config(type_: &str, weight: Option<f64>) -> EndpointPickerConfig {
+    let handler = plugins::registry::lookup(type_)
+        .is_some_and(|r| r.kind == plugins::registry::Kind::ProfileHandler);
     EndpointPickerConfig {
         api_version: epp_core::config::API_VERSION.into(),
         kind: epp_core::config::KIND.into(),
@@ -98,10 +102,14 @@ fn single_plugin_config(type_: &str, weight: Option<f64>) -> EndpointPickerConfi
         }],
         scheduling_profiles: vec![ProfileSpec {
             name: "default".into(),
-            plugins: vec![ProfilePluginRef {
-                plugin_ref: format!("my-{type_}"),
-                weight,
-            }],
+            plugins: if handler {
+                vec![]
+            } else {
+                vec![ProfilePluginRef {
+                    plugin_ref: format!("my-{type_}"),
+                    weight,
+                }]
+            },
         }],
         feature_gates: vec![],
         saturation_detector: None,
@@ -160,7 +168,9 @@ proptest! {
                     prop_assert_eq!(seen.len(), order.len(), "{} repeated a candidate", t);
                     prop_assert!(order.iter().all(|k| *k < all.len()));
                 }
-                Plugin::ProfileHandler => {}
+                Plugin::ProfileHandler(h) => {
+                    prop_assert_eq!(h.type_name(), t);
+                }
             }
             // Through the scheduler: never an unhealthy or out-of-subset pick.
             let weight = matches!(plugin, Plugin::Scorer(_)).then_some(2.0);
@@ -227,4 +237,52 @@ fn unknown_types_and_bad_parameters_name_the_field() {
     assert_eq!(e.field, "plugins[0].parameters");
     assert!(e.message.contains("unknown field `bogus`"), "{e}");
     let _ = Arc::new(());
+}
+
+#[test]
+fn profile_handlers_choose_among_profiles_that_are_all_validated() {
+    let yaml = |extra: &str| {
+        format!(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n\
+             plugins:\n- type: queue-scorer\n- type: round-robin-picker\n- type: single-profile-handler\n{extra}\
+             schedulingProfiles:\n- name: other\n  plugins:\n  - pluginRef: round-robin-picker\n\
+             - name: default\n  plugins:\n  - pluginRef: queue-scorer\n"
+        )
+    };
+    let s = Scheduler::from_config(&EndpointPickerConfig::from_yaml(&yaml("")).unwrap()).unwrap();
+    assert_eq!(s.profiles().len(), 2);
+    assert_eq!(
+        s.profile().name,
+        "default",
+        "the single handler runs `default`"
+    );
+    assert!(
+        s.describe()
+            .starts_with("single-profile-handler runs profile \"default\""),
+        "{}",
+        s.describe()
+    );
+    // A second handler is refused.
+    let cfg =
+        EndpointPickerConfig::from_yaml(&yaml("- type: single-profile-handler\n  name: h2\n"))
+            .unwrap();
+    let e = Scheduler::from_config(&cfg).err().unwrap();
+    assert_eq!(e.field, "plugins[3].type", "{e}");
+    // Every profile is validated, not only the one that runs.
+    let bad = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n\
+               plugins:\n- type: queue-scorer\n\
+               schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n\
+               - name: unused\n  plugins:\n  - pluginRef: nope\n";
+    let e = Scheduler::from_config(&EndpointPickerConfig::from_yaml(bad).unwrap())
+        .err()
+        .unwrap();
+    assert_eq!(e.field, "schedulingProfiles[1].plugins[0].pluginRef", "{e}");
+    // A handler is not a profile member.
+    let bad = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n\
+               plugins:\n- type: single-profile-handler\n\
+               schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: single-profile-handler\n";
+    let e = Scheduler::from_config(&EndpointPickerConfig::from_yaml(bad).unwrap())
+        .err()
+        .unwrap();
+    assert!(e.message.contains("profile handler"), "{e}");
 }

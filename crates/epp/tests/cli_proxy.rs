@@ -57,7 +57,7 @@ fn check_config_accepts_valid_and_names_the_bad_field() {
     let out = epp().arg("check-config").arg(&good).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout)
-        .contains("valid; profile \"default\" [scorer:queue-scorer*2, picker:max-score-picker]"));
+        .contains("valid; single-profile-handler runs profile \"default\" [scorer:queue-scorer*2, picker:max-score-picker] (of 1)"));
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue\n").unwrap();
     let out = epp().arg("check-config").arg(&bad).output().unwrap();

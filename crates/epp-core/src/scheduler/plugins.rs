@@ -24,7 +24,7 @@ pub use pickers::random::{RandomPicker, TYPE as RANDOM_PICKER};
 pub use pickers::round_robin::{RoundRobinPicker, TYPE as ROUND_ROBIN_PICKER};
 pub use pickers::weighted_random::{WeightedRandomPicker, TYPE as WEIGHTED_RANDOM_PICKER};
 pub use pickers::PickerParams;
-pub use profiles::single::TYPE as SINGLE_PROFILE_HANDLER;
+pub use profiles::single::{SingleProfileHandler, TYPE as SINGLE_PROFILE_HANDLER};
 pub use registry::{all_types, REGISTRY};
 pub use scorers::active_request::{ActiveRequestScorer, TYPE as ACTIVE_REQUEST_SCORER};
 pub use scorers::kv_cache::{KvCacheScorer, TYPE as KV_CACHE_SCORER};
@@ -65,11 +65,19 @@ pub trait Picker: Send + Sync {
     fn pick(&self, ctx: &SchedCtx<'_>, cands: &[usize], scores: &[f64]) -> Vec<usize>;
 }
 
+/// Chooses which scheduling profile runs for a request.
+pub trait ProfileHandler: Send + Sync {
+    fn type_name(&self) -> &'static str;
+    fn name(&self) -> &str;
+    /// The index into `profiles` (never empty) of the profile to run.
+    fn select(&self, profiles: &[super::Profile]) -> usize;
+}
+
 pub enum Plugin {
     Filter(Arc<dyn Filter>),
     Scorer(Arc<dyn Scorer>),
     Picker(Arc<dyn Picker>),
-    ProfileHandler,
+    ProfileHandler(Arc<dyn ProfileHandler>),
 }
 
 /// A plugin's `parameters`, strictly parsed (defaults when absent).
