@@ -241,19 +241,12 @@ async fn accept_loop(
 }
 
 pub(crate) fn error_response(err: &RouteError, request_id: &str) -> Response {
-    let mut r = Response::new(Body::from(err.json_body()));
+    let mut r = json_response(err.json_body(), request_id);
     *r.status_mut() = StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert(REQUEST_ID, v);
-    }
     r
 }
 
+/// A JSON body with its content type and the request id.
 fn json_response(body: Vec<u8>, request_id: &str) -> Response {
     let mut r = Response::new(Body::from(body));
     let h = r.headers_mut();

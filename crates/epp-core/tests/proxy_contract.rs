@@ -142,10 +142,7 @@ async fn forced_pick_only_with_the_conformance_hooks() {
 #[tokio::test]
 async fn model_rewrite_reaches_the_backend_and_the_client_sees_its_own_model() {
     let (up, seen) = capture_upstream(false).await;
-    let p = epp_core::proxy::spawn(proxy_options(picker_options(vec![up.to_string()])))
-        .await
-        .unwrap();
-    wait_healthy(&p, 1).await;
+    let p = proxy_over(vec![up.to_string()]).await;
     let c = client();
     let url = format!("http://{}/v1/completions", p.proxy_addr);
     for (header, stream) in [
@@ -190,10 +187,7 @@ async fn model_rewrite_reaches_the_backend_and_the_client_sees_its_own_model() {
 async fn only_the_inference_api_is_forwarded_and_local_errors_cost_no_health() {
     let sims = sims(3, |_| {}).await;
     let addrs: Vec<String> = sims.iter().map(|s| s.addr().to_string()).collect();
-    let p = epp_core::proxy::spawn(proxy_options(picker_options(addrs)))
-        .await
-        .unwrap();
-    wait_healthy(&p, 3).await;
+    let p = proxy_over(addrs).await;
     let c = client();
     // An asterisk-form request target, as `curl -X OPTIONS --request-target '*'` sends.
     for _ in 0..3 {
@@ -271,10 +265,7 @@ async fn models_are_the_union_over_the_pool() {
     let b = sims(1, |c| c.model = "model-b".into()).await;
     a.extend(b);
     let addrs: Vec<String> = a.iter().map(|s| s.addr().to_string()).collect();
-    let p = epp_core::proxy::spawn(proxy_options(picker_options(addrs)))
-        .await
-        .unwrap();
-    wait_healthy(&p, 2).await;
+    let p = proxy_over(addrs).await;
     let c = client();
     let r = request(
         &c,
@@ -398,10 +389,7 @@ async fn slow_clients_are_cut_off_and_the_connection_count_is_bounded() {
 #[tokio::test]
 async fn a_backend_that_breaks_off_mid_body_is_counted_as_what_the_client_got() {
     let (up, _) = capture_upstream(true).await;
-    let p = epp_core::proxy::spawn(proxy_options(picker_options(vec![up.to_string()])))
-        .await
-        .unwrap();
-    wait_healthy(&p, 1).await;
+    let p = proxy_over(vec![up.to_string()]).await;
     let c = client();
     let req = http::Request::post(format!("http://{}/v1/completions", p.proxy_addr))
         .body(http_body_util::Full::new(Bytes::from(
@@ -425,12 +413,7 @@ async fn a_backend_that_breaks_off_mid_body_is_counted_as_what_the_client_got() 
 #[tokio::test]
 async fn readyz_answers_503_through_the_drain_then_the_probe_port_closes() {
     let sims = sims(1, |c| c.latency.prefill_overhead_ms = 800.0).await;
-    let p = epp_core::proxy::spawn(proxy_options(picker_options(vec![sims[0]
-        .addr()
-        .to_string()])))
-    .await
-    .unwrap();
-    wait_healthy(&p, 1).await;
+    let p = proxy_over(vec![sims[0].addr().to_string()]).await;
     let c = client();
     let health = p.health_addr.unwrap();
     let readyz = format!("http://{health}/readyz");
@@ -460,12 +443,7 @@ async fn readyz_answers_503_through_the_drain_then_the_probe_port_closes() {
 async fn a_request_without_model_is_routed_when_the_pool_serves_one_model() {
     let mut pool = sims(1, |c| c.model = "model-a".into()).await;
     let c = client();
-    let p = epp_core::proxy::spawn(proxy_options(picker_options(vec![pool[0]
-        .addr()
-        .to_string()])))
-    .await
-    .unwrap();
-    wait_healthy(&p, 1).await;
+    let p = proxy_over(vec![pool[0].addr().to_string()]).await;
     let url = format!("http://{}/v1/completions", p.proxy_addr);
     let r = request(
         &c,
@@ -482,10 +460,7 @@ async fn a_request_without_model_is_routed_when_the_pool_serves_one_model() {
     // Two models: 400 naming the choices.
     pool.extend(sims(1, |c| c.model = "model-b".into()).await);
     let addrs = pool.iter().map(|s| s.addr().to_string()).collect();
-    let p = epp_core::proxy::spawn(proxy_options(picker_options(addrs)))
-        .await
-        .unwrap();
-    wait_healthy(&p, 2).await;
+    let p = proxy_over(addrs).await;
     let url = format!("http://{}/v1/completions", p.proxy_addr);
     let r = request(&c, "POST", &url, &[], Bytes::from(r#"{"prompt":"hi"}"#)).await;
     assert_eq!(r.status, 400);
@@ -536,12 +511,7 @@ async fn request_bodies_share_one_memory_budget() {
 #[tokio::test]
 async fn reported_and_predicted_cached_tokens_are_counted_per_backend() {
     let sims = sims(1, |_| {}).await;
-    let p = epp_core::proxy::spawn(proxy_options(picker_options(vec![sims[0]
-        .addr()
-        .to_string()])))
-    .await
-    .unwrap();
-    wait_healthy(&p, 1).await;
+    let p = proxy_over(vec![sims[0].addr().to_string()]).await;
     let c = client();
     let url = format!("http://{}/v1/completions", p.proxy_addr);
     let shared = text(3, 2048);

@@ -70,6 +70,16 @@ pub fn proxy_options(picker: RuntimeOptions) -> ProxyOptions {
     }
 }
 
+/// A proxy (default options) over `endpoints`, once all of them are healthy.
+pub async fn proxy_over(endpoints: Vec<String>) -> ProxyHandle {
+    let n = endpoints.len();
+    let p = epp_core::proxy::spawn(proxy_options(picker_options(endpoints)))
+        .await
+        .expect("proxy starts");
+    wait_healthy(&p, n).await;
+    p
+}
+
 /// Wait (bounded) until every endpoint is healthy in the proxy's datastore.
 pub async fn wait_healthy(p: &ProxyHandle, n: usize) {
     let ds = p.director.datastore();
