@@ -1,5 +1,6 @@
-//! The request lifecycle both front-ends call: parse → schedule → record the decision → track the
-//! in-flight request → complete (prefix index, counters, metrics). The ext_proc service and the
+//! The request lifecycle both front-ends call: parse → admission → schedule → body mutation →
+//! track the in-flight request (passive health, response usage and model restore) → complete
+//! (prefix index, counters, metrics). The ext_proc service and the
 //! HTTP proxy only translate their wire formats to and from this module, so routing behaviour and
 //! metrics cannot drift between the two modes.
 
@@ -8,6 +9,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use crate::admission::{Admission, AdmissionRequest, AdmitAll};
 use crate::datastore::{
     Datastore, DatastoreWriter, Endpoint, FailureKind, HealthSink, InFlight, Source,
 };
@@ -302,6 +304,7 @@ impl Drop for RequestTracker {
 }
 
 struct Inner {
+    admission: Arc<dyn Admission>,
     body_budget: BodyBudget,
     datastore: Datastore,
     /// Passive health: what the upstreams did with routed requests.
@@ -355,12 +358,29 @@ impl Director {
             BodyBudget::with_meters(max_buffered_body_bytes, Some(metrics.body_budget.clone()));
         Self {
             inner: Arc::new(Inner {
+                admission: Arc::new(AdmitAll),
                 health: writer.health_sink(),
                 datastore,
                 scheduler,
                 prefix,
                 metrics,
                 body_budget,
+            }),
+        }
+    }
+
+    /// The same core with `admission` deciding which requests go on to scheduling.
+    pub fn with_admission(&self, admission: Arc<dyn Admission>) -> Self {
+        let i = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                admission,
+                body_budget: i.body_budget.clone(),
+                datastore: i.datastore.clone(),
+                health: i.health.clone(),
+                scheduler: i.scheduler.clone(),
+                prefix: i.prefix.clone(),
+                metrics: i.metrics.clone(),
             }),
         }
     }
@@ -453,6 +473,13 @@ impl Director {
         if let Some(t) = req.headers.model_rewrite.as_deref() {
             parsed.target_model = t.to_string();
         }
+        inner.admission.admit(&AdmissionRequest {
+            method,
+            request: &parsed,
+            headers: req.headers,
+            snapshot: &snapshot,
+            body_bytes: req.body.len(),
+        })?;
         let hashes = inner.prefix.hash(&parsed.target_model, &parsed.prompt);
         let matches = inner.prefix.lookup(&hashes);
         let ctx = SchedCtx {
@@ -519,5 +546,68 @@ impl Director {
             tracker,
             body,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{presets, EndpointPickerConfig};
+    use crate::datastore::{EndpointSpec, HealthConfig, ModelServerMetrics};
+
+    struct RefuseTenant;
+    impl Admission for RefuseTenant {
+        fn admit(&self, req: &AdmissionRequest<'_>) -> Result<(), RouteError> {
+            match req.headers.fairness_id.as_deref() {
+                Some("blocked") => Err(RouteError::new(429, "tenant over its share")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn admission_runs_between_parse_and_schedule() {
+        let w = DatastoreWriter::new(HealthConfig::default());
+        w.set_endpoints(vec![EndpointSpec::new("10.0.0.1:8000")]);
+        w.record_scrape("10.0.0.1:8000", Ok(ModelServerMetrics::default()));
+        let cfg = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
+        let d = Director::build(&w, Scheduler::from_config(&cfg).unwrap())
+            .with_admission(Arc::new(RefuseTenant));
+        let body = br#"{"model":"m","prompt":"hello"}"#;
+        let blocked = InboundHeaders {
+            fairness_id: Some("blocked".into()),
+            ..Default::default()
+        };
+        let route = |h: &InboundHeaders| {
+            d.route(RouteRequest {
+                method: Some(ApiMethod::Completions),
+                body,
+                subset: None,
+                headers: h,
+            })
+        };
+        let e = route(&blocked).unwrap_err();
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (429, "tenant over its share")
+        );
+        assert_eq!(
+            w.snapshot().endpoints[0].endpoint.inflight(),
+            0,
+            "nothing was routed"
+        );
+        let ok = route(&InboundHeaders::default()).unwrap();
+        assert_eq!(ok.targets[0].address(), "10.0.0.1:8000");
+        ok.tracker.finish(200);
+        let text = d.metrics().encode();
+        assert!(
+            text.contains(r#"epp_requests_total{method="completions",status="429"} 1"#),
+            "{text}"
+        );
+        // Refused before scheduling: no routing decision was recorded for it.
+        assert!(
+            text.contains(r#"epp_routing_decisions_total{decision_type="load_balance"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! `telemetry`, `metrics` and `config` are leaves.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod datastore;
