@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use serde_json::json;
 
+pub mod metrics;
+
 use crate::admission::{Admission, AdmissionRequest, AdmitAll};
 use crate::datastore::{
     Datastore, DatastoreWriter, Endpoint, FailureKind, HealthSink, InFlight, Source,

@@ -122,6 +122,27 @@ pub struct BudgetMeters {
     pub rejections: prometheus_client::metrics::counter::Counter,
 }
 
+impl BudgetMeters {
+    /// Register the budget's families in `registry`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self {
+            buffered_bytes: Default::default(),
+            rejections: Default::default(),
+        };
+        registry.register(
+            "epp_request_body_buffered_bytes",
+            "Bytes of request bodies held in memory right now, waiting to be routed (both front-ends)",
+            m.buffered_bytes.clone(),
+        );
+        registry.register(
+            "epp_request_body_budget_rejections",
+            "Requests refused with 503 because --max-buffered-body-bytes was spent",
+            m.rejections.clone(),
+        );
+        m
+    }
+}
+
 /// Default of `--max-buffered-body-bytes`.
 pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: usize = 512 * 1024 * 1024;
 

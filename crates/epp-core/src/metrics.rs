@@ -13,15 +13,16 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
 };
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::datastore::{Datastore, HealthState};
+use crate::director::metrics::RequestMetrics;
 use crate::prefix::PrefixIndex;
 use crate::request::ApiMethod;
+use crate::scheduler::metrics::PluginMetrics;
 use crate::scheduler::{DecisionType, PluginObserver};
 
 /// `Content-Type` of the exposition we serve.
@@ -126,31 +127,21 @@ impl PluginLabels {
     }
 }
 
-fn decision_histogram() -> Histogram {
+pub(crate) fn decision_histogram() -> Histogram {
     Histogram::new(DECISION_BUCKETS)
 }
-fn plugin_histogram() -> Histogram {
+pub(crate) fn plugin_histogram() -> Histogram {
     Histogram::new(PLUGIN_BUCKETS)
 }
-fn e2e_histogram() -> Histogram {
+pub(crate) fn e2e_histogram() -> Histogram {
     Histogram::new(E2E_BUCKETS)
 }
 
-/// Handles for everything the request path records.
+/// The one metrics registry, and the handles of the modules that record into it.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
-    cache_requests: Family<BackendLabels, Counter>,
-    cache_hits: Family<BackendLabels, Counter>,
-    decisions: Family<DecisionLabels, Counter>,
-    plugin_duration: Family<PluginLabels, Histogram, fn() -> Histogram>,
-    e2e: Family<MethodLabels, Histogram, fn() -> Histogram>,
-    ttft: Family<MethodLabels, Histogram, fn() -> Histogram>,
-    prompt_tokens: Family<BackendLabels, Counter>,
-    completion_tokens: Family<BackendLabels, Counter>,
-    cached_tokens: Family<BackendLabels, Counter>,
-    predicted_cached_tokens: Family<BackendLabels, Counter>,
+    requests: RequestMetrics,
+    plugins: PluginMetrics,
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
 }
@@ -162,127 +153,19 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Register every metric. `datastore` and `prefix` feed the scrape-time collector.
+    /// Register every metric: each module registers its own families, and `datastore` and
+    /// `prefix` feed the scrape-time collector.
     pub fn new(datastore: Datastore, prefix: Arc<PrefixIndex>) -> Arc<Self> {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "epp_requests",
-            "Requests the picker handled, by API operation and the HTTP status the client finally got",
-            requests.clone(),
-        );
-        let duration = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            decision_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "epp_request_duration_seconds",
-            "The picker's own latency per request: from having the request to handing back the routing decision",
-            duration.clone(),
-        );
-        let cache_requests = Family::<BackendLabels, Counter>::default();
-        registry.register(
-            "epp_cache_requests",
-            "Routed requests whose prompt had at least one full prefix block, by picked backend",
-            cache_requests.clone(),
-        );
-        let cache_hits = Family::<BackendLabels, Counter>::default();
-        registry.register(
-            "epp_cache_hits",
-            "Of epp_cache_requests_total, those whose picked backend held at least the prompt's first prefix block",
-            cache_hits.clone(),
-        );
-        let decisions = Family::<DecisionLabels, Counter>::default();
-        registry.register(
-            "epp_routing_decisions",
-            "Routing decisions by reason: cache_hit, load_balance, health_check, no_endpoint",
-            decisions.clone(),
-        );
-        let plugin_duration =
-            Family::<PluginLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                plugin_histogram as fn() -> Histogram,
-            );
-        registry.register(
-            "epp_plugin_duration_seconds",
-            "Time spent in each scheduler plugin per request",
-            plugin_duration.clone(),
-        );
-        let e2e = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            e2e_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "epp_request_e2e_duration_seconds",
-            "Proxy mode: from receiving the request to the end of the response",
-            e2e.clone(),
-        );
-        let ttft = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            e2e_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "epp_request_ttft_seconds",
-            "Proxy mode: from receiving the request to the first response body byte",
-            ttft.clone(),
-        );
-        let body_budget = crate::gateway::BudgetMeters {
-            buffered_bytes: Default::default(),
-            rejections: Default::default(),
-        };
-        registry.register(
-            "epp_request_body_buffered_bytes",
-            "Bytes of request bodies held in memory right now, waiting to be routed (both front-ends)",
-            body_budget.buffered_bytes.clone(),
-        );
-        registry.register(
-            "epp_request_body_budget_rejections",
-            "Requests refused with 503 because --max-buffered-body-bytes was spent",
-            body_budget.rejections.clone(),
-        );
-        let prompt_tokens = Family::<BackendLabels, Counter>::default();
-        registry.register(
-            "epp_backend_prompt_tokens",
-            "Prompt tokens the backend reported computing for (usage.prompt_tokens of responses)",
-            prompt_tokens.clone(),
-        );
-        let completion_tokens = Family::<BackendLabels, Counter>::default();
-        registry.register(
-            "epp_backend_completion_tokens",
-            "Completion tokens the backend reported (usage.completion_tokens)",
-            completion_tokens.clone(),
-        );
-        let cached_tokens = Family::<BackendLabels, Counter>::default();
-        registry.register(
-            "epp_backend_cached_tokens",
-            "Prompt tokens the backend reported found in its cache (usage.prompt_tokens_details.cached_tokens): observed reuse",
-            cached_tokens.clone(),
-        );
-        let predicted_cached_tokens = Family::<BackendLabels, Counter>::default();
-        registry.register(
-            "epp_backend_predicted_cached_tokens",
-            "Prompt tokens the picker believed the backend had cached when it picked it, for the same responses: predicted reuse",
-            predicted_cached_tokens.clone(),
-        );
-        // Seed the fixed label sets so rates exist (as 0) before the first event.
-        for m in ApiMethod::ALL {
-            let _ = duration.get_or_create(&MethodLabels { method: m });
-        }
-        for d in DecisionType::ALL {
-            let _ = decisions.get_or_create(&DecisionLabels { decision_type: d });
-        }
+        let requests = RequestMetrics::register(&mut registry);
+        let plugins = PluginMetrics::register(&mut registry);
+        let body_budget = crate::gateway::BudgetMeters::register(&mut registry);
         registry.register_collector(Box::new(StateCollector { datastore, prefix }));
         registry.register_collector(Box::new(ProcessCollector));
         Arc::new(Self {
             registry,
             requests,
-            duration,
-            cache_requests,
-            cache_hits,
-            decisions,
-            plugin_duration,
-            e2e,
-            ttft,
-            prompt_tokens,
-            completion_tokens,
-            cached_tokens,
-            predicted_cached_tokens,
+            plugins,
             body_budget,
         })
     }
@@ -297,74 +180,19 @@ impl Metrics {
         }
         out
     }
+}
 
-    /// One response's `usage`, with the cached tokens the picker predicted for it.
-    pub fn record_usage(
-        &self,
-        backend: &LabelStr,
-        u: &crate::gateway::usage::Usage,
-        predicted: u64,
-    ) {
-        let l = BackendLabels {
-            backend: backend.clone(),
-        };
-        self.prompt_tokens.get_or_create(&l).inc_by(u.prompt_tokens);
-        self.completion_tokens
-            .get_or_create(&l)
-            .inc_by(u.completion_tokens);
-        self.cached_tokens.get_or_create(&l).inc_by(u.cached_tokens);
-        self.predicted_cached_tokens
-            .get_or_create(&l)
-            .inc_by(predicted);
-    }
-
-    pub fn record_request(&self, method: ApiMethod, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels { method, status })
-            .inc();
-    }
-
-    pub fn observe_decision_latency(&self, method: ApiMethod, seconds: f64) {
-        self.duration
-            .get_or_create(&MethodLabels { method })
-            .observe(seconds);
-    }
-
-    pub fn record_decision(&self, d: DecisionType) {
-        self.decisions
-            .get_or_create(&DecisionLabels { decision_type: d })
-            .inc();
-    }
-
-    /// A routed request with at least one full prefix block; `hit` if the picked backend held
-    /// its first block.
-    pub fn record_cache(&self, backend: &LabelStr, hit: bool) {
-        let l = BackendLabels {
-            backend: backend.clone(),
-        };
-        self.cache_requests.get_or_create(&l).inc();
-        let hits = self.cache_hits.get_or_create(&l);
-        if hit {
-            hits.inc();
-        }
-    }
-
-    pub fn observe_e2e(&self, method: ApiMethod, seconds: f64) {
-        self.e2e
-            .get_or_create(&MethodLabels { method })
-            .observe(seconds);
-    }
-
-    pub fn observe_ttft(&self, method: ApiMethod, seconds: f64) {
-        self.ttft
-            .get_or_create(&MethodLabels { method })
-            .observe(seconds);
+/// The request path records through the lifecycle's own handles.
+impl std::ops::Deref for Metrics {
+    type Target = RequestMetrics;
+    fn deref(&self) -> &RequestMetrics {
+        &self.requests
     }
 }
 
 impl PluginObserver for Metrics {
     fn observe(&self, labels: &PluginLabels, seconds: f64) {
-        self.plugin_duration.get_or_create(labels).observe(seconds);
+        self.plugins.observe(labels, seconds);
     }
 }
 

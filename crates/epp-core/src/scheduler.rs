@@ -4,6 +4,7 @@
 //! Built from an [`EndpointPickerConfig`]: every plugin named in `plugins` is constructed from its
 //! `type` and `parameters`; the first profile (or the one named `default`) is what runs.
 
+pub mod metrics;
 pub mod plugins;
 
 use std::sync::Arc;
