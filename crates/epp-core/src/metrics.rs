@@ -1,6 +1,9 @@
 //! The one metrics registry, shared by every front-end: the seed's seven `epp_*` metrics with
 //! exactly their names and labels (see `shared/design/METRICS.md`), scheduler internals,
-//! per-backend scraped state, build info, process and runtime metrics.
+//! per-backend scraped state, build info, process and runtime metrics. Each module registers
+//! the families it records (`director::metrics`, `scheduler::metrics`, the gateway's body
+//! budget); this module owns the registry, the typed label sets they share, and the
+//! scrape-time collectors.
 //!
 //! Request-path metrics are lock-free handles updated in place. Per-backend state is not copied
 //! into gauges: a collector reads the datastore snapshot at scrape time, so a removed backend's
