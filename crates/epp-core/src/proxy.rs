@@ -161,7 +161,13 @@ pub async fn spawn_with_shutdown(
     let grace = opts.picker.grace_period;
     let addrs = ProxyAddrs { proxy_addr };
     let run = move |picker: Runtime| async move {
-        let server = accept_loop(listener, app, opts, shutdown.clone());
+        let server = accept_loop(
+            listener,
+            app,
+            opts,
+            picker.director.clone(),
+            shutdown.clone(),
+        );
         serve_within_grace(server, &shutdown, grace, "requests").await;
         picker.join().await;
         tracing::info!("proxy stopped");
@@ -175,6 +181,7 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     opts: ProxyOptions,
+    director: Director,
     shutdown: Shutdown,
 ) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -229,8 +236,13 @@ async fn accept_loop(
             .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
             .into_owned();
         let conn = graceful.watch(conn);
+        let director = director.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
+                // Requests the HTTP layer refused before the proxy saw them still count.
+                if let Some(status) = refused_status(e.as_ref()) {
+                    director.record_answered(ApiMethod::Other, status);
+                }
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
             drop(permit);
@@ -238,6 +250,22 @@ async fn accept_loop(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The status the HTTP layer answered a request it could not parse with (431 for a head over
+/// [`MAX_HEADER_BYTES`], 400 otherwise, 408 for a head that did not arrive in time); `None`
+/// for connection errors that are no refusal (the client went away).
+fn refused_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let h = e.downcast_ref::<hyper::Error>()?;
+    if h.is_parse_too_large() {
+        Some(431)
+    } else if h.is_parse() || h.is_parse_status() {
+        Some(400)
+    } else if h.is_timeout() {
+        Some(408)
+    } else {
+        None
+    }
 }
 
 pub(crate) fn error_response(err: &RouteError, request_id: &str) -> Response {

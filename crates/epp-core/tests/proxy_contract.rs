@@ -567,3 +567,40 @@ async fn reported_and_predicted_cached_tokens_are_counted_per_backend() {
     assert_eq!(predicted, 2.0 * 512.0, "{m:?}");
     p.stop().await;
 }
+
+#[tokio::test]
+async fn requests_the_http_layer_refuses_are_counted() {
+    let sims = sims(1, |_| {}).await;
+    let p = proxy_over(vec![sims[0].addr().to_string()]).await;
+    // A request head over the 64 KiB limit: 431.
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let big = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let (out, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out:?}");
+    // A TLS ClientHello on the plain port: 400.
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let _ = s
+        .write_all(&[
+            0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+        ])
+        .await;
+    let (out, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = client();
+    let m = scrape(&c, p.metrics_addr.unwrap()).await;
+    let other = |status| {
+        sum(
+            &m,
+            "epp_requests_total",
+            &[("method", "other"), ("status", status)],
+        )
+    };
+    assert_eq!(other("431"), 1.0, "{m:?}");
+    assert_eq!(other("400"), 1.0, "{m:?}");
+    p.stop().await;
+}
