@@ -253,16 +253,15 @@ async fn accept_loop(
 }
 
 /// The status the HTTP layer answered a request it could not parse with (431 for a head over
-/// [`MAX_HEADER_BYTES`], 400 otherwise, 408 for a head that did not arrive in time); `None`
-/// for connection errors that are no refusal (the client went away).
+/// [`MAX_HEADER_BYTES`], 400 otherwise); `None` for connection errors that are no refusal (the
+/// client went away, or a kept-alive connection sat idle past `--header-read-timeout`, which
+/// is no request at all).
 fn refused_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
     let h = e.downcast_ref::<hyper::Error>()?;
     if h.is_parse_too_large() {
         Some(431)
     } else if h.is_parse() || h.is_parse_status() {
         Some(400)
-    } else if h.is_timeout() {
-        Some(408)
     } else {
         None
     }
