@@ -515,14 +515,8 @@ impl Director {
         // remember by the server's real cache size when it reports one.
         let server_blocks = snapshot.endpoints[ranked[0]]
             .metrics
-            .as_ref()
-            .and_then(|m| {
-                let blocks = m.num_gpu_blocks? as usize;
-                let tokens_per_block = m.block_size.unwrap_or(16) as usize;
-                let bytes =
-                    blocks * tokens_per_block * crate::scheduler::plugins::BYTES_PER_TOKEN as usize;
-                Some((bytes / inner.prefix.config().block_size.max(1)).max(1))
-            });
+            .as_deref()
+            .and_then(|m| inner.prefix.server_capacity_blocks(m));
         inner
             .prefix
             .insert_capped(primary.slot, &hashes, server_blocks);

@@ -321,11 +321,13 @@ impl Collector for StateCollector {
                 ConstCounter::new(e.endpoint.scrape_errors()).encode(m.encode_family(&be(e))?)?;
             }
         }
-        let cap = self.prefix.config().capacity_per_endpoint
-            * snap
-                .endpoints
-                .len()
-                .min(crate::prefix::MAX_TRACKED_ENDPOINTS);
+        // The bound in force per backend (what the index really keeps), summed.
+        let cap: usize = snap
+            .endpoints
+            .iter()
+            .filter(|e| e.slot() < crate::prefix::MAX_TRACKED_ENDPOINTS)
+            .map(|e| self.prefix.capacity_blocks(e.metrics.as_deref()))
+            .sum();
         ConstGauge::new(self.prefix.len() as i64).encode(enc.encode_descriptor(
             "epp_prefix_index_blocks",
             "(backend, block) pairs held by the approximate prefix index",
@@ -334,7 +336,7 @@ impl Collector for StateCollector {
         )?)?;
         ConstGauge::new(cap as i64).encode(enc.encode_descriptor(
             "epp_prefix_index_capacity_blocks",
-            "Capacity of the prefix index: blocks per backend times known backends",
+            "Capacity of the prefix index in force: per backend the smaller of lruCapacityPerServer and the backend's own KV cache (cache_config_info), summed over backends",
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?)?;

@@ -10,6 +10,11 @@
 //! kept one more round), which costs one ring slot and one map entry per block and no queue of
 //! touches. Updates after a pick lock only the shards they touch, so picks never queue behind
 //! one lock.
+//!
+//! The bound in force for one endpoint is the smaller of `lruCapacityPerServer` and the
+//! endpoint's own KV cache when it reports one ([`PrefixIndex::capacity_blocks`]): remembering
+//! more than the server can hold would only believe in prefixes it has already evicted. The
+//! capacity metric reports the same number, so alerts compare evictions with what is held.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -17,6 +22,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use xxhash_rust::xxh64::xxh64;
+
+use crate::datastore::ModelServerMetrics;
 
 /// Endpoint slots the index can track (bits of the per-block set). Endpoints on higher slots
 /// are routed by load only.
@@ -161,6 +168,32 @@ impl PrefixIndex {
         &self.cfg
     }
 
+    /// The endpoint's own KV-cache size in index blocks, from its scraped `cache_config_info`
+    /// (`num_gpu_blocks` × `block_size` tokens × 4 bytes of prompt text per token, over the
+    /// index block size), or `None` when it reports no (or a zero) cache size. Scraped values are
+    /// untrusted: the arithmetic saturates.
+    pub fn server_capacity_blocks(&self, m: &ModelServerMetrics) -> Option<usize> {
+        let blocks = usize::try_from(m.num_gpu_blocks?).unwrap_or(usize::MAX);
+        let tokens_per_block = m.block_size.unwrap_or(16) as usize;
+        if blocks == 0 || tokens_per_block == 0 {
+            return None;
+        }
+        let bytes = blocks
+            .saturating_mul(tokens_per_block)
+            .saturating_mul(crate::scheduler::plugins::BYTES_PER_TOKEN as usize);
+        Some((bytes / self.cfg.block_size.max(1)).max(1))
+    }
+
+    /// Blocks the index keeps at most for one endpoint: `lruCapacityPerServer`, lowered to the
+    /// endpoint's own cache size when its metrics report one. [`insert_capped`](Self::insert_capped)
+    /// enforces exactly this with `server_blocks` from [`server_capacity_blocks`](Self::server_capacity_blocks).
+    pub fn capacity_blocks(&self, m: Option<&ModelServerMetrics>) -> usize {
+        cap_in_force(
+            self.cfg.capacity_per_endpoint,
+            m.and_then(|m| self.server_capacity_blocks(m)),
+        )
+    }
+
     pub fn hash(&self, model: &str, prompt: &[u8]) -> PromptHashes {
         hash_prompt(&self.cfg, model, prompt)
     }
@@ -218,11 +251,7 @@ impl PrefixIndex {
         if bank > 0 {
             self.high_bank_used.store(true, Ordering::Relaxed);
         }
-        let cap = self
-            .cfg
-            .capacity_per_endpoint
-            .min(server_blocks.unwrap_or(usize::MAX))
-            .clamp(1, (REFERENCED - 1) as usize);
+        let cap = cap_in_force(self.cfg.capacity_per_endpoint, server_blocks);
         let mut lru = self.lrus[slot].lock();
         let mut added = 0usize;
         let mut evicted = 0usize;
@@ -327,6 +356,13 @@ impl PrefixIndex {
     }
 }
 
+/// The per-endpoint bound: the configured capacity, lowered to the server's cache when known.
+fn cap_in_force(configured: usize, server_blocks: Option<usize>) -> usize {
+    configured
+        .min(server_blocks.unwrap_or(usize::MAX))
+        .clamp(1, (REFERENCED - 1) as usize)
+}
+
 fn set_lens(lens: &mut Vec<u32>, bank: usize, mut bits: u64, n: u32) {
     while bits != 0 {
         let slot = bank * BANK_BITS + bits.trailing_zeros() as usize;
@@ -403,6 +439,52 @@ mod tests {
         assert_eq!(idx.slot_len(0), 2);
         assert_eq!(idx.len(), 2);
         assert_eq!(idx.evictions(), 3);
+    }
+
+    #[test]
+    fn capacity_in_force_is_the_smaller_of_config_and_server_cache() {
+        // The simulator's default cache: 8,192 blocks of 16 tokens = 8,192 index blocks of
+        // 64 bytes, below the default lruCapacityPerServer of 31,250.
+        let idx = PrefixIndex::new(PrefixConfig::default());
+        let sim = ModelServerMetrics {
+            block_size: Some(16),
+            num_gpu_blocks: Some(8192),
+            ..Default::default()
+        };
+        assert_eq!(idx.server_capacity_blocks(&sim), Some(8192));
+        assert_eq!(idx.capacity_blocks(Some(&sim)), 8192);
+        assert_eq!(idx.capacity_blocks(None), 31_250);
+        // A server that reports no size (or zero) does not lower the bound.
+        let unknown = ModelServerMetrics::default();
+        assert_eq!(idx.server_capacity_blocks(&unknown), None);
+        let zero = ModelServerMetrics {
+            num_gpu_blocks: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(idx.capacity_blocks(Some(&zero)), 31_250);
+        // A bigger server leaves the configured bound in force.
+        let big = ModelServerMetrics {
+            block_size: Some(16),
+            num_gpu_blocks: Some(100_000),
+            ..Default::default()
+        };
+        assert_eq!(idx.capacity_blocks(Some(&big)), 31_250);
+        // Absurd scraped values saturate instead of overflowing.
+        let huge = ModelServerMetrics {
+            block_size: Some(u32::MAX),
+            num_gpu_blocks: Some(u64::MAX),
+            ..Default::default()
+        };
+        assert_eq!(idx.capacity_blocks(Some(&huge)), 31_250);
+        // What insert_capped keeps is exactly the bound in force.
+        for p in 0..200u32 {
+            let prompt: Vec<u8> = (0..64 * 64).map(|i| (i as u32 ^ p) as u8).collect();
+            let prompt = [p.to_le_bytes().as_slice(), &prompt].concat();
+            let h = idx.hash("m", &prompt);
+            idx.insert_capped(0, &h, idx.server_capacity_blocks(&sim));
+        }
+        assert_eq!(idx.slot_len(0), 8192);
+        assert_eq!(idx.len(), idx.capacity_blocks(Some(&sim)));
     }
 
     #[test]
