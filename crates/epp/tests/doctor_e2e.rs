@@ -157,7 +157,7 @@ fn wrong_token_is_explained() {
     assert_eq!(code, 1, "{out}");
     let (auth, fix) = line_and_next(&out, "✗ picker auth:");
     assert!(
-        auth.starts_with("✗ picker auth: 401 Unauthorized with the token from --token; the picker says: invalid bearer token"),
+        auth.starts_with("✗ picker auth: 401 Unauthorized with the token from --token; the picker says: missing or invalid bearer token"),
         "{auth}"
     );
     assert!(
@@ -188,7 +188,7 @@ fn wrong_token_is_explained() {
     assert_eq!(code, 1, "{out}");
     let (auth, fix) = line_and_next(&out, "✗ picker auth:");
     assert!(
-        auth.starts_with("✗ picker auth: 401 Unauthorized without a token; the picker says: missing bearer token"),
+        auth.starts_with("✗ picker auth: 401 Unauthorized without a token; the picker says: missing or invalid bearer token"),
         "{auth}"
     );
     assert!(fix.contains("--token-file"), "{fix}");

@@ -100,7 +100,8 @@ pub struct RuntimeArgs {
     #[arg(long, value_enum, value_name = "MODE")]
     pub metrics_auth: Option<MetricsAuthArg>,
 
-    /// File holding the bearer token for `--metrics-auth=token`.
+    /// File holding the bearer token for `--metrics-auth=token`. Re-read every second: a rotated
+    /// token takes effect without a restart (an unreadable or empty file keeps the last good one).
     #[arg(long, value_name = "FILE")]
     pub metrics_token_file: Option<PathBuf>,
 
