@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -84,7 +85,27 @@ impl EndpointPickerConfig {
         let de = serde_yaml::Deserializer::from_str(text);
         let cfg: EndpointPickerConfig = serde_path_to_error(de)?;
         cfg.check_header()?;
+        cfg.check_profiles()?;
         Ok(cfg)
+    }
+
+    /// Profile names are unique: with two of one name, which one runs would be a guess.
+    fn check_profiles(&self) -> Result<(), ConfigError> {
+        for (i, p) in self.scheduling_profiles.iter().enumerate() {
+            if let Some(first) = self.scheduling_profiles[..i]
+                .iter()
+                .position(|q| q.name == p.name)
+            {
+                return Err(ConfigError::new(
+                    format!("schedulingProfiles[{i}].name"),
+                    format!(
+                        "duplicate profile name {:?} (also schedulingProfiles[{first}]); profile names must be unique",
+                        p.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn to_yaml(&self) -> String {
@@ -130,6 +151,27 @@ fn serde_path_to_error(
         };
         ConfigError::new(field, format!("{message}{loc}"))
     })
+}
+
+/// A plugin's `parameters` as its typed struct (absent or null: the defaults). Errors name the
+/// field inside `parameters`, e.g. `plugins[0].parameters.blockSizeTokens: invalid type: ...`;
+/// `field` is the plugin's own path (`plugins[0]`).
+pub fn plugin_parameters<T: DeserializeOwned + Default>(
+    spec: &PluginSpec,
+    field: &str,
+) -> Result<T, ConfigError> {
+    match &spec.parameters {
+        None | Some(Value::Null) => Ok(T::default()),
+        Some(v) => ::serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+            let path = e.path().to_string();
+            let at = match path.as_str() {
+                "." => format!("{field}.parameters"),
+                p if p.starts_with('[') => format!("{field}.parameters{p}"),
+                p => format!("{field}.parameters.{p}"),
+            };
+            ConfigError::new(at, e.into_inner().to_string())
+        }),
+    }
 }
 
 /// Built-in policies, as config text. `default` is what runs when no config is given.
@@ -253,5 +295,50 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.field, "schedulingProfiles[0].plugins[0].weight", "{e}");
+    }
+
+    const HEAD: &str =
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
+
+    #[test]
+    fn duplicate_profile_names_are_refused() {
+        let e = EndpointPickerConfig::from_yaml(&format!(
+            "{HEAD}plugins:\n- type: random-picker\n- type: max-score-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: random-picker\n- name: other\n- name: default\n  plugins:\n  - pluginRef: max-score-picker\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "schedulingProfiles[2].name");
+        assert_eq!(
+            e.to_string(),
+            "schedulingProfiles[2].name: duplicate profile name \"default\" (also schedulingProfiles[0]); profile names must be unique"
+        );
+    }
+
+    #[test]
+    fn parameter_errors_name_the_parameter() {
+        let spec = |params: &str| PluginSpec {
+            name: None,
+            type_: "prefix-cache-scorer".into(),
+            parameters: Some(serde_yaml::from_str(params).unwrap()),
+        };
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "camelCase")]
+        struct P {
+            #[allow(dead_code)]
+            block_size_tokens: Option<u64>,
+        }
+        let e = plugin_parameters::<P>(&spec("blockSizeTokens: sixteen"), "plugins[0]").unwrap_err();
+        assert_eq!(e.field, "plugins[0].parameters.blockSizeTokens");
+        assert_eq!(
+            e.message,
+            "invalid type: string \"sixteen\", expected u64"
+        );
+        // Not a map at all: the parameters themselves are at fault; an unknown key is named.
+        let e = plugin_parameters::<P>(&spec("[1, 2]"), "plugins[3]").unwrap_err();
+        assert_eq!(e.field, "plugins[3].parameters");
+        let e = plugin_parameters::<P>(&spec("bogus: 1"), "plugins[0]").unwrap_err();
+        assert_eq!(e.field, "plugins[0].parameters.bogus");
+        assert!(e.message.starts_with("unknown field `bogus`"), "{e}");
+        let ok: P = plugin_parameters(&spec("blockSizeTokens: 8"), "plugins[0]").unwrap();
+        assert_eq!(ok.block_size_tokens, Some(8));
     }
 }

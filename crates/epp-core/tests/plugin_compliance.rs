@@ -234,7 +234,7 @@ fn unknown_types_and_bad_parameters_name_the_field() {
         parameters: Some(serde_json::json!({"bogus": 1})),
     };
     let e = plugins::build(&spec, "plugins[0]").err().unwrap();
-    assert_eq!(e.field, "plugins[0].parameters");
+    assert_eq!(e.field, "plugins[0].parameters.bogus");
     assert!(e.message.contains("unknown field `bogus`"), "{e}");
     let _ = Arc::new(());
 }

@@ -125,6 +125,91 @@ fn bad_configuration_is_refused_before_binding() {
     }
 }
 
+/// Run `epp` to completion, or kill it after 15 s (it then started although it should not
+/// have): (exit code, stderr).
+fn run_bounded(mut cmd: Command) -> (Option<i32>, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (code, err)
+}
+
+#[test]
+fn check_config_names_the_typed_parameter_and_refuses_duplicate_profiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
+    let typed = dir.path().join("typed.yaml");
+    std::fs::write(&typed, format!("{head}plugins:\n- type: prefix-cache-scorer\n  parameters:\n    blockSizeTokens: sixteen\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n")).unwrap();
+    let out = epp().arg("check-config").arg(&typed).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid: plugins[0].parameters.blockSizeTokens: invalid type: string \"sixteen\", expected u64"),
+        "{err}"
+    );
+    let dup = dir.path().join("dup.yaml");
+    std::fs::write(&dup, format!("{head}plugins:\n- type: random-picker\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: random-picker\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n")).unwrap();
+    let out = epp().arg("check-config").arg(&dup).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid: schedulingProfiles[1].name: duplicate profile name \"default\" (also schedulingProfiles[0])"),
+        "{err}"
+    );
+}
+
+#[test]
+fn zero_upstream_timeout_and_a_host_name_for_serve_are_refused() {
+    let (port, metrics) = (free_port(), free_port());
+    let mut cmd = epp();
+    cmd.arg("proxy")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-bind-address", &format!("127.0.0.1:{metrics}")])
+        .args(["--health-probe-bind-address", "127.0.0.1:0"])
+        .args(["--endpoint", "127.0.0.1:1", "--upstream-timeout", "0s"]);
+    let (code, err) = run_bounded(cmd);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("invalid value '0s' for '--upstream-timeout <DURATION>': \"0s\": must be greater than 0"),
+        "{err}"
+    );
+    assert!(TcpListener::bind(("127.0.0.1", port)).is_ok());
+
+    let (grpc, grpc_health) = (free_port(), free_port());
+    let mut cmd = epp();
+    cmd.arg("serve")
+        .args(["--grpc-host", "127.0.0.1"])
+        .args(["--grpc-port", &grpc.to_string()])
+        .args(["--grpc-health-port", &grpc_health.to_string()])
+        .args(["--metrics-bind-address", &format!("127.0.0.1:{metrics}")])
+        .args(["--health-probe-bind-address", "127.0.0.1:0"])
+        .args(["--endpoint", "localhost:8000"]);
+    let (code, err) = run_bounded(cmd);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--endpoint localhost:8000: epp serve needs ip:port"),
+        "{err}"
+    );
+    assert!(TcpListener::bind(("127.0.0.1", grpc)).is_ok());
+}
+
 #[cfg(unix)]
 #[test]
 fn sigterm_finishes_in_flight_streams_and_logs_json() {

@@ -80,16 +80,13 @@ pub enum Plugin {
     ProfileHandler(Arc<dyn ProfileHandler>),
 }
 
-/// A plugin's `parameters`, strictly parsed (defaults when absent).
+/// A plugin's `parameters`, strictly parsed (defaults when absent); errors name the field
+/// inside `parameters` (see [`crate::config::plugin_parameters`]).
 pub(crate) fn params<T: DeserializeOwned + Default>(
     spec: &PluginSpec,
     field: &str,
 ) -> Result<T, ConfigError> {
-    match &spec.parameters {
-        None | Some(serde_json::Value::Null) => Ok(T::default()),
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|e| ConfigError::new(format!("{field}.parameters"), e.to_string())),
-    }
+    crate::config::plugin_parameters(spec, field)
 }
 
 /// Parameters of plugins that take none (any key is an error).

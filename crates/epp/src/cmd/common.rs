@@ -65,6 +65,15 @@ impl From<LogFormatArg> for epp_core::telemetry::LogFormat {
     }
 }
 
+/// As [`parse_duration`], refusing zero (for deadlines: a zero deadline fails every request).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be greater than 0"));
+    }
+    Ok(d)
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RuntimeArgs {
     /// A model-server endpoint `host:port` (repeatable). For `serve`, use `ip:port`.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use epp_core::proxy::{spawn_with_shutdown, ProxyOptions};
 use epp_core::telemetry::Shutdown;
 
-use super::common::{parse_duration, RuntimeArgs};
+use super::common::{parse_duration, parse_positive_duration, RuntimeArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -18,8 +18,8 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 10 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_body_bytes: u64,
 
-    /// Deadline for an upstream's response headers (past it: 504).
-    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    /// Deadline for an upstream's response headers (past it: 504). Must be greater than 0.
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_positive_duration)]
     pub upstream_timeout: std::time::Duration,
 
     /// Endpoints tried per request when connecting fails (primary + fallbacks).

@@ -78,6 +78,14 @@ impl Args {
         if !self.secure_serving && (self.cert_path.is_some() || self.key_path.is_some()) {
             anyhow::bail!("--cert-path/--key-path need --secure-serving");
         }
+        // Envoy's ORIGINAL_DST cluster connects to the picked address as given: no DNS.
+        for e in &self.picker.endpoints {
+            if e.parse::<SocketAddr>().is_err() {
+                anyhow::bail!(
+                    "--endpoint {e}: epp serve needs ip:port (Envoy's ORIGINAL_DST cluster connects to the picked address as given and does not resolve host names)"
+                );
+            }
+        }
         // Neither file: self-signed. Both: loaded now, re-read every 10 s.
         let tls = self.secure_serving.then(|| TlsSettings {
             cert_file: self.cert_path.clone(),
