@@ -212,6 +212,11 @@ impl Runtime {
         let director =
             Director::build_with_budget(&datastore_writer, scheduler, opts.max_buffered_body_bytes);
         let metrics = director.metrics().clone();
+        // The metrics certificate's validity: exported, and named in /readyz when wrong.
+        let cert_status = tls.as_ref().map(|t| t.status());
+        if let Some(s) = &cert_status {
+            metrics.watch_certificate(s.clone());
+        }
 
         // Bind side servers (after validation).
         let mut metrics_addr = None;
@@ -255,7 +260,9 @@ impl Runtime {
                 }
                 Ok(())
             });
-            let router = serving::health_router(ready);
+            let warnings: serving::WarningsFn =
+                Arc::new(move || cert_status.iter().filter_map(|s| s.problem()).collect());
+            let router = serving::health_router_with_warnings(ready, warnings);
             // The probe port stays up through the drain (answering 503 on /readyz), so
             // orchestrators see "not ready" rather than a refused connection; it stops when
             // the front-end has finished (`join`).

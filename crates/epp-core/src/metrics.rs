@@ -147,7 +147,11 @@ pub struct Metrics {
     plugins: PluginMetrics,
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
+    certificates: Certificates,
 }
+
+/// The TLS ports whose certificate validity is exported.
+type Certificates = Arc<parking_lot::RwLock<Vec<Arc<crate::tls::CertStatus>>>>;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,12 +169,21 @@ impl Metrics {
         let body_budget = crate::gateway::BudgetMeters::register(&mut registry);
         registry.register_collector(Box::new(StateCollector { datastore, prefix }));
         registry.register_collector(Box::new(ProcessCollector));
+        let certificates = Certificates::default();
+        registry.register_collector(Box::new(CertCollector(certificates.clone())));
         Arc::new(Self {
             registry,
             requests,
             plugins,
             body_budget,
+            certificates,
         })
+    }
+
+    /// Export the validity of the certificate a TLS port serves
+    /// (`epp_tls_certificate_expiry_seconds{port}`, `epp_tls_certificate_valid{port}`).
+    pub fn watch_certificate(&self, status: Arc<crate::tls::CertStatus>) {
+        self.certificates.write().push(status);
     }
 
     /// The whole exposition, Prometheus text format 0.0.4.
@@ -363,6 +376,42 @@ impl Collector for StateCollector {
 /// Process and runtime metrics (Linux `/proc`; absent elsewhere).
 #[derive(Debug)]
 struct ProcessCollector;
+
+/// Certificate validity per TLS port, computed at scrape time (so expiry shows without a reload).
+struct CertCollector(Certificates);
+
+impl std::fmt::Debug for CertCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertCollector")
+    }
+}
+
+impl Collector for CertCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let certs = self.0.read();
+        if certs.is_empty() {
+            return Ok(());
+        }
+        let port = |c: &crate::tls::CertStatus| -> L1 { [("port", c.port_name().to_string())] };
+        gauge_family(
+            &mut enc,
+            "epp_tls_certificate_expiry_seconds",
+            "Seconds until the served TLS certificate's notAfter; negative once it has expired",
+            certs
+                .iter()
+                .filter_map(|c| c.expiry_seconds().map(|s| (port(c), s))),
+        )?;
+        gauge_family(
+            &mut enc,
+            "epp_tls_certificate_valid",
+            "1 while the served TLS certificate is within its validity period, 0 when expired or not yet valid",
+            certs
+                .iter()
+                .filter_map(|c| c.is_valid().map(|v| (port(c), i64::from(v)))),
+        )?;
+        Ok(())
+    }
+}
 
 fn one_gauge(
     enc: &mut DescriptorEncoder,

@@ -226,19 +226,34 @@ pub fn metrics_router(metrics: Arc<Metrics>, auth: MetricsAuth) -> Router {
 /// Readiness check: `Ok` when ready, else the reason.
 pub type ReadyFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Warnings that do not change readiness but belong in `/readyz`'s detail (e.g. an expired
+/// metrics certificate), one sentence each.
+pub type WarningsFn = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
 /// Router for the health-probe port: `/healthz` (alive) and `/readyz`.
 pub fn health_router(ready: ReadyFn) -> Router {
+    health_router_with_warnings(ready, Arc::new(Vec::new))
+}
+
+/// As [`health_router`]; `/readyz` adds one `warning: ...` line per current warning, with the
+/// status readiness alone decides.
+pub fn health_router_with_warnings(ready: ReadyFn, warnings: WarningsFn) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
-                let ready = ready.clone();
+                let (ready, warnings) = (ready.clone(), warnings.clone());
                 async move {
-                    match ready() {
+                    let (code, mut body) = match ready() {
                         Ok(()) => (StatusCode::OK, "ok".to_string()),
                         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                    };
+                    for w in warnings() {
+                        body.push_str("\nwarning: ");
+                        body.push_str(&w);
                     }
+                    (code, body)
                 }
             }),
         )

@@ -9,6 +9,12 @@
 //! rotation; a broken or half-written pair is refused and the old certificate kept), or, when
 //! none is given, is a self-signed one made at start-up. Probe ports are never TLS.
 //!
+//! The served certificate's validity period is checked at load and on every reload: an expired
+//! or not-yet-valid certificate is still served (refusing it would only turn a warning into an
+//! outage of the metrics port) but logged as a warning, exported as
+//! `epp_tls_certificate_expiry_seconds{port}` / `epp_tls_certificate_valid{port}` and named in
+//! `/readyz`'s detail, through the port's shared [`CertStatus`].
+//!
 //! Handshakes run in their own tasks (bounded to 10 s), so one slow client cannot hold up the
 //! others; finished connections come out of one accept loop as a [`TlsListener`], which is an
 //! `axum::serve::Listener` (metrics) and, through [`TlsListener::into_incoming`], a tonic
@@ -20,9 +26,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -44,6 +50,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct TlsPort {
     /// Log prefix, e.g. `metrics TLS`.
     pub label: &'static str,
+    /// The `port` label of the certificate metrics, e.g. `metrics`.
+    pub name: &'static str,
     /// The flag that names the certificate file.
     pub cert_flag: &'static str,
     /// The flag that names the key file.
@@ -56,6 +64,7 @@ impl TlsPort {
     /// The metrics port (`--metrics-tls`): HTTP/2 or HTTP/1.1.
     pub const METRICS: TlsPort = TlsPort {
         label: "metrics TLS",
+        name: "metrics",
         cert_flag: "--metrics-cert-file",
         key_flag: "--metrics-key-file",
         alpn: &[b"h2", b"http/1.1"],
@@ -63,6 +72,7 @@ impl TlsPort {
     /// The ext_proc gRPC port (`epp serve --secure-serving`): gRPC is HTTP/2 only.
     pub const GRPC: TlsPort = TlsPort {
         label: "gRPC TLS",
+        name: "grpc",
         cert_flag: "--cert-path",
         key_flag: "--key-path",
         alpn: &[b"h2"],
@@ -195,6 +205,120 @@ pub fn self_signed(extra_names: &[String]) -> Result<CertifiedKey, TlsError> {
     Ok(CertifiedKey::new(vec![ck.cert.der().clone()], signing))
 }
 
+/// The validity period of a certificate, in seconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+fn unix_now() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+fn utc(t: i64) -> String {
+    x509_parser::time::ASN1Time::from_timestamp(t)
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| format!("{t} s after the Unix epoch"))
+}
+
+impl Validity {
+    /// The validity of a DER certificate, or `None` when it does not parse as X.509.
+    pub fn of_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let v = cert.validity();
+        Some(Self {
+            not_before: v.not_before.timestamp(),
+            not_after: v.not_after.timestamp(),
+        })
+    }
+
+    /// Seconds from `now` until notAfter; negative once expired.
+    pub fn expiry_seconds_at(&self, now: i64) -> i64 {
+        self.not_after.saturating_sub(now)
+    }
+
+    /// What is wrong at `now` (`None` while valid), for logs and `/readyz`.
+    pub fn problem_at(&self, now: i64) -> Option<String> {
+        if now > self.not_after {
+            Some(format!(
+                "certificate expired at {} ({} s ago)",
+                utc(self.not_after),
+                now.saturating_sub(self.not_after)
+            ))
+        } else if now < self.not_before {
+            Some(format!(
+                "certificate is not valid before {} ({} s from now)",
+                utc(self.not_before),
+                self.not_before.saturating_sub(now)
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// The validity of the certificate one port serves, shared with the metrics collector and the
+/// readiness detail; updated on every (re)load.
+#[derive(Debug)]
+pub struct CertStatus {
+    port: TlsPort,
+    validity: ArcSwapOption<Validity>,
+}
+
+impl CertStatus {
+    fn new(port: TlsPort) -> Arc<Self> {
+        Arc::new(Self {
+            port,
+            validity: ArcSwapOption::empty(),
+        })
+    }
+
+    /// The `port` label (`metrics`, `grpc`).
+    pub fn port_name(&self) -> &'static str {
+        self.port.name
+    }
+
+    /// Validity of the certificate now served (`None` if it could not be read as X.509).
+    pub fn validity(&self) -> Option<Validity> {
+        self.validity.load().as_deref().copied()
+    }
+
+    /// Seconds until the served certificate's notAfter (negative once expired).
+    pub fn expiry_seconds(&self) -> Option<i64> {
+        self.validity().map(|v| v.expiry_seconds_at(unix_now()))
+    }
+
+    /// Whether the served certificate is within its validity period now.
+    pub fn is_valid(&self) -> Option<bool> {
+        self.validity().map(|v| v.problem_at(unix_now()).is_none())
+    }
+
+    /// A sentence naming the port's problem, e.g. for `/readyz`; `None` while valid.
+    pub fn problem(&self) -> Option<String> {
+        let p = self.validity()?.problem_at(unix_now())?;
+        Some(format!("{}: {p}", self.port.label))
+    }
+
+    /// Record the leaf certificate just loaded; warn when it is not valid now.
+    fn observe(&self, leaf_der: &[u8], source: &str) {
+        let v = Validity::of_der(leaf_der);
+        self.validity.store(v.map(Arc::new));
+        let label = self.port.label;
+        match v.and_then(|v| v.problem_at(unix_now())) {
+            Some(p) => tracing::warn!(certificate = source, "{label}: {p}; serving it anyway, replace it"),
+            None if v.is_none() => tracing::warn!(
+                certificate = source,
+                "{label}: cannot read the certificate's validity period"
+            ),
+            None => {}
+        }
+    }
+}
+
 /// The certificate currently served; swapped atomically on reload.
 #[derive(Debug)]
 pub struct CertStore {
@@ -231,6 +355,7 @@ impl CertStore {
 pub struct TlsSetup {
     pub store: Arc<CertStore>,
     pub acceptor: tokio_rustls::TlsAcceptor,
+    status: Arc<CertStatus>,
     port: TlsPort,
     files: Option<(PathBuf, PathBuf)>,
     reload_interval: Duration,
@@ -266,6 +391,8 @@ impl TlsSettings {
             }
         };
         let store = CertStore::new(key);
+        let status = CertStatus::new(port);
+        status.observe(&store.leaf_der(), &describe_files(files.as_ref()));
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -275,6 +402,7 @@ impl TlsSettings {
         Ok(TlsSetup {
             store,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+            status,
             port,
             files,
             reload_interval: self.reload_interval,
@@ -283,7 +411,18 @@ impl TlsSettings {
     }
 }
 
+fn describe_files(files: Option<&(PathBuf, PathBuf)>) -> String {
+    files
+        .map(|(c, _)| c.display().to_string())
+        .unwrap_or_else(|| "self-signed".into())
+}
+
 impl TlsSetup {
+    /// The served certificate's validity, kept current across reloads.
+    pub fn status(&self) -> Arc<CertStatus> {
+        self.status.clone()
+    }
+
     /// Whether the certificate comes from files (else it is self-signed).
     pub fn from_files(&self) -> bool {
         self.files.is_some()
@@ -323,6 +462,8 @@ impl TlsSetup {
                 self.store.set(key);
                 self.last = Some((cb, kb));
                 tracing::info!(cert = %c.display(), "{label}: certificate reloaded");
+                self.status
+                    .observe(&self.store.leaf_der(), &c.display().to_string());
                 true
             }
             Err(e) => {
@@ -571,6 +712,92 @@ mod tests {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         );
         assert_eq!(alpn(TlsPort::GRPC), vec![b"h2".to_vec()]);
+    }
+
+    /// A self-signed pair valid from `from` to `until` (years), as PEM.
+    fn pair_valid(from: i32, until: i32) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(from, 1, 1);
+        p.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    // 2000-01-01 and 2001-01-01 UTC.
+    const Y2000: i64 = 946_684_800;
+    const Y2001: i64 = 978_307_200;
+
+    #[test]
+    fn validity_is_read_and_judged() {
+        let (c, _) = pair_valid(2000, 2001);
+        let der = CertificateDer::from_pem_slice(c.as_bytes()).unwrap();
+        let v = Validity::of_der(&der).unwrap();
+        assert_eq!(
+            v,
+            Validity {
+                not_before: Y2000,
+                not_after: Y2001
+            }
+        );
+        assert_eq!(v.problem_at(Y2000 + 10), None);
+        assert_eq!(v.expiry_seconds_at(Y2001 + 60), -60);
+        assert_eq!(
+            v.problem_at(Y2001 + 60).unwrap(),
+            "certificate expired at Jan  1 00:00:00 2001 +00:00 (60 s ago)"
+        );
+        assert_eq!(
+            v.problem_at(Y2000 - 5).unwrap(),
+            "certificate is not valid before Jan  1 00:00:00 2000 +00:00 (5 s from now)"
+        );
+        assert_eq!(Validity::of_der(b"not der"), None);
+    }
+
+    #[test]
+    fn expired_and_future_certificates_are_reported_and_still_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let (cp, kp) = pair_valid(2000, 2001);
+        std::fs::write(&c, cp).unwrap();
+        std::fs::write(&k, kp).unwrap();
+        let mut s = TlsSettings {
+            cert_file: Some(c.clone()),
+            key_file: Some(k.clone()),
+            ..Default::default()
+        }
+        .setup(TlsPort::METRICS)
+        .expect("an expired certificate still loads");
+        let st = s.status();
+        assert_eq!(st.port_name(), "metrics");
+        assert_eq!(st.is_valid(), Some(false));
+        let left = st.expiry_seconds().unwrap();
+        assert!(left < -(Y2001 - Y2000), "{left}");
+        let p = st.problem().unwrap();
+        assert!(
+            p.starts_with("metrics TLS: certificate expired at Jan  1 00:00:00 2001 +00:00 ("),
+            "{p}"
+        );
+        // A reload to a not-yet-valid certificate updates the status.
+        let (cp, kp) = pair_valid(4000, 4001);
+        std::fs::write(&c, cp).unwrap();
+        std::fs::write(&k, kp).unwrap();
+        assert!(s.reload_once());
+        assert_eq!(st.is_valid(), Some(false));
+        assert!(st.expiry_seconds().unwrap() > 0);
+        assert!(st
+            .problem()
+            .unwrap()
+            .starts_with("metrics TLS: certificate is not valid before Jan  1 00:00:00 4000 +00:00"));
+        // And a good one clears it.
+        let (cp, kp) = pair_valid(2000, 4000);
+        std::fs::write(&c, cp).unwrap();
+        std::fs::write(&k, kp).unwrap();
+        assert!(s.reload_once());
+        assert_eq!((st.is_valid(), st.problem()), (Some(true), None));
+        // Self-signed certificates made at start-up are valid.
+        let s = TlsSettings::default().setup(TlsPort::GRPC).unwrap();
+        assert_eq!(s.status().is_valid(), Some(true));
+        assert_eq!(s.status().port_name(), "grpc");
     }
 
     #[test]

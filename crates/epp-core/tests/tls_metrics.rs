@@ -1,6 +1,7 @@
 //! HTTPS on the metrics port: served with the given certificate, a replaced certificate is
 //! picked up without a restart, a self-signed one is made when none is given, and the probe
-//! port stays plain HTTP.
+//! port stays plain HTTP. An expired certificate is still served, but exported as such and
+//! named in `/readyz`'s detail without making the picker unready.
 
 mod tls_support;
 
@@ -143,4 +144,85 @@ async fn unreadable_certificate_files_fail_validation_before_binding() {
         e.contains("--metrics-cert-file /nonexistent/tls.crt"),
         "{e}"
     );
+}
+
+/// GET over plain HTTP: (status, body).
+async fn plain_get_body(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text[9..12].parse().unwrap();
+    (code, text.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_exported_and_named_in_readyz() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    let p = start(MetricsTls {
+        cert_file: Some(dir.path().join("tls.crt")),
+        key_file: Some(dir.path().join("tls.key")),
+        reload_interval: Duration::from_millis(50),
+    })
+    .await;
+    let (leaf, code, body) = https_get(p.metrics_addr.unwrap()).await;
+    assert_eq!((leaf, code), (cert.der().to_vec(), 200));
+    assert!(
+        body.contains("epp_tls_certificate_valid{port=\"metrics\"} 0\n"),
+        "{body}"
+    );
+    let expiry: i64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("epp_tls_certificate_expiry_seconds{port=\"metrics\"} "))
+        .expect("expiry gauge")
+        .parse()
+        .unwrap();
+    // notAfter 2021-01-01T00:00:00Z = 1609459200; the gauge is notAfter - now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((expiry - (1_609_459_200 - now)).abs() <= 5, "{expiry}");
+
+    // Ready (once discovery has synced), with the problem in the detail.
+    let health = p.health_addr.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (code, body) = loop {
+        let r = plain_get_body(health, "/readyz").await;
+        if r.0 == 200 || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.starts_with("ok\nwarning: metrics TLS: certificate expired at Jan  1 00:00:00 2021 +00:00 ("),
+        "{body}"
+    );
+
+    // A valid replacement clears both.
+    write_pair(dir.path(), "fresh.example");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = plain_get_body(health, "/readyz").await;
+        if body == "ok" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, _, body) = https_get(p.metrics_addr.unwrap()).await;
+    assert!(body.contains("epp_tls_certificate_valid{port=\"metrics\"} 1\n"), "{body}");
+    p.shutdown.trigger();
+    p.join().await;
 }
