@@ -12,6 +12,7 @@ pub mod director;
 pub mod discovery;
 pub mod exposition;
 pub mod extproc;
+pub mod fuzzing;
 pub mod gateway;
 pub mod k8s;
 pub mod metrics;
