@@ -124,6 +124,9 @@ struct Lru {
     pos: IdMap<u32>,
     ring: Vec<u64>,
     hand: usize,
+    /// The endpoint's own cache size in index blocks, as last reported through
+    /// [`PrefixIndex::insert_capped`]; plain inserts keep to it too.
+    server_blocks: Option<usize>,
 }
 
 const REFERENCED: u32 = 1 << 31;
@@ -235,15 +238,28 @@ impl PrefixIndex {
         out
     }
 
-    /// Remember that `slot` now holds these blocks (called after the pick).
+    /// Remember that `slot` now holds these blocks (e.g. a request moved there), within the
+    /// slot's bound in force: the server cache size last given to
+    /// [`insert_capped`](Self::insert_capped) still applies.
     pub fn insert(&self, slot: usize, hashes: &PromptHashes) {
-        self.insert_capped(slot, hashes, None);
+        self.insert_within(slot, hashes, None);
     }
 
     /// As [`insert`](Self::insert), with the endpoint's real cache size in index blocks when
     /// known (from its scraped `cache_config_info`): the index never remembers more than the
     /// server can hold, so it does not believe in prefixes the server has already evicted.
     pub fn insert_capped(&self, slot: usize, hashes: &PromptHashes, server_blocks: Option<usize>) {
+        self.insert_within(slot, hashes, Some(server_blocks));
+    }
+
+    /// `server_blocks`: `Some` sets the slot's server bound (`Some(None)`: none known), `None`
+    /// keeps the one last set.
+    fn insert_within(
+        &self,
+        slot: usize,
+        hashes: &PromptHashes,
+        server_blocks: Option<Option<usize>>,
+    ) {
         if slot >= MAX_TRACKED_ENDPOINTS || hashes.hashes.is_empty() {
             return;
         }
@@ -251,8 +267,11 @@ impl PrefixIndex {
         if bank > 0 {
             self.high_bank_used.store(true, Ordering::Relaxed);
         }
-        let cap = cap_in_force(self.cfg.capacity_per_endpoint, server_blocks);
         let mut lru = self.lrus[slot].lock();
+        if let Some(b) = server_blocks {
+            lru.server_blocks = b;
+        }
+        let cap = cap_in_force(self.cfg.capacity_per_endpoint, lru.server_blocks);
         let mut added = 0usize;
         let mut evicted = 0usize;
         // The server's cache is smaller than what we remember: drop the excess.
@@ -439,6 +458,12 @@ mod tests {
         assert_eq!(idx.slot_len(0), 2);
         assert_eq!(idx.len(), 2);
         assert_eq!(idx.evictions(), 3);
+        // A plain insert (a request moved to this endpoint) keeps to the server's bound.
+        idx.insert(0, &idx.hash("m", b"ffffgggghhhhiiii"));
+        assert_eq!(idx.slot_len(0), 2);
+        // Until the server reports no size any more.
+        idx.insert_capped(0, &idx.hash("m", b"jjjjkkkk"), None);
+        assert_eq!(idx.slot_len(0), 4);
     }
 
     #[test]
