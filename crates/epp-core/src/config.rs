@@ -326,12 +326,10 @@ mod tests {
             #[allow(dead_code)]
             block_size_tokens: Option<u64>,
         }
-        let e = plugin_parameters::<P>(&spec("blockSizeTokens: sixteen"), "plugins[0]").unwrap_err();
+        let e =
+            plugin_parameters::<P>(&spec("blockSizeTokens: sixteen"), "plugins[0]").unwrap_err();
         assert_eq!(e.field, "plugins[0].parameters.blockSizeTokens");
-        assert_eq!(
-            e.message,
-            "invalid type: string \"sixteen\", expected u64"
-        );
+        assert_eq!(e.message, "invalid type: string \"sixteen\", expected u64");
         // Not a map at all: the parameters themselves are at fault; an unknown key is named.
         let e = plugin_parameters::<P>(&spec("[1, 2]"), "plugins[3]").unwrap_err();
         assert_eq!(e.field, "plugins[3].parameters");

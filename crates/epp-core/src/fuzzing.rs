@@ -13,10 +13,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use prost::Message;
 
 use crate::config::{presets, EndpointPickerConfig};
-use crate::datastore::{Datastore, Engine, EndpointSpec, HealthConfig, ModelServerMetrics};
+use crate::datastore::{Datastore, EndpointSpec, Engine, HealthConfig, ModelServerMetrics};
 use crate::director::Director;
-use crate::extproc::{ExtProcConfig, Exchange};
-use crate::metrics::Metrics;
+use crate::extproc::{Exchange, ExtProcConfig};
 use crate::prefix::{PrefixConfig, PrefixIndex};
 use crate::request::{parse_body, ApiMethod};
 use crate::scheduler::Scheduler;
@@ -77,9 +76,6 @@ fn default_config() -> &'static EndpointPickerConfig {
 fn director() -> Director {
     let scheduler = Scheduler::from_config(default_config()).expect("preset builds");
     let datastore = Datastore::new(HealthConfig::default());
-    let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
-    let metrics = Metrics::new(datastore.clone(), prefix.clone());
-    let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
     let pods = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"];
     datastore.set_endpoints(pods.iter().map(|p| EndpointSpec::new(*p)).collect());
     for (i, p) in pods.iter().enumerate() {
@@ -95,7 +91,7 @@ fn director() -> Director {
         );
     }
     datastore.mark_synced();
-    Director::new(datastore, scheduler, prefix, metrics)
+    Director::build(datastore, scheduler)
 }
 
 /// The ext_proc exchange state machine: the first byte sets the options (conformance hooks,

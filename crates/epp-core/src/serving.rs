@@ -207,7 +207,9 @@ async fn metrics_handler(State(st): State<MetricsState>, headers: HeaderMap) -> 
             }
         }
         MetricsAuth::Delegated(a) => {
-            if let AuthDecision::Deny { status, message } = a.authorize(bearer(&headers), "/metrics").await {
+            if let AuthDecision::Deny { status, message } =
+                a.authorize(bearer(&headers), "/metrics").await
+            {
                 return json_error(status, &message);
             }
         }

@@ -309,7 +309,10 @@ impl CertStatus {
         self.validity.store(v.map(Arc::new));
         let label = self.port.label;
         match v.and_then(|v| v.problem_at(unix_now())) {
-            Some(p) => tracing::warn!(certificate = source, "{label}: {p}; serving it anyway, replace it"),
+            Some(p) => tracing::warn!(
+                certificate = source,
+                "{label}: {p}; serving it anyway, replace it"
+            ),
             None if v.is_none() => tracing::warn!(
                 certificate = source,
                 "{label}: cannot read the certificate's validity period"
@@ -784,10 +787,9 @@ mod tests {
         assert!(s.reload_once());
         assert_eq!(st.is_valid(), Some(false));
         assert!(st.expiry_seconds().unwrap() > 0);
-        assert!(st
-            .problem()
-            .unwrap()
-            .starts_with("metrics TLS: certificate is not valid before Jan  1 00:00:00 4000 +00:00"));
+        assert!(st.problem().unwrap().starts_with(
+            "metrics TLS: certificate is not valid before Jan  1 00:00:00 4000 +00:00"
+        ));
         // And a good one clears it.
         let (cp, kp) = pair_valid(2000, 4000);
         std::fs::write(&c, cp).unwrap();

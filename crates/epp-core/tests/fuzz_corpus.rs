@@ -51,7 +51,8 @@ fn every_committed_input_replays_without_panicking() {
 fn every_target_has_a_fuzz_target_file() {
     for (target, _) in TARGETS {
         let src = fuzz_dir().join("fuzz_targets").join(format!("{target}.rs"));
-        let text = std::fs::read_to_string(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        let text =
+            std::fs::read_to_string(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
         assert!(
             text.contains(&format!("epp_core::fuzzing::{target}(")),
             "{} must call epp_core::fuzzing::{target}",
@@ -139,7 +140,11 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (i, b) in bodies.iter().enumerate() {
         for sel in [0u8, 1, 2, 3] {
             if (i + sel as usize) % 3 == 0 || sel == 0 {
-                out.push(("request_body", format!("seed-{i}-{sel}"), [&[sel][..], b].concat()));
+                out.push((
+                    "request_body",
+                    format!("seed-{i}-{sel}"),
+                    [&[sel][..], b].concat(),
+                ));
             }
         }
     }
@@ -153,7 +158,11 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         (0, "vllm:num_requests_waiting NaN\nvllm:num_requests_waiting{a=\"b\"} -Inf\n"),
     ];
     for (i, (sel, t)) in texts.iter().enumerate() {
-        out.push(("scrape_metrics", format!("seed-{i}"), [&[*sel][..], t.as_bytes()].concat()));
+        out.push((
+            "scrape_metrics",
+            format!("seed-{i}"),
+            [&[*sel][..], t.as_bytes()].concat(),
+        ));
     }
     for (name, y) in epp_core::config::presets::ALL {
         out.push(("config", format!("preset-{name}"), y.as_bytes().to_vec()));
@@ -166,7 +175,11 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         "featureGates: [x]\nsaturationDetector: {queueDepthThreshold: 5}\nplugins: []\nschedulingProfiles: []\n",
     ];
     for (i, c) in configs.iter().enumerate() {
-        out.push(("config", format!("seed-{i}"), format!("{head}{c}").into_bytes()));
+        out.push((
+            "config",
+            format!("seed-{i}"),
+            format!("{head}{c}").into_bytes(),
+        ));
     }
     let split = CHAT.len() / 2;
     let sequences: Vec<(u8, Vec<ProcessingRequest>)> = vec![
@@ -187,7 +200,10 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
                 req_headers(
                     "/v1/completions",
                     false,
-                    &[("test-epp-endpoint-selection", "10.0.0.2:8000"), ("x-gateway-model-name", "m2")],
+                    &[
+                        ("test-epp-endpoint-selection", "10.0.0.2:8000"),
+                        ("x-gateway-model-name", "m2"),
+                    ],
                 ),
                 body(br#"{"model":"m","prompt":"hello"}"#, true, false),
                 resp_headers("200", false),
@@ -219,7 +235,11 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
     ];
     for (i, (opts, seq)) in sequences.iter().enumerate() {
-        out.push(("extproc_messages", format!("seed-{i}"), encode_extproc_input(*opts, seq)));
+        out.push((
+            "extproc_messages",
+            format!("seed-{i}"),
+            encode_extproc_input(*opts, seq),
+        ));
     }
     out
 }

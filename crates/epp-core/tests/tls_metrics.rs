@@ -206,7 +206,9 @@ async fn an_expired_certificate_is_exported_and_named_in_readyz() {
     };
     assert_eq!(code, 200, "{body}");
     assert!(
-        body.starts_with("ok\nwarning: metrics TLS: certificate expired at Jan  1 00:00:00 2021 +00:00 ("),
+        body.starts_with(
+            "ok\nwarning: metrics TLS: certificate expired at Jan  1 00:00:00 2021 +00:00 ("
+        ),
         "{body}"
     );
 
@@ -222,7 +224,10 @@ async fn an_expired_certificate_is_exported_and_named_in_readyz() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, _, body) = https_get(p.metrics_addr.unwrap()).await;
-    assert!(body.contains("epp_tls_certificate_valid{port=\"metrics\"} 1\n"), "{body}");
+    assert!(
+        body.contains("epp_tls_certificate_valid{port=\"metrics\"} 1\n"),
+        "{body}"
+    );
     p.shutdown.trigger();
     p.join().await;
 }
