@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use prost::Message;
 
 use crate::config::{presets, EndpointPickerConfig};
-use crate::datastore::{Datastore, EndpointSpec, Engine, HealthConfig, ModelServerMetrics};
+use crate::datastore::{DatastoreWriter, EndpointSpec, Engine, HealthConfig, ModelServerMetrics};
 use crate::director::Director;
 use crate::extproc::{Exchange, ExtProcConfig};
 use crate::prefix::{PrefixConfig, PrefixIndex};
@@ -71,11 +71,11 @@ fn default_config() -> &'static EndpointPickerConfig {
     CFG.get_or_init(|| EndpointPickerConfig::from_yaml(presets::DEFAULT).expect("preset parses"))
 }
 
-/// A director over three healthy, scraped endpoints, new for every input so runs do not
-/// depend on each other.
-fn director() -> Director {
+/// A director over three healthy, scraped endpoints (and the writer that keeps its datastore),
+/// new for every input so runs do not depend on each other.
+fn director() -> (Director, DatastoreWriter) {
     let scheduler = Scheduler::from_config(default_config()).expect("preset builds");
-    let datastore = Datastore::new(HealthConfig::default());
+    let datastore = DatastoreWriter::new(HealthConfig::default());
     let pods = ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"];
     datastore.set_endpoints(pods.iter().map(|p| EndpointSpec::new(*p)).collect());
     for (i, p) in pods.iter().enumerate() {
@@ -91,7 +91,7 @@ fn director() -> Director {
         );
     }
     datastore.mark_synced();
-    Director::build(datastore, scheduler)
+    (Director::build(&datastore, scheduler), datastore)
 }
 
 /// The ext_proc exchange state machine: the first byte sets the options (conformance hooks,
@@ -105,8 +105,10 @@ pub fn extproc_messages(data: &[u8]) {
         test_hooks: opts & 1 != 0,
         fallbacks: usize::from((opts >> 1) & 3),
         max_body_bytes: FUZZ_MAX_BODY,
+        ..Default::default()
     });
-    let mut ex = Exchange::new(director(), cfg);
+    let (director, _datastore) = director();
+    let mut ex = Exchange::new(director, cfg);
     for _ in 0..MAX_MESSAGES {
         if rest.is_empty() || ex.finished() {
             break;
@@ -130,8 +132,11 @@ pub fn encode_extproc_input(opts: u8, msgs: &[ProcessingRequest]) -> Vec<u8> {
     out
 }
 
+/// A harness: returns normally for every input.
+pub type Harness = fn(&[u8]);
+
 /// Every harness by the name of its fuzz target (and corpus directory).
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Harness); 4] = [
     ("request_body", request_body),
     ("extproc_messages", extproc_messages),
     ("scrape_metrics", scrape_metrics),

@@ -279,7 +279,7 @@ mod tests {
     use tower::ServiceExt;
 
     fn router(auth: MetricsAuth) -> Router {
-        let ds = crate::datastore::Datastore::new(Default::default());
+        let ds = crate::datastore::DatastoreWriter::new(Default::default()).reader();
         let prefix = Arc::new(crate::prefix::PrefixIndex::new(Default::default()));
         metrics_router(Metrics::new(ds, prefix), auth)
     }

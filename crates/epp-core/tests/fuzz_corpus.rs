@@ -139,7 +139,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     ];
     for (i, b) in bodies.iter().enumerate() {
         for sel in [0u8, 1, 2, 3] {
-            if (i + sel as usize) % 3 == 0 || sel == 0 {
+            if (i + sel as usize).is_multiple_of(3) || sel == 0 {
                 out.push((
                     "request_body",
                     format!("seed-{i}-{sel}"),

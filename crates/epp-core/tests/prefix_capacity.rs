@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use epp_core::config::EndpointPickerConfig;
-use epp_core::datastore::{Datastore, EndpointSpec, HealthConfig, ModelServerMetrics};
+use epp_core::datastore::{DatastoreWriter, EndpointSpec, HealthConfig, ModelServerMetrics};
 use epp_core::metrics::Metrics;
 use epp_core::prefix::PrefixIndex;
 use epp_core::scheduler::Scheduler;
@@ -43,9 +43,9 @@ fn gauge(exposition: &str, name: &str) -> f64 {
 /// unique 8 KB prompts than they can hold, the way the director teaches the index.
 fn run(lru: u64, num_gpu_blocks: Option<u64>) -> (Arc<PrefixIndex>, String) {
     let scheduler = Scheduler::from_config(&config(lru)).unwrap();
-    let ds = Datastore::new(HealthConfig::default());
+    let ds = DatastoreWriter::new(HealthConfig::default());
     let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
-    let metrics = Metrics::new(ds.clone(), prefix.clone());
+    let metrics = Metrics::new(ds.reader(), prefix.clone());
     ds.set_endpoints(PODS.iter().map(|p| EndpointSpec::new(*p)).collect());
     for p in PODS {
         ds.record_scrape(
