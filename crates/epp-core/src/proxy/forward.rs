@@ -38,6 +38,33 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
+/// The endpoint closed or reset the connection before answering anything (a server shutting
+/// down closes its kept-alive connections under the request being sent). Nothing reached the
+/// client yet, so the request goes to the next-ranked endpoint, as after a refused connect.
+fn closed_without_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Send `routed` upstream and relay the answer. `client_body` is what the client sent; the
 /// director's rewritten body goes instead when it made one.
 pub(crate) async fn forward(
@@ -95,8 +122,8 @@ pub(crate) async fn forward(
             }
             Ok(Err(e)) => {
                 tracker.upstream_failed(failure_kind(&e));
-                if e.is_connect() {
-                    tracing::debug!(endpoint = %addr, error = %e, "connect failed; trying the next endpoint");
+                if e.is_connect() || closed_without_answer(&e) {
+                    tracing::debug!(endpoint = %addr, error = %e, "no answer from the endpoint; trying the next one");
                     last_err = format!("{addr}: {e}");
                     continue;
                 }
