@@ -1238,6 +1238,38 @@ async fn tls_self_signed_serves_and_bad_files_are_refused_before_binding() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_serve_exports_its_grpc_certificate_validity() {
+    let opts = extproc::ServeOptions {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        grpc_health_addr: "127.0.0.1:0".parse().unwrap(),
+        extproc: ExtProcConfig::default(),
+        tls: Some(TlsSettings::default()),
+        picker: epp_core::app::RuntimeOptions {
+            discovery: std::sync::Arc::new(epp_core::discovery::StaticDiscovery {
+                endpoints: vec!["127.0.0.1:9".into()],
+                ..Default::default()
+            }),
+            metrics_addr: None,
+            health_addr: None,
+            grace_period: Duration::from_secs(1),
+            ..Default::default()
+        },
+    };
+    let handle = tokio::time::timeout(TIMEOUT, extproc::spawn_with_shutdown(opts, Shutdown::new()))
+        .await
+        .expect("spawn in time")
+        .unwrap();
+    let text = handle.director.metrics().encode();
+    assert!(
+        text.contains(r#"epp_tls_certificate_valid{port="grpc"} 1"#),
+        "{text}"
+    );
+    tokio::time::timeout(TIMEOUT, handle.stop())
+        .await
+        .expect("stopped in time");
+}
+
 /// The picker's share of the Envoy benchmark: one whole exchange (request headers, body, the
 /// pick, response headers, response body) over loopback gRPC, sequentially. Prints p50/p99.
 /// `cargo test --release -p epp-core --test extproc_inprocess -- --ignored --nocapture`

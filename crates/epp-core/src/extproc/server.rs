@@ -247,6 +247,9 @@ pub async fn spawn_with_shutdown(
         .transpose()?;
     let validated = opts.picker.validate()?;
     let picker = Runtime::start(opts.picker.clone(), validated, shutdown.clone()).await?;
+    if let Some(t) = &tls {
+        picker.metrics.watch_certificate(t.status());
+    }
     let grpc = serving::bind(opts.grpc_addr, "--grpc-port").await?;
     let grpc_addr = grpc.local_addr()?;
     let health = serving::bind(opts.grpc_health_addr, "--grpc-health-port").await?;

@@ -158,7 +158,7 @@ pub(crate) async fn forward(
     tracker.finish(502);
     let err = RouteError::new(
         502,
-        format!("could not connect to any picked endpoint; last error: {last_err}"),
+        format!("no picked endpoint answered; last error: {last_err}"),
     );
     error_response(&err, request_id)
 }
