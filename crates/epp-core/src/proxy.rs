@@ -267,6 +267,32 @@ fn refused_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
     }
 }
 
+/// Whether an error (anywhere in its source chain) is the peer closing or resetting the
+/// connection: a client gone mid-body, or an upstream that hung up before answering.
+pub(crate) fn connection_dropped(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
 pub(crate) fn error_response(err: &RouteError, request_id: &str) -> Response {
     let mut r = json_response(err.json_body(), request_id);
     *r.status_mut() = StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

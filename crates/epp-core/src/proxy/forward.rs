@@ -42,27 +42,7 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
 /// down closes its kept-alive connections under the request being sent). Nothing reached the
 /// client yet, so the request goes to the next-ranked endpoint, as after a refused connect.
 fn closed_without_answer(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                return true;
-            }
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::UnexpectedEof
-            ) {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
+    super::connection_dropped(e)
 }
 
 /// Send `routed` upstream and relay the answer. `client_body` is what the client sent; the

@@ -144,27 +144,7 @@ pub async fn body(
 
 /// An incomplete body (the connection closed or reset before the declared end).
 fn is_client_gone(e: &axum::Error) -> bool {
-    let e: &(dyn std::error::Error + 'static) = e;
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                return true;
-            }
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            ) {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
+    super::connection_dropped(e)
 }
 
 #[cfg(test)]
