@@ -98,6 +98,10 @@ impl Default for RuntimeOptions {
 pub struct Validated {
     scheduler: Scheduler,
     initial: Vec<EndpointSpec>,
+    /// The config's data layer with the flags applied.
+    data: crate::datalayer::DataLayer,
+    /// The scraper's client (its certificate files read now).
+    scrape_client: crate::scrape::HttpClient,
     /// Metrics TLS with its certificate already loaded (file errors surface before binding).
     tls: Option<crate::tls::TlsSetup>,
 }
@@ -107,6 +111,12 @@ impl RuntimeOptions {
     pub fn validate(&self) -> Result<Validated, StartError> {
         let scheduler = Scheduler::from_config(&self.config)
             .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
+        let mut data = crate::datalayer::DataLayer::from_config(&self.config)
+            .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
+        data.apply(&self.scrape.overrides)
+            .map_err(StartError::Invalid)?;
+        let scrape_client = crate::scrape::client_for(data.metrics.as_ref().map(|m| &m.source))
+            .map_err(|e| StartError::invalid(format!("metrics-data-source: {e}")))?;
         let initial = self.discovery.validate().map_err(StartError::Invalid)?;
         let tls = self
             .metrics_tls
@@ -129,6 +139,8 @@ impl RuntimeOptions {
         Ok(Validated {
             scheduler,
             initial,
+            data,
+            scrape_client,
             tls,
         })
     }
@@ -190,6 +202,8 @@ impl Runtime {
         let Validated {
             scheduler,
             initial,
+            data,
+            scrape_client,
             tls,
         } = validated;
         let mut tasks = Vec::new();
@@ -207,7 +221,15 @@ impl Runtime {
                 }),
             });
         }
-        let datastore_writer = DatastoreWriter::new(opts.health.clone());
+        let mut health_cfg = opts.health.clone();
+        health_cfg.scrape_enabled = data.metrics.is_some();
+        if data.metrics.is_none() {
+            tracing::info!("no metrics data source configured; model servers are not scraped (health from probes and routed traffic only)");
+        }
+        for d in opts.config.deprecations() {
+            tracing::warn!("DEPRECATION: {d}");
+        }
+        let datastore_writer = DatastoreWriter::new(health_cfg);
         let datastore = datastore_writer.reader();
         let director =
             Director::build_with_budget(&datastore_writer, scheduler, opts.max_buffered_body_bytes);
@@ -281,9 +303,20 @@ impl Runtime {
             initial,
             shutdown.clone(),
         )));
+        let metrics_source = data.metrics.as_ref().map(|m| {
+            format!(
+                "{}://<endpoint>{}{} every {:?}",
+                m.source.scheme.as_str(),
+                m.port.map(|p| format!(":{p}")).unwrap_or_default(),
+                m.source.path,
+                m.source.interval.unwrap_or(opts.scrape.interval)
+            )
+        });
         tasks.push(tokio::spawn(crate::scrape::run(
             health,
             opts.scrape.clone(),
+            data.metrics.clone(),
+            scrape_client,
             shutdown.clone(),
         )));
 
@@ -295,6 +328,7 @@ impl Runtime {
             metrics_tls = opts.metrics_tls.is_some(),
             leader_election = opts.leader_election.is_some(),
             scrape_interval = ?opts.scrape.interval,
+            metrics_source = metrics_source.as_deref().unwrap_or("none"),
             probe_interval = ?opts.scrape.probe_interval,
             staleness = ?opts.health.staleness,
             grace_period = ?opts.grace_period,

@@ -2,31 +2,162 @@
 //! strictly (`deny_unknown_fields`), validated at load, and every error names the exact field,
 //! e.g. `plugins[1].parameters.blockSizeTokens: must be at least 1`.
 
-use std::collections::BTreeMap;
-
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub const API_VERSION: &str = "inference.networking.x-k8s.io/v1alpha1";
+/// The config dialect llm-d-router reads.
+pub const API_VERSION: &str = "llm-d.ai/v1alpha1";
+/// The Gateway API Inference Extension dialect: still loaded, with a deprecation warning.
+pub const LEGACY_API_VERSION: &str = "inference.networking.x-k8s.io/v1alpha1";
 pub const KIND: &str = "EndpointPickerConfig";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EndpointPickerConfig {
     pub api_version: String,
     pub kind: String,
+    /// Feature gates, `name` or `name=true|false`. Only gates epp implements are accepted
+    /// (see [`FEATURE_GATES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub feature_gates: Vec<String>,
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
     #[serde(default)]
     pub scheduling_profiles: Vec<ProfileSpec>,
-    /// Accepted for compatibility with GAIE configs; no gate changes behaviour yet.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub feature_gates: Vec<String>,
-    /// Accepted for compatibility; thresholds live on the `saturation-filter` plugin.
+    /// Where endpoint data comes from: sources (e.g. `metrics-data-source`) and the extractors
+    /// that read them (e.g. `core-metrics-extractor`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub saturation_detector: Option<BTreeMap<String, Value>>,
+    pub data_layer: Option<DataLayerConfig>,
+    /// Which parsers read request bodies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_handler: Option<RequestHandlerConfig>,
+    /// Flow control (queueing, priority, fairness). Parsed strictly; any setting in it is
+    /// refused at validation because epp does not implement flow control yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_control: Option<FlowControlConfig>,
+    /// Deprecated spelling of `flowControl.saturationDetector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saturation_detector: Option<SaturationDetectorRef>,
+    /// Deprecated spelling of `requestHandler.parsers: [one]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parser: Option<PluginRef>,
 }
+
+/// A reference to a plugin by name (`pluginRef`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PluginRef {
+    pub plugin_ref: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SaturationDetectorRef {
+    #[serde(default)]
+    pub plugin_ref: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DataLayerConfig {
+    /// Whether the default metrics source and extractor are added when no source of type
+    /// `metrics-data-source` is listed (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject_defaults: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<DataLayerSource>,
+    /// Endpoint discovery plugin. epp discovers endpoints from flags; any value is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<PluginRef>,
+    /// Peer discovery between picker replicas; refused (not implemented).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_discovery: Option<PluginRef>,
+    /// Cross-replica state sync; refused (not implemented).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_replica_syncer_plugin_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_replica_sync_interval: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DataLayerSource {
+    pub plugin_ref: String,
+    #[serde(default)]
+    pub extractors: Vec<PluginRef>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestHandlerConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parsers: Vec<PluginRef>,
+}
+
+/// llm-d-router's `flowControl` section, parsed strictly so a typo is still named. epp does not
+/// implement flow control yet: validation refuses every setting but `saturationDetector`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FlowControlConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "defaultRequestTTL")]
+    pub default_request_ttl: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "noEndpointRequestTTL")]
+    pub no_endpoint_request_ttl: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_priority_band: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_negative_priority_band: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_bands: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_limit_policy_plugin_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saturation_detector: Option<SaturationDetectorRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_eviction: Option<bool>,
+}
+
+impl FlowControlConfig {
+    /// The first flow-control setting present (other than the saturation detector), by its
+    /// YAML key.
+    fn first_setting(&self) -> Option<&'static str> {
+        [
+            ("maxBytes", self.max_bytes.is_some()),
+            ("maxRequests", self.max_requests.is_some()),
+            ("defaultRequestTTL", self.default_request_ttl.is_some()),
+            (
+                "noEndpointRequestTTL",
+                self.no_endpoint_request_ttl.is_some(),
+            ),
+            ("defaultPriorityBand", self.default_priority_band.is_some()),
+            (
+                "defaultNegativePriorityBand",
+                self.default_negative_priority_band.is_some(),
+            ),
+            ("priorityBands", self.priority_bands.is_some()),
+            (
+                "usageLimitPolicyPluginRef",
+                self.usage_limit_policy_plugin_ref.is_some(),
+            ),
+            ("enableEviction", self.enable_eviction == Some(true)),
+        ]
+        .into_iter()
+        .find(|(_, set)| *set)
+        .map(|(k, _)| k)
+    }
+}
+
+/// Feature gates epp knows. llm-d-router's `dataLayer` gate is always on here (it is on by
+/// default there too) and accepted for compatibility; `flowControl` is refused until flow
+/// control exists.
+pub const FEATURE_GATES: &[&str] = &["dataLayer"];
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -62,6 +193,15 @@ pub struct ProfilePluginRef {
     pub weight: Option<f64>,
 }
 
+/// Every plugin type this build implements: scheduling plugins, data-layer plugins and
+/// parsers, for "supported types" lists in errors.
+pub fn supported_plugin_types() -> Vec<&'static str> {
+    crate::scheduler::plugins::all_types()
+        .chain(crate::datalayer::TYPES.iter().copied())
+        .chain(crate::parsers::TYPES.iter().copied())
+        .collect()
+}
+
 /// A configuration error that names the field at fault.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -86,7 +226,130 @@ impl EndpointPickerConfig {
         let cfg: EndpointPickerConfig = serde_path_to_error(de)?;
         cfg.check_header()?;
         cfg.check_profiles()?;
+        cfg.check_sections()?;
         Ok(cfg)
+    }
+
+    /// What this config spells in a deprecated way, one line each, for a start-up warning.
+    pub fn deprecations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.api_version == LEGACY_API_VERSION {
+            out.push(format!(
+                "apiVersion {LEGACY_API_VERSION} is deprecated; use {API_VERSION}"
+            ));
+        }
+        if self.saturation_detector.is_some() {
+            out.push(
+                "top-level saturationDetector is deprecated; use flowControl.saturationDetector"
+                    .into(),
+            );
+        }
+        if self.parser.is_some() {
+            out.push("top-level parser is deprecated; use requestHandler.parsers".into());
+        }
+        out
+    }
+
+    /// The parser references in force: `requestHandler.parsers`, else the deprecated
+    /// top-level `parser`, else none (the defaults apply).
+    pub fn parser_refs(&self) -> Vec<&PluginRef> {
+        match &self.request_handler {
+            Some(rh) if !rh.parsers.is_empty() => rh.parsers.iter().collect(),
+            _ => self.parser.iter().collect(),
+        }
+    }
+
+    /// The saturation detector named, if any: `flowControl.saturationDetector`, else the
+    /// deprecated top-level one.
+    pub fn saturation_detector_ref(&self) -> Option<&str> {
+        self.flow_control
+            .as_ref()
+            .and_then(|f| f.saturation_detector.as_ref())
+            .or(self.saturation_detector.as_ref())
+            .map(|s| s.plugin_ref.as_str())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Sections that parse but ask for something epp does not do are refused here, naming the
+    /// key.
+    fn check_sections(&self) -> Result<(), ConfigError> {
+        for (i, g) in self.feature_gates.iter().enumerate() {
+            let (name, value) = match g.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim().to_ascii_lowercase())),
+                None => (g.trim(), None),
+            };
+            let field = format!("featureGates[{i}]");
+            if let Some(v) = &value {
+                if !matches!(v.as_str(), "true" | "false" | "1" | "0" | "t" | "f") {
+                    return Err(ConfigError::new(
+                        field,
+                        format!("{g:?}: the value after `=` must be true or false"),
+                    ));
+                }
+            }
+            if !FEATURE_GATES.contains(&name) {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "unknown feature gate {name:?}: epp does not support it; supported gates: {}",
+                        FEATURE_GATES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(fc) = &self.flow_control {
+            if let Some(key) = fc.first_setting() {
+                return Err(ConfigError::new(
+                    format!("flowControl.{key}"),
+                    "epp does not support flow control yet (requests are not queued in the picker); remove the flowControl settings",
+                ));
+            }
+        }
+        if let Some(r) = self.saturation_detector_ref() {
+            let field = if self
+                .flow_control
+                .as_ref()
+                .is_some_and(|f| f.saturation_detector.is_some())
+            {
+                "flowControl.saturationDetector.pluginRef"
+            } else {
+                "saturationDetector.pluginRef"
+            };
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "{r:?}: epp does not support saturation detector plugins; put a saturation-filter in the scheduling profile instead (it answers 429 when every endpoint is saturated)"
+                ),
+            ));
+        }
+        if let Some(dl) = &self.data_layer {
+            if dl.discovery.is_some() {
+                return Err(ConfigError::new(
+                    "dataLayer.discovery",
+                    "epp does not support discovery plugins; endpoints come from --pool-name, --endpoint-selector, --endpoint or --endpoints-file",
+                ));
+            }
+            if dl.peer_discovery.is_some() {
+                return Err(ConfigError::new(
+                    "dataLayer.peerDiscovery",
+                    "epp does not support peer discovery between picker replicas",
+                ));
+            }
+            if dl.cross_replica_syncer_plugin_ref.is_some()
+                || dl.cross_replica_sync_interval.is_some()
+            {
+                let key = if dl.cross_replica_syncer_plugin_ref.is_some() {
+                    "crossReplicaSyncerPluginRef"
+                } else {
+                    "crossReplicaSyncInterval"
+                };
+                return Err(ConfigError::new(
+                    format!("dataLayer.{key}"),
+                    "epp does not support cross-replica state sync",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Profile names are unique: with two of one name, which one runs would be a guess.
@@ -113,10 +376,13 @@ impl EndpointPickerConfig {
     }
 
     fn check_header(&self) -> Result<(), ConfigError> {
-        if self.api_version != API_VERSION {
+        if self.api_version != API_VERSION && self.api_version != LEGACY_API_VERSION {
             return Err(ConfigError::new(
                 "apiVersion",
-                format!("must be {API_VERSION:?}, got {:?}", self.api_version),
+                format!(
+                    "must be {API_VERSION:?} (or the deprecated {LEGACY_API_VERSION:?}), got {:?}",
+                    self.api_version
+                ),
             ));
         }
         if self.kind != KIND {
@@ -177,7 +443,7 @@ pub fn plugin_parameters<T: DeserializeOwned + Default>(
 /// Built-in policies, as config text. `default` is what runs when no config is given.
 pub mod presets {
     /// The default profile: prefix affinity balanced by three load signals.
-    pub const DEFAULT: &str = r#"apiVersion: inference.networking.x-k8s.io/v1alpha1
+    pub const DEFAULT: &str = r#"apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: prefix-cache-scorer
@@ -203,7 +469,7 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 "#;
 
-    pub const RANDOM: &str = r#"apiVersion: inference.networking.x-k8s.io/v1alpha1
+    pub const RANDOM: &str = r#"apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: random-picker
@@ -213,7 +479,7 @@ schedulingProfiles:
   - pluginRef: random-picker
 "#;
 
-    pub const ROUND_ROBIN: &str = r#"apiVersion: inference.networking.x-k8s.io/v1alpha1
+    pub const ROUND_ROBIN: &str = r#"apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: round-robin-picker
@@ -223,7 +489,7 @@ schedulingProfiles:
   - pluginRef: round-robin-picker
 "#;
 
-    pub const LEAST_QUEUE: &str = r#"apiVersion: inference.networking.x-k8s.io/v1alpha1
+    pub const LEAST_QUEUE: &str = r#"apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
@@ -239,7 +505,7 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 "#;
 
-    pub const PREFIX_ONLY: &str = r#"apiVersion: inference.networking.x-k8s.io/v1alpha1
+    pub const PREFIX_ONLY: &str = r#"apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: prefix-cache-scorer

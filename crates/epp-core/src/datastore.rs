@@ -250,6 +250,9 @@ pub struct HealthConfig {
     pub staleness: Duration,
     /// Whether `/health` probes feed the state (off: only scrapes and passive failures do).
     pub probe_enabled: bool,
+    /// Whether endpoints are scraped at all (off: the config's data layer collects no metrics;
+    /// endpoints are never `stale` and recover on probes alone).
+    pub scrape_enabled: bool,
     /// An endpoint taken out by failing routed requests stays out at least this long, however
     /// well its scrapes and probes go (they do not see what requests see). Each further trip
     /// before it has stayed healthy for [`PASSIVE_COOLDOWN_MAX`] doubles the wait, up to that.
@@ -267,6 +270,7 @@ impl Default for HealthConfig {
             success_threshold: 2,
             staleness: Duration::from_secs(2),
             probe_enabled: true,
+            scrape_enabled: true,
             passive_cooldown: Duration::from_secs(5),
         }
     }
@@ -685,7 +689,7 @@ impl Datastore {
                     HealthState::Draining
                 } else if t.unhealthy {
                     HealthState::Unhealthy
-                } else if age.is_none_or(|a| a > staleness) {
+                } else if health_cfg.scrape_enabled && age.is_none_or(|a| a > staleness) {
                     HealthState::Stale
                 } else {
                     HealthState::Healthy
@@ -773,7 +777,7 @@ fn observe(t: &mut Tracker, source: Source, _ok: bool, h: &HealthConfig) -> bool
         return false;
     }
     t.ok_since_trip[i] = t.ok_since_trip[i].saturating_add(1);
-    let scrape_ok = t.ok_since_trip[0] >= h.success_threshold;
+    let scrape_ok = !h.scrape_enabled || t.ok_since_trip[0] >= h.success_threshold;
     let probe_ok = !h.probe_enabled || t.ok_since_trip[1] >= h.success_threshold;
     let cooled = t.out_until.is_none_or(|u| Instant::now() >= u);
     if scrape_ok && probe_ok && cooled {

@@ -19,6 +19,7 @@ use crate::gateway::rewrite::{self, ModelRestorer};
 use crate::gateway::usage::UsageTail;
 use crate::gateway::{BodyBudget, InboundHeaders};
 use crate::metrics::Metrics;
+use crate::parsers::Parse;
 use crate::prefix::{PrefixIndex, PromptHashes};
 use crate::request::{parse_body, parse_body_or, ApiMethod, BadRequest, ParsedRequest};
 use crate::scheduler::{DecisionType, Hints, SchedCtx, ScheduleError, Scheduler};
@@ -453,7 +454,21 @@ impl Director {
     ) -> Result<Routed, RouteError> {
         let inner = &self.inner;
         let snapshot = inner.datastore.snapshot();
-        let mut parsed = match parse_body(method, req.body) {
+        let parse = inner.scheduler.parsers().parse_for(method);
+        let mut parsed = match parse {
+            Parse::Refuse => {
+                return Err(RouteError::new(
+                    400,
+                    format!(
+                        "no configured request parser takes {} requests (requestHandler.parsers: {}); list passthrough-parser last to route them without reading the body",
+                        method.as_str(),
+                        inner.scheduler.parsers().describe()
+                    ),
+                ))
+            }
+            // The body is not read: routed on backend state alone, forwarded unchanged.
+            Parse::Passthrough => ParsedRequest::default(),
+            Parse::OpenAi => match parse_body(method, req.body) {
             Err(e) if e.param.as_deref() == Some("model") && e.message.starts_with("missing") => {
                 // As vLLM: with one model served, a request may leave `model` out.
                 match snapshot.served_models().as_slice() {
@@ -471,9 +486,12 @@ impl Director {
                 }
             }
             r => r?,
+            },
         };
         if let Some(t) = req.headers.model_rewrite.as_deref() {
-            parsed.target_model = t.to_string();
+            if parse == Parse::OpenAi {
+                parsed.target_model = t.to_string();
+            }
         }
         inner.admission.admit(&AdmissionRequest {
             method,

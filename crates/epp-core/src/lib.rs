@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod app;
 pub mod config;
+pub mod datalayer;
 pub mod datastore;
 pub mod director;
 pub mod discovery;
@@ -16,6 +17,7 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod k8s;
 pub mod metrics;
+pub mod parsers;
 pub mod prefix;
 pub mod procstat;
 pub mod proxy;

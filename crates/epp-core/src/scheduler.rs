@@ -119,6 +119,8 @@ pub struct Scheduler {
     handler: Arc<dyn ProfileHandler>,
     prefix: PrefixConfig,
     observer: Arc<dyn PluginObserver>,
+    /// The config's parsers: which requests have their body read.
+    parsers: crate::parsers::RequestHandling,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -144,6 +146,10 @@ impl Scheduler {
                     format!("{field}.name"),
                     format!("duplicate plugin name {:?}", spec.name()),
                 ));
+            }
+            if crate::datalayer::is_type(&spec.type_) || crate::parsers::is_type(&spec.type_) {
+                // Built by the data layer and the request handler, not the scheduler.
+                continue;
             }
             let plugin = plugins::build(spec, &field)?;
             match &plugin {
@@ -172,28 +178,48 @@ impl Scheduler {
             }
             built.push((spec.name().to_string(), plugin));
         }
-        if cfg.scheduling_profiles.is_empty() {
-            return Err(ConfigError::new(
-                "schedulingProfiles",
-                "at least one scheduling profile is required",
-            ));
-        }
-        let mut profiles = Vec::with_capacity(cfg.scheduling_profiles.len());
-        for (pi, pspec) in cfg.scheduling_profiles.iter().enumerate() {
+        // No profiles: as llm-d-router, one `default` profile of every filter, scorer and
+        // picker configured (weight 1), in config order.
+        let implicit;
+        let specs = if cfg.scheduling_profiles.is_empty() {
+            implicit = [crate::config::ProfileSpec {
+                name: "default".into(),
+                plugins: built
+                    .iter()
+                    .filter(|(_, p)| !matches!(p, Plugin::ProfileHandler(_)))
+                    .map(|(n, _)| crate::config::ProfilePluginRef {
+                        plugin_ref: n.clone(),
+                        weight: None,
+                    })
+                    .collect(),
+            }];
+            &implicit[..]
+        } else {
+            &cfg.scheduling_profiles[..]
+        };
+        let mut profiles = Vec::with_capacity(specs.len());
+        for (pi, pspec) in specs.iter().enumerate() {
             profiles.push(build_profile(pi, pspec, &built)?);
         }
         let handler = handler.unwrap_or_else(|| Arc::new(plugins::SingleProfileHandler::default()));
+        let parsers = crate::parsers::RequestHandling::from_config(cfg)?;
         Ok(Self {
             profiles,
             handler,
             prefix,
             observer: Arc::new(NoopObserver),
+            parsers,
         })
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn PluginObserver>) -> Self {
         self.observer = observer;
         self
+    }
+
+    /// The config's parsers (`requestHandler.parsers`).
+    pub fn parsers(&self) -> &crate::parsers::RequestHandling {
+        &self.parsers
     }
 
     /// The prefix-index parameters (from the prefix-cache-scorer, or defaults).

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinHandle;
 
+use crate::datalayer::{EngineMapping, EngineMappings, MetricSpec, MetricsPipeline};
 use crate::datastore::{Engine, FailureKind, HealthSink, ModelServerMetrics, Source};
 use crate::telemetry::Shutdown;
 
@@ -23,6 +25,9 @@ pub struct ScrapeOptions {
     pub timeout: Duration,
     /// How often `/health` is probed (`None`: no probes).
     pub probe_interval: Option<Duration>,
+    /// Flag-level settings over the config's metrics source (the GAIE
+    /// `--model-server-metrics-*` and deprecated `--*-metric` flags).
+    pub overrides: crate::datalayer::MetricsFlags,
 }
 
 impl Default for ScrapeOptions {
@@ -31,6 +36,7 @@ impl Default for ScrapeOptions {
             interval: Duration::from_millis(100),
             timeout: Duration::from_secs(1),
             probe_interval: Some(Duration::from_secs(1)),
+            overrides: Default::default(),
         }
     }
 }
@@ -38,15 +44,47 @@ impl Default for ScrapeOptions {
 /// Body size cap for a scrape (a vLLM exposition is ~10-50 KiB).
 const MAX_SCRAPE_BYTES: usize = 4 * 1024 * 1024;
 
-pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-pub fn http_client() -> HttpClient {
+/// A client for `http://` and `https://` URLs; HTTPS trusts `tls` (see
+/// [`crate::tls::client::client_config`]), or accepts any certificate when `tls` is `None`.
+pub fn http_client(tls: Option<rustls::ClientConfig>) -> Result<HttpClient, String> {
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
     conn.set_connect_timeout(Some(Duration::from_secs(2)));
-    Client::builder(TokioExecutor::new())
+    conn.enforce_http(false);
+    let tls = match tls {
+        Some(t) => t,
+        None => crate::tls::client::client_config(None, None)?,
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(conn);
+    Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(conn)
+        .build(https))
+}
+
+/// The scraper's client for a metrics source: its CA (or none: no verification when
+/// `insecureSkipVerify`) and client certificate.
+pub fn client_for(source: Option<&crate::datalayer::MetricsSource>) -> Result<HttpClient, String> {
+    let Some(s) = source else {
+        return http_client(None);
+    };
+    let ca = if s.insecure_skip_verify {
+        None
+    } else {
+        s.ca_cert_path.as_deref()
+    };
+    let cfg = crate::tls::client::client_config(
+        ca,
+        s.client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+    )?;
+    http_client(Some(cfg))
 }
 
 /// Classify a client error: refused connections are unambiguous.
@@ -91,77 +129,43 @@ async fn get(
     }
 }
 
-/// Parse an exposition and map the engine's names. Missing series read as 0.
+/// Parse an exposition with a built-in engine's series (see [`parse_with`]).
 pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, String> {
-    let (waiting, running, kv, kv_legacy, lora, cache) = match engine {
-        Engine::Vllm => (
-            "vllm:num_requests_waiting",
-            "vllm:num_requests_running",
-            "vllm:kv_cache_usage_perc",
-            Some("vllm:gpu_cache_usage_perc"),
-            Some("vllm:lora_requests_info"),
-            Some("vllm:cache_config_info"),
-        ),
-        Engine::Sglang => (
-            "sglang:num_queue_reqs",
-            "sglang:num_running_reqs",
-            "sglang:token_usage",
-            None,
-            None,
-            Some("sglang:cache_config_info"),
-        ),
-        Engine::TrtLlm => (
-            "trtllm_num_requests_waiting",
-            "trtllm_num_requests_running",
-            "trtllm_kv_cache_utilization",
-            None,
-            None,
-            None,
-        ),
-    };
+    let mappings = EngineMappings::default();
+    parse_with(mappings.get(engine.as_str()), text)
+}
+
+/// Parse an exposition and read the series `mapping` names. Missing series read as 0.
+pub fn parse_with(mapping: &EngineMapping, text: &str) -> Result<ModelServerMetrics, String> {
     // Only the families read below are parsed: a real vLLM exposition is mostly histogram
     // buckets the picker never reads (docs/benchmarks.md, "Scrape cost").
-    let families: Vec<&str> = [
-        Some(waiting),
-        Some(running),
-        Some(kv),
-        kv_legacy,
-        lora,
-        cache,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let families = mapping.families();
     let samples = crate::exposition::parse_families(text, &families)?;
-    let value = |s: &crate::exposition::Sample| -> f64 { s.value };
-    let sum = |name: &str| -> Option<f64> {
-        let mut found = false;
-        let mut total = 0.0;
-        for s in samples.iter().filter(|s| s.name == name) {
-            found = true;
-            total += value(s);
+    let matching = |spec: &Option<MetricSpec>| -> Vec<&crate::exposition::Sample> {
+        match spec {
+            Some(spec) => samples.iter().filter(|s| spec.matches(s)).collect(),
+            None => Vec::new(),
         }
-        found.then_some(total)
     };
-    let max = |name: &str| -> Option<f64> {
-        samples
-            .iter()
-            .filter(|s| s.name == name)
-            .map(value)
-            .reduce(f64::max)
+    let sum = |spec: &Option<MetricSpec>| -> Option<f64> {
+        let m = matching(spec);
+        (!m.is_empty()).then(|| m.iter().map(|s| s.value).sum())
+    };
+    let max = |spec: &Option<MetricSpec>| -> Option<f64> {
+        matching(spec).iter().map(|s| s.value).reduce(f64::max)
     };
     let mut m = ModelServerMetrics {
-        waiting_queue: sum(waiting).unwrap_or(0.0),
-        running: sum(running).unwrap_or(0.0),
-        kv_cache_usage: max(kv)
-            .or_else(|| kv_legacy.and_then(max))
+        waiting_queue: sum(&mapping.queued).unwrap_or(0.0),
+        running: sum(&mapping.running).unwrap_or(0.0),
+        kv_cache_usage: max(&mapping.kv_usage)
+            .or_else(|| max(&mapping.kv_usage_fallback))
             .unwrap_or(0.0)
             .clamp(0.0, 1.0),
         ..Default::default()
     };
-    let mut models: Vec<String> = samples
-        .iter()
-        .filter(|s| s.name == waiting || s.name == running)
+    let mut models: Vec<String> = matching(&mapping.queued)
+        .into_iter()
+        .chain(matching(&mapping.running))
         .filter_map(|s| s.labels.get("model_name"))
         .filter(|v| !v.is_empty())
         .cloned()
@@ -170,35 +174,42 @@ pub fn parse_metrics(engine: Engine, text: &str) -> Result<ModelServerMetrics, S
     models.dedup();
     models.truncate(crate::datastore::MAX_REPORTED_MODELS);
     m.models = models;
-    if let Some(name) = lora {
-        // The series with the newest timestamp value is current.
-        if let Some(s) = samples
-            .iter()
-            .filter(|s| s.name == name)
-            .max_by(|a, b| value(a).total_cmp(&value(b)))
-        {
-            let list = |k: &str| -> Vec<String> {
-                s.labels
-                    .get(k)
-                    .map(|v| {
-                        v.split(',')
-                            .map(str::trim)
-                            .filter(|x| !x.is_empty())
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            m.running_loras = list("running_lora_adapters");
-            m.waiting_loras = list("waiting_lora_adapters");
-            m.max_loras = s.labels.get("max_lora").and_then(|v| v.parse().ok());
-        }
+    // The LoRA info series with the newest timestamp value is current.
+    if let Some(s) = matching(&mapping.lora)
+        .into_iter()
+        .max_by(|a, b| a.value.total_cmp(&b.value))
+    {
+        let list = |k: &str| -> Vec<String> {
+            s.labels
+                .get(k)
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|x| !x.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        m.running_loras = list("running_lora_adapters");
+        m.waiting_loras = list("waiting_lora_adapters");
+        m.max_loras = s.labels.get("max_lora").and_then(|v| v.parse().ok());
     }
-    if let Some(name) = cache {
-        if let Some(s) = samples.iter().find(|s| s.name == name) {
-            m.block_size = s.labels.get("block_size").and_then(|v| v.parse().ok());
-            m.num_gpu_blocks = s.labels.get("num_gpu_blocks").and_then(|v| v.parse().ok());
-        }
+    if let Some(s) = matching(&mapping.cache_info).into_iter().next() {
+        m.block_size = s
+            .labels
+            .get(&mapping.cache_block_size_label)
+            .and_then(|v| v.parse().ok());
+        m.num_gpu_blocks = s
+            .labels
+            .get(&mapping.cache_num_blocks_label)
+            .and_then(|v| v.parse().ok());
+    }
+    if let Some(v) = max(&mapping.cache_block_size) {
+        m.block_size = (v.is_finite() && v >= 1.0).then_some(v as u32);
+    }
+    if let Some(v) = max(&mapping.cache_num_blocks) {
+        m.num_gpu_blocks = (v.is_finite() && v >= 0.0).then_some(v as u64);
     }
     Ok(m)
 }
@@ -207,13 +218,13 @@ async fn scrape_once(
     client: &HttpClient,
     ds: &HealthSink,
     address: &str,
-    engine: Engine,
+    url: &str,
+    mapping: &EngineMapping,
     timeout: Duration,
 ) {
-    let url = format!("http://{address}/metrics");
-    let result = match get(client, &url, timeout).await {
+    let result = match get(client, url, timeout).await {
         Ok((200, body)) => match std::str::from_utf8(&body) {
-            Ok(text) => parse_metrics(engine, text).map_err(|e| (FailureKind::Other, e)),
+            Ok(text) => parse_with(mapping, text).map_err(|e| (FailureKind::Other, e)),
             Err(_) => Err((FailureKind::Other, "exposition is not UTF-8".to_string())),
         },
         Ok((status, _)) => Err((FailureKind::Other, format!("HTTP {status}"))),
@@ -228,9 +239,14 @@ async fn scrape_once(
     }
 }
 
-async fn probe_once(client: &HttpClient, ds: &HealthSink, address: &str, timeout: Duration) {
-    let url = format!("http://{address}/health");
-    let r = match get(client, &url, timeout).await {
+async fn probe_once(
+    client: &HttpClient,
+    ds: &HealthSink,
+    address: &str,
+    url: &str,
+    timeout: Duration,
+) {
+    let r = match get(client, url, timeout).await {
         Ok((s, _)) if (200..300).contains(&s) => Ok(()),
         Ok(_) => Err(FailureKind::Other),
         Err((k, _)) => Err(k),
@@ -238,25 +254,48 @@ async fn probe_once(client: &HttpClient, ds: &HealthSink, address: &str, timeout
     ds.record(address, Source::Probe, r);
 }
 
-/// Run scrapers for every discovered endpoint until shutdown.
-pub async fn run(ds: HealthSink, opts: ScrapeOptions, shutdown: Shutdown) {
-    let client = http_client();
+/// `address` with its port replaced by `port`.
+fn with_port(address: &str, port: u16) -> String {
+    match address.rsplit_once(':') {
+        Some((host, p)) if p.bytes().all(|b| b.is_ascii_digit()) => format!("{host}:{port}"),
+        _ => format!("{address}:{port}"),
+    }
+}
+
+/// Run scrapers for every discovered endpoint until shutdown. `client` comes from
+/// [`client_for`] (built before start-up so a bad certificate file fails the start).
+/// `metrics`: what is scraped and how it is read (the resolved data layer); `None`: no
+/// scraping, only probes.
+pub async fn run(
+    ds: HealthSink,
+    opts: ScrapeOptions,
+    metrics: Option<MetricsPipeline>,
+    client: HttpClient,
+    shutdown: Shutdown,
+) {
     let mut tasks: HashMap<String, JoinHandle<()>> = HashMap::new();
     let reader = ds.reader();
     let mut changes = reader.subscribe();
-    let mut tick = tokio::time::interval(
-        Duration::from_millis(250).min(opts.interval.max(Duration::from_millis(10))),
-    );
+    let base = metrics
+        .as_ref()
+        .and_then(|m| m.source.interval)
+        .unwrap_or(opts.interval);
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(250).min(base.max(Duration::from_millis(10))));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stop = shutdown.wait();
     tokio::pin!(stop);
+    let scheme = metrics
+        .as_ref()
+        .map(|m| m.source.scheme.as_str())
+        .unwrap_or("http");
     loop {
         // Reconcile tasks with the current snapshot.
         let snap = reader.snapshot();
-        let live: HashMap<String, Engine> = snap
+        let live: HashMap<String, crate::datastore::EndpointSpec> = snap
             .endpoints
             .iter()
-            .map(|e| (e.endpoint.address().to_string(), e.endpoint.spec.engine))
+            .map(|e| (e.endpoint.address().to_string(), e.endpoint.spec.clone()))
             .collect();
         tasks.retain(|addr, h| {
             let keep = live.contains_key(addr);
@@ -265,22 +304,39 @@ pub async fn run(ds: HealthSink, opts: ScrapeOptions, shutdown: Shutdown) {
             }
             keep
         });
-        for (addr, engine) in live {
+        for (addr, spec) in live {
             if tasks.contains_key(&addr) {
                 continue;
             }
+            let scrape = metrics.as_ref().map(|m| {
+                let static_engine = (spec.engine != Engine::Vllm).then(|| spec.engine.as_str());
+                let engine = m.mappings.engine_of(&spec.labels, static_engine);
+                if !m.mappings.knows(engine) {
+                    tracing::warn!(endpoint = %spec.name, engine,
+                        default = %m.mappings.default_engine,
+                        "unknown engine type; reading its metrics as the default engine's");
+                }
+                let target = match m.port {
+                    Some(p) => with_port(&addr, p),
+                    None => addr.clone(),
+                };
+                (m.source.url(&target), m.mappings.get(engine).clone())
+            });
+            let health_url = format!("{scheme}://{addr}/health");
             let (ds2, client2, opts2) = (ds.clone(), client.clone(), opts.clone());
             let a2 = addr.clone();
             let h = tokio::spawn(async move {
-                let mut iv = tokio::time::interval(opts2.interval);
+                let mut iv = tokio::time::interval(base);
                 iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut next_probe = tokio::time::Instant::now();
                 loop {
                     iv.tick().await;
-                    scrape_once(&client2, &ds2, &a2, engine, opts2.timeout).await;
+                    if let Some((url, mapping)) = &scrape {
+                        scrape_once(&client2, &ds2, &a2, url, mapping, opts2.timeout).await;
+                    }
                     if let Some(pi) = opts2.probe_interval {
                         if tokio::time::Instant::now() >= next_probe {
-                            probe_once(&client2, &ds2, &a2, opts2.timeout).await;
+                            probe_once(&client2, &ds2, &a2, &health_url, opts2.timeout).await;
                             next_probe = tokio::time::Instant::now() + pi;
                         }
                     }

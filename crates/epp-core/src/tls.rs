@@ -20,6 +20,8 @@
 //! `axum::serve::Listener` (metrics) and, through [`TlsListener::into_incoming`], a tonic
 //! incoming stream of [`TlsConn`] (gRPC). tonic itself then needs no TLS feature.
 
+pub mod client;
+
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

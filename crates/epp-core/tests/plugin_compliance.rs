@@ -111,8 +111,7 @@ fn single_plugin_config(type_: &str, weight: Option<f64>) -> EndpointPickerConfi
                 }]
             },
         }],
-        feature_gates: vec![],
-        saturation_detector: None,
+        ..Default::default()
     }
 }
 

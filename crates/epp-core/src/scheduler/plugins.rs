@@ -104,7 +104,7 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
             format!(
                 "unknown plugin type {:?}: epp does not support it; supported types: {}",
                 spec.type_,
-                all_types().collect::<Vec<_>>().join(", ")
+                crate::config::supported_plugin_types().join(", ")
             ),
         )),
     }

@@ -56,6 +56,7 @@ pub fn picker_options(endpoints: Vec<String>) -> RuntimeOptions {
             interval: Duration::from_millis(50),
             timeout: Duration::from_millis(500),
             probe_interval: Some(Duration::from_millis(200)),
+            ..Default::default()
         },
         grace_period: Duration::from_secs(5),
         ..Default::default()
