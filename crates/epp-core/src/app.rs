@@ -358,6 +358,15 @@ impl Runtime {
         Ok(())
     }
 
+    /// Whether discovery has synced (and this replica leads, with leader election) and no
+    /// drain has begun: the "live and usable" rule GAIE's `inference-extension` health service
+    /// reports, which an empty pool does not fail.
+    pub fn is_synced(&self) -> bool {
+        self.datastore.is_synced()
+            && !self.shutdown.is_triggered()
+            && self.extra_ready.as_ref().is_none_or(|x| x().is_ok())
+    }
+
     /// Wait for background tasks after shutdown was triggered (bounded by the grace period).
     /// Stop the probe server (normally done by [`join`](Self::join)).
     pub fn stop_probes(&self) {

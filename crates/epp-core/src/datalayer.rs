@@ -231,6 +231,20 @@ impl DataLayer {
         Ok(Self { metrics })
     }
 
+    /// One line for logs and `epp check-config`.
+    pub fn describe(&self) -> String {
+        match &self.metrics {
+            None => "not collected".into(),
+            Some(m) => format!(
+                "{}://<endpoint>{}{} (default engine {})",
+                m.source.scheme.as_str(),
+                m.port.map(|p| format!(":{p}")).unwrap_or_default(),
+                m.source.path,
+                m.mappings.default_engine
+            ),
+        }
+    }
+
     /// Apply command-line settings (they win over the config). With metrics collection
     /// disabled by the config, a metrics flag is an error naming it.
     pub fn apply(&mut self, flags: &MetricsFlags) -> Result<(), String> {

@@ -162,6 +162,8 @@ pub struct Routed {
     /// Primary first, then fallbacks.
     pub targets: Vec<Arc<Endpoint>>,
     pub decision: DecisionType,
+    /// The scheduler's weighted score of each target (same order).
+    pub scores: Vec<f64>,
     pub tracker: RequestTracker,
     /// The body to forward when it differs from the client's (the model rewrite); `None`: the
     /// client's bytes go out untouched.
@@ -511,8 +513,8 @@ impl Director {
             subset: req.subset,
             forced: req.headers.forced.as_deref(),
         };
-        let (ranked, decision) = match inner.scheduler.schedule(&ctx, &hints) {
-            Ok(s) => (s.ranked, s.decision),
+        let (ranked, decision, scores) = match inner.scheduler.schedule(&ctx, &hints) {
+            Ok(s) => (s.ranked, s.decision, s.scores),
             Err(e) => {
                 inner.metrics.record_decision(DecisionType::NoEndpoint);
                 return Err(e.into());
@@ -557,6 +559,7 @@ impl Director {
             parsed,
             targets,
             decision,
+            scores,
             tracker,
             body,
         })

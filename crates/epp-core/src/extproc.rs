@@ -56,6 +56,16 @@ pub struct ExtProcConfig {
     pub max_streams: usize,
     /// A stream whose request is still incomplete is ended after this long without a message.
     pub stream_idle_timeout: std::time::Duration,
+    /// Add the scheduler's score of each destination endpoint to the `envoy.lb` metadata
+    /// (`x-gateway-destination-endpoint-scores`: address → score).
+    pub emit_endpoint_scores: bool,
+    /// Ignore the gateway's `x-gateway-destination-endpoint-subset` hint.
+    pub ignore_subset: bool,
+    /// Largest gRPC message accepted from the gateway, in bytes (`None`: the body limit plus
+    /// 1 MiB of headers and framing).
+    pub max_recv_msg_bytes: Option<usize>,
+    /// Largest gRPC message sent to the gateway (`None`: unlimited; bodies go back in pieces).
+    pub max_send_msg_bytes: Option<usize>,
 }
 
 impl Default for ExtProcConfig {
@@ -66,6 +76,10 @@ impl Default for ExtProcConfig {
             max_body_bytes: 64 * 1024 * 1024,
             max_streams: 10_000,
             stream_idle_timeout: std::time::Duration::from_secs(30),
+            emit_endpoint_scores: false,
+            ignore_subset: false,
+            max_recv_msg_bytes: None,
+            max_send_msg_bytes: None,
         }
     }
 }

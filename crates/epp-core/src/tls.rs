@@ -88,7 +88,7 @@ pub struct TlsSettings {
     pub cert_file: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: Option<PathBuf>,
-    /// How often the files are checked for new contents.
+    /// How often the files are checked for new contents (zero: never; loaded once).
     pub reload_interval: Duration,
 }
 
@@ -134,9 +134,7 @@ pub enum TlsError {
     Config(String),
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+use client::provider;
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|error| TlsError::Read {
@@ -522,7 +520,8 @@ impl TlsSetup {
                 });
             }
         });
-        if self.files.is_some() {
+        // A zero interval: loaded once, never re-read.
+        if self.files.is_some() && !self.reload_interval.is_zero() {
             let every = self.reload_interval.max(Duration::from_millis(10));
             tokio::spawn(async move {
                 let stop = shutdown.wait();

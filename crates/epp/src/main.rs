@@ -21,9 +21,23 @@ struct Cli {
     #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
 
-    /// Log output format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
-    log_format: LogFormatArg,
+    /// Log output format (default: text).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+
+    /// llm-d-router's log verbosity: 0-2 info, 3-4 debug, 5 and up trace (below
+    /// `--log-level` and `--zap-log-level`).
+    #[arg(short = 'v', long = "v", global = true, value_name = "N")]
+    verbosity: Option<u8>,
+
+    /// llm-d-router's (controller-runtime zap) log encoding: `json` or `console`; same as
+    /// `--log-format json|text`.
+    #[arg(long, global = true, value_name = "ENCODER", value_parser = ["json", "console"])]
+    zap_encoder: Option<String>,
+
+    /// llm-d-router's zap level: `debug`, `info`, `error`, or a verbosity number (as `-v`).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    zap_log_level: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -61,18 +75,56 @@ fn default_log_level(command: &Command) -> &'static str {
 
 /// `--log-level`, else `None` when `RUST_LOG` is set (init_logging reads it), else the
 /// command's default.
+/// A controller-runtime verbosity as a level: llm-d-router logs its defaults at 2, verbose
+/// at 3, debug at 4, trace at 5.
+fn verbosity_level(v: u8) -> &'static str {
+    match v {
+        0..=2 => "info",
+        3..=4 => "info,epp=debug,epp_core=debug,epp_sim=debug,epp_doctor=debug",
+        _ => "info,epp=trace,epp_core=trace,epp_sim=trace,epp_doctor=trace",
+    }
+}
+
+/// `--zap-log-level` as a level.
+fn zap_level(s: &str) -> Result<&'static str, String> {
+    match s {
+        "debug" => Ok("debug"),
+        "info" => Ok("info"),
+        "warn" => Ok("warn"),
+        "error" | "dpanic" | "panic" | "fatal" => Ok("error"),
+        n => n
+            .parse::<u8>()
+            .map(verbosity_level)
+            .map_err(|_| format!("--zap-log-level {n:?}: use debug, info, error or a number")),
+    }
+}
+
 fn log_level(cli: &Cli) -> Option<String> {
     let rust_log_set = std::env::var("RUST_LOG").is_ok_and(|v| !v.trim().is_empty());
-    match &cli.log_level {
-        Some(l) => Some(l.clone()),
+    let go_level = match (&cli.zap_log_level, cli.verbosity) {
+        (Some(z), _) => zap_level(z).ok().map(str::to_string),
+        (None, Some(v)) => Some(verbosity_level(v).to_string()),
+        (None, None) => None,
+    };
+    match cli.log_level.clone().or(go_level) {
+        Some(l) => Some(l),
         None if rust_log_set => None,
         None => Some(default_log_level(&cli.command).to_string()),
     }
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    if let Err(e) = init_logging(log_level(&cli).as_deref(), cli.log_format.into()) {
+    let cli = Cli::parse_from(cmd::goflags::normalize::<Cli>(std::env::args_os()));
+    if let Some(Err(e)) = cli.zap_log_level.as_deref().map(zap_level) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let format = match (cli.log_format, cli.zap_encoder.as_deref()) {
+        (Some(f), _) => f,
+        (None, Some("json")) => LogFormatArg::Json,
+        _ => LogFormatArg::Text,
+    };
+    if let Err(e) = init_logging(log_level(&cli).as_deref(), format.into()) {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }

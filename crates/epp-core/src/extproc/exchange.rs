@@ -148,6 +148,9 @@ impl Exchange {
     /// the hint (absent namespace = no hint); a message without metadata keeps the last one.
     fn update_subset(&mut self, md: Option<&Metadata>) {
         let Some(md) = md else { return };
+        if self.cfg.ignore_subset {
+            return;
+        }
         self.subset = md.filter_metadata.get(SUBSET_NAMESPACE).and_then(|s| {
             match s.fields.get(SUBSET)?.kind.as_ref()? {
                 Kind::ListValue(l) => Some(
@@ -318,7 +321,18 @@ impl Exchange {
             set.push(header_option(headers::REQUEST_ID, request_id.as_bytes()));
         }
         let mut out = Vec::with_capacity(2 + out_body.len() / BODY_PIECE_BYTES);
-        out.push(routed_headers_response(set, &metadata_value));
+        let scores: Vec<(String, f64)> = if self.cfg.emit_endpoint_scores {
+            routed
+                .targets
+                .iter()
+                .zip(&routed.scores)
+                .take(1 + self.cfg.fallbacks)
+                .map(|(e, s)| (e.address().to_string(), *s))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        out.push(routed_headers_response(set, &metadata_value, &scores));
         if with_body {
             push_body_pieces(&mut out, out_body, !trailers, Direction::Request);
             if trailers {

@@ -12,11 +12,29 @@ pub fn is_ready(ds: &Datastore) -> bool {
     crate::app::readiness(ds).is_ok()
 }
 
+/// The health service GAIE's and llm-d-router's charts probe for liveness and readiness of a
+/// single replica: serving once discovery has synced (an empty pool is not a reason to restart
+/// the picker), not while draining.
+pub const GAIE_SERVICE: &str = "inference-extension";
+
 /// Keep the gRPC health services in step with readiness: `liveness` is always SERVING;
-/// `readiness` and the ext_proc service follow [`is_ready`]. Runs until `stop` resolves.
+/// `readiness` and the ext_proc service follow `ready`, and [`GAIE_SERVICE`] follows it too.
+/// Runs until `stop` resolves.
 pub async fn run_health(
     reporter: tonic_health::server::HealthReporter,
     ready: ReadyProbe,
+    changes: tokio::sync::watch::Receiver<u64>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    run_health_with(reporter, ready.clone(), ready, changes, stop).await
+}
+
+/// As [`run_health`], with [`GAIE_SERVICE`] following `synced` (discovery synced, leader if
+/// HA, not draining) instead of full readiness.
+pub async fn run_health_with(
+    reporter: tonic_health::server::HealthReporter,
+    ready: ReadyProbe,
+    synced: ReadyProbe,
     mut changes: tokio::sync::watch::Receiver<u64>,
     stop: impl std::future::Future<Output = ()>,
 ) {
@@ -27,19 +45,33 @@ pub async fn run_health(
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
+    let status = |ok: bool| {
+        if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
     let mut last = None;
+    let mut last_synced = None;
     tokio::pin!(stop);
     loop {
         let ready = ready();
         if last != Some(ready) {
-            let st = if ready {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            reporter.set_service_status("readiness", st).await;
-            reporter.set_service_status(SERVICE_NAME, st).await;
+            reporter
+                .set_service_status("readiness", status(ready))
+                .await;
+            reporter
+                .set_service_status(SERVICE_NAME, status(ready))
+                .await;
             last = Some(ready);
+        }
+        let synced = synced();
+        if last_synced != Some(synced) {
+            reporter
+                .set_service_status(GAIE_SERVICE, status(synced))
+                .await;
+            last_synced = Some(synced);
         }
         // Sync and leadership change without a notification, so also poll once a second.
         tokio::select! {
@@ -48,7 +80,7 @@ pub async fn run_health(
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
     }
-    for s in ["liveness", "readiness", SERVICE_NAME, ""] {
+    for s in ["liveness", "readiness", SERVICE_NAME, GAIE_SERVICE, ""] {
         reporter
             .set_service_status(s, ServingStatus::NotServing)
             .await;
@@ -77,8 +109,25 @@ pub async fn serve_health_with(
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
+    serve_health_probes(ready.clone(), ready, changes, listener, shutdown).await
+}
+
+/// As [`serve_health_with`], with [`GAIE_SERVICE`] following `synced`.
+pub async fn serve_health_probes(
+    ready: ReadyProbe,
+    synced: ReadyProbe,
+    changes: tokio::sync::watch::Receiver<u64>,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reporting = tokio::spawn(run_health(reporter, ready, changes, shutdown.wait()));
+    let reporting = tokio::spawn(run_health_with(
+        reporter,
+        ready,
+        synced,
+        changes,
+        shutdown.wait(),
+    ));
     let stop = shutdown.wait();
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = tonic::transport::Server::builder()

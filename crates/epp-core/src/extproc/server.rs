@@ -13,7 +13,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::exchange::Exchange;
-use super::health::{serve_health_with, ReadyProbe};
+use super::health::{serve_health_probes, ReadyProbe};
 use super::ExtProcConfig;
 use crate::app::{serve_within_grace, FrontEndHandle, Runtime, RuntimeOptions, StartError};
 use crate::director::Director;
@@ -27,7 +27,12 @@ pub struct ExtProcService {
     director: Director,
     cfg: Arc<ExtProcConfig>,
     streams: Arc<tokio::sync::Semaphore>,
+    /// `grpc.health.v1.Health` served beside ext_proc on the same port (gateways such as the
+    /// llm-d-router chart's Envoy health-check the ext_proc cluster there).
+    health: Option<HealthServer<tonic_health::server::HealthService>>,
 }
+
+type HealthServer<T> = tonic_health::pb::health_server::HealthServer<T>;
 
 impl ExtProcService {
     pub fn new(director: Director, cfg: ExtProcConfig) -> Self {
@@ -35,15 +40,31 @@ impl ExtProcService {
             director,
             streams: Arc::new(tokio::sync::Semaphore::new(cfg.max_streams.max(1))),
             cfg: Arc::new(cfg),
+            health: None,
         }
     }
 
-    /// The tonic service, ready to add to a server. Message-size limits are lifted: one
-    /// `ProcessingRequest` carries whatever chunk Envoy buffered.
+    /// Also serve this gRPC health service on the ext_proc port.
+    pub fn with_health(
+        mut self,
+        health: HealthServer<tonic_health::server::HealthService>,
+    ) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// The tonic service, ready to add to a server. One `ProcessingRequest` carries whatever
+    /// chunk Envoy buffered, so the receive limit defaults to the body limit plus 1 MiB
+    /// (`--grpc-max-recv-msg-size` sets it).
     pub fn into_server(self) -> ExternalProcessorServer<Self> {
+        let recv = self
+            .cfg
+            .max_recv_msg_bytes
+            .unwrap_or_else(|| self.cfg.max_body_bytes.saturating_add(1 << 20));
+        let send = self.cfg.max_send_msg_bytes.unwrap_or(usize::MAX);
         ExternalProcessorServer::new(self)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(recv)
+            .max_encoding_message_size(send)
     }
 }
 
@@ -176,9 +197,11 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let health = service.health.clone();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(service.into_server())
+        .add_optional_service(health)
         .serve_with_incoming_shutdown(incoming, stop)
         .await
 }
@@ -194,9 +217,11 @@ pub async fn serve_tls(
     let incoming = tls
         .serve_listener(listener, shutdown.clone())
         .into_incoming();
+    let health = service.health.clone();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(service.into_server())
+        .add_optional_service(health)
         .serve_with_incoming_shutdown(incoming, shutdown.wait())
         .await
 }
@@ -265,7 +290,7 @@ pub async fn spawn_with_shutdown(
         stream_idle_timeout = ?opts.extproc.stream_idle_timeout,
         "ext_proc server listening"
     );
-    let service = ExtProcService::new(picker.director.clone(), opts.extproc.clone());
+    let mut service = ExtProcService::new(picker.director.clone(), opts.extproc.clone());
     let grace = opts.picker.grace_period;
     // gRPC readiness is the runtime's (datastore synced, endpoints known, leader if HA).
     let changes = picker.datastore.subscribe();
@@ -274,12 +299,35 @@ pub async fn spawn_with_shutdown(
         let p = picker.clone();
         Arc::new(move || p.is_ready().is_ok())
     };
+    let synced: ReadyProbe = {
+        let p = picker.clone();
+        Arc::new(move || p.is_synced())
+    };
     let addrs = ServeAddrs {
         grpc_addr,
         grpc_health_addr,
     };
+    // The same health services on the ext_proc port, following the same readiness.
+    let reporter = tonic_health::server::HealthReporter::new();
+    let main_port_health = HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+    );
+    let main_health_task = tokio::spawn(super::health::run_health_with(
+        reporter,
+        ready.clone(),
+        synced.clone(),
+        changes.clone(),
+        shutdown.wait(),
+    ));
+    service = service.with_health(main_port_health);
     let run = move |picker: Arc<Runtime>| async move {
-        let health_task = tokio::spawn(serve_health_with(ready, changes, health, shutdown.clone()));
+        let health_task = tokio::spawn(serve_health_probes(
+            ready,
+            synced,
+            changes,
+            health,
+            shutdown.clone(),
+        ));
         let server: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
         > = match tls {
@@ -293,6 +341,7 @@ pub async fn spawn_with_shutdown(
         };
         serve_within_grace(server, &shutdown, grace, "streams").await;
         let _ = tokio::time::timeout(grace, health_task).await;
+        let _ = tokio::time::timeout(grace, main_health_task).await;
         match Arc::try_unwrap(picker) {
             Ok(p) => p.join().await,
             Err(p) => {

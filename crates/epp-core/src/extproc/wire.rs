@@ -89,10 +89,29 @@ fn string_value(s: &str) -> Value {
 }
 
 /// `{"envoy.lb": {"x-gateway-destination-endpoint": value}}`.
-pub fn destination_metadata(value: &str) -> Struct {
-    let inner = Struct {
+pub fn destination_metadata(value: &str, scores: &[(String, f64)]) -> Struct {
+    let mut inner = Struct {
         fields: HashMap::from([(DESTINATION.to_string(), string_value(value))]),
     };
+    if !scores.is_empty() {
+        let fields = scores
+            .iter()
+            .map(|(addr, s)| {
+                (
+                    addr.clone(),
+                    Value {
+                        kind: Some(Kind::NumberValue(*s)),
+                    },
+                )
+            })
+            .collect();
+        inner.fields.insert(
+            crate::gateway::headers::DESTINATION_SCORES.to_string(),
+            Value {
+                kind: Some(Kind::StructValue(Struct { fields })),
+            },
+        );
+    }
     Struct {
         fields: HashMap::from([(
             LB_NAMESPACE.to_string(),
@@ -146,6 +165,7 @@ pub(super) fn immediate(err: &RouteError) -> ProcessingResponse {
 pub fn routed_headers_response(
     set: Vec<HeaderValueOption>,
     metadata_value: &str,
+    scores: &[(String, f64)],
 ) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(processing_response::Response::RequestHeaders(
@@ -160,7 +180,7 @@ pub fn routed_headers_response(
                 }),
             },
         )),
-        dynamic_metadata: Some(destination_metadata(metadata_value)),
+        dynamic_metadata: Some(destination_metadata(metadata_value, scores)),
         ..Default::default()
     }
 }

@@ -4,6 +4,9 @@
 
 /// Request header and `envoy.lb` metadata key carrying the pick.
 pub const DESTINATION: &str = "x-gateway-destination-endpoint";
+/// `envoy.lb` metadata key (with `--emit-endpoint-scores`): a struct of destination address →
+/// the scheduler's score for it.
+pub const DESTINATION_SCORES: &str = "x-gateway-destination-endpoint-scores";
 /// The endpoint that actually served: an `envoy.lb` key the gateway reports, and the response
 /// header `epp proxy` sets.
 pub const SERVED: &str = "x-gateway-destination-endpoint-served";

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use epp_core::config::EndpointPickerConfig;
+use epp_core::datalayer::DataLayer;
 use epp_core::scheduler::Scheduler;
 
 #[derive(clap::Args, Debug)]
@@ -30,9 +31,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    match Scheduler::from_config(&cfg) {
-        Ok(s) => {
-            println!("{shown}: valid; {}", s.describe());
+    let checked =
+        Scheduler::from_config(&cfg).and_then(|s| DataLayer::from_config(&cfg).map(|d| (s, d)));
+    match checked {
+        Ok((s, d)) => {
+            for w in cfg.deprecations() {
+                eprintln!("{shown}: deprecated: {w}");
+            }
+            println!(
+                "{shown}: valid; {}; parsers: {}; metrics: {}",
+                s.describe(),
+                s.parsers().describe(),
+                d.describe()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use epp_core::app::RuntimeOptions;
 use epp_core::config::{presets, EndpointPickerConfig};
+use epp_core::datalayer::{MetricSpec, MetricsFlags, Scheme};
 use epp_core::datastore::HealthConfig;
 use epp_core::discovery::StaticDiscovery;
 use epp_core::k8s::auth::KubeAuthorizer;
@@ -114,8 +115,8 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "FILE")]
     pub metrics_token_file: Option<PathBuf>,
 
-    /// How often each endpoint's `/metrics` is scraped.
-    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    /// How often each endpoint's `/metrics` is scraped (llm-d-router: `--refresh-metrics-interval`).
+    #[arg(long, visible_alias = "refresh-metrics-interval", value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
     pub scrape_interval: Duration,
 
     /// Deadline of one scrape or health probe.
@@ -150,8 +151,8 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 512 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_buffered_body_bytes: u64,
 
-    /// Time in-flight requests get to finish after SIGTERM.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    /// Time in-flight requests get to finish after SIGTERM (llm-d-router: `--drain-timeout`).
+    #[arg(long, visible_alias = "drain-timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
 
     #[command(flatten)]
@@ -203,7 +204,7 @@ pub struct KubeArgs {
     pub metrics_key_file: Option<PathBuf>,
 
     /// Run several replicas; only the holder of a coordination.k8s.io Lease reports ready.
-    #[arg(long)]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set, value_parser = super::goflags::go_bool)]
     pub ha_enable_leader_election: bool,
 
     /// Name of the leader-election Lease. Default: `epp-<pool-name>`, or `epp-leader`.
@@ -360,6 +361,7 @@ impl RuntimeArgs {
                 timeout: self.scrape_timeout,
                 probe_interval: (!self.health_check_interval.is_zero())
                     .then_some(self.health_check_interval),
+                ..Default::default()
             },
             health: HealthConfig {
                 failure_threshold: self.health_failure_threshold,
@@ -367,6 +369,7 @@ impl RuntimeArgs {
                 staleness: self.metrics_staleness_threshold,
                 probe_enabled: !self.health_check_interval.is_zero(),
                 passive_cooldown: self.health_passive_cooldown,
+                ..Default::default()
             },
             grace_period: self.shutdown_grace_period,
             max_buffered_body_bytes: self.max_buffered_body_bytes as usize,
@@ -578,5 +581,177 @@ mod kube_flag_tests {
             MetricsAuthMode::None
         };
         assert_eq!(resolve_metrics_auth(None).0, want);
+    }
+}
+
+/// llm-d-router / GAIE flags of `epp serve` that map onto the shared runtime (the chart
+/// renders them; see the README's compatibility table). Booleans take `--flag=true|false`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LlmdArgs {
+    /// Port of the metrics server: `--metrics-bind-address` with this port.
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+
+    /// API group of the InferencePool named by `--pool-name`. Only `inference.networking.k8s.io`
+    /// (InferencePool v1) is supported.
+    #[arg(long, value_name = "GROUP")]
+    pub pool_group: Option<String>,
+
+    /// Authenticate and authorize `/metrics` callers with Kubernetes (TokenReview +
+    /// SubjectAccessReview). `false` is `--metrics-auth=none`, `true` is
+    /// `--metrics-auth=kubernetes`.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = super::goflags::go_bool)]
+    pub metrics_endpoint_auth: Option<bool>,
+
+    /// Accepted for llm-d-router compatibility; has no effect: epp computes its pool gauges
+    /// when `/metrics` is scraped, not on a timer.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub refresh_prometheus_metrics_interval: Option<Duration>,
+
+    /// Scrape this port of each model server instead of its serving port.
+    #[arg(long, value_name = "PORT")]
+    pub model_server_metrics_port: Option<u16>,
+
+    /// Path of the model servers' metrics (overrides the metrics-data-source `path`).
+    #[arg(long, value_name = "PATH")]
+    pub model_server_metrics_path: Option<String>,
+
+    /// Scheme of the model servers' metrics, `http` or `https` (overrides the
+    /// metrics-data-source `scheme`).
+    #[arg(long, value_name = "SCHEME", value_parser = ["http", "https"])]
+    pub model_server_metrics_scheme: Option<String>,
+
+    /// With `https`: do not verify the model servers' certificates (the default).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = super::goflags::go_bool)]
+    pub model_server_metrics_https_insecure_skip_verify: Option<bool>,
+
+    /// Deprecated: the default engine's queued-requests series, `name` or `name{label=value}`
+    /// (prefer `engineConfigs` of the core-metrics-extractor).
+    #[arg(long, value_name = "SPEC")]
+    pub total_queued_requests_metric: Option<String>,
+
+    /// Deprecated: the default engine's running-requests series.
+    #[arg(long, value_name = "SPEC")]
+    pub total_running_requests_metric: Option<String>,
+
+    /// Deprecated: the default engine's KV-cache usage series (0..1).
+    #[arg(long, value_name = "SPEC")]
+    pub kv_cache_usage_percentage_metric: Option<String>,
+
+    /// Deprecated: the default engine's LoRA info series (vLLM label format).
+    #[arg(long, value_name = "SPEC")]
+    pub lora_info_metric: Option<String>,
+
+    /// Deprecated: the default engine's cache info series (`block_size`, `num_gpu_blocks`).
+    #[arg(long, value_name = "SPEC")]
+    pub cache_info_metric: Option<String>,
+
+    /// OpenTelemetry tracing. epp does not emit traces: `false` is accepted, `true` refused.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = super::goflags::go_bool)]
+    pub tracing: Option<bool>,
+
+    /// Accepted for llm-d-router compatibility; has no effect (a Rust binary has no Go pprof
+    /// handlers).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = super::goflags::go_bool)]
+    pub enable_pprof: Option<bool>,
+
+    /// Accepted for llm-d-router compatibility; has no effect: every plugin epp implements is
+    /// available without it.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = super::goflags::go_bool)]
+    pub allow_experimental_plugins: Option<bool>,
+}
+
+impl LlmdArgs {
+    /// The runtime options of `picker` with these flags applied.
+    pub fn apply(&self, picker: &RuntimeArgs) -> anyhow::Result<RuntimeOptions> {
+        let mut picker = picker.clone();
+        if let Some(p) = self.metrics_port {
+            picker.metrics_bind_address.set_port(p);
+        }
+        if let Some(g) = &self.pool_group {
+            match g.as_str() {
+                "inference.networking.k8s.io" => {}
+                "inference.networking.x-k8s.io" => anyhow::bail!(
+                    "--pool-group {g}: the v1alpha2 InferencePool is not supported; epp watches inference.networking.k8s.io/v1"
+                ),
+                other => anyhow::bail!(
+                    "--pool-group {other}: unknown InferencePool group; epp watches inference.networking.k8s.io (v1)"
+                ),
+            }
+        }
+        if let Some(auth) = self.metrics_endpoint_auth {
+            let want = if auth {
+                MetricsAuthArg::Kubernetes
+            } else {
+                MetricsAuthArg::None
+            };
+            match picker.metrics_auth {
+                Some(m) if m != want => anyhow::bail!(
+                    "--metrics-endpoint-auth={auth} contradicts --metrics-auth {m:?}; give one"
+                ),
+                _ => picker.metrics_auth = Some(want),
+            }
+        }
+        if self.tracing == Some(true) {
+            anyhow::bail!(
+                "--tracing=true: epp does not emit OpenTelemetry traces; set --tracing=false (its request lifecycle is in the logs and metrics)"
+            );
+        }
+        for (flag, given) in [
+            ("--enable-pprof", self.enable_pprof.is_some()),
+            (
+                "--allow-experimental-plugins",
+                self.allow_experimental_plugins.is_some(),
+            ),
+            (
+                "--refresh-prometheus-metrics-interval",
+                self.refresh_prometheus_metrics_interval.is_some(),
+            ),
+        ] {
+            if given {
+                tracing::info!(
+                    flag,
+                    "accepted for llm-d-router compatibility; it has no effect in epp"
+                );
+            }
+        }
+        let spec = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<MetricSpec>> {
+            match v {
+                None => Ok(None),
+                Some(s) => {
+                    tracing::warn!(flag, "DEPRECATION: use engineConfigs of the core-metrics-extractor plugin instead");
+                    MetricSpec::parse(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+                }
+            }
+        };
+        let overrides = MetricsFlags {
+            port: self.model_server_metrics_port,
+            path: self.model_server_metrics_path.clone(),
+            scheme: self.model_server_metrics_scheme.as_deref().map(|s| {
+                if s == "https" {
+                    Scheme::Https
+                } else {
+                    Scheme::Http
+                }
+            }),
+            insecure_skip_verify: self.model_server_metrics_https_insecure_skip_verify,
+            queued: spec(
+                "--total-queued-requests-metric",
+                &self.total_queued_requests_metric,
+            )?,
+            running: spec(
+                "--total-running-requests-metric",
+                &self.total_running_requests_metric,
+            )?,
+            kv_usage: spec(
+                "--kv-cache-usage-percentage-metric",
+                &self.kv_cache_usage_percentage_metric,
+            )?,
+            lora: spec("--lora-info-metric", &self.lora_info_metric)?,
+            cache_info: spec("--cache-info-metric", &self.cache_info_metric)?,
+        };
+        let mut opts = picker.to_options()?;
+        opts.scrape.overrides = overrides;
+        Ok(opts)
     }
 }

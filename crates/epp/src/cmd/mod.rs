@@ -5,6 +5,7 @@ pub mod check_config;
 pub mod common;
 pub mod demo;
 pub mod doctor;
+pub mod goflags;
 pub mod proxy;
 pub mod serve;
 pub mod sim;

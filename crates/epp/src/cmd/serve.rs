@@ -13,6 +13,7 @@ use epp_core::telemetry::Shutdown;
 use epp_core::tls::TlsSettings;
 
 use super::common::RuntimeArgs;
+use super::goflags::go_bool;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -54,20 +55,54 @@ pub struct Args {
     #[arg(long)]
     pub conformance_test_hooks: bool,
 
-    /// Serve the ext_proc port over TLS (ALPN h2). Without --cert-path/--key-path a self-signed
-    /// certificate is generated at start-up (the gateway must then skip verification). Off by
-    /// default: the picker normally sits next to the gateway; see docs/envoy.md.
-    #[arg(long)]
-    pub secure_serving: bool,
+    /// Serve the ext_proc port over TLS (ALPN h2). Without --cert-path a self-signed certificate
+    /// is generated at start-up (the gateway must then skip verification, as Envoy-based
+    /// gateways do for the EPP). Default: true inside a Kubernetes cluster (what llm-d-router
+    /// does and the gateways there expect), false elsewhere; see docs/envoy.md.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+    pub secure_serving: Option<bool>,
 
-    /// PEM certificate chain for --secure-serving. Re-read every 10 s: a changed pair is served to
-    /// new connections without a restart (a broken one is refused, the old one kept).
-    #[arg(long, value_name = "FILE", requires = "key_path")]
+    /// Certificate for --secure-serving: a directory holding `tls.crt` and `tls.key` (as
+    /// llm-d-router and GAIE read it), or a PEM certificate file with --key-path.
+    #[arg(long, value_name = "DIR|FILE")]
     pub cert_path: Option<PathBuf>,
 
-    /// PEM private key for --secure-serving.
+    /// PEM private key, when --cert-path names the certificate file itself.
     #[arg(long, value_name = "FILE", requires = "cert_path")]
     pub key_path: Option<PathBuf>,
+
+    /// Re-read the certificate every 10 s and serve a changed pair to new connections (a broken
+    /// one is refused, the old one kept). Off: loaded once at start-up.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
+    pub enable_cert_reload: bool,
+
+    /// Add each destination's scheduler score to the `envoy.lb` dynamic metadata
+    /// (`x-gateway-destination-endpoint-scores`: address → score).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set, value_parser = go_bool)]
+    pub emit_endpoint_scores: bool,
+
+    /// Ignore the gateway's `x-gateway-destination-endpoint-subset` hint (pick from the whole
+    /// pool).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set, value_parser = go_bool)]
+    pub disable_endpoint_subset_filter: bool,
+
+    /// Largest gRPC message accepted from the gateway (e.g. `10MiB`, `25MB`). Default: the body
+    /// limit plus 1 MiB.
+    #[arg(long, value_name = "SIZE", value_parser = super::goflags::byte_size)]
+    pub grpc_max_recv_msg_size: Option<usize>,
+
+    /// Largest gRPC message sent to the gateway (e.g. `10MiB`). Default: unlimited (bodies go
+    /// back in 64 KiB pieces).
+    #[arg(long, value_name = "SIZE", value_parser = super::goflags::byte_size)]
+    pub grpc_max_send_msg_size: Option<usize>,
+
+    /// Serve the gRPC health service on the ext_proc port too (it is always served on
+    /// --grpc-health-port). llm-d-router's flag; on by default here.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", action = clap::ArgAction::Set, value_parser = go_bool)]
+    pub health_checking: bool,
+
+    #[command(flatten)]
+    pub llmd: super::common::LlmdArgs,
 
     #[command(flatten)]
     pub picker: RuntimeArgs,
@@ -75,8 +110,20 @@ pub struct Args {
 
 impl Args {
     pub fn to_options(&self) -> anyhow::Result<ServeOptions> {
-        if !self.secure_serving && (self.cert_path.is_some() || self.key_path.is_some()) {
-            anyhow::bail!("--cert-path/--key-path need --secure-serving");
+        let (secure, why) = match self.secure_serving {
+            Some(v) => (v, "set by --secure-serving"),
+            None if epp_core::k8s::in_cluster() => (
+                true,
+                "default inside a Kubernetes cluster (KUBERNETES_SERVICE_HOST is set)",
+            ),
+            None => (false, "default outside a Kubernetes cluster"),
+        };
+        tracing::info!(secure_serving = secure, reason = why, "ext_proc transport");
+        if !secure && (self.cert_path.is_some() || self.key_path.is_some()) {
+            anyhow::bail!("--cert-path/--key-path need --secure-serving=true");
+        }
+        if !self.health_checking {
+            anyhow::bail!("--health-checking=false: epp always serves the gRPC health service (the gateway and the kubelet probe it); remove the flag");
         }
         // Envoy's ORIGINAL_DST cluster connects to the picked address as given: no DNS.
         for e in &self.picker.endpoints {
@@ -87,10 +134,28 @@ impl Args {
             }
         }
         // Neither file: self-signed. Both: loaded now, re-read every 10 s.
-        let tls = self.secure_serving.then(|| TlsSettings {
-            cert_file: self.cert_path.clone(),
-            key_file: self.key_path.clone(),
-            ..Default::default()
+        let (cert_file, key_file) = match (&self.cert_path, &self.key_path) {
+            (Some(c), None) => {
+                if !c.is_dir() {
+                    anyhow::bail!(
+                        "--cert-path {}: not a directory holding tls.crt and tls.key (for a certificate file, give --key-path too)",
+                        c.display()
+                    );
+                }
+                (Some(c.join("tls.crt")), Some(c.join("tls.key")))
+            }
+            (c, k) => (c.clone(), k.clone()),
+        };
+        let tls = secure.then(|| {
+            let mut t = TlsSettings {
+                cert_file,
+                key_file,
+                ..Default::default()
+            };
+            if !self.enable_cert_reload {
+                t.reload_interval = std::time::Duration::ZERO;
+            }
+            t
         });
         Ok(ServeOptions {
             tls,
@@ -102,8 +167,12 @@ impl Args {
                 max_body_bytes: self.max_body_bytes as usize,
                 max_streams: self.max_concurrent_streams as usize,
                 stream_idle_timeout: self.stream_idle_timeout,
+                emit_endpoint_scores: self.emit_endpoint_scores,
+                ignore_subset: self.disable_endpoint_subset_filter,
+                max_recv_msg_bytes: self.grpc_max_recv_msg_size,
+                max_send_msg_bytes: self.grpc_max_send_msg_size,
             },
-            picker: self.picker.to_options()?,
+            picker: self.llmd.apply(&self.picker)?,
         })
     }
 }
