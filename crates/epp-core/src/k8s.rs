@@ -135,9 +135,12 @@ pub fn in_cluster() -> bool {
 
 /// The namespace this pod runs in: `POD_NAMESPACE`, then the ServiceAccount's namespace file.
 pub fn own_namespace() -> Option<String> {
-    if let Ok(ns) = std::env::var("POD_NAMESPACE") {
-        if !ns.trim().is_empty() {
-            return Some(ns.trim().to_string());
+    // `NAMESPACE` is what the llm-d-router and GAIE charts set from the downward API.
+    for var in ["POD_NAMESPACE", "NAMESPACE"] {
+        if let Ok(ns) = std::env::var(var) {
+            if !ns.trim().is_empty() {
+                return Some(ns.trim().to_string());
+            }
         }
     }
     std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
