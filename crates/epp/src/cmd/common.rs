@@ -247,7 +247,7 @@ impl KubeArgs {
 /// The `--metrics-auth` mode in force: the flag, else `kubernetes` in a cluster, else `none`.
 pub fn resolve_metrics_auth(flag: Option<MetricsAuthMode>) -> (MetricsAuthMode, &'static str) {
     match flag {
-        Some(m) => (m, "set by --metrics-auth"),
+        Some(m) => (m, "set by --metrics-auth or --metrics-endpoint-auth"),
         None if epp_core::k8s::in_cluster() => (
             MetricsAuthMode::Kubernetes,
             "default inside a Kubernetes cluster (KUBERNETES_SERVICE_HOST is set)",

@@ -185,3 +185,159 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     handle.wait().await;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use epp_core::datalayer::{MetricSpec, Scheme};
+
+    #[derive(Parser, Debug)]
+    struct T {
+        #[command(flatten)]
+        a: Args,
+    }
+
+    fn parse(args: &[&str]) -> Result<Args, String> {
+        let argv = std::iter::once("epp").chain(args.iter().copied());
+        T::try_parse_from(argv)
+            .map(|t| t.a)
+            .map_err(|e| e.to_string())
+    }
+
+    fn opts(args: &[&str]) -> Result<ServeOptions, String> {
+        parse(args)?.to_options().map_err(|e| format!("{e:#}"))
+    }
+
+    const EP: [&str; 2] = ["--endpoint", "127.0.0.1:8000"];
+
+    fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        EP.iter().copied().chain(extra.iter().copied()).collect()
+    }
+
+    #[tokio::test]
+    async fn go_booleans_and_llm_d_flags_reach_the_options() {
+        let o = opts(&with(&[
+            "--secure-serving=false",
+            "--emit-endpoint-scores=true",
+            "--disable-endpoint-subset-filter",
+            "--grpc-max-recv-msg-size=10MiB",
+            "--metrics-port=19090",
+            "--metrics-endpoint-auth=false",
+            "--tracing=false",
+            "--pool-group=inference.networking.k8s.io",
+            "--drain-timeout=45s",
+            "--refresh-metrics-interval=50ms",
+        ]))
+        .unwrap();
+        assert!(o.tls.is_none());
+        assert!(o.extproc.emit_endpoint_scores && o.extproc.ignore_subset);
+        assert_eq!(o.extproc.max_recv_msg_bytes, Some(10 << 20));
+        assert_eq!(o.picker.metrics_addr.unwrap().port(), 19090);
+        assert_eq!(format!("{:?}", o.picker.metrics_auth), "none");
+        assert_eq!(o.picker.grace_period, std::time::Duration::from_secs(45));
+        assert_eq!(
+            o.picker.scrape.interval,
+            std::time::Duration::from_millis(50)
+        );
+        // Booleans need `=`: `--secure-serving false` leaves a stray argument.
+        assert!(parse(&with(&["--secure-serving", "false"])).is_err());
+        assert!(parse(&with(&["--emit-endpoint-scores=yes"]))
+            .unwrap_err()
+            .contains("is not a boolean"));
+    }
+
+    #[tokio::test]
+    async fn secure_serving_reads_a_certificate_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(&with(&[
+            "--secure-serving=true",
+            "--cert-path",
+            dir.path().to_str().unwrap(),
+            "--enable-cert-reload=false",
+        ]))
+        .unwrap();
+        let t = o.tls.unwrap();
+        assert_eq!(t.cert_file, Some(dir.path().join("tls.crt")));
+        assert_eq!(t.key_file, Some(dir.path().join("tls.key")));
+        assert!(t.reload_interval.is_zero());
+        let f = dir.path().join("c.pem");
+        std::fs::write(&f, "x").unwrap();
+        let e = opts(&with(&[
+            "--secure-serving",
+            "--cert-path",
+            f.to_str().unwrap(),
+        ]))
+        .unwrap_err();
+        assert!(
+            e.contains("not a directory holding tls.crt and tls.key"),
+            "{e}"
+        );
+        let e = opts(&with(&["--secure-serving=false", "--cert-path", "/x"])).unwrap_err();
+        assert!(e.contains("need --secure-serving=true"), "{e}");
+        // Outside a cluster the default is plaintext (tests never run inside one).
+        if !epp_core::k8s::in_cluster() {
+            assert!(opts(&EP).unwrap().tls.is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn what_epp_cannot_do_is_refused_by_name() {
+        for (args, want) in [
+            (
+                vec!["--tracing=true"],
+                "--tracing=true: epp does not emit OpenTelemetry traces",
+            ),
+            (vec!["--health-checking=false"], "--health-checking=false"),
+            (
+                vec!["--pool-group=inference.networking.x-k8s.io"],
+                "the v1alpha2 InferencePool is not supported",
+            ),
+            (
+                vec!["--pool-group=example.com"],
+                "unknown InferencePool group",
+            ),
+            (
+                vec!["--metrics-endpoint-auth=true", "--metrics-auth=none"],
+                "contradicts --metrics-auth",
+            ),
+            (
+                vec!["--total-queued-requests-metric=bad name"],
+                "--total-queued-requests-metric: not a valid metric specification",
+            ),
+        ] {
+            let e = opts(&with(&args)).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        assert!(parse(&with(&["--grpc-max-recv-msg-size=lots"]))
+            .unwrap_err()
+            .contains("unknown size unit"));
+    }
+
+    #[tokio::test]
+    async fn model_server_metrics_flags_become_scrape_overrides() {
+        let o = opts(&with(&[
+            "--model-server-metrics-port=9400",
+            "--model-server-metrics-path=/stats",
+            "--model-server-metrics-scheme=https",
+            "--model-server-metrics-https-insecure-skip-verify=true",
+            "--total-queued-requests-metric=q{tier=gold}",
+            "--kv-cache-usage-percentage-metric=kv",
+        ]))
+        .unwrap();
+        let f = &o.picker.scrape.overrides;
+        assert_eq!(f.port, Some(9400));
+        assert_eq!(f.path.as_deref(), Some("/stats"));
+        assert_eq!(f.scheme, Some(Scheme::Https));
+        assert_eq!(f.insecure_skip_verify, Some(true));
+        assert_eq!(
+            f.queued,
+            Some(MetricSpec {
+                name: "q".into(),
+                labels: vec![("tier".into(), "gold".into())]
+            })
+        );
+        assert_eq!(f.kv_usage.as_ref().unwrap().name, "kv");
+        assert_eq!(f.running, None);
+    }
+}
