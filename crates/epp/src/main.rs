@@ -43,6 +43,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the Envoy ext_proc endpoint picker (the Gateway API Inference Extension protocol).

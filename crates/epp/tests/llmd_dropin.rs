@@ -10,7 +10,6 @@
 //!
 //! `cargo test -p epp --test llmd_dropin`. Everything binds 127.0.0.0/8.
 
-#[allow(dead_code)]
 #[path = "../../epp-core/tests/k8s_fake/mod.rs"]
 mod k8s_fake;
 
