@@ -53,7 +53,8 @@ impl Default for MetricsPipeline {
 
 /// Command-line settings over the config's metrics source: GAIE's
 /// `--model-server-metrics-{port,path,scheme,https-insecure-skip-verify}` and the deprecated
-/// `--total-queued-requests-metric` family (series of the default engine). A flag given wins
+/// `--total-queued-requests-metric` family (series of the default engine: `Some(None)`, an empty
+/// spec, stops reading that series, as GAIE's chart does for LoRA on Triton). A flag given wins
 /// over the config.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MetricsFlags {
@@ -61,11 +62,11 @@ pub struct MetricsFlags {
     pub path: Option<String>,
     pub scheme: Option<Scheme>,
     pub insecure_skip_verify: Option<bool>,
-    pub queued: Option<MetricSpec>,
-    pub running: Option<MetricSpec>,
-    pub kv_usage: Option<MetricSpec>,
-    pub lora: Option<MetricSpec>,
-    pub cache_info: Option<MetricSpec>,
+    pub queued: Option<Option<MetricSpec>>,
+    pub running: Option<Option<MetricSpec>>,
+    pub kv_usage: Option<Option<MetricSpec>>,
+    pub lora: Option<Option<MetricSpec>>,
+    pub cache_info: Option<Option<MetricSpec>>,
 }
 
 impl MetricsFlags {

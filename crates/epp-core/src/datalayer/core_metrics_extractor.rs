@@ -32,9 +32,15 @@ fn valid_name(s: &str, colon: bool) -> bool {
 }
 
 impl MetricSpec {
-    /// Parse `name` or `name{k=v,k2="v2"}`; an empty string is no spec.
+    /// Parse `name` or `name{k=v,k2="v2"}`; an empty string is no spec. One pair of quotes
+    /// around the whole spec is dropped (GAIE's chart renders `--flag="name"`).
     pub fn parse(spec: &str) -> Result<Option<Self>, String> {
         let s = spec.trim();
+        let s = s
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .map(str::trim)
+            .unwrap_or(s);
         if s.is_empty() {
             return Ok(None);
         }
@@ -374,32 +380,33 @@ impl EngineMappings {
         matches!(engine, "trt-llm" | "trtllm" | "tensorrt-llm") || self.engines.contains_key(engine)
     }
 
-    /// Replace series of the default engine (the deprecated `--*-metric` flags).
+    /// Replace series of the default engine (the deprecated `--*-metric` flags); `Some(None)`
+    /// stops reading that series.
     pub fn override_default(
         &mut self,
-        queued: Option<MetricSpec>,
-        running: Option<MetricSpec>,
-        kv_usage: Option<MetricSpec>,
-        lora: Option<MetricSpec>,
-        cache_info: Option<MetricSpec>,
+        queued: Option<Option<MetricSpec>>,
+        running: Option<Option<MetricSpec>>,
+        kv_usage: Option<Option<MetricSpec>>,
+        lora: Option<Option<MetricSpec>>,
+        cache_info: Option<Option<MetricSpec>>,
     ) {
         let d = self.default_engine.clone();
         let m = self.engines.get_mut(&d).expect("default mapped");
         if let Some(s) = queued {
-            m.queued = Some(s);
+            m.queued = s;
         }
         if let Some(s) = running {
-            m.running = Some(s);
+            m.running = s;
         }
         if let Some(s) = kv_usage {
-            m.kv_usage = Some(s);
+            m.kv_usage = s;
             m.kv_usage_fallback = None;
         }
         if let Some(s) = lora {
-            m.lora = Some(s);
+            m.lora = s;
         }
         if let Some(s) = cache_info {
-            m.cache_info = Some(s);
+            m.cache_info = s;
         }
     }
 }

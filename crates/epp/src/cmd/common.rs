@@ -715,18 +715,24 @@ impl LlmdArgs {
                 );
             }
         }
-        let spec = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<MetricSpec>> {
+        let spec = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<Option<MetricSpec>>> {
             match v {
                 None => Ok(None),
                 Some(s) => {
                     tracing::warn!(flag, "DEPRECATION: use engineConfigs of the core-metrics-extractor plugin instead");
-                    MetricSpec::parse(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+                    MetricSpec::parse(s)
+                        .map(Some)
+                        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
                 }
             }
         };
         let overrides = MetricsFlags {
             port: self.model_server_metrics_port,
-            path: self.model_server_metrics_path.clone(),
+            // GAIE's chart renders `--model-server-metrics-path="/prometheus/metrics"`.
+            path: self
+                .model_server_metrics_path
+                .as_deref()
+                .map(|p| p.trim().trim_matches('"').to_string()),
             scheme: self.model_server_metrics_scheme.as_deref().map(|s| {
                 if s == "https" {
                     Scheme::Https

@@ -105,6 +105,17 @@ pub fn normalize<C: CommandFactory>(args: impl IntoIterator<Item = OsString>) ->
         }
         break;
     }
+    // Booleans that need `=` (Go's rule), and which take a value at all.
+    let bools: Vec<String> = sub
+        .as_deref()
+        .and_then(|n| cmd.find_subcommand(n))
+        .map(|s| {
+            s.get_arguments()
+                .filter(|a| a.is_require_equals_set())
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
     let longs: Vec<String> = {
         let mut v: Vec<String> = cmd
             .get_arguments()
@@ -138,12 +149,90 @@ pub fn normalize<C: CommandFactory>(args: impl IntoIterator<Item = OsString>) ->
             *a = OsString::from(format!("--{rest}"));
         }
     }
-    args
+    // GAIE's chart renders `inferenceExtension.flags` as two words, `--flag` `"value"`: for a
+    // boolean that would leave a stray `false`, so `--flag true|false` is read as `--flag=...`.
+    let mut out: Vec<OsString> = Vec::with_capacity(args.len());
+    let mut it = args.into_iter().peekable();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy().to_string();
+        let is_bool = s
+            .strip_prefix("--")
+            .is_some_and(|n| !n.contains('=') && bools.iter().any(|b| b == n));
+        if is_bool {
+            if let Some(v) = it.peek().map(|v| v.to_string_lossy().to_string()) {
+                if go_bool(&v).is_ok() {
+                    it.next();
+                    out.push(OsString::from(format!("{s}={v}")));
+                    continue;
+                }
+            }
+        }
+        out.push(a);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[arg(long, global = true)]
+        log_level: Option<String>,
+        #[command(subcommand)]
+        cmd: Sub,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum Sub {
+        Serve {
+            #[arg(long)]
+            pool_name: Option<String>,
+            #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool)]
+            secure_serving: Option<bool>,
+        },
+        Sim,
+    }
+
+    fn norm(args: &[&str]) -> Vec<String> {
+        normalize::<Cli>(
+            std::iter::once("epp")
+                .chain(args.iter().copied())
+                .map(OsString::from),
+        )
+        .into_iter()
+        .map(|s| s.to_string_lossy().to_string())
+        .collect()
+    }
+
+    #[test]
+    fn chart_command_lines_become_serve_with_long_flags() {
+        assert_eq!(
+            norm(&["--pool-name", "p", "-secure-serving=false"]),
+            ["epp", "serve", "--pool-name", "p", "--secure-serving=false"]
+        );
+        // GAIE's two-word form of a boolean.
+        assert_eq!(
+            norm(&["-pool-name=p", "--secure-serving", "false"]),
+            ["epp", "serve", "--pool-name=p", "--secure-serving=false"]
+        );
+        // A bare boolean followed by another flag stays bare.
+        assert_eq!(
+            norm(&["serve", "--secure-serving", "--pool-name", "p"]),
+            ["epp", "serve", "--secure-serving", "--pool-name", "p"]
+        );
+        // Globals before the flags; explicit subcommands, help and version are left alone.
+        assert_eq!(
+            norm(&["--log-level", "debug", "--pool-name", "p"]),
+            ["epp", "--log-level", "debug", "serve", "--pool-name", "p"]
+        );
+        assert_eq!(norm(&["sim"]), ["epp", "sim"]);
+        assert_eq!(norm(&["--version"]), ["epp", "--version"]);
+        assert_eq!(norm(&["-h"]), ["epp", "-h"]);
+        // An unknown single-dash word is not rewritten (clap then names it).
+        assert_eq!(norm(&["serve", "-bogus"]), ["epp", "serve", "-bogus"]);
+    }
 
     #[test]
     fn go_booleans_and_sizes() {

@@ -332,12 +332,27 @@ mod tests {
         assert_eq!(f.insecure_skip_verify, Some(true));
         assert_eq!(
             f.queued,
-            Some(MetricSpec {
+            Some(Some(MetricSpec {
                 name: "q".into(),
                 labels: vec![("tier".into(), "gold".into())]
-            })
+            }))
         );
-        assert_eq!(f.kv_usage.as_ref().unwrap().name, "kv");
+        assert_eq!(f.kv_usage.clone().flatten().unwrap().name, "kv");
         assert_eq!(f.running, None);
+        // GAIE's chart: quoted values, and an empty spec that turns a series off.
+        let o = opts(&with(&[
+            "--total-queued-requests-metric=\"sglang:num_queue_reqs\"",
+            "--lora-info-metric",
+            "",
+            "--model-server-metrics-path=\"/prometheus/metrics\"",
+        ]))
+        .unwrap();
+        let f = &o.picker.scrape.overrides;
+        assert_eq!(
+            f.queued.clone().flatten().unwrap().name,
+            "sglang:num_queue_reqs"
+        );
+        assert_eq!(f.lora, Some(None));
+        assert_eq!(f.path.as_deref(), Some("/prometheus/metrics"));
     }
 }
