@@ -329,6 +329,8 @@ struct Shared {
     health: HealthConfig,
     synced: AtomicBool,
     discovery_labels: Mutex<(String, String)>,
+    /// The InferencePool's name (the `name` label of the pool metrics).
+    pool_name: Mutex<String>,
     on_slot_freed: Mutex<Vec<RemovalHook>>,
     changed: tokio::sync::watch::Sender<u64>,
 }
@@ -398,6 +400,11 @@ impl DatastoreWriter {
         self.store.set_discovery_labels(namespace, label_selector)
     }
 
+    /// The pool's name, as the pool metrics label it (default `epp`).
+    pub fn set_pool_name(&self, name: &str) {
+        *self.store.shared.pool_name.lock() = name.to_string();
+    }
+
     /// Register a hook run when an endpoint's slot is released (the prefix index clears it).
     pub fn on_slot_freed(&self, hook: impl Fn(usize) + Send + Sync + 'static) {
         self.store.on_slot_freed(hook)
@@ -464,6 +471,7 @@ impl Datastore {
                 health,
                 synced: AtomicBool::new(false),
                 discovery_labels: Mutex::new(("local".into(), "static".into())),
+                pool_name: Mutex::new(crate::metrics::llmd::DEFAULT_POOL_NAME.into()),
                 on_slot_freed: Mutex::new(Vec::new()),
                 changed,
             }),
@@ -495,6 +503,11 @@ impl Datastore {
     }
     pub fn discovery_labels(&self) -> (String, String) {
         self.shared.discovery_labels.lock().clone()
+    }
+
+    /// The pool's name for the pool metrics' `name` label.
+    pub fn pool_name(&self) -> String {
+        self.shared.pool_name.lock().clone()
     }
 
     /// Discovery has produced its first complete list.

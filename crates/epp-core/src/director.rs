@@ -18,6 +18,7 @@ use crate::datastore::{
 use crate::gateway::rewrite::{self, ModelRestorer};
 use crate::gateway::usage::UsageTail;
 use crate::gateway::{BodyBudget, InboundHeaders};
+use crate::metrics::llmd::{error_code_for_status, RequestIdentity, ResponseSummary};
 use crate::metrics::Metrics;
 use crate::parsers::Parse;
 use crate::prefix::{PrefixIndex, PromptHashes};
@@ -193,6 +194,15 @@ pub struct RequestTracker {
     /// Prompt tokens the picker believed the serving endpoint had cached when it picked it.
     predicted_cached_tokens: u64,
     first_byte_seen: bool,
+    /// The labels of llm-d-router's request families.
+    identity: RequestIdentity,
+    /// `"stream": true` in the request.
+    stream: bool,
+    /// Response body bytes the upstream sent.
+    response_bytes: u64,
+    /// When the first and the latest non-empty response chunk arrived.
+    first_chunk: Option<Instant>,
+    last_chunk: Option<Instant>,
     done: bool,
 }
 
@@ -244,6 +254,7 @@ impl RequestTracker {
     /// `usage`, and the model name the client asked for put back where the server names the
     /// rewritten one.
     pub fn response_chunk(&mut self, chunk: Vec<u8>) -> Vec<u8> {
+        self.chunk_seen(chunk.len());
         self.usage.feed(&chunk);
         match &self.restorer {
             Some(r) => r.apply(chunk),
@@ -253,7 +264,29 @@ impl RequestTracker {
 
     /// A response chunk passed on unchanged (no rewrite): only read for its `usage`.
     pub fn observe_response(&mut self, chunk: &[u8]) {
+        self.chunk_seen(chunk.len());
         self.usage.feed(chunk);
+    }
+
+    /// A response chunk of `len` bytes as the upstream sent it: its size, its arrival time
+    /// (first byte, and for a streamed request the gap since the previous chunk).
+    fn chunk_seen(&mut self, len: usize) {
+        self.response_bytes += len as u64;
+        if len == 0 {
+            return;
+        }
+        let now = Instant::now();
+        self.first_chunk.get_or_insert(now);
+        if self.stream {
+            if let Some(prev) = self.last_chunk {
+                self.director
+                    .inner
+                    .metrics
+                    .llmd()
+                    .inter_chunk(&self.identity, now.duration_since(prev).as_secs_f64());
+            }
+            self.last_chunk = Some(now);
+        }
     }
 
     /// Whether response bodies are rewritten (a model rewrite happened).
@@ -274,6 +307,24 @@ impl RequestTracker {
 
     /// The response ended with this status (what the client finally got).
     pub fn finish(mut self, status: u16) {
+        if !self.done {
+            let llmd = self.director.inner.metrics.llmd();
+            if status != 200 {
+                llmd.error(&self.identity, crate::metrics::llmd::MODEL_SERVER_ERROR);
+            }
+            llmd.response_complete(
+                &self.identity,
+                &ResponseSummary {
+                    seconds: self.started.elapsed().as_secs_f64(),
+                    first_byte_seconds: self
+                        .first_chunk
+                        .map(|t| t.duration_since(self.started).as_secs_f64()),
+                    response_bytes: self.response_bytes,
+                    streaming: self.stream,
+                    usage: self.usage.usage(),
+                },
+            );
+        }
         self.complete(status);
     }
 
@@ -292,6 +343,7 @@ impl RequestTracker {
         }
         m.record_request(self.method, status);
         m.observe_e2e(self.method, self.started.elapsed().as_secs_f64());
+        m.llmd().finished(&self.identity);
         self.guard = None;
     }
 }
@@ -358,6 +410,9 @@ impl Director {
             writer.on_slot_freed(move |slot| p.remove_slot(slot));
         }
         let metrics = Metrics::new(datastore.clone(), prefix.clone());
+        if let Some((plugin_type, name)) = scheduler.prefix_plugin() {
+            metrics.llmd().set_prefix_plugin(plugin_type, name);
+        }
         let scheduler = Arc::new(scheduler.with_observer(metrics.clone()));
         let body_budget =
             BodyBudget::with_meters(max_buffered_body_bytes, Some(metrics.body_budget.clone()));
@@ -411,6 +466,10 @@ impl Director {
     /// Record a request refused before routing (e.g. body too large), so counters stay complete.
     pub fn record_answered(&self, method: ApiMethod, status: u16) {
         self.inner.metrics.record_request(method, status);
+        if status >= 400 && status != STATUS_CLIENT_CLOSED {
+            let llmd = self.inner.metrics.llmd();
+            llmd.error(&llmd.anonymous(None), error_code_for_status(status));
+        }
     }
 
     /// Find a known endpoint by address (for "served by" reports).
@@ -429,8 +488,11 @@ impl Director {
         let started = Instant::now();
         let method = req.method.unwrap_or(ApiMethod::Other);
         let m = &self.inner.metrics;
-        let result = self.route_inner(req, method, started);
-        m.observe_decision_latency(method, started.elapsed().as_secs_f64());
+        let mut identity = None;
+        let result = self.route_inner(req, method, started, &mut identity);
+        let elapsed = started.elapsed().as_secs_f64();
+        m.observe_decision_latency(method, elapsed);
+        m.llmd().observe_processing(elapsed);
         match &result {
             Ok(r) => {
                 tracing::debug!(
@@ -442,6 +504,10 @@ impl Director {
             }
             Err(e) => {
                 m.record_request(method, e.status);
+                let llmd = m.llmd();
+                let id =
+                    identity.unwrap_or_else(|| llmd.anonymous(req.headers.fairness_id.as_deref()));
+                llmd.error(&id, error_code_for_status(e.status));
                 tracing::debug!(status = e.status, error = %e.message, "request refused");
             }
         }
@@ -453,6 +519,7 @@ impl Director {
         req: RouteRequest<'_>,
         method: ApiMethod,
         started: Instant,
+        identity: &mut Option<RequestIdentity>,
     ) -> Result<Routed, RouteError> {
         let inner = &self.inner;
         let snapshot = inner.datastore.snapshot();
@@ -495,6 +562,12 @@ impl Director {
                 parsed.target_model = t.to_string();
             }
         }
+        let llmd = inner.metrics.llmd();
+        let id = identity.insert(llmd.identity(
+            &parsed.model,
+            &parsed.target_model,
+            req.headers.fairness_id.as_deref(),
+        ));
         inner.admission.admit(&AdmissionRequest {
             method,
             request: &parsed,
@@ -513,9 +586,13 @@ impl Director {
             subset: req.subset,
             forced: req.headers.forced.as_deref(),
         };
-        let (ranked, decision, scores) = match inner.scheduler.schedule(&ctx, &hints) {
+        let sched_started = Instant::now();
+        let scheduled = inner.scheduler.schedule(&ctx, &hints);
+        let sched_seconds = sched_started.elapsed().as_secs_f64();
+        let (ranked, decision, scores) = match scheduled {
             Ok(s) => (s.ranked, s.decision, s.scores),
             Err(e) => {
+                llmd.scheduled(sched_seconds, &id.target_model_name, None);
                 inner.metrics.record_decision(DecisionType::NoEndpoint);
                 return Err(e.into());
             }
@@ -525,6 +602,20 @@ impl Director {
             .map(|&i| snapshot.endpoints[i].endpoint.clone())
             .collect();
         let primary = targets[0].clone();
+        {
+            let (namespace, _) = inner.datastore.discovery_labels();
+            let port = primary.address().rsplit_once(':').map_or("", |(_, p)| p);
+            llmd.scheduled(
+                sched_seconds,
+                &id.target_model_name,
+                Some((primary.name(), &namespace, port)),
+            );
+            let block = inner.prefix.config().block_size as u64;
+            llmd.prefix_match(
+                u64::from(matches.matched(primary.slot)) * block,
+                hashes.hashes.len() as u64 * block,
+            );
+        }
         inner.metrics.record_decision(decision);
         if !hashes.hashes.is_empty() {
             inner
@@ -543,7 +634,13 @@ impl Director {
         let body = rewrite::request_body(&parsed);
         let predicted_cached_tokens =
             predicted_tokens(&inner.prefix, matches.matched(primary.slot));
+        llmd.routed(id, req.body.len());
         let tracker = RequestTracker {
+            identity: id.clone(),
+            stream: parsed.stream,
+            response_bytes: 0,
+            first_chunk: None,
+            last_chunk: None,
             director: self.clone(),
             method,
             started,

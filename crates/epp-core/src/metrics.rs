@@ -12,6 +12,8 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+pub mod llmd;
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
@@ -61,6 +63,12 @@ impl LabelStr {
 impl From<&str> for LabelStr {
     fn from(s: &str) -> Self {
         Self(Arc::from(s))
+    }
+}
+
+impl std::borrow::Borrow<str> for LabelStr {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -114,19 +122,39 @@ pub struct BackendLabels {
     pub backend: LabelStr,
 }
 
-/// `plugin_type`, `plugin_name`: built once per configured plugin.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// `plugin_type`, `plugin_name`: built once per configured plugin. The extension point it runs
+/// at (`Filter`, `Scorer`, `Picker`) labels llm-d-router's plugin family only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PluginLabels {
+    pub extension_point: &'static str,
     pub plugin_type: &'static str,
     pub plugin_name: LabelStr,
 }
 
 impl PluginLabels {
-    pub fn new(plugin_type: &'static str, plugin_name: &str) -> Self {
+    pub fn new(
+        extension_point: &'static str,
+        plugin_type: &'static str,
+        plugin_name: &str,
+    ) -> Self {
         Self {
+            extension_point,
             plugin_type,
             plugin_name: plugin_name.into(),
         }
+    }
+}
+
+impl EncodeLabelSet for PluginLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        [
+            ("plugin_type", self.plugin_type),
+            ("plugin_name", self.plugin_name.as_str()),
+        ]
+        .encode(encoder)
     }
 }
 
@@ -145,6 +173,7 @@ pub struct Metrics {
     registry: Registry,
     requests: RequestMetrics,
     plugins: PluginMetrics,
+    llmd: llmd::LlmdMetrics,
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
     certificates: Certificates,
@@ -167,6 +196,8 @@ impl Metrics {
         let requests = RequestMetrics::register(&mut registry);
         let plugins = PluginMetrics::register(&mut registry);
         let body_budget = crate::gateway::BudgetMeters::register(&mut registry);
+        let llmd = llmd::LlmdMetrics::register(&mut registry);
+        registry.register_collector(Box::new(llmd.collector(datastore.clone(), prefix.clone())));
         registry.register_collector(Box::new(StateCollector { datastore, prefix }));
         registry.register_collector(Box::new(ProcessCollector));
         let certificates = Certificates::default();
@@ -175,9 +206,15 @@ impl Metrics {
             registry,
             requests,
             plugins,
+            llmd,
             body_budget,
             certificates,
         })
+    }
+
+    /// llm-d-router's families and their legacy twins.
+    pub fn llmd(&self) -> &llmd::LlmdMetrics {
+        &self.llmd
     }
 
     /// Export the validity of the certificate a TLS port serves
@@ -209,6 +246,14 @@ impl std::ops::Deref for Metrics {
 impl PluginObserver for Metrics {
     fn observe(&self, labels: &PluginLabels, seconds: f64) {
         self.plugins.observe(labels, seconds);
+        self.llmd.observe_plugin(
+            &llmd::ExtensionPluginLabels {
+                extension_point: labels.extension_point,
+                plugin_name: labels.plugin_name.clone(),
+                plugin_type: labels.plugin_type,
+            },
+            seconds,
+        );
     }
 }
 

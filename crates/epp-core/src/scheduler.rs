@@ -118,6 +118,9 @@ pub struct Scheduler {
     /// Chooses which profile runs for a request.
     handler: Arc<dyn ProfileHandler>,
     prefix: PrefixConfig,
+    /// The first prefix-cache scorer configured (type, name): the prefix index's owner in
+    /// llm-d-router's prefix indexer metrics.
+    prefix_plugin: Option<(&'static str, String)>,
     observer: Arc<dyn PluginObserver>,
     /// The config's parsers: which requests have their body read.
     parsers: crate::parsers::RequestHandling,
@@ -138,6 +141,7 @@ impl Scheduler {
         let mut built: Vec<(String, Plugin)> = Vec::new();
         let mut prefix = PrefixConfig::default();
         let mut prefix_seen = false;
+        let mut prefix_plugin = None;
         let mut handler: Option<Arc<dyn ProfileHandler>> = None;
         for (i, spec) in cfg.plugins.iter().enumerate() {
             let field = format!("plugins[{i}]");
@@ -162,6 +166,9 @@ impl Scheduler {
                             ));
                         }
                         prefix = p;
+                        if !prefix_seen {
+                            prefix_plugin = Some((s.type_name(), s.name().to_string()));
+                        }
                         prefix_seen = true;
                     }
                 }
@@ -207,6 +214,7 @@ impl Scheduler {
             profiles,
             handler,
             prefix,
+            prefix_plugin,
             observer: Arc::new(NoopObserver),
             parsers,
         })
@@ -225,6 +233,11 @@ impl Scheduler {
     /// The prefix-index parameters (from the prefix-cache-scorer, or defaults).
     pub fn prefix_config(&self) -> PrefixConfig {
         self.prefix
+    }
+
+    /// The prefix-cache scorer owning the prefix index (type, name), if one is configured.
+    pub fn prefix_plugin(&self) -> Option<(&'static str, &str)> {
+        self.prefix_plugin.as_ref().map(|(t, n)| (*t, n.as_str()))
     }
 
     /// The profile the handler runs for requests (with the single-profile handler: the one
@@ -443,13 +456,14 @@ fn build_profile(
     let picker = picker.unwrap_or_else(|| Arc::new(plugins::MaxScorePicker::default()));
     let labels = filters
         .iter()
-        .map(|f| PluginLabels::new(f.type_name(), f.name()))
+        .map(|f| PluginLabels::new("Filter", f.type_name(), f.name()))
         .chain(
             scorers
                 .iter()
-                .map(|(s, _)| PluginLabels::new(s.type_name(), s.name())),
+                .map(|(s, _)| PluginLabels::new("Scorer", s.type_name(), s.name())),
         )
         .chain(std::iter::once(PluginLabels::new(
+            "Picker",
             picker.type_name(),
             picker.name(),
         )))

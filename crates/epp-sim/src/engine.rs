@@ -274,6 +274,7 @@ impl Engine {
         let prefill = self.latency.prefill(uncached, &mut *self.rng.lock());
         let mut deadline = Instant::now() + prefill;
         let mut emitted = 0usize;
+        let mut last_token: Option<Instant> = None;
         let aborted = |engine: &Engine, emitted: usize| {
             engine.counters.aborted.fetch_add(1, Ordering::Relaxed);
             engine
@@ -298,6 +299,10 @@ impl Engine {
                         return;
                     }
                 }
+            }
+            let now = Instant::now();
+            if let Some(prev) = last_token.replace(now) {
+                self.counters.observe_itl(now - prev);
             }
             if i == 0 {
                 self.counters.observe_ttft(job.arrived.elapsed());
@@ -505,6 +510,10 @@ mod tests {
         assert_eq!(e.counters.generation_tokens.load(Ordering::Relaxed), 3);
         assert_eq!(e.counters.prompt_tokens.load(Ordering::Relaxed), 20);
         assert_eq!(e.counters.success_length.load(Ordering::Relaxed), 1);
+        // Three tokens, 5 ms apart: two inter-token gaps of 5 ms each.
+        let itl = e.counters.itl.lock().clone();
+        assert_eq!(itl.count(), 2);
+        assert!((itl.sum() - 0.010).abs() < 1e-9, "{}", itl.sum());
         assert_eq!(e.snapshot().running, 0);
     }
 }

@@ -25,6 +25,15 @@ pub const E2E_BUCKETS: &[f64] = &[
     50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 ];
 
+/// Buckets of `vllm:inter_token_latency_seconds` (vLLM's).
+pub const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+
+/// The `engine` label vLLM puts on every metric: the index of the engine core (one per server).
+pub const ENGINE_INDEX: &str = "0";
+
 /// A fixed-bucket histogram.
 #[derive(Debug, Clone)]
 pub struct Histogram {
@@ -73,6 +82,8 @@ pub struct Counters {
     pub success_length: AtomicU64,
     pub aborted: AtomicU64,
     pub ttft: Mutex<Histogram>,
+    /// Time between two consecutive tokens of one request.
+    pub itl: Mutex<Histogram>,
     pub e2e: Mutex<Histogram>,
 }
 
@@ -84,6 +95,7 @@ impl Default for Counters {
             success_length: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
+            itl: Mutex::new(Histogram::new(ITL_BUCKETS)),
             e2e: Mutex::new(Histogram::new(E2E_BUCKETS)),
         }
     }
@@ -92,6 +104,9 @@ impl Default for Counters {
 impl Counters {
     pub fn observe_ttft(&self, d: Duration) {
         self.ttft.lock().observe(d.as_secs_f64());
+    }
+    pub fn observe_itl(&self, d: Duration) {
+        self.itl.lock().observe(d.as_secs_f64());
     }
     pub fn observe_e2e(&self, d: Duration) {
         self.e2e.lock().observe(d.as_secs_f64());
@@ -146,7 +161,7 @@ fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogr
 
 /// Render the whole exposition.
 pub fn render(model: &str, g: &GaugeSnapshot, c: &Counters, now_unix: f64) -> String {
-    let m = format!("model_name=\"{}\"", esc(model));
+    let m = format!("engine=\"{ENGINE_INDEX}\",model_name=\"{}\"", esc(model));
     let mut out = String::with_capacity(8 * 1024);
 
     header(
@@ -265,6 +280,14 @@ pub fn render(model: &str, g: &GaugeSnapshot, c: &Counters, now_unix: f64) -> St
         &m,
         &ttft,
     );
+    let itl = c.itl.lock().clone();
+    histogram(
+        &mut out,
+        "vllm:inter_token_latency_seconds",
+        "Histogram of inter-token latency in seconds.",
+        &m,
+        &itl,
+    );
     let e2e = c.e2e.lock().clone();
     histogram(
         &mut out,
@@ -312,12 +335,22 @@ mod tests {
         };
         let c = Counters::default();
         let text = render("m\"x", &g, &c, 1700000000.5);
-        assert!(text.contains("vllm:num_requests_running{model_name=\"m\\\"x\"} 2\n"));
-        assert!(text.contains("vllm:num_requests_waiting{model_name=\"m\\\"x\"} 3\n"));
-        assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"m\\\"x\"} 0.25\n"));
-        assert!(text.contains("vllm:gpu_cache_usage_perc{model_name=\"m\\\"x\"} 0.25\n"));
+        assert!(text.contains("vllm:num_requests_running{engine=\"0\",model_name=\"m\\\"x\"} 2\n"));
+        assert!(text.contains("vllm:num_requests_waiting{engine=\"0\",model_name=\"m\\\"x\"} 3\n"));
+        assert!(
+            text.contains("vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\\\"x\"} 0.25\n")
+        );
+        assert!(
+            text.contains("vllm:gpu_cache_usage_perc{engine=\"0\",model_name=\"m\\\"x\"} 0.25\n")
+        );
         assert!(text
             .contains("running_lora_adapters=\"a,b\",waiting_lora_adapters=\"\"} 1700000000.5\n"));
-        assert!(text.contains("vllm:prefix_cache_hits_total{model_name=\"m\\\"x\"} 32\n"));
+        assert!(
+            text.contains("vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"m\\\"x\"} 32\n")
+        );
+        assert!(text.contains("# TYPE vllm:inter_token_latency_seconds histogram\n"));
+        assert!(text.contains(
+            "vllm:inter_token_latency_seconds_bucket{engine=\"0\",model_name=\"m\\\"x\",le=\"0.075\"} 0\n"
+        ));
     }
 }

@@ -53,8 +53,14 @@ fn exposition() -> String {
     }
     m.record_cache(&addrs[0].into(), true);
     m.record_cache(&addrs[1].into(), false);
-    m.observe(&PluginLabels::new("scorer", "prefix-cache-scorer"), 0.00002);
-    m.observe(&PluginLabels::new("picker", "max-score-picker"), 0.000001);
+    m.observe(
+        &PluginLabels::new("Scorer", "scorer", "prefix-cache-scorer"),
+        0.00002,
+    );
+    m.observe(
+        &PluginLabels::new("Picker", "picker", "max-score-picker"),
+        0.000001,
+    );
     m.encode()
 }
 

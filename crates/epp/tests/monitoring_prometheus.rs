@@ -84,8 +84,14 @@ fn start_fake_picker(token: Option<&str>) -> FakePicker {
                 let d = DecisionType::ALL[(i as usize) % DecisionType::ALL.len()];
                 metrics.record_decision(d);
                 metrics.record_cache(&backends[(i % 3) as usize].into(), !i.is_multiple_of(3));
-                metrics.observe(&PluginLabels::new("scorer", "prefix-cache-scorer"), 0.00002);
-                metrics.observe(&PluginLabels::new("picker", "max-score-picker"), 0.000002);
+                metrics.observe(
+                    &PluginLabels::new("Scorer", "scorer", "prefix-cache-scorer"),
+                    0.00002,
+                );
+                metrics.observe(
+                    &PluginLabels::new("Picker", "picker", "max-score-picker"),
+                    0.000002,
+                );
                 let prompt = format!("{i:0>256}");
                 let hashes = prefix.hash("model", prompt.as_bytes());
                 prefix.insert((i % 3) as usize, &hashes);

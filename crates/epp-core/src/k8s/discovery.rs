@@ -300,6 +300,7 @@ async fn run_pool(
     stop: &mut Pin<&mut impl std::future::Future<Output = ()>>,
 ) {
     ds.set_discovery_labels(&namespace, "");
+    ds.set_pool_name(&name);
     tracing::info!(namespace = %namespace, pool = %name, "discovering pods through InferencePool");
     let pools: Api<InferencePool> = Api::namespaced(client.clone(), &namespace);
     let pods: Api<Pod> = Api::namespaced(client, &namespace);
