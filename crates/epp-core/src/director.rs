@@ -724,4 +724,240 @@ mod tests {
             "{text}"
         );
     }
+
+    /// Every sample of an exposition, `name{labels}` → value.
+    fn samples(text: &str) -> std::collections::HashMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn llm_d_request_families_and_legacy_twins_move_by_exact_amounts() {
+        let w = DatastoreWriter::new(HealthConfig::default());
+        w.set_endpoints(vec![EndpointSpec::new("10.0.0.1:8000")]);
+        w.record_scrape(
+            "10.0.0.1:8000",
+            Ok(ModelServerMetrics {
+                waiting_queue: 3.0,
+                running: 1.0,
+                kv_cache_usage: 0.25,
+                models: vec!["m".into()],
+                ..Default::default()
+            }),
+        );
+        w.set_pool_name("pool-a");
+        let cfg = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
+        let d = Director::build(&w, Scheduler::from_config(&cfg).unwrap());
+        let body = br#"{"model":"m","prompt":"hello"}"#;
+        let tenant = InboundHeaders {
+            fairness_id: Some("tenant-a".into()),
+            ..Default::default()
+        };
+        let route = |h: &InboundHeaders, body: &[u8]| {
+            d.route(RouteRequest {
+                method: Some(ApiMethod::Completions),
+                body,
+                subset: None,
+                headers: h,
+            })
+        };
+        let mut ok = route(&tenant, body).unwrap();
+        let running = samples(&d.metrics().encode());
+        let l = r#"fairness_id="tenant-a",model_name="m",priority="0",target_model_name="m""#;
+        assert_eq!(running[&format!("llm_d_epp_request_running{{{l}}}")], 1.0);
+        assert_eq!(
+            running[r#"inference_objective_running_requests{model_name="m"}"#],
+            1.0
+        );
+        let resp = br#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+        ok.tracker.observe_response(resp);
+        ok.tracker.finish(200);
+        // Refused: no model in a pool that serves one is fine, but a broken body is not.
+        assert_eq!(
+            route(&InboundHeaders::default(), b"{").unwrap_err().status,
+            400
+        );
+        // The model server answered 500.
+        let failed = route(&InboundHeaders::default(), body).unwrap();
+        failed.tracker.finish(500);
+        // The client went away: no error, no end-of-response observations.
+        drop(route(&InboundHeaders::default(), body).unwrap());
+
+        let s = samples(&d.metrics().encode());
+        let dflt =
+            r#"fairness_id="default-flow",model_name="m",priority="0",target_model_name="m""#;
+        let get = |k: &str| {
+            *s.get(k).unwrap_or_else(|| {
+                let family = k.split('{').next().unwrap_or(k);
+                let near: Vec<&String> = s.keys().filter(|n| n.starts_with(family)).collect();
+                panic!("no sample {k}; the family has {near:?}")
+            })
+        };
+        assert_eq!(get(&format!("llm_d_epp_request_total{{{l}}}")), 1.0);
+        assert_eq!(get(&format!("llm_d_epp_request_total{{{dflt}}}")), 2.0);
+        assert_eq!(
+            get(
+                r#"inference_objective_request_total{model_name="m",priority="0",target_model_name="m"}"#
+            ),
+            3.0
+        );
+        assert_eq!(get(&format!("llm_d_epp_request_running{{{l}}}")), 0.0);
+        assert_eq!(get(&format!("llm_d_epp_request_running{{{dflt}}}")), 0.0);
+        assert_eq!(
+            get(r#"inference_objective_running_requests{model_name="m"}"#),
+            0.0
+        );
+        assert_eq!(
+            get(
+                r#"llm_d_epp_request_error_total{error_code="BadRequest",fairness_id="default-flow",model_name="",priority="0",target_model_name=""}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            get(&format!(
+                "llm_d_epp_request_error_total{{error_code=\"ModelServerError\",{dflt}}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            get(
+                r#"inference_objective_request_error_total{error_code="ModelServerError",model_name="m",target_model_name="m"}"#
+            ),
+            1.0
+        );
+        assert!(!s.keys().any(|k| k.contains("error_code=\"Unknown\"")));
+        // Usage of the one response that had it.
+        let ml = r#"model_name="m",target_model_name="m""#;
+        assert_eq!(
+            get(&format!("llm_d_epp_request_input_tokens_sum{{{l}}}")),
+            12.0
+        );
+        assert_eq!(
+            get(&format!("llm_d_epp_request_output_tokens_sum{{{l}}}")),
+            3.0
+        );
+        assert_eq!(
+            get(&format!("llm_d_epp_request_cached_tokens_sum{{{l}}}")),
+            4.0
+        );
+        assert_eq!(
+            get(&format!("inference_objective_input_tokens_sum{{{ml}}}")),
+            12.0
+        );
+        assert_eq!(
+            get(&format!("inference_objective_output_tokens_count{{{ml}}}")),
+            1.0
+        );
+        assert_eq!(
+            get(&format!(
+                "inference_objective_output_tokens_bucket{{{ml},le=\"1\"}}"
+            )),
+            0.0
+        );
+        assert_eq!(
+            get(&format!(
+                "inference_objective_output_tokens_bucket{{{ml},le=\"8\"}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            get(&format!("llm_d_epp_response_size_bytes_sum{{{l}}}")),
+            resp.len() as f64
+        );
+        // Both completed responses (200 and 500) end the request's duration; the abort does not.
+        assert_eq!(
+            get(&format!(
+                "inference_objective_request_duration_seconds_count{{{ml}}}"
+            )),
+            2.0
+        );
+        assert_eq!(
+            get(&format!("llm_d_epp_request_ntpot_seconds_count{{{l}}}")),
+            1.0
+        );
+        assert_eq!(
+            get(&format!(
+                "llm_d_epp_request_ttft_seconds_count{{fairness_id=\"tenant-a\",model_name=\"m\",priority=\"0\",streaming=\"false\",target_model_name=\"m\"}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            get(&format!("inference_objective_request_sizes_sum{{{ml}}}")),
+            3.0 * body.len() as f64
+        );
+        // Scheduling: three successful attempts on the one endpoint.
+        assert_eq!(
+            get(
+                r#"llm_d_epp_scheduler_attempts_total{endpoint_name="10.0.0.1:8000",namespace="local",port="8000",status="success",target_model_name="m"}"#
+            ),
+            3.0
+        );
+        assert_eq!(
+            get(
+                r#"inference_extension_scheduler_attempts_total{namespace="local",pod_name="10.0.0.1:8000",port="8000",status="success",target_model_name="m"}"#
+            ),
+            3.0
+        );
+        assert_eq!(get("llm_d_epp_scheduler_e2e_duration_seconds_count"), 3.0);
+        assert_eq!(
+            get("inference_extension_scheduler_e2e_duration_seconds_count"),
+            3.0
+        );
+        assert_eq!(
+            get("llm_d_epp_request_processing_duration_seconds_count"),
+            4.0
+        );
+        // The pool, at scrape time.
+        assert_eq!(get(r#"llm_d_epp_ready_endpoints{name="pool-a"}"#), 1.0);
+        assert_eq!(get(r#"inference_pool_ready_pods{name="pool-a"}"#), 1.0);
+        assert_eq!(
+            get(r#"inference_pool_average_kv_cache_utilization{name="pool-a"}"#),
+            0.25
+        );
+        assert_eq!(get(r#"llm_d_epp_average_queue_size{name="pool-a"}"#), 3.0);
+        assert_eq!(get(r#"llm_d_epp_std_dev_queue_size{name="pool-a"}"#), 0.0);
+        assert_eq!(
+            get(
+                r#"inference_pool_per_pod_queue_size{name="pool-a",model_server_pod="10.0.0.1:8000"}"#
+            ),
+            3.0
+        );
+        assert_eq!(
+            get(
+                r#"llm_d_epp_per_endpoint_queue_size{name="pool-a",model_server_endpoint="10.0.0.1:8000"}"#
+            ),
+            3.0
+        );
+        // Plugin latency, by extension point, in both spellings.
+        let picks = s
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("llm_d_epp_plugin_duration_seconds_count{extension_point=\"Picker\"")
+            })
+            .map(|(_, v)| *v)
+            .sum::<f64>();
+        assert_eq!(picks, 3.0);
+        assert!(s.keys().any(|k| k.starts_with(
+            "inference_extension_plugin_duration_seconds_count{extension_point=\"Scorer\""
+        )));
+        // The prefix index: three lookups of a prompt shorter than a block.
+        assert!(s
+            .keys()
+            .any(|k| k.starts_with("llm_d_epp_prefix_indexer_size{")));
+        assert_eq!(
+            get("inference_extension_prefix_indexer_hit_bytes_count"),
+            3.0
+        );
+        assert_eq!(get("inference_extension_prefix_indexer_hit_bytes_sum"), 0.0);
+        assert!(s.contains_key(&format!(
+            "inference_extension_info{{build_ref=\"v{}\",commit=\"{}\"}}",
+            env!("CARGO_PKG_VERSION"),
+            crate::metrics::llmd::BUILD_COMMIT
+        )));
+    }
 }
