@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+mod common;
 mod tls_support;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -1373,4 +1374,188 @@ fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+/// The llm-d-router families' samples that identical traffic must give identically in both
+/// front-ends: every sample of every `llm_d_epp_*` / `inference_*` family except the ones that
+/// measure time (bucket placement and sums of `*_seconds`) or scraped pool state.
+fn traffic_samples(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with("llm_d_epp_") || l.starts_with("inference_"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(k, _)| {
+            let name = k.split('{').next().unwrap_or(k);
+            let timed =
+                name.contains("_seconds") && (name.ends_with("_bucket") || name.ends_with("_sum"));
+            let pool = name.contains("average_")
+                || name.contains("std_dev_")
+                || name.contains("queue_size")
+                || name.contains("ready_")
+                || name.contains("prefix_indexer_size")
+                || name.ends_with("_info");
+            !timed && !pool
+        })
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A server-sent event stream cut after each event's blank line.
+fn sse_events(body: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..body.len() {
+        if body[i - 1] == b'\n' && body[i] == b'\n' {
+            out.push(&body[start..=i]);
+            start = i + 1;
+        }
+    }
+    if start < body.len() {
+        out.push(&body[start..]);
+    }
+    out
+}
+
+#[tokio::test]
+async fn both_front_ends_report_the_same_llm_d_metrics_for_the_same_traffic() {
+    let sims = common::sims(1, |_| {}).await;
+    let sim = sims[0].addr().to_string();
+    let proxy = common::proxy_over(vec![sim.clone()]).await;
+    let http = common::client();
+    let url = format!("http://{}/v1/completions", proxy.proxy_addr);
+    let h = harness(&[(&sim, 0.0, 0.0)], false).await;
+    let system = "You are a careful assistant. ".repeat(20);
+    let bodies: Vec<String> = (0..4)
+        .map(|i| {
+            serde_json::json!({
+                "model": "sim-model",
+                "prompt": format!("{system} question {i}"),
+                "max_tokens": 3 + i,
+            })
+            .to_string()
+        })
+        .chain(std::iter::once(
+            serde_json::json!({"model": "sim-model", "prompt": "hi", "stream": true, "max_tokens": 4})
+                .to_string(),
+        ))
+        .collect();
+    for (i, body) in bodies.iter().enumerate() {
+        let tenant = format!("tenant-{}", i % 2);
+        let r = common::request(
+            &http,
+            "POST",
+            &url,
+            &[
+                ("content-type", "application/json"),
+                ("x-llm-d-inference-fairness-id", &tenant),
+            ],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let streamed = r
+            .header("content-type")
+            .is_some_and(|c| c.contains("text/event-stream"));
+        let ct = if streamed {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        // The same request through ext_proc, answered with the very bytes the server sent.
+        let mut s = Stream::open(&h).await;
+        s.send(
+            req_headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-llm-d-inference-fairness-id", &tenant),
+                ],
+                false,
+            ),
+            None,
+        )
+        .await;
+        s.send(req_body(body.as_bytes(), true), None).await;
+        assert_eq!(destination_md(&s.recv().await), sim);
+        let _ = s.recv().await;
+        s.send(
+            resp_headers(&[(":status", "200"), ("content-type", ct)], false),
+            None,
+        )
+        .await;
+        let _ = s.recv().await;
+        if streamed {
+            // One message per server-sent event, as the server flushed them.
+            let events = sse_events(&r.body);
+            let n = events.len();
+            for (k, e) in events.into_iter().enumerate() {
+                s.send(resp_body(e, k + 1 == n), None).await;
+                let _ = s.recv().await;
+            }
+        } else {
+            s.send(resp_body(&r.body, true), None).await;
+            let _ = s.recv().await;
+        }
+    }
+    // A refused request in both: a body that is not JSON.
+    let r = common::request(
+        &http,
+        "POST",
+        &url,
+        &[("content-type", "application/json")],
+        "{",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let mut s = Stream::open(&h).await;
+    s.send(req_headers(&[(":path", "/v1/completions")], false), None)
+        .await;
+    s.send(req_body(b"{", true), None).await;
+    assert_eq!(
+        immediate(&s.recv().await).status.as_ref().unwrap().code,
+        400
+    );
+
+    // Let the proxy's responses settle (the tracker finishes when the body is consumed).
+    let proxy_text = {
+        let mut text = proxy.director.metrics().encode();
+        for _ in 0..100 {
+            if text.contains("llm_d_epp_request_running{") && !text.contains("llm_d_epp_request_running{fairness_id=\"tenant-0\",model_name=\"sim-model\",priority=\"0\",target_model_name=\"sim-model\"} 1") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            text = proxy.director.metrics().encode();
+        }
+        text
+    };
+    let via_proxy = traffic_samples(&proxy_text);
+    let via_extproc = traffic_samples(&h.metrics.encode());
+    assert_eq!(
+        via_proxy.get(r#"llm_d_epp_request_total{fairness_id="tenant-0",model_name="sim-model",priority="0",target_model_name="sim-model"}"#).map(String::as_str),
+        Some("3"),
+        "{via_proxy:#?}"
+    );
+    assert!(
+        via_proxy.contains_key(r#"llm_d_epp_request_error_total{error_code="BadRequest",fairness_id="default-flow",model_name="",priority="0",target_model_name=""}"#),
+        "{via_proxy:#?}"
+    );
+    assert!(via_proxy
+        .keys()
+        .any(|k| k.starts_with("llm_d_epp_request_output_tokens_sum")));
+    assert!(via_proxy
+        .keys()
+        .any(|k| k.starts_with("llm_d_epp_request_streaming_itl_seconds_count")));
+    let only = |a: &BTreeMap<String, String>, b: &BTreeMap<String, String>| -> Vec<String> {
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k} {v} (other: {:?})", b.get(k)))
+            .collect()
+    };
+    let differ = only(&via_proxy, &via_extproc);
+    let missing = only(&via_extproc, &via_proxy);
+    assert!(
+        differ.is_empty() && missing.is_empty(),
+        "proxy vs ext_proc:\n{}\next_proc vs proxy:\n{}",
+        differ.join("\n"),
+        missing.join("\n")
+    );
 }
