@@ -722,6 +722,15 @@ pub fn wait_http_ok(addr: SocketAddr, path: &str, procs: &Procs) {
 /// where `files` are written first). Returns once the proxy is ready: the processes, the
 /// proxy's address and its metrics address.
 pub fn start_stack(extra: &[&str], files: &[(&str, &str)]) -> (Procs, SocketAddr, SocketAddr) {
+    let (procs, proxy, metrics, _) = start_stack_with_sims(extra, files);
+    (procs, proxy, metrics)
+}
+
+/// As [`start_stack`], also returning the three sims' addresses (their `/metrics` is vLLM's).
+pub fn start_stack_with_sims(
+    extra: &[&str],
+    files: &[(&str, &str)],
+) -> (Procs, SocketAddr, SocketAddr, Vec<SocketAddr>) {
     let mut procs = Procs {
         children: Vec::new(),
         dir: tempfile::tempdir().unwrap(),
@@ -770,7 +779,10 @@ pub fn start_stack(extra: &[&str], files: &[(&str, &str)]) -> (Procs, SocketAddr
     args.extend(extra.iter().map(|a| a.replace("{dir}", &dir)));
     procs.spawn("proxy", &args);
     wait_http_ok(health, "/readyz", &procs);
-    (procs, proxy, metrics)
+    let sims = (0..3)
+        .map(|i| format!("127.0.0.1:{}", sim_base + i).parse().unwrap())
+        .collect();
+    (procs, proxy, metrics, sims)
 }
 
 /// Completions with shared prompt prefixes through the proxy, until dropped.
