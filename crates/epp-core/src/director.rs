@@ -881,9 +881,9 @@ mod tests {
             1.0
         );
         assert_eq!(
-            get(&format!(
-                "llm_d_epp_request_ttft_seconds_count{{fairness_id=\"tenant-a\",model_name=\"m\",priority=\"0\",streaming=\"false\",target_model_name=\"m\"}}"
-            )),
+            get(
+                r#"llm_d_epp_request_ttft_seconds_count{fairness_id="tenant-a",model_name="m",priority="0",streaming="false",target_model_name="m"}"#
+            ),
             1.0
         );
         assert_eq!(
