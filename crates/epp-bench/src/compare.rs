@@ -559,6 +559,7 @@ async fn start_picker(endpoints: &[SocketAddr], config_yaml: &str) -> anyhow::Re
             endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
             file: None,
             poll_interval: Duration::from_secs(1),
+            ..Default::default()
         }),
         config,
         metrics_addr: Some(loopback(0)),

@@ -66,6 +66,10 @@ pub struct StaticDiscovery {
     pub file: Option<PathBuf>,
     /// How often the file is checked for changes.
     pub poll_interval: Duration,
+    /// Every address must be `ip:port` (`epp serve`: Envoy's ORIGINAL_DST cluster connects to
+    /// the picked address as given and resolves no host names). Checked at start-up and on
+    /// every reload of the file.
+    pub require_ip: bool,
 }
 
 /// Where endpoints come from: a static list and endpoints file ([`StaticDiscovery`]), or the
@@ -123,9 +127,27 @@ impl StaticDiscovery {
             all.push(EndpointSpec::new(a.clone()));
         }
         if let Some(f) = &self.file {
-            all.extend(read_endpoints_file(f)?);
+            all.extend(self.read_file(f)?);
         }
         Ok(all)
+    }
+
+    fn read_file(&self, path: &Path) -> Result<Vec<EndpointSpec>, String> {
+        let specs = read_endpoints_file(path)?;
+        if self.require_ip {
+            if let Some((i, e)) = specs
+                .iter()
+                .enumerate()
+                .find(|(_, e)| e.address.parse::<std::net::SocketAddr>().is_err())
+            {
+                return Err(format!(
+                    "endpoints file {}: endpoints[{i}].address: {:?} is not ip:port (epp serve hands the address to Envoy, which connects to it as given and resolves no host names)",
+                    path.display(),
+                    e.address
+                ));
+            }
+        }
+        Ok(specs)
     }
 
     /// Publish the initial set, mark synced, then follow the file until shutdown.
@@ -151,7 +173,7 @@ impl StaticDiscovery {
                 continue;
             }
             last = now;
-            match read_endpoints_file(&path) {
+            match self.read_file(&path) {
                 Ok(mut specs) => {
                     specs.extend(self.endpoints.iter().map(|a| EndpointSpec::new(a.clone())));
                     let (added, removed) = ds.set_endpoints(specs);

@@ -267,6 +267,7 @@ async fn hot_reload_of_the_endpoints_file_brings_a_new_endpoint_into_use() {
         endpoints: vec![],
         file: Some(file.clone()),
         poll_interval: Duration::from_millis(50),
+        ..Default::default()
     });
     let p = epp_core::proxy::spawn(proxy_options(opts)).await.unwrap();
     wait_healthy(&p, 1).await;

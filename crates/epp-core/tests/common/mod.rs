@@ -49,6 +49,7 @@ pub fn picker_options(endpoints: Vec<String>) -> RuntimeOptions {
             endpoints,
             file: None,
             poll_interval: Duration::from_millis(50),
+            ..Default::default()
         }),
         metrics_addr: Some(loopback0()),
         health_addr: Some(loopback0()),

@@ -325,6 +325,7 @@ impl RuntimeArgs {
                 endpoints: self.endpoints.clone(),
                 file: self.endpoints_file.clone(),
                 poll_interval: self.endpoints_file_poll_interval,
+                ..Default::default()
             })
         };
         let metrics_tls = (k.metrics_tls || k.metrics_cert_file.is_some()).then(|| MetricsTls {

@@ -172,7 +172,20 @@ impl Args {
                 max_recv_msg_bytes: self.grpc_max_recv_msg_size,
                 max_send_msg_bytes: self.grpc_max_send_msg_size,
             },
-            picker: self.llmd.apply(&self.picker)?,
+            picker: {
+                let mut p = self.llmd.apply(&self.picker)?;
+                if let Some(sd) = p
+                    .discovery
+                    .as_any()
+                    .downcast_ref::<epp_core::discovery::StaticDiscovery>()
+                {
+                    p.discovery = std::sync::Arc::new(epp_core::discovery::StaticDiscovery {
+                        require_ip: true,
+                        ..sd.clone()
+                    });
+                }
+                p
+            },
         })
     }
 }
@@ -312,6 +325,26 @@ mod tests {
         assert!(parse(&with(&["--grpc-max-recv-msg-size=lots"]))
             .unwrap_err()
             .contains("unknown size unit"));
+    }
+
+    #[tokio::test]
+    async fn endpoints_file_entries_must_be_ip_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("eps.yaml");
+        std::fs::write(
+            &f,
+            "endpoints:\n- address: 127.0.0.1:8000\n- address: vllm-1:8000\n",
+        )
+        .unwrap();
+        let o = opts(&["--endpoints-file", f.to_str().unwrap()]).unwrap();
+        let e = o.picker.validate().err().unwrap().to_string();
+        assert!(
+            e.contains("endpoints[1].address: \"vllm-1:8000\" is not ip:port"),
+            "{e}"
+        );
+        std::fs::write(&f, "endpoints:\n- address: 127.0.0.1:8000\n").unwrap();
+        let o = opts(&["--endpoints-file", f.to_str().unwrap()]).unwrap();
+        assert!(o.picker.validate().is_ok());
     }
 
     #[tokio::test]
