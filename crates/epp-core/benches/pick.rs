@@ -97,6 +97,7 @@ fn bench(c: &mut Criterion) {
                 snapshot: &snap,
                 request: req,
                 prefix: &m,
+                data: &epp_core::scheduler::NO_DATA,
             };
             let s = director
                 .scheduler()

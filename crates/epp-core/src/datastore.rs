@@ -56,6 +56,10 @@ pub struct EndpointSpec {
     pub engine: Engine,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The pod's namespace (Kubernetes discovery); with `name` it forms the endpoint's identity
+    /// `namespace/name` (see [`Endpoint::id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 impl EndpointSpec {
@@ -66,6 +70,7 @@ impl EndpointSpec {
             address,
             engine: Engine::Vllm,
             labels: BTreeMap::new(),
+            namespace: None,
         }
     }
 }
@@ -162,6 +167,14 @@ impl Endpoint {
     }
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+    /// The endpoint's identity as llm-d spells it: `namespace/name` for a Kubernetes pod, the
+    /// name alone otherwise (session tokens and per-endpoint plugin state use it).
+    pub fn id(&self) -> String {
+        match self.spec.namespace.as_deref().filter(|n| !n.is_empty()) {
+            Some(ns) => format!("{ns}/{}", self.spec.name),
+            None => self.spec.name.clone(),
+        }
     }
     /// The name as a metric label value.
     pub fn label(&self) -> &crate::metrics::LabelStr {

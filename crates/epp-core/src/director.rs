@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::parsers::Parse;
 use crate::prefix::{PrefixIndex, PromptHashes};
 use crate::request::{parse_body, parse_body_or, ApiMethod, BadRequest, ParsedRequest};
-use crate::scheduler::{DecisionType, Hints, SchedCtx, ScheduleError, Scheduler};
+use crate::scheduler::{DecisionType, Hints, RequestData, SchedCtx, ScheduleError, Scheduler};
 
 /// Status a request gets when the client goes away before its response completed
 /// (nginx's "client closed request").
@@ -49,6 +49,7 @@ static NO_HEADERS: InboundHeaders = InboundHeaders {
     model_rewrite: None,
     objective: None,
     fairness_id: None,
+    plugin_headers: Vec::new(),
 };
 
 impl Default for RouteRequest<'_> {
@@ -193,6 +194,10 @@ pub struct RequestTracker {
     usage: UsageTail,
     /// Prompt tokens the picker believed the serving endpoint had cached when it picked it.
     predicted_cached_tokens: u64,
+    /// Bytes per prefix block this request was hashed with.
+    block_bytes: usize,
+    /// The scheduling profile that picked (`None`: a forced pick).
+    profile: Option<usize>,
     first_byte_seen: bool,
     /// The labels of llm-d-router's request families.
     identity: RequestIdentity,
@@ -219,8 +224,10 @@ impl RequestTracker {
             return;
         }
         let prefix = &self.director.inner.prefix;
-        self.predicted_cached_tokens =
-            predicted_tokens(prefix, prefix.lookup(&self.hashes).matched(ep.slot));
+        self.predicted_cached_tokens = predicted_tokens(
+            self.block_bytes,
+            prefix.lookup(&self.hashes).matched(ep.slot),
+        );
         prefix.insert(ep.slot, &self.hashes);
         self.guard = Some(InFlight::new(ep));
     }
@@ -289,6 +296,19 @@ impl RequestTracker {
         }
     }
 
+    /// Headers the scheduler's plugins add to the response (e.g. the session token of
+    /// `session-affinity-scorer`), for the endpoint serving the request now.
+    pub fn response_headers(&self) -> Vec<(String, String)> {
+        match self.endpoint() {
+            Some(ep) => self
+                .director
+                .inner
+                .scheduler
+                .response_headers(self.profile, ep),
+            None => Vec::new(),
+        }
+    }
+
     /// Whether response bodies are rewritten (a model rewrite happened).
     pub fn rewrites_responses(&self) -> bool {
         self.restorer.is_some()
@@ -349,9 +369,8 @@ impl RequestTracker {
 }
 
 /// Matched prefix blocks as prompt tokens (the index's 4 bytes of prompt text per token).
-fn predicted_tokens(prefix: &PrefixIndex, matched_blocks: u32) -> u64 {
-    let block_bytes = prefix.config().block_size as u64;
-    u64::from(matched_blocks) * block_bytes / crate::scheduler::plugins::BYTES_PER_TOKEN
+fn predicted_tokens(block_bytes: usize, matched_blocks: u32) -> u64 {
+    u64::from(matched_blocks) * block_bytes as u64 / crate::scheduler::plugins::BYTES_PER_TOKEN
 }
 
 impl Drop for RequestTracker {
@@ -404,7 +423,7 @@ impl Director {
         max_buffered_body_bytes: usize,
     ) -> Self {
         let datastore = writer.reader();
-        let prefix = Arc::new(PrefixIndex::new(scheduler.prefix_config()));
+        let prefix = Arc::new(PrefixIndex::for_plan(&scheduler.prefix_plan()));
         {
             let p = prefix.clone();
             writer.on_slot_freed(move |slot| p.remove_slot(slot));
@@ -575,12 +594,25 @@ impl Director {
             snapshot: &snapshot,
             body_bytes: req.body.len(),
         })?;
-        let hashes = inner.prefix.hash(&parsed.target_model, &parsed.prompt);
+        let (block_bytes, max_blocks) = inner.scheduler.prefix_plan().blocks_for(&snapshot);
+        let hashes = inner.prefix.hash_with(
+            &parsed.target_model,
+            &parsed.prompt,
+            block_bytes,
+            max_blocks,
+        );
         let matches = inner.prefix.lookup(&hashes);
+        let mut data = RequestData {
+            headers: req.headers.plugin_headers.clone(),
+            prompt_tokens: None,
+            prefix_block_tokens: (block_bytes as u64) / crate::scheduler::plugins::BYTES_PER_TOKEN,
+        };
+        inner.scheduler.produce(&parsed, &mut data);
         let ctx = SchedCtx {
             snapshot: &snapshot,
             request: &parsed,
             prefix: &matches,
+            data: &data,
         };
         let hints = Hints {
             subset: req.subset,
@@ -589,14 +621,18 @@ impl Director {
         let sched_started = Instant::now();
         let scheduled = inner.scheduler.schedule(&ctx, &hints);
         let sched_seconds = sched_started.elapsed().as_secs_f64();
-        let (ranked, decision, scores) = match scheduled {
-            Ok(s) => (s.ranked, s.decision, s.scores),
+        let schedule = match scheduled {
+            Ok(s) => s,
             Err(e) => {
                 llmd.scheduled(sched_seconds, &id.target_model_name, None);
                 inner.metrics.record_decision(DecisionType::NoEndpoint);
                 return Err(e.into());
             }
         };
+        // The profile's plugins learn the pick before the request goes out.
+        inner.scheduler.pre_request(&ctx, &schedule);
+        let profile = schedule.profile;
+        let (ranked, decision, scores) = (schedule.ranked, schedule.decision, schedule.scores);
         let targets: Vec<Arc<Endpoint>> = ranked
             .iter()
             .map(|&i| snapshot.endpoints[i].endpoint.clone())
@@ -610,7 +646,7 @@ impl Director {
                 &id.target_model_name,
                 Some((primary.name(), &namespace, port)),
             );
-            let block = inner.prefix.config().block_size as u64;
+            let block = block_bytes as u64;
             llmd.prefix_match(
                 u64::from(matches.matched(primary.slot)) * block,
                 hashes.hashes.len() as u64 * block,
@@ -632,8 +668,7 @@ impl Director {
             .prefix
             .insert_capped(primary.slot, &hashes, server_blocks);
         let body = rewrite::request_body(&parsed);
-        let predicted_cached_tokens =
-            predicted_tokens(&inner.prefix, matches.matched(primary.slot));
+        let predicted_cached_tokens = predicted_tokens(block_bytes, matches.matched(primary.slot));
         llmd.routed(id, req.body.len());
         let tracker = RequestTracker {
             identity: id.clone(),
@@ -649,6 +684,8 @@ impl Director {
             restorer: ModelRestorer::new(&parsed.model, &parsed.target_model),
             usage: UsageTail::default(),
             predicted_cached_tokens,
+            block_bytes,
+            profile,
             first_byte_seen: false,
             done: false,
         };

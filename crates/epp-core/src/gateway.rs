@@ -37,6 +37,9 @@ pub struct InboundHeaders {
     /// The fairness id (`x-llm-d-inference-fairness-id`, or the legacy
     /// `x-gateway-inference-fairness-id`).
     pub fairness_id: Option<String>,
+    /// The request headers scheduler plugins read (e.g. a session header), lower-case names:
+    /// see [`InboundHeaders::with_plugin_headers`].
+    pub plugin_headers: Vec<(String, String)>,
 }
 
 impl InboundHeaders {
@@ -60,7 +63,22 @@ impl InboundHeaders {
             model_rewrite: get(&headers::MODEL_REWRITE),
             objective: get(&headers::OBJECTIVE),
             fairness_id: get(&headers::FAIRNESS_ID),
+            plugin_headers: Vec::new(),
         }
+    }
+
+    /// Also take the headers named in `names` (lower-case; what the scheduler's plugins read,
+    /// [`crate::scheduler::Scheduler::request_headers`]) that the request carries.
+    pub fn with_plugin_headers(
+        mut self,
+        h: &(impl HeaderLookup + ?Sized),
+        names: &[String],
+    ) -> Self {
+        self.plugin_headers = names
+            .iter()
+            .filter_map(|n| h.lookup(n).map(|v| (n.clone(), v.to_string())))
+            .collect();
+        self
     }
 
     /// The request id to use: the client's, or a new one (`true` when generated here).

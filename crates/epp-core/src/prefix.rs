@@ -75,6 +75,115 @@ impl Default for PrefixConfig {
     }
 }
 
+/// How the server's own cache size (from its scraped `cache_config_info`) bounds what the index
+/// remembers for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServerBound {
+    /// The smaller of `lruCapacityPerServer` and the server's cache (the GAIE-era
+    /// `prefix-cache-scorer` parameters).
+    #[default]
+    Min,
+    /// The server's cache when it reports one, else `lruCapacityPerServer` (llm-d's
+    /// `approx-prefix-cache-producer` with `autoTune: true`).
+    Replace,
+    /// Always `lruCapacityPerServer` (`autoTune: false`).
+    Ignore,
+}
+
+/// How one request's prompt is cut into index blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockPlan {
+    /// Fixed blocks of `PrefixConfig::block_size` bytes, at most `PrefixConfig::max_blocks`.
+    Fixed,
+    /// llm-d's token blocks (4 bytes of prompt text per estimated token).
+    Tokens(TokenBlocks),
+}
+
+/// The block parameters of llm-d's `approx-prefix-cache-producer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenBlocks {
+    /// `blockSizeTokens`: used unless `auto_tune` finds a server-reported block size.
+    pub block_size_tokens: usize,
+    /// `autoTune`: take the block size from the first endpoint that reports one.
+    pub auto_tune: bool,
+    /// `maxPrefixTokensToMatch` (0: fall back to `max_prefix_blocks`).
+    pub max_prefix_tokens: usize,
+    /// `maxPrefixBlocksToMatch` (0 with `max_prefix_tokens` 0: the whole prompt).
+    pub max_prefix_blocks: usize,
+}
+
+/// Smallest block llm-d's approximate producer hashes, in tokens: smaller configured or reported
+/// sizes are raised to it (one index entry per block and endpoint keeps memory bounded).
+pub const MIN_BLOCK_SIZE_TOKENS: usize = 64;
+
+impl TokenBlocks {
+    /// The block size in tokens for a request over `snapshot`: the configured size, or with
+    /// `auto_tune` the first endpoint's reported block size; never below
+    /// [`MIN_BLOCK_SIZE_TOKENS`].
+    pub fn block_tokens(&self, snapshot: &crate::datastore::Snapshot) -> usize {
+        let mut bs = self.block_size_tokens;
+        if self.auto_tune {
+            if let Some(m) = snapshot
+                .endpoints
+                .first()
+                .and_then(|e| e.metrics.as_deref())
+            {
+                if let Some(b) = m.block_size.filter(|b| *b > 0) {
+                    bs = b as usize;
+                }
+            }
+        }
+        bs.max(MIN_BLOCK_SIZE_TOKENS)
+    }
+
+    /// Blocks hashed at most for a block size: `maxPrefixTokensToMatch / block` when set, else
+    /// `maxPrefixBlocksToMatch`, else unlimited.
+    pub fn max_blocks(&self, block_tokens: usize) -> usize {
+        if self.max_prefix_tokens > 0 {
+            self.max_prefix_tokens / block_tokens.max(1)
+        } else if self.max_prefix_blocks == 0 {
+            usize::MAX
+        } else {
+            self.max_prefix_blocks
+        }
+    }
+}
+
+/// Everything the director needs to run the approximate index for a scheduler: the index's own
+/// configuration, how server caches bound it, and how prompts are cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixPlan {
+    pub index: PrefixConfig,
+    pub bound: ServerBound,
+    pub blocks: BlockPlan,
+}
+
+impl Default for PrefixPlan {
+    fn default() -> Self {
+        Self {
+            index: PrefixConfig::default(),
+            bound: ServerBound::Min,
+            blocks: BlockPlan::Fixed,
+        }
+    }
+}
+
+impl PrefixPlan {
+    /// `(block bytes, max blocks)` for one request over `snapshot`.
+    pub fn blocks_for(&self, snapshot: &crate::datastore::Snapshot) -> (usize, usize) {
+        match self.blocks {
+            BlockPlan::Fixed => (self.index.block_size, self.index.max_blocks),
+            BlockPlan::Tokens(t) => {
+                let bt = t.block_tokens(snapshot);
+                (
+                    bt.saturating_mul(crate::scheduler::plugins::BYTES_PER_TOKEN as usize),
+                    t.max_blocks(bt),
+                )
+            }
+        }
+    }
+}
+
 /// Chained block hashes of one prompt; computed once per request and shared by the scorer and
 /// the post-pick index update.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -84,8 +193,18 @@ pub struct PromptHashes {
 
 /// Hash a prompt into chained block hashes. Only full blocks count.
 pub fn hash_prompt(cfg: &PrefixConfig, model: &str, prompt: &[u8]) -> PromptHashes {
-    let bs = cfg.block_size.max(1);
-    let n = (prompt.len() / bs).min(cfg.max_blocks);
+    hash_blocks(model, prompt, cfg.block_size, cfg.max_blocks)
+}
+
+/// Hash a prompt into chained hashes of `block_bytes`-byte blocks, at most `max_blocks`.
+pub fn hash_blocks(
+    model: &str,
+    prompt: &[u8],
+    block_bytes: usize,
+    max_blocks: usize,
+) -> PromptHashes {
+    let bs = block_bytes.max(1);
+    let n = (prompt.len() / bs).min(max_blocks);
     let mut hashes = Vec::with_capacity(n);
     let mut prev = xxh64(model.as_bytes(), 0);
     for block in prompt.chunks_exact(bs).take(n) {
@@ -138,6 +257,7 @@ pub struct PrefixIndex {
     banks: Box<[Bank]>,
     high_bank_used: std::sync::atomic::AtomicBool,
     lrus: Box<[Mutex<Lru>]>,
+    bound: ServerBound,
     blocks: AtomicUsize,
     evictions: AtomicU64,
 }
@@ -162,13 +282,36 @@ impl PrefixIndex {
             lrus: (0..MAX_TRACKED_ENDPOINTS)
                 .map(|_| Mutex::new(Lru::default()))
                 .collect(),
+            bound: ServerBound::Min,
             blocks: AtomicUsize::new(0),
             evictions: AtomicU64::new(0),
         }
     }
 
+    /// The same index with `bound` deciding how server caches bound it.
+    pub fn with_server_bound(mut self, bound: ServerBound) -> Self {
+        self.bound = bound;
+        self
+    }
+
+    /// The index for a scheduler's [`PrefixPlan`].
+    pub fn for_plan(plan: &PrefixPlan) -> Self {
+        Self::new(plan.index).with_server_bound(plan.bound)
+    }
+
     pub fn config(&self) -> &PrefixConfig {
         &self.cfg
+    }
+
+    /// Hash a prompt with explicit block parameters (see [`PrefixPlan::blocks_for`]).
+    pub fn hash_with(
+        &self,
+        model: &str,
+        prompt: &[u8],
+        block_bytes: usize,
+        max_blocks: usize,
+    ) -> PromptHashes {
+        hash_blocks(model, prompt, block_bytes, max_blocks)
     }
 
     /// The endpoint's own KV-cache size in index blocks, from its scraped `cache_config_info`
@@ -187,14 +330,12 @@ impl PrefixIndex {
         Some((bytes / self.cfg.block_size.max(1)).max(1))
     }
 
-    /// Blocks the index keeps at most for one endpoint: `lruCapacityPerServer`, lowered to the
-    /// endpoint's own cache size when its metrics report one. [`insert_capped`](Self::insert_capped)
+    /// Blocks the index keeps at most for one endpoint: `lruCapacityPerServer` and the endpoint's
+    /// own cache size when its metrics report one, combined as the index's [`ServerBound`] says
+    /// (by default the smaller of the two). [`insert_capped`](Self::insert_capped)
     /// enforces exactly this with `server_blocks` from [`server_capacity_blocks`](Self::server_capacity_blocks).
     pub fn capacity_blocks(&self, m: Option<&ModelServerMetrics>) -> usize {
-        cap_in_force(
-            self.cfg.capacity_per_endpoint,
-            m.and_then(|m| self.server_capacity_blocks(m)),
-        )
+        self.cap_in_force(m.and_then(|m| self.server_capacity_blocks(m)))
     }
 
     pub fn hash(&self, model: &str, prompt: &[u8]) -> PromptHashes {
@@ -271,7 +412,7 @@ impl PrefixIndex {
         if let Some(b) = server_blocks {
             lru.server_blocks = b;
         }
-        let cap = cap_in_force(self.cfg.capacity_per_endpoint, lru.server_blocks);
+        let cap = self.cap_in_force(lru.server_blocks);
         let mut added = 0usize;
         let mut evicted = 0usize;
         // The server's cache is smaller than what we remember: drop the excess.
@@ -375,11 +516,18 @@ impl PrefixIndex {
     }
 }
 
-/// The per-endpoint bound: the configured capacity, lowered to the server's cache when known.
-fn cap_in_force(configured: usize, server_blocks: Option<usize>) -> usize {
-    configured
-        .min(server_blocks.unwrap_or(usize::MAX))
-        .clamp(1, (REFERENCED - 1) as usize)
+impl PrefixIndex {
+    /// The per-endpoint bound: the configured capacity and the server's cache (when known),
+    /// combined as [`ServerBound`] says.
+    fn cap_in_force(&self, server_blocks: Option<usize>) -> usize {
+        let configured = self.cfg.capacity_per_endpoint;
+        let cap = match self.bound {
+            ServerBound::Min => configured.min(server_blocks.unwrap_or(usize::MAX)),
+            ServerBound::Replace => server_blocks.unwrap_or(configured),
+            ServerBound::Ignore => configured,
+        };
+        cap.clamp(1, (REFERENCED - 1) as usize)
+    }
 }
 
 fn set_lens(lens: &mut Vec<u32>, bank: usize, mut bits: u64, n: u32) {

@@ -320,7 +320,8 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
         GatewayPolicy {
             test_hooks: st.opts.test_hooks,
         },
-    );
+    )
+    .with_plugin_headers(&parts.headers, st.director.scheduler().request_headers());
     let (request_id, _) = inbound.request_id_or_new();
     let method = match read::route(&parts.method, parts.uri.path()) {
         Route::Inference(m) => m,

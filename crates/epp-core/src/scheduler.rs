@@ -11,23 +11,57 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{ConfigError, EndpointPickerConfig};
-use crate::datastore::{EndpointView, HealthState, Snapshot};
+use crate::datastore::{Endpoint, EndpointView, HealthState, Snapshot};
 pub use crate::metrics::PluginLabels;
-use crate::prefix::{PrefixConfig, PrefixMatch};
+use crate::prefix::{BlockPlan, PrefixConfig, PrefixMatch, PrefixPlan, ServerBound};
 use crate::request::ParsedRequest;
 
 pub use plugins::{Filter, Picker, Plugin, ProfileHandler, Scorer};
+pub use plugins::{PrefixConsumer, Producer, ProfileRun};
 
 /// Everything a plugin may read for one pick.
 pub struct SchedCtx<'a> {
     pub snapshot: &'a Snapshot,
     pub request: &'a ParsedRequest,
     pub prefix: &'a PrefixMatch,
+    /// What the front-end and the producers attached to the request.
+    pub data: &'a RequestData,
 }
 
 impl SchedCtx<'_> {
     pub fn ep(&self, i: usize) -> &EndpointView {
         &self.snapshot.endpoints[i]
+    }
+}
+
+/// Per-request data beside the body: the request headers plugins asked for, and what producers
+/// computed before filters and scorers ran.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestData {
+    /// The request headers the configured plugins read ([`Scheduler::request_headers`]),
+    /// lower-case names, as the front-end received them.
+    pub headers: Vec<(String, String)>,
+    /// The prompt's length in tokens, from the `token-producer` (its `estimate` backend: 4 bytes
+    /// of prompt text per token, rounded up).
+    pub prompt_tokens: Option<u64>,
+    /// Tokens per block of the prefix match (`ctx.prefix`), for scorers that weigh match length.
+    pub prefix_block_tokens: u64,
+}
+
+/// No headers, nothing produced.
+pub static NO_DATA: RequestData = RequestData {
+    headers: Vec::new(),
+    prompt_tokens: None,
+    prefix_block_tokens: 0,
+};
+
+impl RequestData {
+    /// A header's value (`name` lower-case), if the front-end passed it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -64,6 +98,10 @@ pub struct Schedule {
     pub decision: DecisionType,
     /// Weighted total score of each ranked endpoint (same order), for logs.
     pub scores: Vec<f64>,
+    /// The profile that ran (index into [`Scheduler::profiles`]); `None` for a forced pick.
+    pub profile: Option<usize>,
+    /// The candidates the profile's filters kept (snapshot indices).
+    pub cands: Vec<usize>,
 }
 
 /// Why nothing could be picked.
@@ -117,7 +155,12 @@ pub struct Scheduler {
     profiles: Vec<Profile>,
     /// Chooses which profile runs for a request.
     handler: Arc<dyn ProfileHandler>,
-    prefix: PrefixConfig,
+    /// Data producers, in config order (an implicit estimating `token-producer` when none is
+    /// configured).
+    producers: Vec<Arc<dyn Producer>>,
+    prefix: PrefixPlan,
+    /// Request headers any scorer reads (lower-case, distinct).
+    request_headers: Vec<String>,
     /// The first prefix-cache scorer configured (type, name): the prefix index's owner in
     /// llm-d-router's prefix indexer metrics.
     prefix_plugin: Option<(&'static str, String)>,
@@ -139,10 +182,10 @@ impl Scheduler {
     /// Build from a validated config. Errors name the field at fault.
     pub fn from_config(cfg: &EndpointPickerConfig) -> Result<Self, ConfigError> {
         let mut built: Vec<(String, Plugin)> = Vec::new();
-        let mut prefix = PrefixConfig::default();
-        let mut prefix_seen = false;
         let mut prefix_plugin = None;
         let mut handler: Option<Arc<dyn ProfileHandler>> = None;
+        let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
+        let mut consumers: Vec<PrefixConsumer> = Vec::new();
         for (i, spec) in cfg.plugins.iter().enumerate() {
             let field = format!("plugins[{i}]");
             if built.iter().any(|(n, _)| n == spec.name()) {
@@ -158,20 +201,14 @@ impl Scheduler {
             let plugin = plugins::build(spec, &field)?;
             match &plugin {
                 Plugin::Scorer(s) => {
-                    if let Some(p) = s.prefix_config() {
-                        if prefix_seen && p != prefix {
-                            return Err(ConfigError::new(
-                                format!("{field}.parameters"),
-                                "all prefix-cache-scorer plugins must share one index configuration",
-                            ));
-                        }
-                        prefix = p;
-                        if !prefix_seen {
+                    if let Some(c) = s.prefix_consumer() {
+                        if prefix_plugin.is_none() {
                             prefix_plugin = Some((s.type_name(), s.name().to_string()));
                         }
-                        prefix_seen = true;
+                        consumers.push(c);
                     }
                 }
+                Plugin::Producer(p) => producers.push(p.clone()),
                 Plugin::ProfileHandler(h) => {
                     if handler.is_some() {
                         return Err(ConfigError::new(
@@ -184,6 +221,15 @@ impl Scheduler {
                 _ => {}
             }
             built.push((spec.name().to_string(), plugin));
+        }
+        let prefix = resolve_prefix(cfg, &built, &consumers)?;
+        if !producers.iter().any(|p| {
+            p.type_name() == plugins::TOKEN_PRODUCER
+                || p.type_name() == plugins::LEGACY_TOKEN_PRODUCER
+        }) {
+            // As llm-d: the prefix index consumes token estimates, so an estimating token producer
+            // runs when none is configured.
+            producers.insert(0, Arc::new(plugins::TokenProducer::default()));
         }
         // No profiles: as llm-d-router, one `default` profile of every filter, scorer and
         // picker configured (weight 1), in config order.
@@ -208,13 +254,25 @@ impl Scheduler {
         for (pi, pspec) in specs.iter().enumerate() {
             profiles.push(build_profile(pi, pspec, &built)?);
         }
+        let mut request_headers: Vec<String> = Vec::new();
+        for p in &profiles {
+            for (s, _) in &p.scorers {
+                for h in s.request_headers() {
+                    if !request_headers.contains(&h) {
+                        request_headers.push(h);
+                    }
+                }
+            }
+        }
         let handler = handler.unwrap_or_else(|| Arc::new(plugins::SingleProfileHandler::default()));
         let parsers = crate::parsers::RequestHandling::from_config(cfg)?;
         Ok(Self {
             profiles,
             handler,
+            producers,
             prefix,
             prefix_plugin,
+            request_headers,
             observer: Arc::new(NoopObserver),
             parsers,
         })
@@ -230,14 +288,76 @@ impl Scheduler {
         &self.parsers
     }
 
-    /// The prefix-index parameters (from the prefix-cache-scorer, or defaults).
+    /// The prefix-index parameters (from the prefix producer or the scorer, or defaults).
     pub fn prefix_config(&self) -> PrefixConfig {
+        self.prefix.index
+    }
+
+    /// How the director runs the approximate prefix index for this configuration.
+    pub fn prefix_plan(&self) -> PrefixPlan {
         self.prefix
     }
 
     /// The prefix-cache scorer owning the prefix index (type, name), if one is configured.
     pub fn prefix_plugin(&self) -> Option<(&'static str, &str)> {
         self.prefix_plugin.as_ref().map(|(t, n)| (*t, n.as_str()))
+    }
+
+    /// Request headers the configured plugins read (lower-case): front-ends pass these in
+    /// [`RequestData::headers`].
+    pub fn request_headers(&self) -> &[String] {
+        &self.request_headers
+    }
+
+    /// The data producers, in the order they run.
+    pub fn producers(&self) -> &[Arc<dyn Producer>] {
+        &self.producers
+    }
+
+    /// Run every producer over one request, adding to `data` (which carries the headers).
+    pub fn produce(&self, request: &ParsedRequest, data: &mut RequestData) {
+        for p in &self.producers {
+            p.produce(request, data);
+        }
+    }
+
+    /// After a pick, before forwarding: the profile's scorers learn the outcome (e.g. session
+    /// bindings, the cold-request LRU). Forced picks teach nothing.
+    pub fn pre_request(&self, ctx: &SchedCtx<'_>, schedule: &Schedule) {
+        let (Some(pi), Some(&picked)) = (schedule.profile, schedule.ranked.first()) else {
+            return;
+        };
+        let Some(profile) = self.profiles.get(pi) else {
+            return;
+        };
+        let run = ProfileRun {
+            profile: &profile.name,
+            cands: &schedule.cands,
+            picked,
+        };
+        for (s, _) in &profile.scorers {
+            s.pre_request(ctx, &run);
+        }
+    }
+
+    /// Response headers for a request profile `profile` routed and `served` answers.
+    pub fn response_headers(
+        &self,
+        profile: Option<usize>,
+        served: &Endpoint,
+    ) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(p) = profile.and_then(|pi| self.profiles.get(pi)) {
+            for (s, _) in &p.scorers {
+                s.response_headers(&p.name, served, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The index of the profile the handler runs.
+    pub fn profile_index(&self) -> usize {
+        self.handler.select(&self.profiles)
     }
 
     /// The profile the handler runs for requests (with the single-profile handler: the one
@@ -330,7 +450,8 @@ impl Scheduler {
             stale
         };
         let mut cands = cands;
-        let profile = self.profile();
+        let profile_index = self.profile_index();
+        let profile = &self.profiles[profile_index];
         let nf = profile.filters.len();
         for (k, f) in profile.filters.iter().enumerate() {
             let t = Instant::now();
@@ -386,8 +507,89 @@ impl Scheduler {
             ranked,
             decision,
             scores,
+            profile: Some(profile_index),
+            cands,
         })
     }
+}
+
+/// The one approximate prefix index a configuration runs: an explicit
+/// `approx-prefix-cache-producer`, else the index parameters given on a `prefix-cache-scorer`
+/// (the GAIE-era form), else llm-d's default producer when a scorer needs prefix data, else the
+/// built-in default (the index still feeds the cache-hit metrics).
+fn resolve_prefix(
+    cfg: &EndpointPickerConfig,
+    built: &[(String, Plugin)],
+    consumers: &[PrefixConsumer],
+) -> Result<PrefixPlan, ConfigError> {
+    let mut explicit: Option<(usize, PrefixPlan)> = None;
+    for (i, (_, p)) in built.iter().enumerate() {
+        let Plugin::Producer(p) = p else { continue };
+        let Some(plan) = p.prefix_plan() else {
+            continue;
+        };
+        match explicit {
+            Some((first, other)) if other != plan => {
+                return Err(ConfigError::new(
+                    format!("plugins[{i}].parameters"),
+                    format!(
+                        "epp runs one approximate prefix index: this {} is configured differently from plugins[{first}] ({:?}); give them the same parameters or keep one",
+                        p.type_name(),
+                        cfg.plugins[first].name()
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => explicit = Some((i, plan)),
+        }
+    }
+    let mut legacy: Option<PrefixConfig> = None;
+    for c in consumers {
+        if let Some(name) = &c.producer {
+            match built.iter().find(|(n, _)| n == name) {
+                Some((_, Plugin::Producer(p))) if p.prefix_plan().is_some() => {}
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        c.field.clone(),
+                        format!("plugin {name:?} does not produce prefix-cache match info (it is not an approx-prefix-cache-producer)"),
+                    ))
+                }
+                None => {
+                    return Err(ConfigError::new(
+                        c.field.clone(),
+                        format!("no plugin named {name:?} in `plugins` (expected an approx-prefix-cache-producer)"),
+                    ))
+                }
+            }
+        }
+        if let Some(l) = c.legacy {
+            if let Some((first, _)) = explicit {
+                return Err(ConfigError::new(
+                    c.field.clone(),
+                    format!(
+                        "index parameters on the scorer conflict with the approx-prefix-cache-producer at plugins[{first}]; set them on the producer"
+                    ),
+                ));
+            }
+            if legacy.is_some_and(|p| p != l) {
+                return Err(ConfigError::new(
+                    c.field.clone(),
+                    "all prefix-cache-scorer plugins must share one index configuration",
+                ));
+            }
+            legacy = Some(l);
+        }
+    }
+    Ok(match (explicit, legacy) {
+        (Some((_, plan)), _) => plan,
+        (None, Some(index)) => PrefixPlan {
+            index,
+            bound: ServerBound::Min,
+            blocks: BlockPlan::Fixed,
+        },
+        (None, None) if !consumers.is_empty() => plugins::producers::approx_prefix::default_plan(),
+        (None, None) => PrefixPlan::default(),
+    })
 }
 
 /// Build profile `pi` from its spec over the built plugins.
@@ -418,6 +620,9 @@ fn build_profile(
             }
         };
         match p {
+            // Producers run for every request before any profile; llm-d configs may list them
+            // in a profile too.
+            Plugin::Producer(_) => no_weight()?,
             Plugin::Filter(f) => {
                 no_weight()?;
                 filters.push(f.clone())
@@ -506,6 +711,8 @@ fn forced_schedule(ctx: &SchedCtx<'_>, forced: &str) -> Result<Schedule, Schedul
         scores: vec![0.0; ranked.len()],
         ranked,
         decision,
+        profile: None,
+        cands: Vec::new(),
     })
 }
 

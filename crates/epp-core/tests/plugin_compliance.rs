@@ -11,7 +11,7 @@ use epp_core::datastore::{
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ParsedRequest;
 use epp_core::scheduler::plugins::{self, all_types, Plugin};
-use epp_core::scheduler::{Hints, SchedCtx, Scheduler};
+use epp_core::scheduler::{Hints, RequestData, SchedCtx, Scheduler};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -89,6 +89,16 @@ fn world(cases: &[EpCase]) -> World {
 
 /// A config with one plugin of `type_`, referenced by the default profile (profile handlers
 /// choose between profiles, so they are only listed).
+/// Parameters for types that cannot be built without any (the others get none).
+fn sample_parameters(type_: &str) -> Option<serde_json::Value> {
+    match type_ {
+        "by-label" => Some(
+            serde_json::json!({"label": "llm-d.ai/role", "validValues": ["decode"], "allowsNoLabel": true}),
+        ),
+        _ => None,
+    }
+}
+
 fn single_plugin_config(type_: &str, weight: Option<f64>) -> EndpointPickerConfig {
     let handler = plugins::registry::lookup(type_)
         .is_some_and(|r| r.kind == plugins::registry::Kind::ProfileHandler);
@@ -98,7 +108,7 @@ fn single_plugin_config(type_: &str, weight: Option<f64>) -> EndpointPickerConfi
         plugins: vec![PluginSpec {
             name: Some(format!("my-{type_}")),
             type_: type_.into(),
-            parameters: None,
+            parameters: sample_parameters(type_),
         }],
         scheduling_profiles: vec![ProfileSpec {
             name: "default".into(),
@@ -134,14 +144,22 @@ proptest! {
         };
         let hashes = w.prefix.hash("m", &req.prompt);
         let matches = w.prefix.lookup(&hashes);
-        let ctx = SchedCtx { snapshot: &snap, request: &req, prefix: &matches };
+        let data = RequestData {
+            headers: vec![
+                ("x-session-token".into(), "MTAuMC4wLjE6ODAwMA==".into()),
+                ("x-session-id".into(), "s".into()),
+            ],
+            prompt_tokens: Some(5),
+            prefix_block_tokens: 1,
+        };
+        let ctx = SchedCtx { snapshot: &snap, request: &req, prefix: &matches, data: &data };
         let all: Vec<usize> = (0..snap.endpoints.len()).collect();
         let subset: Vec<String> = (0..cases.len())
             .filter(|i| subset_mask & (1 << i) != 0)
             .map(|i| format!("10.0.0.{i}:8000"))
             .collect();
         for t in all_types() {
-            let spec = PluginSpec { name: None, type_: t.to_string(), parameters: None };
+            let spec = PluginSpec { name: None, type_: t.to_string(), parameters: sample_parameters(t) };
             let plugin = plugins::build(&spec, "plugins[0]").unwrap();
             // Scores finite and in [0, 1]; filters only remove; pickers return distinct candidates.
             match &plugin {
@@ -169,6 +187,11 @@ proptest! {
                 }
                 Plugin::ProfileHandler(h) => {
                     prop_assert_eq!(h.type_name(), t);
+                }
+                Plugin::Producer(p) => {
+                    prop_assert_eq!(p.type_name(), t);
+                    let mut d = RequestData::default();
+                    p.produce(&req, &mut d);
                 }
             }
             // Through the scheduler: never an unhealthy or out-of-subset pick.

@@ -269,6 +269,10 @@ impl Exchange {
             GatewayPolicy {
                 test_hooks: self.cfg.test_hooks,
             },
+        )
+        .with_plugin_headers(
+            self.headers.as_slice(),
+            self.director.scheduler().request_headers(),
         );
         let body = std::mem::take(&mut self.body);
         self.reservation = None;
@@ -418,6 +422,12 @@ impl Exchange {
             }
             if let Some(r) = &self.routed {
                 set.push(header_option(TEST_SELECTED, r.selected.as_bytes()));
+            }
+        }
+        // What the scheduler's plugins answer with (e.g. the session token).
+        if let Some(r) = &self.routed {
+            for (k, v) in r.tracker.response_headers() {
+                set.push(header_option(&k, v.as_bytes()));
             }
         }
         let out = vec![ProcessingResponse {

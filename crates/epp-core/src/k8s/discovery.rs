@@ -118,6 +118,7 @@ pub fn endpoints_from_pods<'a>(
                 name,
                 engine,
                 labels: labels.clone(),
+                namespace: pod.metadata.namespace.clone().filter(|n| !n.is_empty()),
             });
         }
     }

@@ -130,6 +130,12 @@ pub(crate) async fn forward(
                 if let Ok(v) = HeaderValue::from_str(request_id) {
                     out.headers_mut().insert(REQUEST_ID, v);
                 }
+                // What the scheduler's plugins answer with (e.g. the session token).
+                for (k, v) in tracker.response_headers() {
+                    if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+                        out.headers_mut().insert(k, v);
+                    }
+                }
                 *out.body_mut() = Body::new(TrackedBody::new(rbody, tracker, status));
                 return out;
             }

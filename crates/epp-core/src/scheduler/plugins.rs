@@ -1,10 +1,12 @@
-//! Scheduler plugins, one file each, grouped by kind: [`filters`], [`scorers`], [`pickers`] and
-//! [`profiles`] (profile handlers). Each is built from its config `type` + `parameters` (serde
-//! structs with `deny_unknown_fields`) through the one [`registry`], reads only the snapshot and
-//! the request, and scores in [0, 1].
+//! Scheduler plugins, one file each, grouped by kind: [`producers`] (attach data to a request
+//! before anything else runs), [`filters`], [`scorers`], [`pickers`] and [`profiles`] (profile
+//! handlers). Each is built from its config `type` + `parameters` (serde structs with
+//! `deny_unknown_fields`) through the one [`registry`], reads only the snapshot and the request
+//! (plus what producers attached), and scores in [0, 1].
 
 pub mod filters;
 pub mod pickers;
+pub mod producers;
 pub mod profiles;
 pub mod registry;
 pub mod scorers;
@@ -14,9 +16,11 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::SchedCtx;
+use super::{RequestData, SchedCtx};
 use crate::config::{ConfigError, PluginSpec};
-use crate::prefix::PrefixConfig;
+use crate::datastore::Endpoint;
+use crate::prefix::{PrefixConfig, PrefixPlan};
+use crate::request::ParsedRequest;
 
 pub use filters::saturation::{SaturationFilter, SaturationParams, TYPE as SATURATION_FILTER};
 pub use pickers::max_score::{MaxScorePicker, TYPE as MAX_SCORE_PICKER};
@@ -24,6 +28,10 @@ pub use pickers::random::{RandomPicker, TYPE as RANDOM_PICKER};
 pub use pickers::round_robin::{RoundRobinPicker, TYPE as ROUND_ROBIN_PICKER};
 pub use pickers::weighted_random::{WeightedRandomPicker, TYPE as WEIGHTED_RANDOM_PICKER};
 pub use pickers::PickerParams;
+pub use producers::approx_prefix::{ApproxPrefixProducer, TYPE as APPROX_PREFIX_CACHE_PRODUCER};
+pub use producers::token::{
+    TokenProducer, LEGACY_TYPE as LEGACY_TOKEN_PRODUCER, TYPE as TOKEN_PRODUCER,
+};
 pub use profiles::single::{SingleProfileHandler, TYPE as SINGLE_PROFILE_HANDLER};
 pub use registry::{all_types, REGISTRY};
 pub use scorers::active_request::{ActiveRequestScorer, TYPE as ACTIVE_REQUEST_SCORER};
@@ -33,6 +41,43 @@ pub use scorers::prefix_cache::{
     PrefixCacheScorer, PrefixParams, BYTES_PER_TOKEN, TYPE as PREFIX_CACHE_SCORER,
 };
 pub use scorers::queue::{QueueScorer, TYPE as QUEUE_SCORER};
+
+/// Runs before filters and scorers, once per request, and attaches data to it.
+pub trait Producer: Send + Sync {
+    fn type_name(&self) -> &'static str;
+    fn name(&self) -> &str;
+    /// The approximate prefix index this producer stands for, if it is a prefix producer (the
+    /// director runs that index: hashing, lookup, and learning the pick).
+    fn prefix_plan(&self) -> Option<PrefixPlan> {
+        None
+    }
+    /// Attach this producer's data to one request.
+    fn produce(&self, _request: &ParsedRequest, _data: &mut RequestData) {}
+}
+
+/// What a scorer needs from the approximate prefix index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefixConsumer {
+    /// `prefixMatchInfoProducerName`: the producer whose match info it reads (`None`: the
+    /// approximate one, created with llm-d's defaults when none is configured).
+    pub producer: Option<String>,
+    /// Index parameters given on the scorer itself (the GAIE-era form); they configure the
+    /// implicit producer and exclude an explicit one.
+    pub legacy: Option<PrefixConfig>,
+    /// The field that named `producer` (or the legacy parameters), for errors.
+    pub field: String,
+}
+
+/// One profile's outcome for a request, as the post-pick hooks see it.
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileRun<'a> {
+    /// The name of the profile that ran.
+    pub profile: &'a str,
+    /// The candidates that survived the filters (snapshot indices).
+    pub cands: &'a [usize],
+    /// The primary pick (a snapshot index).
+    pub picked: usize,
+}
 
 pub trait Filter: Send + Sync {
     fn type_name(&self) -> &'static str;
@@ -51,9 +96,24 @@ pub trait Scorer: Send + Sync {
     fn name(&self) -> &str;
     /// Write one score in [0, 1] per candidate into `out` (same order).
     fn score(&self, ctx: &SchedCtx<'_>, cands: &[usize], out: &mut [f64]);
-    /// The prefix-index configuration this scorer needs, if it is the prefix scorer.
-    fn prefix_config(&self) -> Option<PrefixConfig> {
+    /// What this scorer reads from the approximate prefix index, if anything.
+    fn prefix_consumer(&self) -> Option<PrefixConsumer> {
         None
+    }
+    /// Request headers (lower-case names) this scorer reads; the front-ends pass them through
+    /// [`RequestData::headers`].
+    fn request_headers(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// After the pick, before the request is forwarded: learn from the outcome.
+    fn pre_request(&self, _ctx: &SchedCtx<'_>, _run: &ProfileRun<'_>) {}
+    /// Response headers to add for a request `profile` routed and `served` answers.
+    fn response_headers(
+        &self,
+        _profile: &str,
+        _served: &Endpoint,
+        _out: &mut Vec<(String, String)>,
+    ) {
     }
 }
 
@@ -74,6 +134,7 @@ pub trait ProfileHandler: Send + Sync {
 }
 
 pub enum Plugin {
+    Producer(Arc<dyn Producer>),
     Filter(Arc<dyn Filter>),
     Scorer(Arc<dyn Scorer>),
     Picker(Arc<dyn Picker>),

@@ -1,12 +1,13 @@
 //! The one table from a plugin `type` name to its builder. Adding a plugin is one file plus one
 //! line here; the compliance test runs over every entry by itself.
 
-use super::{filters, pickers, profiles, scorers, Plugin};
+use super::{filters, pickers, producers, profiles, scorers, Plugin};
 use crate::config::{ConfigError, PluginSpec};
 
 /// What a plugin is, for listings and checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    Producer,
     Filter,
     Scorer,
     Picker,
@@ -69,6 +70,72 @@ pub static REGISTRY: &[Registration] = &[
         profiles::single::TYPE,
         Kind::ProfileHandler,
         profiles::single::build,
+    ),
+    // llm-d-router's scheduling plugins.
+    reg(
+        producers::approx_prefix::TYPE,
+        Kind::Producer,
+        producers::approx_prefix::build,
+    ),
+    reg(
+        producers::token::TYPE,
+        Kind::Producer,
+        producers::token::build,
+    ),
+    reg(
+        producers::token::LEGACY_TYPE,
+        Kind::Producer,
+        producers::token::build,
+    ),
+    reg(
+        filters::decode_filter::TYPE,
+        Kind::Filter,
+        filters::decode_filter::build,
+    ),
+    reg(
+        filters::prefill_filter::TYPE,
+        Kind::Filter,
+        filters::prefill_filter::build,
+    ),
+    reg(
+        filters::encode_filter::TYPE,
+        Kind::Filter,
+        filters::encode_filter::build,
+    ),
+    reg(
+        filters::label_selector::TYPE,
+        Kind::Filter,
+        filters::label_selector::build,
+    ),
+    reg(
+        filters::label_selector::LEGACY_TYPE,
+        Kind::Filter,
+        filters::label_selector::build,
+    ),
+    reg(
+        filters::by_label::TYPE,
+        Kind::Filter,
+        filters::by_label::build,
+    ),
+    reg(
+        scorers::running_requests::TYPE,
+        Kind::Scorer,
+        scorers::running_requests::build,
+    ),
+    reg(
+        scorers::load_aware::TYPE,
+        Kind::Scorer,
+        scorers::load_aware::build,
+    ),
+    reg(
+        scorers::no_hit_lru::TYPE,
+        Kind::Scorer,
+        scorers::no_hit_lru::build,
+    ),
+    reg(
+        scorers::session_affinity::TYPE,
+        Kind::Scorer,
+        scorers::session_affinity::build,
     ),
 ];
 

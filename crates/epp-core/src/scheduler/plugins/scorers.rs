@@ -2,6 +2,13 @@
 
 pub mod active_request;
 pub mod kv_cache;
+pub mod load_aware;
 pub mod lora_affinity;
+pub mod no_hit_lru;
 pub mod prefix_cache;
 pub mod queue;
+pub mod running_requests;
+pub mod session_affinity;
+
+#[cfg(test)]
+pub(crate) mod testing;

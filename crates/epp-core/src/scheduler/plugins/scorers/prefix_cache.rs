@@ -1,6 +1,9 @@
 //! `prefix-cache-scorer`: the share of a request's leading prompt blocks an endpoint is believed
-//! to hold, from the approximate prefix index (matched blocks / prompt blocks). Its parameters
-//! size that index.
+//! to hold (matched blocks / prompt blocks), optionally blended with the matched length, from the
+//! prefix match info of an `approx-prefix-cache-producer` (`prefixMatchInfoProducerName`; the
+//! approximate one when unset, as in llm-d). The GAIE-era index parameters (`blockSizeTokens`,
+//! `blockSize`, `maxPrefixBlocksToMatch`, `lruCapacityPerServer`) are still accepted here: they
+//! configure the implicit producer, and cannot be combined with an explicit one.
 
 use std::sync::Arc;
 
@@ -8,23 +11,71 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, PluginSpec};
 use crate::prefix::PrefixConfig;
-use crate::scheduler::plugins::{params, Plugin, Scorer};
+use crate::scheduler::plugins::{params, Plugin, PrefixConsumer, Scorer};
 use crate::scheduler::SchedCtx;
 
 pub const TYPE: &str = "prefix-cache-scorer";
+/// llm-d's default `matchLengthScaleTokens`.
+pub const DEFAULT_MATCH_LENGTH_SCALE_TOKENS: u64 = 8192;
 
 pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
     let p: PrefixParams = params(spec, field)?;
-    let cfg = p.to_config(field)?;
+    let legacy = if p.has_index_parameters() {
+        if p.prefix_match_info_producer_name.is_some() {
+            return Err(ConfigError::new(
+                format!("{field}.parameters.prefixMatchInfoProducerName"),
+                "give either a producer or the scorer's own index parameters (blockSizeTokens, blockSize, maxPrefixBlocksToMatch, lruCapacityPerServer), not both; set them on the producer",
+            ));
+        }
+        Some(p.to_config(field)?)
+    } else {
+        None
+    };
+    let weight = p.match_length_weight.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&weight) {
+        return Err(ConfigError::new(
+            format!("{field}.parameters.matchLengthWeight"),
+            format!("must be between 0.0 and 1.0, got {weight}"),
+        ));
+    }
+    let scale = p
+        .match_length_scale_tokens
+        .unwrap_or(DEFAULT_MATCH_LENGTH_SCALE_TOKENS);
+    if weight > 0.0 && scale == 0 {
+        return Err(ConfigError::new(
+            format!("{field}.parameters.matchLengthScaleTokens"),
+            "must be greater than 0 when matchLengthWeight is greater than 0",
+        ));
+    }
+    let producer_field = if p.prefix_match_info_producer_name.is_some() {
+        format!("{field}.parameters.prefixMatchInfoProducerName")
+    } else {
+        format!("{field}.parameters")
+    };
     Ok(Plugin::Scorer(Arc::new(PrefixCacheScorer {
         name: spec.name().to_string(),
-        cfg,
+        consumer: PrefixConsumer {
+            producer: p.prefix_match_info_producer_name.clone(),
+            legacy,
+            field: producer_field,
+        },
+        match_length_weight: weight,
+        match_length_scale_tokens: scale,
     })))
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PrefixParams {
+    /// The `approx-prefix-cache-producer` whose match info is scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_match_info_producer_name: Option<String>,
+    /// Weight (0..1) of the matched length against the matched ratio; default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_length_weight: Option<f64>,
+    /// Tokens at which the matched length counts fully; default 8192.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_length_scale_tokens: Option<u64>,
     /// Block size in tokens (× 4 bytes of prompt text per token).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size_tokens: Option<u64>,
@@ -41,6 +92,14 @@ pub struct PrefixParams {
 pub const BYTES_PER_TOKEN: u64 = 4;
 
 impl PrefixParams {
+    /// Whether any GAIE-era index parameter is given.
+    pub fn has_index_parameters(&self) -> bool {
+        self.block_size_tokens.is_some()
+            || self.block_size.is_some()
+            || self.max_prefix_blocks_to_match.is_some()
+            || self.lru_capacity_per_server.is_some()
+    }
+
     pub fn to_config(&self, field: &str) -> Result<PrefixConfig, ConfigError> {
         let d = PrefixConfig::default();
         let block_size = match (self.block_size_tokens, self.block_size) {
@@ -100,10 +159,13 @@ impl PrefixParams {
     }
 }
 
-/// Matched leading blocks / prompt blocks, from the approximate prefix index.
+/// `w · min(1, matched tokens / scale)² + (1 − w) · matched blocks / prompt blocks`; 0 for a
+/// prompt shorter than one block.
 pub struct PrefixCacheScorer {
     name: String,
-    cfg: PrefixConfig,
+    consumer: PrefixConsumer,
+    match_length_weight: f64,
+    match_length_scale_tokens: u64,
 }
 
 impl Scorer for PrefixCacheScorer {
@@ -114,11 +176,119 @@ impl Scorer for PrefixCacheScorer {
         &self.name
     }
     fn score(&self, ctx: &SchedCtx<'_>, cands: &[usize], out: &mut [f64]) {
+        let w = self.match_length_weight;
+        let block_tokens = ctx.data.prefix_block_tokens as f64;
         for (o, &i) in out.iter_mut().zip(cands) {
-            *o = ctx.prefix.ratio(ctx.ep(i).slot());
+            let slot = ctx.ep(i).slot();
+            let ratio = ctx.prefix.ratio(slot);
+            let length = if w > 0.0 && block_tokens > 0.0 {
+                let matched = f64::from(ctx.prefix.matched(slot)) * block_tokens;
+                let n = (matched / self.match_length_scale_tokens as f64).min(1.0);
+                n * n
+            } else {
+                0.0
+            };
+            *o = w * length + (1.0 - w) * ratio;
         }
     }
-    fn prefix_config(&self) -> Option<PrefixConfig> {
-        Some(self.cfg)
+    fn prefix_consumer(&self) -> Option<PrefixConsumer> {
+        Some(self.consumer.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{DatastoreWriter, EndpointSpec, HealthConfig};
+    use crate::prefix::PrefixMatch;
+    use crate::request::ParsedRequest;
+    use crate::scheduler::RequestData;
+
+    fn scorer(yaml: &str) -> Result<Arc<dyn Scorer>, ConfigError> {
+        let spec = PluginSpec {
+            name: None,
+            type_: TYPE.into(),
+            parameters: Some(serde_yaml::from_str(yaml).unwrap()),
+        };
+        match build(&spec, "plugins[1]")? {
+            Plugin::Scorer(s) => Ok(s),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn ratio_and_length_blend() {
+        let w = DatastoreWriter::new(HealthConfig::default());
+        w.set_endpoints(
+            (1..=3)
+                .map(|i| EndpointSpec::new(format!("10.0.0.{i}:8000")))
+                .collect(),
+        );
+        let snap = w.snapshot();
+        let slots: Vec<usize> = snap.endpoints.iter().map(|e| e.slot()).collect();
+        let mut blocks = vec![0u32; slots.iter().max().unwrap() + 1];
+        blocks[slots[0]] = 4; // all 4 blocks
+        blocks[slots[1]] = 1;
+        let prefix = PrefixMatch {
+            blocks,
+            total_blocks: 4,
+        };
+        let data = RequestData {
+            prefix_block_tokens: 64,
+            ..Default::default()
+        };
+        let req = ParsedRequest::default();
+        let ctx = SchedCtx {
+            snapshot: &snap,
+            request: &req,
+            prefix: &prefix,
+            data: &data,
+        };
+        let mut out = vec![0.0; 3];
+        scorer("{}").unwrap().score(&ctx, &[0, 1, 2], &mut out);
+        assert_eq!(out, vec![1.0, 0.25, 0.0]);
+        // w = 0.5, scale 512 tokens: 256 matched tokens -> (0.5)^2 = 0.25; 64 -> (0.125)^2.
+        scorer("{matchLengthWeight: 0.5, matchLengthScaleTokens: 512}")
+            .unwrap()
+            .score(&ctx, &[0, 1, 2], &mut out);
+        assert_eq!(
+            out,
+            vec![0.5 * 0.25 + 0.5, 0.5 * 0.015625 + 0.5 * 0.25, 0.0]
+        );
+        // No blocks at all: 0 everywhere.
+        let empty = PrefixMatch::default();
+        let ctx = SchedCtx {
+            snapshot: &snap,
+            request: &req,
+            prefix: &empty,
+            data: &data,
+        };
+        scorer("{}").unwrap().score(&ctx, &[0, 1, 2], &mut out);
+        assert_eq!(out, vec![0.0; 3]);
+    }
+
+    #[test]
+    fn parameters_are_checked() {
+        let e = scorer("{matchLengthWeight: 1.5}").err().unwrap();
+        assert_eq!(e.field, "plugins[1].parameters.matchLengthWeight");
+        let e = scorer("{matchLengthWeight: 0.5, matchLengthScaleTokens: 0}")
+            .err()
+            .unwrap();
+        assert_eq!(e.field, "plugins[1].parameters.matchLengthScaleTokens");
+        let e = scorer("{prefixMatchInfoProducerName: p, blockSizeTokens: 16}")
+            .err()
+            .unwrap();
+        assert_eq!(e.field, "plugins[1].parameters.prefixMatchInfoProducerName");
+        let s = scorer("{blockSizeTokens: 32}").unwrap();
+        let c = s.prefix_consumer().unwrap();
+        assert_eq!(c.producer, None);
+        assert_eq!(c.legacy.unwrap().block_size, 128);
+        let c = scorer("{prefixMatchInfoProducerName: p}")
+            .unwrap()
+            .prefix_consumer()
+            .unwrap();
+        assert_eq!(c.producer.as_deref(), Some("p"));
+        assert_eq!(c.legacy, None);
+        assert_eq!(c.field, "plugins[1].parameters.prefixMatchInfoProducerName");
     }
 }

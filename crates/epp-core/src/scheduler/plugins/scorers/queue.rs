@@ -34,7 +34,7 @@ impl Scorer for QueueScorer {
 }
 
 /// Min-max normalisation where lower is better: the least loaded gets 1, the most 0; all equal → 1.
-fn min_max_low_is_good(vals: &[f64], out: &mut [f64]) {
+pub(crate) fn min_max_low_is_good(vals: &[f64], out: &mut [f64]) {
     let min = vals.iter().copied().fold(f64::INFINITY, f64::min);
     let max = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     for (o, v) in out.iter_mut().zip(vals) {
