@@ -45,8 +45,16 @@ struct World {
 
 fn world(cases: &[EpCase]) -> World {
     let ds = DatastoreWriter::new(HealthConfig::default());
+    // Roles cycle so the role and label filters have something to keep and to drop.
+    let roles = ["decode", "prefill", "both", ""];
     let specs: Vec<EndpointSpec> = (0..cases.len())
-        .map(|i| EndpointSpec::new(format!("10.0.0.{i}:8000")))
+        .map(|i| EndpointSpec {
+            labels: Some(roles[i % 4])
+                .filter(|r| !r.is_empty())
+                .map(|r| [("llm-d.ai/role".to_string(), r.to_string())].into())
+                .unwrap_or_default(),
+            ..EndpointSpec::new(format!("10.0.0.{i}:8000"))
+        })
         .collect();
     ds.set_endpoints(specs);
     let prefix = PrefixIndex::new(PrefixConfig {
@@ -217,15 +225,24 @@ proptest! {
                             if t == plugins::SATURATION_FILTER {
                                 prop_assert!(e.waiting() <= 5.0 && e.kv_usage() <= 0.8, "saturated endpoint picked");
                             }
+                            if let Plugin::Filter(f) = &plugin {
+                                let mut one = vec![i];
+                                f.filter(&ctx, &mut one);
+                                prop_assert_eq!(one, vec![i], "{} picked an endpoint it filters out", t);
+                            }
                         }
                     }
                     Err(_) => {
-                        // Only when nothing eligible exists (or saturation shed everything).
-                        let eligible = snap.endpoints.iter().enumerate().filter(|(k, e)| {
+                        // Only when nothing eligible exists (or saturation shed everything, or
+                        // the filter under test keeps none of the eligible endpoints).
+                        let mut eligible: Vec<usize> = snap.endpoints.iter().enumerate().filter(|(k, e)| {
                             e.health == HealthState::Healthy && hint.is_none_or(|h| h.contains(&format!("10.0.0.{k}:8000")))
-                        });
+                        }).map(|(k, _)| k).collect();
+                        if let Plugin::Filter(f) = &plugin {
+                            f.filter(&ctx, &mut eligible);
+                        }
                         if t != plugins::SATURATION_FILTER {
-                            prop_assert_eq!(eligible.count(), 0, "{} refused with eligible endpoints", t);
+                            prop_assert_eq!(eligible.len(), 0, "{} refused with eligible endpoints", t);
                         }
                     }
                 }
