@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use epp_core::config::{EndpointPickerConfig, API_VERSION};
+use epp_core::config::EndpointPickerConfig;
 use epp_core::datastore::{DatastoreWriter, EndpointSpec, HealthConfig, ModelServerMetrics};
 use epp_core::director::{Director, RouteRequest, Routed};
 use epp_core::gateway::InboundHeaders;
@@ -12,18 +12,8 @@ use epp_core::prefix::{BlockPlan, ServerBound};
 use epp_core::request::ApiMethod;
 use epp_core::scheduler::{DecisionType, Scheduler};
 
-/// A fixture's config. Until the `llm-d.ai/v1alpha1` apiVersion is accepted, the GAIE one is
-/// swapped in (the rest of the file is unchanged).
 fn load_text(text: &str) -> EndpointPickerConfig {
-    match EndpointPickerConfig::from_yaml(text) {
-        Ok(c) => c,
-        Err(e) if e.field == "apiVersion" => EndpointPickerConfig::from_yaml(&text.replace(
-            "apiVersion: llm-d.ai/v1alpha1",
-            &format!("apiVersion: {API_VERSION}"),
-        ))
-        .unwrap(),
-        Err(e) => panic!("{e}"),
-    }
+    EndpointPickerConfig::from_yaml(text).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn fixture(name: &str) -> EndpointPickerConfig {
@@ -261,4 +251,23 @@ fn unsupported_llm_d_plugins_are_refused_by_name() {
     );
     let e = Scheduler::from_config(&cfg).err().unwrap();
     assert_eq!(e.field, "plugins[1].parameters");
+}
+
+#[test]
+fn the_charts_payload_agnostic_config_keeps_sessions() {
+    // active-request-scorer + session-affinity-scorer, weight 1 each, body not parsed.
+    let (_w, d) = pool(&fixture("payload-agnostic.yaml"), [0.0; 5]);
+    let first = route(&d, "anything", &InboundHeaders::default());
+    let token = first.tracker.response_headers();
+    let home = names(&first)[0].clone();
+    first.tracker.finish(200);
+    let with_token = InboundHeaders {
+        plugin_headers: token,
+        ..Default::default()
+    };
+    for i in 0..20 {
+        let r = route(&d, &format!("other body {i}"), &with_token);
+        assert_eq!(names(&r)[0], home);
+        r.tracker.finish(200);
+    }
 }
