@@ -365,7 +365,7 @@ pub fn base64_encode(data: &[u8]) -> String {
 /// Standard base64 with padding; `None` for anything malformed.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let s = s.as_bytes();
-    if s.len() % 4 != 0 || s.len() > 4 * MAX_SESSION_ID_BYTES {
+    if !s.len().is_multiple_of(4) || s.len() > 4 * MAX_SESSION_ID_BYTES {
         return None;
     }
     let val = |c: u8| B64.iter().position(|&x| x == c).map(|p| p as u32);
