@@ -1,4 +1,4 @@
-//! llm-d-router's own sample configs (copied under `fixtures/llm-d-router/`) load and route as
+//! llm-d-router's own sample configs (copied under `crates/epp/tests/fixtures/llm-d-router/`) load and route as
 //! they say: `decode-filter` keeps decode-capable endpoints, the approximate prefix producer
 //! makes repeated prompts stick, `load-aware-scorer` avoids queues, and session affinity holds.
 
@@ -17,8 +17,9 @@ fn load_text(text: &str) -> EndpointPickerConfig {
 }
 
 fn fixture(name: &str) -> EndpointPickerConfig {
+    // One copy of llm-d-router's configs, shared with the CLI's drop-in test.
     let path = format!(
-        "{}/tests/fixtures/llm-d-router/{name}",
+        "{}/../epp/tests/fixtures/llm-d-router/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     load_text(&std::fs::read_to_string(&path).unwrap())
@@ -256,7 +257,7 @@ fn unsupported_llm_d_plugins_are_refused_by_name() {
 #[test]
 fn the_charts_payload_agnostic_config_keeps_sessions() {
     // active-request-scorer + session-affinity-scorer, weight 1 each, body not parsed.
-    let (_w, d) = pool(&fixture("payload-agnostic.yaml"), [0.0; 5]);
+    let (_w, d) = pool(&fixture("chart-payload-agnostic.yaml"), [0.0; 5]);
     let first = route(&d, "anything", &InboundHeaders::default());
     let token = first.tracker.response_headers();
     let home = names(&first)[0].clone();

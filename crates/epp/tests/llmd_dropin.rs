@@ -372,55 +372,73 @@ async fn the_chart_rendered_standalone_args_start_the_picker_and_it_routes() {
 
 /// What loading one config must give: `Ok` (it loads and routes) or the exact error.
 fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
-    BTreeMap::from([
+    const UNSUPPORTED: &str = "epp does not support it; supported types: ";
+    const VLLM_TOKENIZER: &str =
+        "plugins[0].parameters.vllm: the vLLM /render tokenizer backend is not supported by epp";
+    const FLOW_CONTROL_GATE: &str =
+        "featureGates[0]: unknown feature gate \"flowControl\": epp does not support it; supported gates: dataLayer";
+    let refused = |prefix: &'static str| -> Result<(), &'static str> { Err(prefix) };
+    let mut m = BTreeMap::from([
         ("chart-default-plugins.yaml", Ok(())),
         ("chart-default-plugins-sglang.yaml", Ok(())),
         ("chart-default-plugins-triton.yaml", Ok(())),
-        ("chart-payload-agnostic.yaml", Err("plugins[2].type: unknown plugin type \"session-affinity-scorer\"")),
-        ("dp-epp-config.yaml", Err("plugins[1].type: unknown plugin type \"decode-filter\"")),
-        ("epp-burst-prefix-cache-config.yaml", Err("plugins[0].type: unknown plugin type \"token-producer\"")),
-        ("epp-config.yaml", Err("plugins[1].type: unknown plugin type \"decode-filter\"")),
-        ("epp-estimate-prefix-cache-config.yaml", Err("plugins[1].type: unknown plugin type \"decode-filter\"")),
-        ("epp-mm-embeddings-cache-config.yaml", Err("plugins[0].type: unknown plugin type \"token-producer\"")),
-        ("pd-epp-config.yaml", Err("plugins[0].type: unknown plugin type \"approx-prefix-cache-producer\"")),
-        ("pd-topology-epp-config.yaml", Err("plugins[0].type: unknown plugin type \"approx-prefix-cache-producer\"")),
-        ("sim-epp-config.yaml", Err("plugins[0].type: unknown plugin type \"approx-prefix-cache-producer\"")),
-        ("sim-epp-kvcache-config.yaml", Err("plugins[0].type: unknown plugin type \"token-producer\"")),
-        ("sim-epp-tokenizer-vllm-http-config.yaml", Err("plugins[0].type: unknown plugin type \"token-producer\"")),
-        ("sim-pd-epp-config.yaml", Err("plugins[0].type: unknown plugin type \"approx-prefix-cache-producer\"")),
+        ("chart-payload-agnostic.yaml", Ok(())),
+        ("epp-config.yaml", Ok(())),
+        ("epp-estimate-prefix-cache-config.yaml", Ok(())),
+        ("sim-epp-config.yaml", Ok(())),
+        ("epp-burst-prefix-cache-config.yaml", refused(VLLM_TOKENIZER)),
+        ("epp-mm-embeddings-cache-config.yaml", refused(VLLM_TOKENIZER)),
+        ("epp-precise-prefix-cache-config.yaml", refused(VLLM_TOKENIZER)),
+        ("sim-epp-kvcache-config.yaml", refused(VLLM_TOKENIZER)),
+        ("sim-epp-tokenizer-vllm-http-config.yaml", refused(VLLM_TOKENIZER)),
         (
             "probabilistic-admitter-epp-config.yaml",
-            Err("flowControl.saturationDetector.pluginRef: \"utilization-detector\": epp does not support saturation detector plugins"),
+            refused("flowControl.saturationDetector.pluginRef: \"utilization-detector\": epp does not support saturation detector plugins"),
+        ),
+        ("sim-program-aware-config.yaml", refused(FLOW_CONTROL_GATE)),
+        ("soft-reflective-ceiling-epp-config.yaml", refused(FLOW_CONTROL_GATE)),
+    ]);
+    // Unknown plugin types: the field, the type, and the list of what is supported.
+    for (file, at) in [
+        (
+            "dp-epp-config.yaml",
+            "plugins[3].type: unknown plugin type \"data-parallel-profile-handler\": ",
         ),
         (
-            "sim-program-aware-config.yaml",
-            Err("featureGates[0]: unknown feature gate \"flowControl\": epp does not support it; supported gates: dataLayer"),
+            "pd-epp-config.yaml",
+            "plugins[6].type: unknown plugin type \"disagg-profile-handler\": ",
         ),
         (
-            "soft-reflective-ceiling-epp-config.yaml",
-            Err("featureGates[0]: unknown feature gate \"flowControl\": epp does not support it; supported gates: dataLayer"),
-        ),
-        (
-            "sim-epp-gpu-config.yaml",
-            Err("plugins[0].type: unknown plugin type \"dcgm-data-source\": epp does not support it; supported types: "),
-        ),
-        (
-            "sim-epp-no-hit-lru.yaml",
-            Err("plugins[0].type: unknown plugin type \"precise-prefix-cache-producer\": epp does not support it; supported types: "),
-        ),
-        (
-            "epp-precise-prefix-cache-config.yaml",
-            Err("plugins[0].type: unknown plugin type \"token-producer\""),
+            "pd-topology-epp-config.yaml",
+            "plugins[6].type: unknown plugin type \"topology-extractor\": ",
         ),
         (
             "sim-e-p-d-epp-config.yaml",
-            Err("plugins[1].type: unknown plugin type \"encode-filter\": epp does not support it; supported types: "),
+            "plugins[4].type: unknown plugin type \"disagg-profile-handler\": ",
         ),
         (
             "sim-e-pd-epp-config.yaml",
-            Err("plugins[0].type: unknown plugin type \"encode-filter\": epp does not support it; supported types: "),
+            "plugins[3].type: unknown plugin type \"always-disagg-multimodal-decider\": ",
         ),
-    ])
+        (
+            "sim-epp-gpu-config.yaml",
+            "plugins[0].type: unknown plugin type \"dcgm-data-source\": ",
+        ),
+        (
+            "sim-epp-no-hit-lru.yaml",
+            "plugins[0].type: unknown plugin type \"precise-prefix-cache-producer\": ",
+        ),
+        (
+            "sim-pd-epp-config.yaml",
+            "plugins[6].type: unknown plugin type \"prefix-based-pd-decider\": ",
+        ),
+    ] {
+        m.insert(
+            file,
+            Err(Box::leak(format!("{at}{UNSUPPORTED}").into_boxed_str())),
+        );
+    }
+    m
 }
 
 fn load(path: &Path) -> Result<epp_core::scheduler::Scheduler, String> {
