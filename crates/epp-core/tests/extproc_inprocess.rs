@@ -60,7 +60,17 @@ async fn harness(pods: &[(&str, f64, f64)], test_hooks: bool) -> Harness {
 
 /// As [`harness`], with the front-end settings and the shared body budget given.
 async fn harness_with(pods: &[(&str, f64, f64)], cfg: ExtProcConfig, budget: usize) -> Harness {
-    let epc = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
+    harness_config(pods, cfg, budget, presets::DEFAULT).await
+}
+
+/// As [`harness_with`], scheduling with the `EndpointPickerConfig` in `yaml`.
+async fn harness_config(
+    pods: &[(&str, f64, f64)],
+    cfg: ExtProcConfig,
+    budget: usize,
+    yaml: &str,
+) -> Harness {
+    let epc = EndpointPickerConfig::from_yaml(yaml).unwrap();
     let scheduler = Scheduler::from_config(&epc).unwrap();
     let datastore = DatastoreWriter::new(HealthConfig::default());
     let director = Director::build_with_budget(&datastore, scheduler, budget);
@@ -1558,4 +1568,53 @@ async fn both_front_ends_report_the_same_llm_d_metrics_for_the_same_traffic() {
         differ.join("\n"),
         missing.join("\n")
     );
+}
+
+/// `session-affinity-scorer` over the wire: the response headers answer carries the
+/// `x-session-token` of the endpoint that served, and a request sending it back goes there even
+/// when the load says otherwise.
+#[tokio::test]
+async fn the_session_token_is_set_on_responses_and_sends_requests_back_there() {
+    const CFG: &str = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: session-affinity-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n    weight: 1\n  - pluginRef: session-affinity-scorer\n    weight: 5\n";
+    let h = harness_config(
+        &PODS,
+        ExtProcConfig::default(),
+        epp_core::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
+        CFG,
+    )
+    .await;
+    // One exchange: request (with `extra` headers) → pick; response headers → what is set.
+    async fn exchange(h: &Harness, extra: &[(&str, &str)]) -> (String, BTreeMap<String, String>) {
+        let mut s = Stream::open(h).await;
+        let mut hs = vec![(":path", "/v1/completions"), (":method", "POST")];
+        hs.extend_from_slice(extra);
+        s.send(req_headers(&hs, false), None).await;
+        s.send(req_body(j("m", "hello").as_bytes(), true), None)
+            .await;
+        let routed = s.recv().await;
+        let dest = destination_md(&routed);
+        let _body = s.recv().await;
+        s.send(resp_headers(&[(":status", "200")], false), None)
+            .await;
+        let resp = s.recv().await;
+        (dest, set_headers(&resp))
+    }
+    // No token: the least-loaded pod, and the token names it.
+    let (dest, set) = exchange(&h, &[]).await;
+    assert_eq!(dest, "10.0.0.2:8000");
+    let token = set
+        .get("x-session-token")
+        .expect("session token set")
+        .clone();
+    assert_eq!(token, "MTAuMC4wLjI6ODAwMA==", "base64 of 10.0.0.2:8000");
+    // A token naming the busiest pod wins over its queue, every time.
+    let busy = "MTAuMC4wLjM6ODAwMA=="; // 10.0.0.3:8000 (queue 10)
+    for _ in 0..5 {
+        let (dest, set) = exchange(&h, &[("x-session-token", busy)]).await;
+        assert_eq!(dest, "10.0.0.3:8000");
+        assert_eq!(set.get("x-session-token").map(String::as_str), Some(busy));
+    }
+    // A token that is not base64 is no session: back to load.
+    let (dest, _) = exchange(&h, &[("x-session-token", "not base64!")]).await;
+    assert_eq!(dest, "10.0.0.2:8000");
 }

@@ -604,3 +604,68 @@ async fn requests_the_http_layer_refuses_are_counted() {
     assert_eq!(other("400"), 1.0, "{m:?}");
     p.stop().await;
 }
+
+/// `session-affinity-scorer` through the proxy: each response carries the `x-session-token` of
+/// the backend that served it, and requests sending it back stay on that backend.
+#[tokio::test]
+async fn the_session_token_keeps_a_client_on_its_backend() {
+    let sims = sims(3, |_| {}).await;
+    let addrs: Vec<String> = sims.iter().map(|s| s.addr().to_string()).collect();
+    let mut opts = picker_options(addrs.clone());
+    opts.config = epp_core::config::EndpointPickerConfig::from_yaml(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: active-request-scorer\n- type: session-affinity-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: active-request-scorer\n    weight: 1\n  - pluginRef: session-affinity-scorer\n    weight: 5\n",
+    )
+    .unwrap();
+    let p = epp_core::proxy::spawn(proxy_options(opts)).await.unwrap();
+    wait_healthy(&p, 3).await;
+    let c = client();
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let body = serde_json::to_vec(&completion("hello", "there", 2)).unwrap();
+    let first = request(
+        &c,
+        "POST",
+        &url,
+        &[("content-type", "application/json")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    let served = first.header(SERVED).unwrap().to_string();
+    let token = first.header("x-session-token").expect("token").to_string();
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(&token)
+        .unwrap();
+    assert_eq!(String::from_utf8(decoded).unwrap(), served);
+    for _ in 0..6 {
+        let r = request(
+            &c,
+            "POST",
+            &url,
+            &[
+                ("content-type", "application/json"),
+                ("x-session-token", &token),
+            ],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header(SERVED), Some(served.as_str()));
+        assert_eq!(r.header("x-session-token"), Some(token.as_str()));
+    }
+    // Another backend's token moves the client there.
+    let other = addrs.iter().find(|a| **a != served).unwrap();
+    let other_token = base64::engine::general_purpose::STANDARD.encode(other.as_bytes());
+    let r = request(
+        &c,
+        "POST",
+        &url,
+        &[
+            ("content-type", "application/json"),
+            ("x-session-token", &other_token),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(r.header(SERVED), Some(other.as_str()));
+}
