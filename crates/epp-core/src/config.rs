@@ -442,7 +442,9 @@ pub fn plugin_parameters<T: DeserializeOwned + Default>(
 
 /// Built-in policies, as config text. `default` is what runs when no config is given.
 pub mod presets {
-    /// The default profile: prefix affinity balanced by three load signals.
+    /// The default profile: prefix affinity balanced by three load signals. The active-request
+    /// weight (2) is what keeps both cache reuse and balance high with llm-d's scoring of idle
+    /// vs busy endpoints (docs/benchmarks.md, "Default profile weights").
     pub const DEFAULT: &str = r#"apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
@@ -465,7 +467,7 @@ schedulingProfiles:
   - pluginRef: kv-cache-utilization-scorer
     weight: 2
   - pluginRef: active-request-scorer
-    weight: 3
+    weight: 2
   - pluginRef: max-score-picker
 "#;
 

@@ -464,3 +464,66 @@ async fn kubeconfig_file_is_honoured_and_a_bad_one_is_named() {
     let e = missing.get().await.err().unwrap().to_string();
     assert!(e.contains("--kubeconfig"), "{e}");
 }
+
+/// `--endpoint-selector` with set-based and existence requirements: the watch sends the
+/// selector to the API server as given, and only matching pods become endpoints.
+#[tokio::test]
+async fn set_based_selectors_select_as_the_api_server_does() {
+    let api = FakeApi::start();
+    for (name, ip, labels) in [
+        (
+            "prod-a",
+            "127.0.0.21",
+            vec![("app", "vllm"), ("env", "prod")],
+        ),
+        (
+            "stage-b",
+            "127.0.0.22",
+            vec![("app", "vllm"), ("env", "staging")],
+        ),
+        ("dev-c", "127.0.0.23", vec![("app", "vllm"), ("env", "dev")]),
+        (
+            "old-d",
+            "127.0.0.24",
+            vec![("app", "vllm"), ("env", "prod"), ("deprecated", "true")],
+        ),
+        ("web-e", "127.0.0.25", vec![("app", "web"), ("env", "prod")]),
+    ] {
+        api.apply(Res::Pods, NS, pod(name, ip, true, &labels));
+    }
+    let selector = LabelSelector::parse("app=vllm,env in (prod,staging),!deprecated").unwrap();
+    let (ds, _sd) = start(
+        &api,
+        PodSource::Selector {
+            namespace: NS.into(),
+            selector,
+            ports: vec![8000],
+        },
+    );
+    wait_synced(&ds).await;
+    expect_names(&ds, &["prod-a", "stage-b"]).await;
+    assert_eq!(
+        ds.discovery_labels(),
+        (
+            NS.to_string(),
+            "app=vllm,!deprecated,env in (prod,staging)".to_string()
+        )
+    );
+    // The API server was asked with that selector.
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.contains("labelSelector=") && r.contains("deprecated")),
+        "{:?}",
+        api.requests()
+    );
+    // A pod relabelled into the set joins; one marked deprecated leaves.
+    api.modify(Res::Pods, NS, "dev-c", |p| {
+        p["metadata"]["labels"]["env"] = json!("staging")
+    });
+    expect_names(&ds, &["dev-c", "prod-a", "stage-b"]).await;
+    api.modify(Res::Pods, NS, "prod-a", |p| {
+        p["metadata"]["labels"]["deprecated"] = json!("yes")
+    });
+    expect_names(&ds, &["dev-c", "stage-b"]).await;
+}

@@ -116,9 +116,36 @@ fn ok_json(code: u16, v: Value) -> Response {
 
 /// `k=v,k!=v,k` selectors (what kube and kubectl send for equality selectors).
 fn label_match(sel: &str, labels: &Value) -> bool {
-    for part in sel.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    // Requirements are comma-separated; commas inside `in (...)` sets do not separate.
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in sel.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&sel[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&sel[start..]);
+    for part in parts.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
         let get = |k: &str| labels.get(k).and_then(Value::as_str).map(str::to_string);
-        let ok = if let Some((k, v)) = part.split_once("!=") {
+        let set = |rest: &str| -> Vec<String> {
+            rest.trim()
+                .trim_start_matches('(')
+                .trim_end_matches(')')
+                .split(',')
+                .map(|v| v.trim().to_string())
+                .collect()
+        };
+        let ok = if let Some((k, rest)) = part.split_once(" notin ") {
+            get(k.trim()).is_none_or(|v| !set(rest).contains(&v))
+        } else if let Some((k, rest)) = part.split_once(" in ") {
+            get(k.trim()).is_some_and(|v| set(rest).contains(&v))
+        } else if let Some((k, v)) = part.split_once("!=") {
             get(k.trim()).as_deref() != Some(v.trim())
         } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
             get(k.trim()).as_deref() == Some(v.trim())

@@ -172,8 +172,9 @@ pub struct KubeArgs {
     #[arg(long, value_name = "NAMESPACE")]
     pub pool_namespace: Option<String>,
 
-    /// Without the InferencePool CRD: select model-server pods by labels `k=v[,k=v]`.
-    #[arg(long, value_name = "K=V[,K=V]", conflicts_with_all = ["endpoints", "endpoints_file"], requires = "endpoint_target_ports")]
+    /// Without the InferencePool CRD: select model-server pods by a Kubernetes label selector:
+    /// `app=vllm,env in (prod,staging),tier!=frontend,gpu,!deprecated`.
+    #[arg(long, value_name = "SELECTOR", conflicts_with_all = ["endpoints", "endpoints_file"], requires = "endpoint_target_ports")]
     pub endpoint_selector: Option<String>,
 
     /// Model-server ports on each pod selected by `--endpoint-selector` (1 to 8, comma-separated);
