@@ -442,9 +442,10 @@ pub fn plugin_parameters<T: DeserializeOwned + Default>(
 
 /// Built-in policies, as config text. `default` is what runs when no config is given.
 pub mod presets {
-    /// The default profile: prefix affinity balanced by three load signals. The active-request
-    /// weight (2) is what keeps both cache reuse and balance high with llm-d's scoring of idle
-    /// vs busy endpoints (docs/benchmarks.md, "Default profile weights").
+    /// The default profile: prefix affinity balanced by three load signals. With llm-d's
+    /// idle-vs-busy active-request scoring, `idleThreshold: 2` at weight 3 is what keeps cache
+    /// reuse, balance and hot-spot spreading all high (docs/benchmarks.md, "Default profile
+    /// weights").
     pub const DEFAULT: &str = r#"apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
@@ -456,6 +457,8 @@ plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
 - type: active-request-scorer
+  parameters:
+    idleThreshold: 2
 - type: max-score-picker
 schedulingProfiles:
 - name: default
@@ -467,7 +470,7 @@ schedulingProfiles:
   - pluginRef: kv-cache-utilization-scorer
     weight: 2
   - pluginRef: active-request-scorer
-    weight: 2
+    weight: 3
   - pluginRef: max-score-picker
 "#;
 
