@@ -17,9 +17,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::{DealerSocket, Socket, SocketEvent, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use super::decode::{decode_batch, DecodeError};
 use super::event::KvMessage;
@@ -66,9 +67,9 @@ impl SubscriberConfig {
 /// What the subscriber reports, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
-    /// The SUB socket is connected and subscribed.
+    /// The SUB socket is connected (again, after a reconnection).
     Connected,
-    /// The connection failed or broke; a new one is attempted after a backoff.
+    /// The connection failed or broke; a new one is attempted (after a backoff).
     Disconnected { reason: String },
     /// The next batch, live or from a replay.
     Batch { msg: KvMessage, replayed: bool },
@@ -172,6 +173,10 @@ pub fn spawn(
     (rx, handle)
 }
 
+/// A socket's connection events (what `Socket::monitor` returns).
+trait Monitor: futures_util::Stream<Item = SocketEvent> + Unpin + Send {}
+impl<T: futures_util::Stream<Item = SocketEvent> + Unpin + Send> Monitor for T {}
+
 /// The receiver is gone: stop.
 struct Closed;
 
@@ -188,12 +193,9 @@ impl Subscriber {
         let mut backoff = self.cfg.reconnect_initial;
         loop {
             let reason = match self.connect().await {
-                Ok(sock) => {
+                Ok((sock, monitor)) => {
                     backoff = self.cfg.reconnect_initial;
-                    if self.send(Update::Connected).await.is_err() {
-                        return;
-                    }
-                    match self.follow(sock).await {
+                    match self.follow(sock, monitor).await {
                         Ok(reason) => reason,
                         Err(Closed) => return,
                     }
@@ -213,8 +215,11 @@ impl Subscriber {
         self.tx.send(u).await.map_err(|_| Closed)
     }
 
-    async fn connect(&self) -> Result<SubSocket, String> {
+    async fn connect(&self) -> Result<(SubSocket, impl Monitor), String> {
         let mut sock = SubSocket::new();
+        // Connection events, including the socket's own reconnections after the publisher went
+        // away (it re-subscribes by itself).
+        let monitor = sock.monitor();
         let ep = &self.cfg.endpoint;
         match tokio::time::timeout(self.cfg.connect_timeout, sock.connect(ep)).await {
             Err(_) => return Err(format!("connecting to {ep} timed out")),
@@ -224,13 +229,34 @@ impl Subscriber {
         sock.subscribe(&self.cfg.topic_filter)
             .await
             .map_err(|e| format!("subscribing on {ep}: {e}"))?;
-        Ok(sock)
+        Ok((sock, monitor))
     }
 
     /// Reads the live stream until it fails; returns why.
-    async fn follow(&mut self, mut sock: SubSocket) -> Result<String, Closed> {
+    async fn follow(
+        &mut self,
+        mut sock: SubSocket,
+        mut monitor: impl Monitor,
+    ) -> Result<String, Closed> {
         loop {
-            let msg = match sock.recv().await {
+            let received = tokio::select! {
+                r = sock.recv() => r,
+                ev = monitor.next() => {
+                    match ev {
+                        Some(SocketEvent::Connected(..)) => self.send(Update::Connected).await?,
+                        Some(SocketEvent::Disconnected(_)) => {
+                            self.send(Update::Disconnected {
+                                reason: format!("{} closed the connection; reconnecting", self.cfg.endpoint),
+                            })
+                            .await?
+                        }
+                        Some(_) => {}
+                        None => return Ok("the socket monitor closed".into()),
+                    }
+                    continue;
+                }
+            };
+            let msg = match received {
                 Ok(m) => m,
                 Err(e) => return Ok(format!("receiving from {}: {e}", self.cfg.endpoint)),
             };
