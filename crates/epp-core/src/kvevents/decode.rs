@@ -359,10 +359,53 @@ fn string(v: &ValueRef<'_>) -> Conv<String> {
 }
 
 fn extra_keys(v: &ValueRef<'_>) -> Conv<ExtraKeys> {
-    list(v, |x| match x {
-        ValueRef::Nil => Ok(None),
-        ValueRef::Array(items) => Ok(Some(items.iter().map(ValueRef::to_owned).collect())),
-        other => Err(expected("an array or nil", other)),
+    let ValueRef::Array(blocks) = v else {
+        return Err((String::new(), expected("an array", v)));
+    };
+    blocks
+        .iter()
+        .enumerate()
+        .map(|(i, x)| match x {
+            ValueRef::Nil => Ok(None),
+            ValueRef::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(j, item)| owned(item).map_err(|(sub, r)| (format!("[{i}][{j}]{sub}"), r)))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            other => Err((format!("[{i}]"), expected("an array or nil", other))),
+        })
+        .collect()
+}
+
+/// An owned copy of an extra-key value. Strings must be UTF-8: a lossy copy would change the
+/// value (rmpv writes an invalid string back as bytes), and vLLM only sends valid ones.
+/// Recursion is bounded by the decoder's depth limit.
+fn owned(v: &ValueRef<'_>) -> Conv<rmpv::Value> {
+    use rmpv::Value;
+    Ok(match v {
+        ValueRef::String(s) => match s.as_str() {
+            Some(s) => Value::from(s),
+            None => return Err((String::new(), "str is not UTF-8".into())),
+        },
+        ValueRef::Array(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| owned(x).map_err(|(sub, r)| (format!("[{i}]{sub}"), r)))
+                .collect::<Result<_, _>>()?,
+        ),
+        ValueRef::Map(entries) => Value::Map(
+            entries
+                .iter()
+                .enumerate()
+                .map(|(i, (k, x))| {
+                    let at = |(sub, r): (String, String)| (format!("{{{i}}}{sub}"), r);
+                    Ok::<_, (String, String)>((owned(k).map_err(at)?, owned(x).map_err(at)?))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        other => other.to_owned(),
     })
 }
 

@@ -384,6 +384,25 @@ fn garbage_is_rejected_with_the_place_and_the_reason() {
     }
 }
 
+/// Found by the `kv_events` fuzz target: an extra key holding a str that is not UTF-8 decoded,
+/// then re-encoded as bytes, so a decoded batch did not survive re-encoding. Such strings are now
+/// refused where they are.
+#[test]
+fn extra_keys_with_invalid_utf8_are_refused() {
+    let crash = include_bytes!("../../../../fuzz/artifacts/kv_events/crash-72f99571557cd88f22ff95ffc11768510ffec2be");
+    assert_eq!(
+        err_of(&crash[1..]),
+        "events[0].extra_keys[1][0]: str is not UTF-8"
+    );
+    // Nested too: inside a typed key's map.
+    let mut nested = hex("92 00 91 99 ab 42 6c 6f 63 6b 53 74 6f 72 65 64 90 c0 90 00 c0 c0 c0 91 91 81 a1 6b a1");
+    nested.push(0xff);
+    assert_eq!(
+        err_of(&nested),
+        "events[0].extra_keys[0][0]{0}: str is not UTF-8"
+    );
+}
+
 #[test]
 fn bounds_hold_for_hostile_lengths_and_depth() {
     // An array that claims 2^32-1 elements in 5 bytes: an error, not a 4-billion-slot allocation.
