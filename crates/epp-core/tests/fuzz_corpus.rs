@@ -139,7 +139,12 @@ fn kv_event_seeds(out: &mut Vec<(&'static str, String, Vec<u8>)>) {
     let batches = [
         EventBatch {
             ts: 1.5,
-            events: vec![KvEvent::BlockStored(BlockStored::new(vec![5], None, vec![1; 16], 16))],
+            events: vec![KvEvent::BlockStored(BlockStored::new(
+                vec![5],
+                None,
+                vec![1; 16],
+                16,
+            ))],
             data_parallel_rank: Some(0),
         },
         EventBatch {
@@ -165,16 +170,32 @@ fn kv_event_seeds(out: &mut Vec<(&'static str, String, Vec<u8>)>) {
         for form in [EventForm::Array, EventForm::Map] {
             let payload = encode_batch(b, form);
             let f = form.as_str();
-            out.push(("kv_events", format!("batch-{i}-{f}"), [&[0u8][..], &payload].concat()));
+            out.push((
+                "kv_events",
+                format!("batch-{i}-{f}"),
+                [&[0u8][..], &payload].concat(),
+            ));
             let seq = (i as u64).to_be_bytes();
             let live = [&b"kv@pod@model"[..], SEP, &seq, SEP, &payload].concat();
-            out.push(("kv_events", format!("live-{i}-{f}"), [&[1u8][..], &live].concat()));
+            out.push((
+                "kv_events",
+                format!("live-{i}-{f}"),
+                [&[1u8][..], &live].concat(),
+            ));
             let replay = [&b""[..], SEP, b"kv@pod@model", SEP, &seq, SEP, &payload].concat();
-            out.push(("kv_events", format!("replay-{i}-{f}"), [&[2u8][..], &replay].concat()));
+            out.push((
+                "kv_events",
+                format!("replay-{i}-{f}"),
+                [&[2u8][..], &replay].concat(),
+            ));
         }
     }
     let end = [&b""[..], SEP, &END_SEQ, SEP].concat();
-    out.push(("kv_events", "replay-end".into(), [&[2u8][..], &end].concat()));
+    out.push((
+        "kv_events",
+        "replay-end".into(),
+        [&[2u8][..], &end].concat(),
+    ));
 }
 
 fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {

@@ -389,13 +389,17 @@ fn garbage_is_rejected_with_the_place_and_the_reason() {
 /// refused where they are.
 #[test]
 fn extra_keys_with_invalid_utf8_are_refused() {
-    let crash = include_bytes!("../../../../fuzz/artifacts/kv_events/crash-72f99571557cd88f22ff95ffc11768510ffec2be");
+    let crash = include_bytes!(
+        "../../../../fuzz/artifacts/kv_events/crash-72f99571557cd88f22ff95ffc11768510ffec2be"
+    );
     assert_eq!(
         err_of(&crash[1..]),
         "events[0].extra_keys[1][0]: str is not UTF-8"
     );
     // Nested too: inside a typed key's map.
-    let mut nested = hex("92 00 91 99 ab 42 6c 6f 63 6b 53 74 6f 72 65 64 90 c0 90 00 c0 c0 c0 91 91 81 a1 6b a1");
+    let mut nested = hex(
+        "92 00 91 99 ab 42 6c 6f 63 6b 53 74 6f 72 65 64 90 c0 90 00 c0 c0 c0 91 91 81 a1 6b a1",
+    );
     nested.push(0xff);
     assert_eq!(
         err_of(&nested),
