@@ -33,9 +33,7 @@ pub fn replay_request(start_seq: u64) -> [u8; 8] {
 }
 
 /// The live frames: topic, sequence, payload (not decoded yet).
-pub fn split_live<'a>(
-    frames: &'a [impl AsRef<[u8]>],
-) -> Result<(&'a str, u64, &'a [u8]), DecodeError> {
+pub fn split_live(frames: &[impl AsRef<[u8]>]) -> Result<(&str, u64, &[u8]), DecodeError> {
     let [topic, seq, payload] = frames else {
         return Err(DecodeError::FrameCount(frames.len()));
     };
@@ -58,7 +56,7 @@ pub enum ReplayFrame<'a> {
 
 /// Reads one replay answer: `[""]? [topic]? seq payload`; the end marker has sequence -1 and an
 /// empty payload.
-pub fn parse_replay<'a>(frames: &'a [impl AsRef<[u8]>]) -> Result<ReplayFrame<'a>, DecodeError> {
+pub fn parse_replay(frames: &[impl AsRef<[u8]>]) -> Result<ReplayFrame<'_>, DecodeError> {
     let mut frames = frames;
     // Four frames: the ROUTER's empty delimiter, then topic, sequence, payload. Three frames
     // whose first is empty read the same either way (a delimiter before `[seq, payload]`, or an
