@@ -118,26 +118,57 @@ async fn end_to_end(form: EventForm) {
     let (mut rx, task) = subscriber::spawn(cfg, shutdown.clone());
     connected(&mut rx).await;
 
-    // A first prompt: its three blocks are stored, chained from no parent. (Should the
-    // subscription reach the publisher after this message, the subscriber replays it from 0:
-    // either way it arrives as sequence 0.)
-    chat(&sim, 'a').await;
-    let (seq, _, events) = batch(&mut rx).await;
-    assert_eq!((seq, events), (0, vec![stored('a')]));
-    if let Ok(Update::Gap {
-        from,
-        to,
-        recovered,
-        error,
-    }) = rx.try_recv()
-    {
-        assert_eq!((from, to, recovered, error), (0, 0, 1, None));
+    // The PUB socket drops what it sends before the subscription reaches it: reset the (empty)
+    // cache until an `AllBlocksCleared` is heard live. Missed ones come back by replay, from 0.
+    let mut resets = 0u64;
+    loop {
+        let r = common::post(sim.addr(), "/reset_prefix_cache", &json!({})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        resets += 1;
+        match tokio::time::timeout(Duration::from_secs(1), next(&mut rx)).await {
+            Ok(u) => {
+                let mut u = u;
+                for s in 0..resets {
+                    if let Update::Gap {
+                        from,
+                        to,
+                        recovered,
+                        error,
+                    } = &u
+                    {
+                        assert_eq!(
+                            (*from, *to, *recovered, error.clone()),
+                            (0, resets - 2, resets - 1, None)
+                        );
+                        u = next(&mut rx).await;
+                    }
+                    let Update::Batch { msg, .. } = &u else {
+                        panic!("expected a batch, got {u:?}");
+                    };
+                    assert_eq!(
+                        (msg.seq, &msg.batch.events[..]),
+                        (s, &[KvEvent::AllBlocksCleared][..])
+                    );
+                    if s + 1 < resets {
+                        u = next(&mut rx).await;
+                    }
+                }
+                break;
+            }
+            Err(_) if resets < 5 => continue,
+            Err(_) => panic!("the subscription never reached the publisher"),
+        }
     }
+    let base = resets;
+
+    // A first prompt: its three blocks are stored, chained from no parent.
+    chat(&sim, 'a').await;
+    assert_eq!(batch(&mut rx).await, (base, false, vec![stored('a')]));
 
     // The same prompt again: all cached, nothing new. A second prompt: three more blocks.
     chat(&sim, 'a').await;
     chat(&sim, 'b').await;
-    assert_eq!(batch(&mut rx).await, (1, false, vec![stored('b')]));
+    assert_eq!(batch(&mut rx).await, (base + 1, false, vec![stored('b')]));
 
     // A third prompt needs 4 blocks with 2 free: the least recently used blocks go, the tail of
     // the first prompt's chain first.
@@ -146,7 +177,7 @@ async fn end_to_end(form: EventForm) {
     assert_eq!(
         batch(&mut rx).await,
         (
-            2,
+            base + 2,
             false,
             vec![
                 KvEvent::BlockRemoved(BlockRemoved {
@@ -164,24 +195,24 @@ async fn end_to_end(form: EventForm) {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         batch(&mut rx).await,
-        (3, false, vec![KvEvent::AllBlocksCleared])
+        (base + 3, false, vec![KvEvent::AllBlocksCleared])
     );
 
     // A message lost on the way: the next one reveals the gap, the replay socket fills it.
     kv.drop_next_live(1);
     chat(&sim, 'd').await;
     chat(&sim, 'e').await;
-    assert_eq!(batch(&mut rx).await, (4, true, vec![stored('d')]));
+    assert_eq!(batch(&mut rx).await, (base + 4, true, vec![stored('d')]));
     assert_eq!(
         next(&mut rx).await,
         Update::Gap {
-            from: 4,
-            to: 4,
+            from: base + 4,
+            to: base + 4,
             recovered: 1,
             error: None
         }
     );
-    assert_eq!(batch(&mut rx).await, (5, false, vec![stored('e')]));
+    assert_eq!(batch(&mut rx).await, (base + 5, false, vec![stored('e')]));
 
     // The publisher restarts on the same endpoints: sequences start again from 0.
     let (endpoint, replay) = (kv.endpoint.clone(), kv.replay_endpoint.clone().unwrap());
@@ -198,15 +229,35 @@ async fn end_to_end(form: EventForm) {
             other => panic!("expected a reconnection, got {other:?}"),
         }
     }
-    chat(&sim, 'f').await;
-    assert_eq!(
-        next(&mut rx).await,
-        Update::Restarted {
-            previous: 5,
-            seq: 0
+    // The publisher drops what it sends before the re-subscription reaches it, so chat until the
+    // subscriber hears something (once, on an idle loopback).
+    let mut sent = 0u64;
+    let first = loop {
+        chat(&sim, ['f', 'g', 'h', 'i', 'j'][sent as usize]).await;
+        sent += 1;
+        match tokio::time::timeout(Duration::from_secs(2), next(&mut rx)).await {
+            Ok(u) => break u,
+            Err(_) if sent < 5 => continue,
+            Err(_) => panic!("nothing heard from the restarted publisher"),
         }
-    );
-    assert_eq!(batch(&mut rx).await, (0, false, vec![stored('f')]));
+    };
+    let Update::Restarted { previous, seq } = first else {
+        panic!("expected a restart, got {first:?}");
+    };
+    assert_eq!(previous, base + 5);
+    // Whatever was missed after the restart comes back from the new process's replay buffer,
+    // starting with its sequence 0.
+    let (seq0, _, events) = batch(&mut rx).await;
+    assert_eq!((seq0, events), (0, vec![stored('f')]));
+    if seq > 0 {
+        for s in 1..seq {
+            assert_eq!(batch(&mut rx).await.0, s);
+        }
+        assert!(
+            matches!(next(&mut rx).await, Update::Gap { from: 0, recovered, error: None, .. } if recovered == seq)
+        );
+        assert_eq!(batch(&mut rx).await.0, seq);
+    }
 
     shutdown.trigger();
     tokio::time::timeout(WAIT, task)
