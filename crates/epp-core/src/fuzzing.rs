@@ -4,8 +4,8 @@
 //! Every harness must return normally for every input: a panic is a bug in the code under test.
 //!
 //! The inputs are what a hostile peer controls: a request body (proxy and ext_proc), the
-//! ext_proc message stream from the gateway, a model server's `/metrics` text, and a config
-//! file. Work is bounded per input (message count, body limit) so a run stays fast.
+//! ext_proc message stream from the gateway, a model server's `/metrics` text, a config
+//! file, and a model server's KV-event messages. Work is bounded per input (message count, body limit) so a run stays fast.
 
 use std::sync::{Arc, OnceLock};
 
@@ -132,13 +132,70 @@ pub fn encode_extproc_input(opts: u8, msgs: &[ProcessingRequest]) -> Vec<u8> {
     out
 }
 
+/// Frame separator in [`kv_events`] inputs.
+pub const KV_FRAME_SEPARATOR: &[u8] = b"||";
+
+/// The KV-event wire layer: the first byte picks what the rest is: a payload for
+/// `kvevents::decode_batch` (a decoded batch must survive re-encoding in both forms unchanged),
+/// or frames separated by `||` for `kvevents::decode_message` (live) or
+/// `kvevents::frames::parse_replay` (replay answers).
+pub fn kv_events(data: &[u8]) {
+    use crate::kvevents::{decode_batch, decode_message, encode_batch, frames, EventForm};
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    match sel % 3 {
+        0 => {
+            if let Ok(batch) = decode_batch(rest) {
+                // NaN is not equal to itself; everything else must round-trip exactly.
+                #[allow(clippy::eq_op)]
+                let comparable = batch == batch;
+                for form in [EventForm::Array, EventForm::Map] {
+                    let again = decode_batch(&encode_batch(&batch, form))
+                        .expect("a decoded batch re-encodes to a decodable payload");
+                    if comparable {
+                        assert_eq!(again, batch);
+                    }
+                }
+            }
+        }
+        1 => {
+            let parts = split_frames(rest);
+            let _ = decode_message(&parts);
+        }
+        _ => {
+            let parts = split_frames(rest);
+            if let Ok(frames::ReplayFrame::Batch { payload, .. }) = frames::parse_replay(&parts) {
+                let _ = decode_batch(payload);
+            }
+        }
+    }
+}
+
+fn split_frames(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while out.len() < 8 {
+        match memchr::memmem::find(rest, KV_FRAME_SEPARATOR) {
+            Some(i) => {
+                out.push(&rest[..i]);
+                rest = &rest[i + KV_FRAME_SEPARATOR.len()..];
+            }
+            None => break,
+        }
+    }
+    out.push(rest);
+    out
+}
+
 /// A harness: returns normally for every input.
 pub type Harness = fn(&[u8]);
 
 /// Every harness by the name of its fuzz target (and corpus directory).
-pub const TARGETS: [(&str, Harness); 4] = [
+pub const TARGETS: [(&str, Harness); 5] = [
     ("request_body", request_body),
     ("extproc_messages", extproc_messages),
     ("scrape_metrics", scrape_metrics),
     ("config", config),
+    ("kv_events", kv_events),
 ];

@@ -16,6 +16,7 @@ pub mod extproc;
 pub mod fuzzing;
 pub mod gateway;
 pub mod k8s;
+pub mod kvevents;
 pub mod metrics;
 pub mod parsers;
 pub mod prefix;

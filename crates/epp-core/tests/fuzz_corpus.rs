@@ -121,8 +121,86 @@ fn resp_headers(status: &str, eos: bool) -> ProcessingRequest {
 
 const CHAT: &str = r#"{"model":"m","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello to the whole wide world, please, in three languages."}],"stream":true}"#;
 
+/// KV-event seeds: batches of every event kind in both encodings, as payloads, live frames and
+/// replay answers.
+fn kv_event_seeds(out: &mut Vec<(&'static str, String, Vec<u8>)>) {
+    use epp_core::fuzzing::KV_FRAME_SEPARATOR as SEP;
+    use epp_core::kvevents::{
+        encode_batch, BlockRemoved, BlockStored, EventBatch, EventForm, KvEvent, END_SEQ,
+    };
+    let mut full = BlockStored::new(vec![1, u64::MAX], Some(7), vec![10, 11, 12, 13], 2);
+    full.lora_id = Some(1);
+    full.medium = Some("GPU".into());
+    full.lora_name = Some("adapter".into());
+    full.extra_keys = Some(vec![None, Some(vec![rmpv::Value::from("salt")])]);
+    full.group_idx = Some(0);
+    full.kv_cache_spec_kind = Some("full_attention".into());
+    full.kv_cache_spec_sliding_window = Some(128);
+    let batches = [
+        EventBatch {
+            ts: 1.5,
+            events: vec![KvEvent::BlockStored(BlockStored::new(
+                vec![5],
+                None,
+                vec![1; 16],
+                16,
+            ))],
+            data_parallel_rank: Some(0),
+        },
+        EventBatch {
+            ts: 2.0,
+            events: vec![
+                KvEvent::BlockStored(full),
+                KvEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: vec![1, 2, 3],
+                    medium: Some("GPU".into()),
+                    group_idx: Some(1),
+                }),
+                KvEvent::AllBlocksCleared,
+            ],
+            data_parallel_rank: None,
+        },
+        EventBatch {
+            ts: 0.0,
+            events: vec![],
+            data_parallel_rank: Some(3),
+        },
+    ];
+    for (i, b) in batches.iter().enumerate() {
+        for form in [EventForm::Array, EventForm::Map] {
+            let payload = encode_batch(b, form);
+            let f = form.as_str();
+            out.push((
+                "kv_events",
+                format!("batch-{i}-{f}"),
+                [&[0u8][..], &payload].concat(),
+            ));
+            let seq = (i as u64).to_be_bytes();
+            let live = [&b"kv@pod@model"[..], SEP, &seq, SEP, &payload].concat();
+            out.push((
+                "kv_events",
+                format!("live-{i}-{f}"),
+                [&[1u8][..], &live].concat(),
+            ));
+            let replay = [&b""[..], SEP, b"kv@pod@model", SEP, &seq, SEP, &payload].concat();
+            out.push((
+                "kv_events",
+                format!("replay-{i}-{f}"),
+                [&[2u8][..], &replay].concat(),
+            ));
+        }
+    }
+    let end = [&b""[..], SEP, &END_SEQ, SEP].concat();
+    out.push((
+        "kv_events",
+        "replay-end".into(),
+        [&[2u8][..], &end].concat(),
+    ));
+}
+
 fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out: Vec<(&'static str, String, Vec<u8>)> = Vec::new();
+    kv_event_seeds(&mut out);
     let bodies: [&[u8]; 12] = [
         CHAT.as_bytes(),
         br#"{"model":"m","prompt":"Once upon a time in a land far away there lived a fuzzer","max_tokens":8}"#,

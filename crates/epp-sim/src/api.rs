@@ -107,6 +107,7 @@ pub(crate) fn router(app: AppState, port: u16) -> Router {
         .route("/version", get(version))
         .route("/health", get(health))
         .route("/metrics", get(metrics_handler))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route(
             "/admin/faults",
             get(get_faults).put(put_faults).post(put_faults),
@@ -207,6 +208,23 @@ async fn models(State(app): State<AppState>) -> Response {
 
 async fn get_faults(State(app): State<AppState>) -> Response {
     axum::Json(app.faults.view()).into_response()
+}
+
+/// vLLM's `POST /reset_prefix_cache`: drop every cached block (reported as `AllBlocksCleared`
+/// on the KV-event stream). 409 while running requests hold blocks, as vLLM refuses then too.
+async fn reset_prefix_cache(State(app): State<AppState>) -> Response {
+    match app.engine.reset_prefix_cache() {
+        Ok(()) => {
+            tracing::info!(server = %app.cfg.name, "prefix cache reset");
+            StatusCode::OK.into_response()
+        }
+        Err(in_use) => ApiError::new(
+            StatusCode::CONFLICT,
+            "cache_in_use",
+            format!("cannot reset the prefix cache: {in_use} blocks are held by running requests"),
+        )
+        .into_response(),
+    }
 }
 
 async fn put_faults(State(app): State<AppState>, req: Request) -> Response {
@@ -667,8 +685,16 @@ async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, 
         &p.prompt,
         app.cfg.block_size,
     );
+    let token_ids = if app.cfg.kv_events.endpoint.is_some() {
+        let mut ids = tokenizer::token_ids(&p.prompt);
+        ids.truncate(hashes.len() * app.cfg.block_size);
+        ids
+    } else {
+        Vec::new()
+    };
     let job = Job {
         hashes,
+        token_ids,
         prompt_tokens,
         max_tokens,
         lora: p.lora.clone(),

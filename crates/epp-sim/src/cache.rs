@@ -22,6 +22,15 @@ use std::collections::{BTreeMap, HashMap};
 /// A block's identity: its chained hash (see [`crate::tokenizer::block_hashes`]).
 pub type BlockHash = u64;
 
+/// A change of the set of cached blocks, recorded when the change log is on (KV events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheChange {
+    /// The block at this index of the allocating request's hashes entered the cache.
+    Stored { index: usize },
+    /// This block was evicted.
+    Removed(BlockHash),
+}
+
 #[derive(Debug)]
 struct Block {
     refs: u32,
@@ -88,6 +97,9 @@ pub struct PrefixCache {
     hit_tokens: u64,
     query_tokens: u64,
     evictions: u64,
+    /// `Some` when changes are recorded; drained by [`PrefixCache::take_changes`] after every
+    /// allocation, so it holds at most one allocation's changes (bounded by the capacity).
+    changes: Option<Vec<CacheChange>>,
 }
 
 impl PrefixCache {
@@ -104,7 +116,35 @@ impl PrefixCache {
             hit_tokens: 0,
             query_tokens: 0,
             evictions: 0,
+            changes: None,
         }
+    }
+
+    /// Records what enters and leaves the cache, for [`PrefixCache::take_changes`].
+    pub fn with_change_log(mut self) -> Self {
+        self.changes = Some(Vec::new());
+        self
+    }
+
+    /// The changes since the last call, in order (evictions come before the stores they made
+    /// room for). Empty when the change log is off.
+    pub fn take_changes(&mut self) -> Vec<CacheChange> {
+        self.changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Drops every cached block, as vLLM's prefix-cache reset does; refused (returning the
+    /// number of blocks in use) while a running request holds any.
+    pub fn reset(&mut self) -> Result<(), usize> {
+        let in_use = self.held_shared + self.private_in_use;
+        if in_use > 0 {
+            return Err(in_use);
+        }
+        self.blocks.clear();
+        self.evictable.clear();
+        Ok(())
     }
 
     pub fn block_size(&self) -> usize {
@@ -187,12 +227,18 @@ impl PrefixCache {
                 .expect("availability was checked above");
             self.blocks.remove(&victim);
             self.evictions += 1;
+            if let Some(log) = &mut self.changes {
+                log.push(CacheChange::Removed(victim));
+            }
             free += 1;
         }
-        for h in hashes {
+        for (index, h) in hashes.iter().enumerate() {
             if !self.blocks.contains_key(h) {
                 self.blocks.insert(*h, Block { refs: 1, stamp: 0 });
                 self.held_shared += 1;
+                if let Some(log) = &mut self.changes {
+                    log.push(CacheChange::Stored { index });
+                }
             }
         }
         self.private_in_use += private;
@@ -398,6 +444,38 @@ mod tests {
         c.release(a);
         c.release(other);
         assert_eq!(c.usage(), 0.0);
+    }
+
+    #[test]
+    fn the_change_log_records_stores_evictions_and_reset() {
+        let mut c = PrefixCache::new(16, 3).with_change_log();
+        let seed = chain_seed("m");
+        let ha = block_hashes(seed, &prompt(&['a', 'b']), 16);
+        let a = c.try_allocate(&ha, 32, 32).unwrap();
+        assert_eq!(
+            c.take_changes(),
+            [
+                CacheChange::Stored { index: 0 },
+                CacheChange::Stored { index: 1 }
+            ]
+        );
+        assert_eq!(c.reset(), Err(2));
+        c.release(a);
+        // Shares 'a', needs 'x' and one private block: 1 free, so A's tail 'b' goes.
+        let hx = block_hashes(seed, &prompt(&['a', 'x']), 16);
+        let x = c.try_allocate(&hx, 32, 48).unwrap();
+        assert_eq!(
+            c.take_changes(),
+            [
+                CacheChange::Removed(ha[1]),
+                CacheChange::Stored { index: 1 }
+            ]
+        );
+        assert!(c.take_changes().is_empty());
+        c.release(x);
+        assert_eq!(c.reset(), Ok(()));
+        assert_eq!(c.lookup(&hx), 0);
+        assert_eq!(c.stats().cached_blocks, 0);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::faults::Faults;
+use crate::kv_events::KvEventsConfig;
 use crate::latency::LatencyModel;
 
 /// Everything that defines one simulated vLLM server. `Default` gives realistic but fast values.
@@ -39,6 +40,8 @@ pub struct SimConfig {
     pub faults: Faults,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// KV-cache event publishing (off by default).
+    pub kv_events: KvEventsConfig,
 }
 
 impl Default for SimConfig {
@@ -58,6 +61,7 @@ impl Default for SimConfig {
             max_body_bytes: 10 * 1024 * 1024,
             faults: Faults::default(),
             shutdown_grace: Duration::from_secs(30),
+            kv_events: KvEventsConfig::off(),
         }
     }
 }
@@ -159,6 +163,29 @@ impl SimConfig {
                 format!("must be in [0, 1), got {}", l.jitter),
             ));
         }
+        let kv = &self.kv_events;
+        for (flag, ep) in [
+            ("--kv-events-endpoint", &kv.endpoint),
+            ("--kv-events-replay-endpoint", &kv.replay_endpoint),
+        ] {
+            if let Some(ep) = ep {
+                if !ep.starts_with("tcp://") || !ep[6..].contains(':') {
+                    return Err(err(flag, format!("must be tcp://host:port, got {ep:?}")));
+                }
+            }
+        }
+        if kv.endpoint.is_none() && kv.replay_endpoint.is_some() {
+            return Err(err(
+                "--kv-events-replay-endpoint",
+                "needs --kv-events-endpoint",
+            ));
+        }
+        if kv.buffer_steps == 0 {
+            return Err(err("--kv-events-buffer-steps", "must be at least 1"));
+        }
+        if kv.topic.as_deref().is_some_and(|t| t.is_empty()) {
+            return Err(err("--kv-events-topic", "must not be empty"));
+        }
         self.faults.validate().map_err(|e| {
             let flag = match e.field {
                 "error_rate" => "--error-rate",
@@ -204,6 +231,18 @@ mod tests {
             (
                 "--lora-modules",
                 Box::new(|c| c.lora_modules = vec!["a=/x".into(), "a".into()]),
+            ),
+            (
+                "--kv-events-endpoint",
+                Box::new(|c| c.kv_events.endpoint = Some("ipc:///tmp/x".into())),
+            ),
+            (
+                "--kv-events-replay-endpoint",
+                Box::new(|c| c.kv_events.replay_endpoint = Some("tcp://127.0.0.1:1".into())),
+            ),
+            (
+                "--kv-events-buffer-steps",
+                Box::new(|c| c.kv_events.buffer_steps = 0),
             ),
         ];
         for (flag, f) in cases {

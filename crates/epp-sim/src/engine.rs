@@ -20,8 +20,11 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::cache::{Allocation, CacheError, PrefixCache};
+use epp_core::kvevents::{BlockRemoved, BlockStored, KvEvent};
+
+use crate::cache::{Allocation, CacheChange, CacheError, PrefixCache};
 use crate::config::SimConfig;
+use crate::kv_events::KvEventSink;
 use crate::latency::LatencyModel;
 use crate::metrics::{self, Counters, GaugeSnapshot};
 
@@ -32,6 +35,9 @@ pub struct Job {
     pub hashes: Vec<u64>,
     pub prompt_tokens: usize,
     pub max_tokens: usize,
+    /// Token ids of the prompt's full blocks (`hashes.len() * block_size` of them) when KV events
+    /// are published; empty otherwise.
+    pub token_ids: Vec<u32>,
     /// LoRA adapter to load, if the request names one.
     pub lora: Option<String>,
     /// When the request arrived (start of TTFT and e2e latency).
@@ -90,7 +96,19 @@ pub struct Engine {
     state: Mutex<State>,
     rng: Mutex<SmallRng>,
     pub(crate) counters: Counters,
+    kv: Option<KvEvents>,
 }
+
+/// What the engine needs to turn cache changes into KV events.
+struct KvEvents {
+    sink: KvEventSink,
+    block_size: u32,
+    /// Adapter names in `--lora-modules` order; an adapter's `lora_id` is its position + 1.
+    lora_names: Vec<String>,
+}
+
+/// vLLM's name for the GPU block pool tier.
+const MEDIUM_GPU: &str = "GPU";
 
 /// Resources held by an admitted request; dropping it releases them and admits waiters.
 pub struct Running {
@@ -134,13 +152,28 @@ impl Drop for QueueTicket<'_> {
 
 impl Engine {
     pub fn new(cfg: &SimConfig) -> Arc<Self> {
+        Self::with_kv_events(cfg, None)
+    }
+
+    /// An engine that reports what enters and leaves its cache to `sink`.
+    pub(crate) fn with_kv_events(cfg: &SimConfig, sink: Option<KvEventSink>) -> Arc<Self> {
+        let mut cache = PrefixCache::new(cfg.block_size, cfg.num_gpu_blocks);
+        if sink.is_some() {
+            cache = cache.with_change_log();
+        }
+        let kv = sink.map(|sink| KvEvents {
+            sink,
+            block_size: u32::try_from(cfg.block_size).unwrap_or(u32::MAX),
+            lora_names: cfg.lora_names(),
+        });
         Arc::new(Self {
             model: cfg.model.clone(),
             max_num_seqs: cfg.max_num_seqs,
             max_loras: cfg.max_loras,
             latency: cfg.latency,
+            kv,
             state: Mutex::new(State {
-                cache: PrefixCache::new(cfg.block_size, cfg.num_gpu_blocks),
+                cache,
                 running: 0,
                 running_loras: BTreeMap::new(),
                 waiting: VecDeque::new(),
@@ -195,6 +228,7 @@ impl Engine {
     /// Admit as many waiting requests as fit, in FIFO order.
     fn schedule(self: &Arc<Self>) {
         let mut admitted = Vec::new();
+        let mut events = Vec::new();
         {
             let mut guard = self.state.lock();
             let st = &mut *guard;
@@ -214,6 +248,9 @@ impl Engine {
                     job.prompt_tokens + job.max_tokens,
                 ) {
                     Ok(alloc) => {
+                        if let Some(kv) = &self.kv {
+                            kv.events_for(&st.cache.take_changes(), &job, &mut events);
+                        }
                         let w = st.waiting.remove(i).expect("index in range");
                         st.running += 1;
                         if let Some(l) = &job.lora {
@@ -235,10 +272,23 @@ impl Engine {
                 }
             }
         }
+        if let Some(kv) = &self.kv {
+            kv.sink.publish(events);
+        }
         for (tx, running) in admitted {
             // If the waiter is gone, `running` comes back and is dropped here, outside the lock.
             let _ = tx.send(running);
         }
+    }
+
+    /// Drops every cached block (vLLM's `POST /reset_prefix_cache`) and reports
+    /// `AllBlocksCleared`; refused, with the number of blocks in use, while requests run.
+    pub fn reset_prefix_cache(&self) -> Result<(), usize> {
+        self.state.lock().cache.reset()?;
+        if let Some(kv) = &self.kv {
+            kv.sink.publish(vec![KvEvent::AllBlocksCleared]);
+        }
+        Ok(())
     }
 
     fn release(self: &Arc<Self>, alloc: Allocation, lora: Option<String>) {
@@ -373,6 +423,69 @@ impl Engine {
     }
 }
 
+impl KvEvents {
+    /// One allocation's changes as vLLM reports them: the evicted blocks in one `BlockRemoved`,
+    /// then each run of consecutive new blocks as a `BlockStored` chained to the block before it.
+    fn events_for(&self, changes: &[CacheChange], job: &Job, out: &mut Vec<KvEvent>) {
+        let removed: Vec<u64> = changes
+            .iter()
+            .filter_map(|c| match c {
+                CacheChange::Removed(h) => Some(*h),
+                CacheChange::Stored { .. } => None,
+            })
+            .collect();
+        if !removed.is_empty() {
+            out.push(KvEvent::BlockRemoved(BlockRemoved {
+                block_hashes: removed,
+                medium: Some(MEDIUM_GPU.into()),
+                group_idx: None,
+            }));
+        }
+        let mut stored = changes.iter().filter_map(|c| match c {
+            CacheChange::Stored { index } => Some(*index),
+            CacheChange::Removed(_) => None,
+        });
+        let Some(mut start) = stored.next() else {
+            return;
+        };
+        let mut end = start + 1;
+        for index in stored.chain(std::iter::once(usize::MAX)) {
+            if index == end {
+                end += 1;
+                continue;
+            }
+            out.push(self.stored(job, start, end));
+            start = index;
+            end = index.saturating_add(1);
+        }
+    }
+
+    fn stored(&self, job: &Job, start: usize, end: usize) -> KvEvent {
+        let bs = self.block_size as usize;
+        let tokens = job
+            .token_ids
+            .get(start * bs..(end * bs).min(job.token_ids.len()))
+            .unwrap_or_default();
+        let lora_id = job.lora.as_ref().and_then(|l| {
+            self.lora_names
+                .iter()
+                .position(|n| n == l)
+                .map(|p| p as i64 + 1)
+        });
+        KvEvent::BlockStored(BlockStored {
+            lora_id,
+            medium: Some(MEDIUM_GPU.into()),
+            lora_name: job.lora.clone(),
+            ..BlockStored::new(
+                job.hashes[start..end].to_vec(),
+                start.checked_sub(1).map(|p| job.hashes[p]),
+                tokens.to_vec(),
+                self.block_size,
+            )
+        })
+    }
+}
+
 fn lora_lists(st: &State) -> (Vec<String>, Vec<String>) {
     let running: Vec<String> = st.running_loras.keys().cloned().collect();
     let waiting: BTreeSet<String> = st
@@ -400,6 +513,7 @@ mod tests {
     fn job(lora: Option<&str>) -> Arc<Job> {
         Arc::new(Job {
             hashes: vec![],
+            token_ids: vec![],
             prompt_tokens: 4,
             max_tokens: 1,
             lora: lora.map(str::to_string),
@@ -481,6 +595,7 @@ mod tests {
         let start = Instant::now();
         let j = Job {
             hashes: vec![],
+            token_ids: vec![],
             prompt_tokens: 20,
             max_tokens: 3,
             lora: None,

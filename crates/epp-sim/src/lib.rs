@@ -14,6 +14,8 @@
 //! - [`engine`]: admission, queueing and the timed run of a request;
 //! - [`metrics`]: the Prometheus exposition;
 //! - [`faults`]: failure injection ([`FaultHandle`]);
+//! - [`kv_events`]: vLLM's KV-cache events on ZeroMQ (PUB + replay ROUTER), from the cache's
+//!   stores, evictions and resets;
 //! - `api`: HTTP handlers and OpenAI-shaped bodies; `server`: listening and shutdown.
 
 #![forbid(unsafe_code)]
@@ -23,6 +25,7 @@ pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod faults;
+pub mod kv_events;
 pub mod latency;
 pub mod metrics;
 mod server;
@@ -34,6 +37,7 @@ pub use api::{POD_HEADER, PORT_HEADER};
 pub use config::{ConfigError, SimConfig};
 pub use engine::EngineSnapshot;
 pub use faults::{FaultError, FaultHandle, Faults, FaultsPatch, FaultsView};
+pub use kv_events::{KvEventsConfig, KvEventsHandle};
 pub use latency::LatencyModel;
 pub use server::{spawn, SimServer};
 
@@ -59,11 +63,26 @@ pub async fn spawn_many(
     }
     let mut servers = Vec::with_capacity(count);
     for i in 0..count {
-        let cfg = SimConfig {
+        let mut cfg = SimConfig {
             name: format!("{name_prefix}-{i}"),
             seed: base.seed.wrapping_add(i as u64),
             ..base.clone()
         };
+        // Server i publishes KV events on port + i, as vLLM's data-parallel rank i does.
+        for ep in [
+            &mut cfg.kv_events.endpoint,
+            &mut cfg.kv_events.replay_endpoint,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !ep.ends_with(":0") {
+                let rank = u16::try_from(i).unwrap_or(u16::MAX);
+                *ep = epp_core::kvevents::endpoint_for_rank(ep, rank).ok_or_else(|| {
+                    anyhow::anyhow!("invalid KV-event endpoint {ep:?}: no room for {count} ports")
+                })?;
+            }
+        }
         let port = if base_port == 0 {
             0
         } else {

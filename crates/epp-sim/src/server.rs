@@ -21,6 +21,7 @@ use crate::api::{self, App};
 use crate::config::SimConfig;
 use crate::engine::{Engine, EngineSnapshot};
 use crate::faults::FaultHandle;
+use crate::kv_events::{self, KvEventsHandle};
 
 /// A running simulated server. Dropping it stops accepting (without waiting);
 /// [`SimServer::shutdown`] also waits for in-flight requests.
@@ -29,6 +30,7 @@ pub struct SimServer {
     name: String,
     faults: FaultHandle,
     engine: Arc<Engine>,
+    kv_events: Option<KvEventsHandle>,
     shutdown: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -49,7 +51,19 @@ pub async fn spawn(cfg: SimConfig, listen: SocketAddr) -> anyhow::Result<SimServ
         .await
         .with_context(|| format!("{}: cannot listen on {listen}", cfg.name))?;
     let addr = listener.local_addr()?;
-    let engine = Engine::new(&cfg);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (sink, kv_events) = match kv_events::start(
+        &cfg.kv_events,
+        epp_core::kvevents::topic_for(&cfg.name, &cfg.model),
+        shutdown_rx.clone(),
+    )
+    .await
+    .with_context(|| format!("{}: KV events", cfg.name))?
+    {
+        Some((sink, handle)) => (Some(sink), Some(handle)),
+        None => (None, None),
+    };
+    let engine = Engine::with_kv_events(&cfg, sink);
     let faults = FaultHandle::new(cfg.faults.clone());
     let name = cfg.name.clone();
     let grace = cfg.shutdown_grace;
@@ -65,7 +79,6 @@ pub async fn spawn(cfg: SimConfig, listen: SocketAddr) -> anyhow::Result<SimServ
         cfg,
     });
     let router = api::router(app, addr.port());
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(
         listener,
         addr,
@@ -80,6 +93,7 @@ pub async fn spawn(cfg: SimConfig, listen: SocketAddr) -> anyhow::Result<SimServ
         name,
         faults,
         engine,
+        kv_events,
         shutdown,
         task: Some(task),
     })
@@ -99,6 +113,11 @@ impl SimServer {
     /// Failure injection; the same state the admin endpoint changes.
     pub fn faults(&self) -> FaultHandle {
         self.faults.clone()
+    }
+
+    /// The KV-event publisher, when `--kv-events-endpoint` is set.
+    pub fn kv_events(&self) -> Option<&KvEventsHandle> {
+        self.kv_events.as_ref()
     }
 
     /// Current engine state (queue, running, cache).

@@ -65,6 +65,20 @@ pub fn block_hashes(seed: u64, text: &str, block_size: usize) -> Vec<u64> {
         .collect()
 }
 
+/// The token ids of `text`: each 4-byte token read as a big-endian `u32` (a shorter last token is
+/// padded with zeros), so ids are stable, distinct per token text and invertible. These are the
+/// `token_ids` of the simulator's KV events.
+pub fn token_ids(text: &str) -> Vec<u32> {
+    text.as_bytes()
+        .chunks(BYTES_PER_TOKEN)
+        .map(|t| {
+            let mut b = [0u8; BYTES_PER_TOKEN];
+            b[..t.len()].copy_from_slice(t);
+            u32::from_be_bytes(b)
+        })
+        .collect()
+}
+
 /// Words of the generated text. Every entry is exactly one token (4 characters), so the text of
 /// `n` completion tokens tokenizes back to `n` tokens.
 const WORDS: [&str; 16] = [
@@ -85,6 +99,16 @@ pub fn output_text(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_ids_are_the_token_bytes() {
+        assert_eq!(token_ids(""), Vec::<u32>::new());
+        assert_eq!(token_ids("abcdef"), vec![0x6162_6364, 0x6566_0000]);
+        assert_eq!(
+            token_ids(&"x".repeat(64)).len(),
+            count_tokens(&"x".repeat(64))
+        );
+    }
 
     #[test]
     fn counts_four_chars_per_token() {

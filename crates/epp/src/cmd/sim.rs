@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use epp_core::telemetry::Shutdown;
-use epp_sim::{Faults, LatencyModel, SimConfig};
+use epp_sim::{Faults, KvEventsConfig, LatencyModel, SimConfig};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -107,6 +107,27 @@ pub struct Args {
     #[arg(long, value_name = "MS")]
     pub refuse_connections_ms: Option<f64>,
 
+    /// Publish KV-cache events (vLLM's ZeroMQ format) on this PUB endpoint, bound by the
+    /// simulator; off when unset. Server i binds port + i.
+    #[arg(long, value_name = "tcp://HOST:PORT")]
+    pub kv_events_endpoint: Option<String>,
+
+    /// Topic of every KV-event message [default: kv@<server name>@<model>].
+    #[arg(long, value_name = "TOPIC")]
+    pub kv_events_topic: Option<String>,
+
+    /// Answer KV-event replay requests on this ROUTER endpoint. Server i binds port + i.
+    #[arg(long, value_name = "tcp://HOST:PORT")]
+    pub kv_events_replay_endpoint: Option<String>,
+
+    /// KV-event batches kept for replay (vLLM's buffer_steps).
+    #[arg(long, default_value_t = epp_sim::kv_events::DEFAULT_BUFFER_STEPS)]
+    pub kv_events_buffer_steps: usize,
+
+    /// KV-event encoding: `array` (positional, tag first) or `map` (tagged by "type").
+    #[arg(long, default_value = "array", value_parser = ["array", "map"])]
+    pub kv_events_format: String,
+
     /// Grace period for in-flight requests on SIGTERM/SIGINT, in seconds.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace_secs: f64,
@@ -167,6 +188,16 @@ impl Args {
                 refuse_connections: false,
             },
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
+            kv_events: KvEventsConfig {
+                endpoint: self.kv_events_endpoint.clone(),
+                topic: self.kv_events_topic.clone(),
+                replay_endpoint: self.kv_events_replay_endpoint.clone(),
+                buffer_steps: self.kv_events_buffer_steps,
+                format: self
+                    .kv_events_format
+                    .parse()
+                    .map_err(|e| format!("invalid --kv-events-format: {e}"))?,
+            },
         };
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -211,6 +242,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .refuse_connections_for(Duration::from_secs_f64(ms / 1000.0));
         }
         tracing::info!(server = s.name(), addr = %s.addr(), "listening (http://{}/v1)", s.addr());
+        if let Some(kv) = s.kv_events() {
+            tracing::info!(server = s.name(), endpoint = %kv.endpoint, replay = ?kv.replay_endpoint, topic = %kv.topic, "publishing KV events");
+        }
     }
     shutdown.wait().await;
     tracing::info!(
