@@ -175,6 +175,17 @@ impl PluginSpec {
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.type_)
     }
+
+    /// A spec of `type_` with `parameters` parsed from YAML (none when `None`), for the plugins'
+    /// unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(type_: &str, parameters: Option<&str>) -> Self {
+        Self {
+            name: None,
+            type_: type_.into(),
+            parameters: parameters.map(|y| serde_yaml::from_str(y).unwrap()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -45,6 +45,22 @@ async fn https_metrics(path: &'static str, body: &'static str, shutdown: Shutdow
     port
 }
 
+/// The scraper over `ds` with `data`'s metrics pipeline, every 50 ms, no probes.
+fn spawn_scraper(ds: &DatastoreWriter, data: &DataLayer, shutdown: &Shutdown) {
+    let client = client_for(data.metrics.as_ref().map(|m| &m.source)).unwrap();
+    tokio::spawn(epp_core::scrape::run(
+        ds.health_sink(),
+        ScrapeOptions {
+            interval: Duration::from_millis(50),
+            probe_interval: None,
+            ..Default::default()
+        },
+        data.metrics.clone(),
+        client,
+        shutdown.clone(),
+    ));
+}
+
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !f() {
@@ -69,7 +85,6 @@ async fn https_source_custom_engine_and_metrics_port_are_scraped_as_configured()
         ..Default::default()
     })
     .unwrap();
-    let client = client_for(data.metrics.as_ref().map(|m| &m.source)).unwrap();
     let ds = DatastoreWriter::new(HealthConfig {
         probe_enabled: false,
         ..Default::default()
@@ -82,17 +97,7 @@ async fn https_source_custom_engine_and_metrics_port_are_scraped_as_configured()
     ds.set_endpoints(vec![spec, plain]);
     ds.mark_synced();
     let reader = ds.reader();
-    tokio::spawn(epp_core::scrape::run(
-        ds.health_sink(),
-        ScrapeOptions {
-            interval: Duration::from_millis(50),
-            probe_interval: None,
-            ..Default::default()
-        },
-        data.metrics.clone(),
-        client,
-        shutdown.clone(),
-    ));
+    spawn_scraper(&ds, &data, &shutdown);
     wait_for("the custom engine's series", || {
         reader.snapshot().endpoints.iter().any(|e| {
             e.endpoint.address() == "127.0.0.1:1"
@@ -138,7 +143,6 @@ async fn an_http_source_against_a_tls_model_server_fails_its_scrapes() {
     let port = https_metrics("/metrics", EXPOSITION, shutdown.clone()).await;
     // The default source speaks http: a TLS server does not answer it, so scrapes fail.
     let data = config("");
-    let client = client_for(data.metrics.as_ref().map(|m| &m.source)).unwrap();
     let ds = DatastoreWriter::new(HealthConfig {
         probe_enabled: false,
         failure_threshold: 1,
@@ -147,17 +151,7 @@ async fn an_http_source_against_a_tls_model_server_fails_its_scrapes() {
     ds.set_endpoints(vec![EndpointSpec::new(format!("127.0.0.1:{port}"))]);
     ds.mark_synced();
     let reader = ds.reader();
-    tokio::spawn(epp_core::scrape::run(
-        ds.health_sink(),
-        ScrapeOptions {
-            interval: Duration::from_millis(50),
-            probe_interval: None,
-            ..Default::default()
-        },
-        data.metrics.clone(),
-        client,
-        shutdown.clone(),
-    ));
+    spawn_scraper(&ds, &data, &shutdown);
     wait_for("the failed scrapes to mark it unhealthy", || {
         reader
             .snapshot()

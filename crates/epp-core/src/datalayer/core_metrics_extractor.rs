@@ -439,12 +439,10 @@ mod tests {
     }
 
     fn build(params: &str) -> Result<EngineMappings, ConfigError> {
-        let spec = PluginSpec {
-            name: None,
-            type_: "core-metrics-extractor".into(),
-            parameters: Some(serde_yaml::from_str(params).unwrap()),
-        };
-        EngineMappings::build(&spec, "plugins[0]")
+        EngineMappings::build(
+            &PluginSpec::for_test("core-metrics-extractor", Some(params)),
+            "plugins[0]",
+        )
     }
 
     #[test]

@@ -172,12 +172,10 @@ mod tests {
     use super::*;
 
     fn build(params: &str) -> Result<MetricsSource, ConfigError> {
-        let spec = PluginSpec {
-            name: None,
-            type_: "metrics-data-source".into(),
-            parameters: Some(serde_yaml::from_str(params).unwrap()),
-        };
-        MetricsSource::build(&spec, "plugins[2]")
+        MetricsSource::build(
+            &PluginSpec::for_test("metrics-data-source", Some(params)),
+            "plugins[2]",
+        )
     }
 
     #[test]

@@ -126,12 +126,7 @@ mod tests {
     use super::*;
 
     fn build_with(type_: &str, yaml: Option<&str>) -> Result<Plugin, ConfigError> {
-        let spec = PluginSpec {
-            name: None,
-            type_: type_.into(),
-            parameters: yaml.map(|y| serde_yaml::from_str(y).unwrap()),
-        };
-        build(&spec, "plugins[0]")
+        build(&PluginSpec::for_test(type_, yaml), "plugins[0]")
     }
 
     #[test]

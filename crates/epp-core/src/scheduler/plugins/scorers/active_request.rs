@@ -104,11 +104,7 @@ mod tests {
     use crate::datastore::InFlight;
 
     fn spec(yaml: Option<&str>) -> PluginSpec {
-        PluginSpec {
-            name: None,
-            type_: TYPE.into(),
-            parameters: yaml.map(|y| serde_yaml::from_str(y).unwrap()),
-        }
+        PluginSpec::for_test(TYPE, yaml)
     }
 
     #[test]

@@ -72,11 +72,7 @@ mod tests {
     use super::*;
 
     fn spec(yaml: Option<&str>) -> PluginSpec {
-        PluginSpec {
-            name: None,
-            type_: TYPE.into(),
-            parameters: yaml.map(|y| serde_yaml::from_str(y).unwrap()),
-        }
+        PluginSpec::for_test(TYPE, yaml)
     }
 
     #[test]

@@ -361,14 +361,7 @@ mod tests {
     use super::*;
 
     fn build_with(yaml: Option<&str>) -> Result<Plugin, ConfigError> {
-        build(
-            &PluginSpec {
-                name: None,
-                type_: TYPE.into(),
-                parameters: yaml.map(|y| serde_yaml::from_str(y).unwrap()),
-            },
-            "plugins[1]",
-        )
+        build(&PluginSpec::for_test(TYPE, yaml), "plugins[1]")
     }
 
     fn scorer(p: &Plugin) -> &Arc<dyn Scorer> {
