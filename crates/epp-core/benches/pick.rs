@@ -65,13 +65,12 @@ fn setup() -> (Director, Vec<Vec<u8>>) {
     // Warm the index: every group routed a few times.
     for _ in 0..3 {
         for b in &bodies {
-            let r = director
-                .route(RouteRequest {
-                    method: Some(ApiMethod::Completions),
-                    body: b,
-                    ..Default::default()
-                })
-                .unwrap();
+            let r = futures_executor::block_on(director.route(RouteRequest {
+                method: Some(ApiMethod::Completions),
+                body: b,
+                ..Default::default()
+            }))
+            .unwrap();
             r.tracker.finish(200);
         }
     }
@@ -110,13 +109,12 @@ fn bench(c: &mut Criterion) {
     c.bench_function("pick/route_64_endpoints_8KiB_body", |b| {
         b.iter(|| {
             j = (j + 1) % bodies.len();
-            let r = director
-                .route(RouteRequest {
-                    method: Some(ApiMethod::Completions),
-                    body: &bodies[j],
-                    ..Default::default()
-                })
-                .unwrap();
+            let r = futures_executor::block_on(director.route(RouteRequest {
+                method: Some(ApiMethod::Completions),
+                body: &bodies[j],
+                ..Default::default()
+            }))
+            .unwrap();
             r.tracker.finish(200);
         })
     });
@@ -139,13 +137,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("route_64_endpoints_1MiB_body", |b| {
         b.iter(|| {
             k = (k + 1) % big.len();
-            let r = director
-                .route(RouteRequest {
-                    method: Some(ApiMethod::Completions),
-                    body: &big[k],
-                    ..Default::default()
-                })
-                .unwrap();
+            let r = futures_executor::block_on(director.route(RouteRequest {
+                method: Some(ApiMethod::Completions),
+                body: &big[k],
+                ..Default::default()
+            }))
+            .unwrap();
             r.tracker.finish(200);
         })
     });

@@ -503,12 +503,12 @@ impl Director {
     }
 
     /// Parse, schedule and start tracking one request. Errors are already counted.
-    pub fn route(&self, req: RouteRequest<'_>) -> Result<Routed, RouteError> {
+    pub async fn route(&self, req: RouteRequest<'_>) -> Result<Routed, RouteError> {
         let started = Instant::now();
         let method = req.method.unwrap_or(ApiMethod::Other);
         let m = &self.inner.metrics;
         let mut identity = None;
-        let result = self.route_inner(req, method, started, &mut identity);
+        let result = self.route_inner(&req, method, started, &mut identity).await;
         let elapsed = started.elapsed().as_secs_f64();
         m.observe_decision_latency(method, elapsed);
         m.llmd().observe_processing(elapsed);
@@ -533,9 +533,9 @@ impl Director {
         result
     }
 
-    fn route_inner(
+    async fn route_inner(
         &self,
-        req: RouteRequest<'_>,
+        req: &RouteRequest<'_>,
         method: ApiMethod,
         started: Instant,
         identity: &mut Option<RequestIdentity>,
@@ -730,12 +730,12 @@ mod tests {
             ..Default::default()
         };
         let route = |h: &InboundHeaders| {
-            d.route(RouteRequest {
+            futures_executor::block_on(d.route(RouteRequest {
                 method: Some(ApiMethod::Completions),
                 body,
                 subset: None,
                 headers: h,
-            })
+            }))
         };
         let e = route(&blocked).unwrap_err();
         assert_eq!(
@@ -796,12 +796,12 @@ mod tests {
             ..Default::default()
         };
         let route = |h: &InboundHeaders, body: &[u8]| {
-            d.route(RouteRequest {
+            futures_executor::block_on(d.route(RouteRequest {
                 method: Some(ApiMethod::Completions),
                 body,
                 subset: None,
                 headers: h,
-            })
+            }))
         };
         let mut ok = route(&tenant, body).unwrap();
         let running = samples(&d.metrics().encode());

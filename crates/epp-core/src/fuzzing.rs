@@ -116,7 +116,9 @@ pub fn extproc_messages(data: &[u8]) {
         let Ok(msg) = ProcessingRequest::decode_length_delimited(&mut rest) else {
             break;
         };
-        if ex.handle(msg).is_err() {
+        // No message waits on I/O with the default configuration: the exchange is driven on
+        // this thread.
+        if futures_executor::block_on(ex.handle(msg)).is_err() {
             break;
         }
     }

@@ -354,12 +354,16 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
                 return error_response(&err, &request_id);
             }
         };
-    let routed = match st.director.route(RouteRequest {
-        method: Some(method),
-        body: &bytes,
-        subset: None,
-        headers: &inbound,
-    }) {
+    let routed = match st
+        .director
+        .route(RouteRequest {
+            method: Some(method),
+            body: &bytes,
+            subset: None,
+            headers: &inbound,
+        })
+        .await
+    {
         Ok(r) => r,
         Err(e) => return error_response(&e, &request_id),
     };

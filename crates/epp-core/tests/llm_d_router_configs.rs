@@ -64,12 +64,12 @@ fn pool(cfg: &EndpointPickerConfig, waiting: [f64; 5]) -> (DatastoreWriter, Dire
 
 fn route(d: &Director, prompt: &str, headers: &InboundHeaders) -> Routed {
     let body = serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": prompt})).unwrap();
-    d.route(RouteRequest {
+    futures_executor::block_on(d.route(RouteRequest {
         method: Some(ApiMethod::Completions),
         body: &body,
         subset: None,
         headers,
-    })
+    }))
     .unwrap()
 }
 

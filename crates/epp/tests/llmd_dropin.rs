@@ -474,14 +474,13 @@ fn route_one(scheduler: epp_core::scheduler::Scheduler) -> Result<String, String
     let none: Vec<(String, Vec<u8>)> = Vec::new();
     let headers = InboundHeaders::read(none.as_slice(), GatewayPolicy::default());
     let body = br#"{"model":"m","messages":[{"role":"user","content":"hello there"}]}"#;
-    let routed = director
-        .route(RouteRequest {
-            method: Some(ApiMethod::ChatCompletions),
-            body,
-            subset: None,
-            headers: &headers,
-        })
-        .map_err(|e| format!("{} {}", e.status, e.message))?;
+    let routed = futures_executor::block_on(director.route(RouteRequest {
+        method: Some(ApiMethod::ChatCompletions),
+        body,
+        subset: None,
+        headers: &headers,
+    }))
+    .map_err(|e| format!("{} {}", e.status, e.message))?;
     let addr = routed.targets[0].address().to_string();
     routed.tracker.finish(200);
     Ok(addr)

@@ -110,7 +110,7 @@ impl Exchange {
         self.phase == Phase::Done
     }
 
-    pub fn handle(&mut self, msg: ProcessingRequest) -> Out {
+    pub async fn handle(&mut self, msg: ProcessingRequest) -> Out {
         use processing_request::Request as R;
         let Some(req) = msg.request else {
             return self.violation(
@@ -121,13 +121,13 @@ impl Exchange {
         match req {
             R::RequestHeaders(h) => {
                 self.update_subset(msg.metadata_context.as_ref());
-                self.on_request_headers(h)
+                self.on_request_headers(h).await
             }
             R::RequestBody(b) => {
                 self.update_subset(msg.metadata_context.as_ref());
-                self.on_request_body(b)
+                self.on_request_body(b).await
             }
-            R::RequestTrailers(_) => self.on_request_trailers(),
+            R::RequestTrailers(_) => self.on_request_trailers().await,
             R::ResponseHeaders(h) => {
                 self.on_response_headers(h, msg.metadata_context.as_ref(), &msg.attributes)
             }
@@ -174,7 +174,7 @@ impl Exchange {
         });
     }
 
-    fn on_request_headers(&mut self, h: HttpHeaders) -> Out {
+    async fn on_request_headers(&mut self, h: HttpHeaders) -> Out {
         match self.phase {
             Phase::Start => {}
             Phase::Done => {
@@ -193,14 +193,14 @@ impl Exchange {
         self.headers = header_pairs(h.headers.as_ref());
         self.method = self.header(":path").map(ApiMethod::from_path);
         if h.end_of_stream {
-            self.route(false, false)
+            self.route(false, false).await
         } else {
             self.phase = Phase::RequestBody;
             Ok(Vec::new())
         }
     }
 
-    fn on_request_body(&mut self, b: HttpBody) -> Out {
+    async fn on_request_body(&mut self, b: HttpBody) -> Out {
         match self.phase {
             Phase::RequestBody => {}
             Phase::Start => {
@@ -240,16 +240,16 @@ impl Exchange {
             self.body.extend_from_slice(&b.body);
         }
         if b.end_of_stream {
-            self.route(true, false)
+            self.route(true, false).await
         } else {
             Ok(Vec::new())
         }
     }
 
-    fn on_request_trailers(&mut self) -> Out {
+    async fn on_request_trailers(&mut self) -> Out {
         match self.phase {
             // Trailers end a body whose chunks never carried end_of_stream.
-            Phase::RequestBody => self.route(true, true),
+            Phase::RequestBody => self.route(true, true).await,
             Phase::Start => self.violation(
                 tonic::Code::InvalidArgument,
                 "request_trailers before request_headers",
@@ -263,7 +263,7 @@ impl Exchange {
 
     /// Pick an endpoint and answer the request phase. `with_body`: the request had a body phase
     /// (headers-only requests get the short answer); `trailers`: the body ended with trailers.
-    fn route(&mut self, with_body: bool, trailers: bool) -> Out {
+    async fn route(&mut self, with_body: bool, trailers: bool) -> Out {
         let inbound = InboundHeaders::read(
             self.headers.as_slice(),
             GatewayPolicy {
@@ -276,12 +276,15 @@ impl Exchange {
         );
         let body = std::mem::take(&mut self.body);
         self.reservation = None;
-        let result = self.director.route(RouteRequest {
-            method: self.method,
-            body: &body,
-            subset: self.subset.as_deref(),
-            headers: &inbound,
-        });
+        let result = self
+            .director
+            .route(RouteRequest {
+                method: self.method,
+                body: &body,
+                subset: self.subset.as_deref(),
+                headers: &inbound,
+            })
+            .await;
         let routed = match result {
             Ok(r) => r,
             Err(e) => {

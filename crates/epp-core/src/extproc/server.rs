@@ -174,7 +174,7 @@ fn answers(
                     return None;
                 }
             };
-            match p.exchange.handle(msg) {
+            match p.exchange.handle(msg).await {
                 Ok(out) => {
                     p.pending.extend(out);
                     p.over = p.exchange.finished();
