@@ -605,6 +605,7 @@ impl Director {
         let mut data = RequestData {
             headers: req.headers.plugin_headers.clone(),
             prompt_tokens: None,
+            token_ids: None,
             prefix_block_tokens: (block_bytes as u64) / crate::scheduler::plugins::BYTES_PER_TOKEN,
         };
         inner.scheduler.produce(&parsed, &mut data);

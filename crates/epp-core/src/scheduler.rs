@@ -44,6 +44,10 @@ pub struct RequestData {
     /// The prompt's length in tokens, from the `token-producer` (its `estimate` backend: 4 bytes
     /// of prompt text per token, rounded up).
     pub prompt_tokens: Option<u64>,
+    /// The prompt's token ids, when a `token-producer` backend with a real tokenizer produced
+    /// them (the model server's tokenize/render endpoint or a local `tokenizer.json`); `None`
+    /// with the `estimate` backend. Precise prefix routing keys its lookups by them.
+    pub token_ids: Option<Arc<[u32]>>,
     /// Tokens per block of the prefix match (`ctx.prefix`), for scorers that weigh match length.
     pub prefix_block_tokens: u64,
 }
@@ -52,6 +56,7 @@ pub struct RequestData {
 pub static NO_DATA: RequestData = RequestData {
     headers: Vec::new(),
     prompt_tokens: None,
+    token_ids: None,
     prefix_block_tokens: 0,
 };
 

@@ -158,6 +158,7 @@ proptest! {
                 ("x-session-id".into(), "s".into()),
             ],
             prompt_tokens: Some(5),
+            token_ids: None,
             prefix_block_tokens: 1,
         };
         let ctx = SchedCtx { snapshot: &snap, request: &req, prefix: &matches, data: &data };
