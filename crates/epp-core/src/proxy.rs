@@ -9,6 +9,7 @@
 pub mod forward;
 pub mod models;
 pub mod read;
+pub mod refusal;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -231,9 +232,14 @@ async fn accept_loop(
         };
         // Small SSE chunks must not wait for the client's delayed ACK (Nagle).
         let _ = tcp.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        // hyper's own refusals of unparsable heads get JSON bodies on the way out.
+        let calls = refusal::Calls::default();
+        let svc = refusal::counted(
+            hyper_util::service::TowerToHyperService::new(app.clone()),
+            calls.clone(),
+        );
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+            .serve_connection_with_upgrades(TokioIo::new(refusal::RefusalIo::new(tcp, calls)), svc)
             .into_owned();
         let conn = graceful.watch(conn);
         let director = director.clone();

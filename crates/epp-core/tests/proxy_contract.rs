@@ -581,6 +581,23 @@ async fn requests_the_http_layer_refuses_are_counted() {
     let _ = s.write_all(big.as_bytes()).await;
     let (out, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
     assert!(out.starts_with("HTTP/1.1 431"), "{out:?}");
+    let body = json_error(&out);
+    assert_eq!(body["error"]["code"], "request_header_fields_too_large");
+    // A malformed header line after a request that was answered, on the same connection:
+    // the first answer is the backend's, the refusal is the proxy's JSON 400.
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let ok = r#"{"model":"sim-model","prompt":"hi","max_tokens":1}"#;
+    let two = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{ok}GET / HTTP/1.1\r\nbad header\r\n\r\n",
+        ok.len()
+    );
+    let _ = s.write_all(two.as_bytes()).await;
+    let (out, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    let second = &out[out.find("HTTP/1.1 400").expect("a 400 after the 200")..];
+    let body = json_error(second);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "invalid_request");
     // A TLS ClientHello on the plain port: 400.
     let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
     let _ = s
@@ -601,7 +618,67 @@ async fn requests_the_http_layer_refuses_are_counted() {
         )
     };
     assert_eq!(other("431"), 1.0, "{m:?}");
-    assert_eq!(other("400"), 1.0, "{m:?}");
+    assert_eq!(other("400"), 2.0, "{m:?}");
+    p.stop().await;
+}
+
+/// The JSON error body of one raw HTTP/1.1 answer, checked against its headers.
+fn json_error(answer: &str) -> serde_json::Value {
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    serde_json::from_str(&body[..len]).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+/// The head limit is the same over HTTP/1.1 and HTTP/2: a 60 KiB header goes through on both;
+/// over the limit HTTP/1.1 gets a JSON 431 and HTTP/2 a 431 on that stream, and the HTTP/2
+/// connection stays usable.
+#[tokio::test]
+async fn the_head_limit_agrees_over_http1_and_http2() {
+    use http_body_util::{BodyExt, Full};
+    let sims = sims(1, |_| {}).await;
+    let p = proxy_over(vec![sims[0].addr().to_string()]).await;
+    let body = r#"{"model":"sim-model","prompt":"hi","max_tokens":1}"#;
+    let req = |big: usize| {
+        http::Request::post(format!("http://{}/v1/completions", p.proxy_addr))
+            .header("content-type", "application/json")
+            .header("x-big", "a".repeat(big))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let h1: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .http2_max_header_list_size(1 << 20)
+            .build_http();
+    for (name, c) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+        let r = c.request(req(60 * 1024)).await.unwrap();
+        assert_eq!(r.status(), 200, "{name}: 60 KiB header");
+        let _ = r.into_body().collect().await;
+    }
+    let r = h2.request(req(70 * 1024)).await.unwrap();
+    assert_eq!(r.status(), 431, "HTTP/2: 70 KiB header");
+    let r = h2.request(req(10)).await.unwrap();
+    assert_eq!(r.status(), 200, "HTTP/2 connection still usable");
+    let r = h1.request(req(70 * 1024)).await;
+    match r {
+        Ok(r) => assert_eq!(r.status(), 431, "HTTP/1.1: 70 KiB header"),
+        // The proxy closes after the refusal; the client may see the close first.
+        Err(e) => assert!(
+            e.is_connect() || format!("{e:?}").contains("closed"),
+            "{e:?}"
+        ),
+    }
     p.stop().await;
 }
 
