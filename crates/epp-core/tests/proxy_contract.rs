@@ -583,6 +583,18 @@ async fn requests_the_http_layer_refuses_are_counted() {
     assert!(out.starts_with("HTTP/1.1 431"), "{out:?}");
     let body = json_error(&out);
     assert_eq!(body["error"]["code"], "request_header_fields_too_large");
+    // Too many headers (each small): 431 too.
+    let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
+    let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let _ = s
+        .write_all(format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\n{many}\r\n").as_bytes())
+        .await;
+    let (out, _) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out:?}");
+    assert_eq!(
+        json_error(&out)["error"]["code"],
+        "request_header_fields_too_large"
+    );
     // A malformed header line after a request that was answered, on the same connection:
     // the first answer is the backend's, the refusal is the proxy's JSON 400.
     let mut s = TcpStream::connect(p.proxy_addr).await.unwrap();
@@ -617,7 +629,7 @@ async fn requests_the_http_layer_refuses_are_counted() {
             &[("method", "other"), ("status", status)],
         )
     };
-    assert_eq!(other("431"), 1.0, "{m:?}");
+    assert_eq!(other("431"), 2.0, "{m:?}");
     assert_eq!(other("400"), 2.0, "{m:?}");
     p.stop().await;
 }
