@@ -777,6 +777,66 @@ mod tests {
             .collect()
     }
 
+    /// Predicted and observed cached tokens count the same responses: a response that does not
+    /// report `prompt_tokens_details` moves neither, one that reports 0 moves the prediction.
+    #[tokio::test]
+    async fn predicted_and_observed_cached_tokens_count_the_same_responses() {
+        let w = DatastoreWriter::new(HealthConfig::default());
+        w.set_endpoints(vec![EndpointSpec::new("10.0.0.1:8000")]);
+        w.record_scrape("10.0.0.1:8000", Ok(ModelServerMetrics::default()));
+        let cfg = EndpointPickerConfig::from_yaml(presets::DEFAULT).unwrap();
+        let d = Director::build(&w, Scheduler::from_config(&cfg).unwrap());
+        // 2 KiB of prompt: 8 blocks of 256 bytes (64 tokens) with the default producer.
+        let body = serde_json::to_vec(&json!({"model": "m", "prompt": "p".repeat(2048)})).unwrap();
+        let run = |usage: &str| {
+            let mut r = futures_executor::block_on(d.route(RouteRequest {
+                method: Some(ApiMethod::Completions),
+                body: &body,
+                ..Default::default()
+            }))
+            .unwrap();
+            r.tracker
+                .observe_response(format!(r#"{{"choices":[],"usage":{usage}}}"#).as_bytes());
+            r.tracker.finish(200);
+        };
+        let get = |k: &str| {
+            samples(&d.metrics().encode())
+                .get(k)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let predicted = r#"epp_backend_predicted_cached_tokens_total{backend="10.0.0.1:8000"}"#;
+        let observed = r#"epp_backend_cached_tokens_total{backend="10.0.0.1:8000"}"#;
+        let prompt = r#"epp_backend_prompt_tokens_total{backend="10.0.0.1:8000"}"#;
+        run(
+            r#"{"prompt_tokens":512,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":0}}"#,
+        );
+        assert_eq!(
+            (get(predicted), get(observed)),
+            (0.0, 0.0),
+            "first: nothing predicted"
+        );
+        run(r#"{"prompt_tokens":512,"completion_tokens":1}"#);
+        assert_eq!(get(prompt), 1024.0);
+        assert_eq!(
+            (get(predicted), get(observed)),
+            (0.0, 0.0),
+            "not reported: neither moves"
+        );
+        run(
+            r#"{"prompt_tokens":512,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":0}}"#,
+        );
+        assert_eq!(
+            (get(predicted), get(observed)),
+            (512.0, 0.0),
+            "predicted, reported none"
+        );
+        run(
+            r#"{"prompt_tokens":512,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":448}}"#,
+        );
+        assert_eq!((get(predicted), get(observed)), (1024.0, 448.0));
+    }
+
     #[tokio::test]
     async fn llm_d_request_families_and_legacy_twins_move_by_exact_amounts() {
         let w = DatastoreWriter::new(HealthConfig::default());

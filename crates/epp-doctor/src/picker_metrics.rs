@@ -54,6 +54,14 @@ const AFTER_TRAFFIC: &[(&str, &str)] = &[
         "epp_request_ttft_seconds",
         "its series appear with the first request through `epp proxy`",
     ),
+    (
+        "epp_backend_cached_tokens_total",
+        "its series appear with the first response whose `usage` reports cached tokens (vLLM: `--enable-prompt-tokens-details`)",
+    ),
+    (
+        "epp_backend_predicted_cached_tokens_total",
+        "its series appear with the first response whose `usage` reports cached tokens (vLLM: `--enable-prompt-tokens-details`)",
+    ),
 ];
 
 pub fn appears_with_traffic(family: &str) -> Option<&'static str> {

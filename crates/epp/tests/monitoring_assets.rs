@@ -42,6 +42,8 @@ const CONTRACT_METRICS: &[&str] = &[
     "epp_prefix_index_capacity_blocks",
     "epp_prefix_index_evictions_total",
     "epp_build_info",
+    "epp_backend_cached_tokens_total",
+    "epp_backend_predicted_cached_tokens_total",
     // process collector
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
@@ -166,6 +168,7 @@ fn every_alert_has_severity_summary_description_and_for() {
         "EPPTargetDown",
         "EPPBackendMetricsStale",
         "EPPPrefixIndexChurning",
+        "EPPCachePredictionGap",
     ] {
         assert!(names.contains(required), "missing alert {required}");
     }
@@ -395,6 +398,7 @@ fn dashboard_panels_use_the_variables_and_have_the_issue_panels() {
         "error ratio",
         "scheduling latency per plugin",
         "prefix index size",
+        "predicted vs observed cached tokens",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(needed)),

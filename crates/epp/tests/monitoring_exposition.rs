@@ -53,6 +53,12 @@ fn exposition() -> String {
     }
     m.record_cache(&addrs[0].into(), true);
     m.record_cache(&addrs[1].into(), false);
+    let usage = epp_core::gateway::usage::Usage {
+        prompt_tokens: 100,
+        completion_tokens: 10,
+        cached_tokens: Some(64),
+    };
+    m.record_usage(&addrs[0].into(), &usage, 96);
     m.observe(
         &PluginLabels::new("Scorer", "scorer", "prefix-cache-scorer"),
         0.00002,

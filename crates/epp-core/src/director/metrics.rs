@@ -102,7 +102,7 @@ impl RequestMetrics {
         let predicted_cached_tokens = Family::<BackendLabels, Counter>::default();
         registry.register(
             "epp_backend_predicted_cached_tokens",
-            "Prompt tokens the picker believed the backend had cached when it picked it, for the same responses: predicted reuse",
+            "Prompt tokens the picker believed the backend had cached when it picked it, counted for the same responses as epp_backend_cached_tokens (those that reported cached tokens): predicted reuse",
             predicted_cached_tokens.clone(),
         );
         // Seed the fixed label sets so rates exist (as 0) before the first event.
@@ -141,10 +141,14 @@ impl RequestMetrics {
         self.completion_tokens
             .get_or_create(&l)
             .inc_by(u.completion_tokens);
-        self.cached_tokens.get_or_create(&l).inc_by(u.cached_tokens);
-        self.predicted_cached_tokens
-            .get_or_create(&l)
-            .inc_by(predicted);
+        // Predicted and observed count the same responses: those whose server reported its
+        // cached tokens. A server that never reports them leaves both at 0.
+        if let Some(cached) = u.cached_tokens {
+            self.cached_tokens.get_or_create(&l).inc_by(cached);
+            self.predicted_cached_tokens
+                .get_or_create(&l)
+                .inc_by(predicted);
+        }
     }
 
     pub fn record_request(&self, method: ApiMethod, status: u16) {

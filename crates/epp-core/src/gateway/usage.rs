@@ -17,19 +17,20 @@ pub struct Usage {
     pub prompt_tokens: u64,
     #[serde(default)]
     pub completion_tokens: u64,
-    /// `prompt_tokens_details.cached_tokens` (0 when the server does not report it).
+    /// `prompt_tokens_details.cached_tokens`; `None` when the server does not report it (vLLM
+    /// only does with `--enable-prompt-tokens-details`), which is not the same as 0 found.
     #[serde(default, rename = "prompt_tokens_details", deserialize_with = "cached")]
-    pub cached_tokens: u64,
+    pub cached_tokens: Option<u64>,
 }
 
-fn cached<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+fn cached<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     struct Details {
         #[serde(default)]
         cached_tokens: Option<u64>,
     }
     let v: Option<Details> = Option::deserialize(d)?;
-    Ok(v.and_then(|d| d.cached_tokens).unwrap_or(0))
+    Ok(v.and_then(|d| d.cached_tokens))
 }
 
 /// Follows a response body, keeping its last [`TAIL_BYTES`].
@@ -81,7 +82,7 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 120,
                 completion_tokens: 7,
-                cached_tokens: 96
+                cached_tokens: Some(96)
             })
         );
         // SSE: usage null on content chunks, the real one in the final chunk, split anywhere.
@@ -95,7 +96,7 @@ mod tests {
                 Some(Usage {
                     prompt_tokens: 5,
                     completion_tokens: 2,
-                    cached_tokens: 0
+                    cached_tokens: None
                 }),
                 "split at {split}"
             );

@@ -718,7 +718,12 @@ impl LlmdMetrics {
             if u.completion_tokens > 0 {
                 observe_twin(&self.output_tokens, &o, &m, u.completion_tokens as f64);
             }
-            observe_twin(&self.cached_tokens, &o, &m, u.cached_tokens as f64);
+            observe_twin(
+                &self.cached_tokens,
+                &o,
+                &m,
+                u.cached_tokens.unwrap_or(0) as f64,
+            );
         }
         let completion = c.usage.as_ref().map_or(0, |u| u.completion_tokens);
         if c.seconds > 0.0 {
