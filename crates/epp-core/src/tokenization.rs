@@ -11,6 +11,10 @@
 
 use std::path::{Path, PathBuf};
 
+/// The generation cue the simulator's chat template (and the `local` backend's) appends after
+/// the messages: vLLM's `add_generation_prompt`.
+pub const GENERATION_CUE: &str = "assistant\n";
+
 /// Largest `tokenizer.json` accepted (real ones are 2–20 MiB).
 pub const MAX_TOKENIZER_FILE_BYTES: u64 = 256 * 1024 * 1024;
 

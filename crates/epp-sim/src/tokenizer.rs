@@ -42,7 +42,7 @@ pub struct ChatMessage {
 }
 
 /// The generation cue appended after the messages (vLLM's `add_generation_prompt`).
-pub const GENERATION_CUE: &str = "assistant\n";
+pub use epp_core::tokenization::GENERATION_CUE;
 
 /// Render a conversation to a prompt: `{role}\n{content}\n` per message, then the generation
 /// cue `assistant\n`.

@@ -7,6 +7,8 @@
 //!   by); no token ids.
 //! - `vllm` (or `modelName` alone): the model server's render API over HTTP
 //!   ([`vllm`]); the prompt's real token ids.
+//! - `local` (an epp extension): a Hugging Face `tokenizer.json` loaded from disk at config load
+//!   ([`local`]), rendering chats with the simulator's template.
 //!
 //! A real backend runs in [`Producer::prepare`], awaited by the director before the producers'
 //! synchronous step. Token-id prompts (`"prompt": [1, 2, 3]`) are taken as they are. Answers are
@@ -19,6 +21,7 @@
 //! estimation are refused, naming the parameter.
 
 pub mod cache;
+pub mod local;
 pub mod vllm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +44,7 @@ use crate::scheduler::plugins::{params, Plugin, PrepareFuture, Producer, BYTES_P
 use crate::scheduler::RequestData;
 
 pub use cache::TokenCache;
+pub use local::{LocalParams, LocalTokenizer};
 pub use vllm::{VllmParams, VllmRenderer};
 
 pub const TYPE: &str = "token-producer";
@@ -69,6 +73,9 @@ pub struct TokenProducerParams {
     /// The `estimate` backend (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimate: Option<EstimateParams>,
+    /// A local `tokenizer.json` (epp extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalParams>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -89,7 +96,7 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
         Err(ConfigError::new(
             at(param),
             format!(
-                "{what} is not supported by epp; use the `vllm` or `estimate` backend (leave `{param}` out)"
+                "{what} is not supported by epp; use the `vllm`, `local` or `estimate` backend (leave `{param}` out)"
             ),
         ))
     };
@@ -106,17 +113,25 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
         if e.video.is_some() {
             return refuse("estimate.video", "multimodal (video) token estimation");
         }
-        if p.vllm.is_some() || p.model_name.is_some() {
-            let other = if p.vllm.is_some() {
-                "vllm"
-            } else {
-                "modelName"
-            };
-            return Err(ConfigError::new(
-                at(other),
-                "only one of `estimate` and `vllm` (or `modelName`) may be set",
-            ));
-        }
+    }
+    // One backend: `estimate`, `vllm` (or `modelName`, which selects it, as in llm-d), `local`.
+    let set: Vec<&str> = [
+        ("estimate", p.estimate.is_some()),
+        ("vllm", p.vllm.is_some()),
+        ("modelName", p.vllm.is_none() && p.model_name.is_some()),
+        ("local", p.local.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, on)| on.then_some(k))
+    .collect();
+    if let [_, second, ..] = set[..] {
+        return Err(ConfigError::new(
+            at(second),
+            format!(
+                "only one of `estimate`, `vllm` (or `modelName`) and `local` may be set, got {}",
+                set.join(" and ")
+            ),
+        ));
     }
     let type_name = if spec.type_ == LEGACY_TYPE {
         tracing::warn!(
@@ -128,7 +143,16 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
         TYPE
     };
     let name = spec.name().to_string();
-    let tokenizing = if p.vllm.is_some() || p.model_name.is_some() {
+    let tokenizing = if let Some(local) = &p.local {
+        let t = LocalTokenizer::new(local, &at("local"))?;
+        tracing::debug!(plugin = %name, path = %t.path().display(), "token-producer: local tokenizer.json");
+        Some(Arc::new(Tokenizing {
+            model: t.path().to_string_lossy().into_owned(),
+            backend: Backend::Local(t),
+            cache: TokenCache::default(),
+            log: ThrottledLog::default(),
+        }))
+    } else if p.vllm.is_some() || p.model_name.is_some() {
         let model = match p.model_name.as_deref().map(str::trim) {
             Some(m) if !m.is_empty() => m.to_string(),
             _ => return Err(ConfigError::new(
@@ -181,12 +205,11 @@ impl Default for TokenProducer {
 }
 
 impl TokenProducer {
-    /// The backend's label value (`estimate`, `vllm`).
+    /// The backend's label value (`estimate`, `vllm`, `local`).
     pub fn backend(&self) -> BackendKind {
-        match self.tokenizing.as_deref().map(|t| &t.backend) {
-            None => BackendKind::Estimate,
-            Some(Backend::Vllm(_)) => BackendKind::Vllm,
-        }
+        self.tokenizing
+            .as_deref()
+            .map_or(BackendKind::Estimate, Tokenizing::kind)
     }
 
     /// Cached prompts and token ids held, for a real backend.
@@ -238,6 +261,7 @@ struct Tokenizing {
 
 enum Backend {
     Vllm(VllmRenderer),
+    Local(LocalTokenizer),
 }
 
 /// Why a backend could not tokenize a request (the `reason` label).
@@ -257,6 +281,8 @@ pub enum Reason {
     TooManyTokens,
     /// A request the backend does not tokenize (batched prompts, embeddings, responses...).
     Unsupported,
+    /// The local tokenizer failed on the text.
+    TokenizerError,
 }
 
 impl Reason {
@@ -269,6 +295,7 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::TooManyTokens => "too_many_tokens",
             Reason::Unsupported => "unsupported",
+            Reason::TokenizerError => "tokenizer_error",
         }
     }
 }
@@ -309,6 +336,7 @@ impl Outcome {
 pub enum BackendKind {
     Estimate,
     Vllm,
+    Local,
 }
 
 impl BackendKind {
@@ -316,6 +344,7 @@ impl BackendKind {
         match self {
             BackendKind::Estimate => "estimate",
             BackendKind::Vllm => "vllm",
+            BackendKind::Local => "local",
         }
     }
 }
@@ -513,6 +542,7 @@ impl Tokenizing {
     fn kind(&self) -> BackendKind {
         match self.backend {
             Backend::Vllm(_) => BackendKind::Vllm,
+            Backend::Local(_) => BackendKind::Local,
         }
     }
 
@@ -553,6 +583,7 @@ impl Tokenizing {
         let started = Instant::now();
         let result = match &self.backend {
             Backend::Vllm(r) => r.render(chat, body).await,
+            Backend::Local(t) => t.tokenize(request, chat, body).await,
         };
         metrics
             .duration
@@ -676,6 +707,31 @@ mod tests {
                 "{estimate: {}, vllm: {}}",
                 "plugins[0].parameters.vllm",
                 "only one of",
+            ),
+            (
+                "{modelName: m, local: {tokenizerPath: /x}}",
+                "plugins[0].parameters.local",
+                "got modelName and local",
+            ),
+            (
+                "{vllm: {}, modelName: m, local: {tokenizerPath: /x}}",
+                "plugins[0].parameters.local",
+                "got vllm and local",
+            ),
+            (
+                "{local: {}}",
+                "plugins[0].parameters.local.tokenizerPath",
+                "must be set",
+            ),
+            (
+                "{local: {tokenizerPath: /nonexistent/tokenizer.json}}",
+                "plugins[0].parameters.local.tokenizerPath",
+                "cannot read /nonexistent/tokenizer.json",
+            ),
+            (
+                "{local: {tokenizerPath: /x, hub: true}}",
+                "plugins[0].parameters.local.hub",
+                "",
             ),
             (
                 "{modelName: m, vllm: {url: 'https://x:8000'}}",
@@ -972,5 +1028,44 @@ mod tests {
         .unwrap();
         assert_eq!(run(&*p, &batch, &m).await.token_ids, None);
         assert_eq!(m.fallbacks(BackendKind::Vllm, Reason::Unsupported), 1);
+    }
+
+    #[tokio::test]
+    async fn the_local_backend_tokenizes_with_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::tokenization::testing::train_word_level(
+            dir.path(),
+            &["user assistant hello world", "a b c"],
+        )
+        .unwrap();
+        let p = producer(&format!(
+            "{{local: {{tokenizerPath: '{}'}}}}",
+            path.display()
+        ));
+        let tk = crate::tokenization::HfTokenizer::from_file(&path).unwrap();
+        let m = TokenizerMetrics::register(&mut Registry::default());
+        let req = chat_request("hello world");
+        let data = run(&*p, &req, &m).await;
+        let want = tk.encode("user\nhello world\nassistant\n", false).unwrap();
+        assert_eq!(want.len(), 4);
+        assert_eq!(data.token_ids.as_deref(), Some(&want[..]));
+        assert_eq!(data.prompt_tokens, Some(4));
+        assert_eq!(m.requests(BackendKind::Local, Outcome::Tokenized), 1);
+        // A prompt past the inline bound goes through the blocking pool, same ids.
+        let long = "a b c ".repeat(local::INLINE_BYTES / 4);
+        let req = crate::request::parse_body(
+            crate::request::ApiMethod::Completions,
+            serde_json::json!({"model": "m", "prompt": long})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+        let data = run(&*p, &req, &m).await;
+        assert_eq!(
+            data.token_ids.as_deref(),
+            Some(&tk.encode(&long, true).unwrap()[..])
+        );
+        assert_eq!(m.requests(BackendKind::Local, Outcome::Tokenized), 2);
+        assert_eq!(m.requests(BackendKind::Local, Outcome::Fallback), 0);
     }
 }
