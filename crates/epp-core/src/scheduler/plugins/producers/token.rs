@@ -171,7 +171,7 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
             "token-producer: vLLM render backend"
         );
         Some(Arc::new(Tokenizing {
-            backend: Backend::Vllm(renderer),
+            backend: Backend::Vllm(Box::new(renderer)),
             model,
             cache: TokenCache::default(),
             log: ThrottledLog::default(),
@@ -260,7 +260,7 @@ struct Tokenizing {
 }
 
 enum Backend {
-    Vllm(VllmRenderer),
+    Vllm(Box<VllmRenderer>),
     Local(LocalTokenizer),
 }
 
