@@ -1068,4 +1068,24 @@ mod tests {
         assert_eq!(m.requests(BackendKind::Local, Outcome::Tokenized), 2);
         assert_eq!(m.requests(BackendKind::Local, Outcome::Fallback), 0);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_logged_at_most_once_per_interval() {
+        let log = ThrottledLog::default();
+        let f = Failure {
+            reason: Reason::Timeout,
+            detail: "x".into(),
+        };
+        for _ in 0..3 {
+            log.failed("p", BackendKind::Vllm, &f);
+        }
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 2);
+        tokio::time::advance(LOG_EVERY - Duration::from_millis(1)).await;
+        log.failed("p", BackendKind::Vllm, &f);
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 3);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // Logged again, with the count held back since; the count starts over.
+        log.failed("p", BackendKind::Vllm, &f);
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 0);
+    }
 }
