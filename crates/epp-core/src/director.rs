@@ -611,6 +611,10 @@ impl Director {
             token_ids: None,
             prefix_block_tokens: (block_bytes as u64) / crate::scheduler::plugins::BYTES_PER_TOKEN,
         };
+        inner
+            .scheduler
+            .prepare(&parsed, &mut data, inner.metrics.tokenizer())
+            .await;
         inner.scheduler.produce(&parsed, &mut data);
         let ctx = SchedCtx {
             snapshot: &snapshot,

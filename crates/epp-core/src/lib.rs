@@ -28,3 +28,4 @@ pub mod scrape;
 pub mod serving;
 pub mod telemetry;
 pub mod tls;
+pub mod tokenization;

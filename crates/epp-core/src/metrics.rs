@@ -174,6 +174,7 @@ pub struct Metrics {
     requests: RequestMetrics,
     plugins: PluginMetrics,
     llmd: llmd::LlmdMetrics,
+    tokenizer: crate::scheduler::plugins::TokenizerMetrics,
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
     certificates: Certificates,
@@ -197,6 +198,7 @@ impl Metrics {
         let plugins = PluginMetrics::register(&mut registry);
         let body_budget = crate::gateway::BudgetMeters::register(&mut registry);
         let llmd = llmd::LlmdMetrics::register(&mut registry);
+        let tokenizer = crate::scheduler::plugins::TokenizerMetrics::register(&mut registry);
         registry.register_collector(Box::new(llmd.collector(datastore.clone(), prefix.clone())));
         registry.register_collector(Box::new(StateCollector { datastore, prefix }));
         registry.register_collector(Box::new(ProcessCollector));
@@ -207,9 +209,15 @@ impl Metrics {
             requests,
             plugins,
             llmd,
+            tokenizer,
             body_budget,
             certificates,
         })
+    }
+
+    /// The `token-producer`'s tokenizer backends (`epp_tokenizer_*`).
+    pub fn tokenizer(&self) -> &crate::scheduler::plugins::TokenizerMetrics {
+        &self.tokenizer
     }
 
     /// llm-d-router's families and their legacy twins.

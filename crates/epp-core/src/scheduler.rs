@@ -319,6 +319,21 @@ impl Scheduler {
         &self.producers
     }
 
+    /// Await every producer's I/O step ([`Producer::prepare`]: remote tokenization) for one
+    /// request, in producer order, before [`produce`](Self::produce). Never fails the request.
+    pub async fn prepare(
+        &self,
+        request: &ParsedRequest,
+        data: &mut RequestData,
+        metrics: &plugins::TokenizerMetrics,
+    ) {
+        for p in &self.producers {
+            if let Some(step) = p.prepare(request, data, metrics) {
+                step.await;
+            }
+        }
+    }
+
     /// Run every producer over one request, adding to `data` (which carries the headers).
     pub fn produce(&self, request: &ParsedRequest, data: &mut RequestData) {
         for p in &self.producers {

@@ -23,7 +23,7 @@ use crate::engine::{Engine, Event, Job, Usage};
 use crate::faults::{FaultHandle, FaultsPatch};
 use crate::latency::ms_to_duration;
 use crate::metrics;
-use crate::tokenizer::{self, ChatMessage};
+use crate::tokenizer::{self, ChatMessage, Tokenizer};
 
 /// Response header naming the server.
 pub const POD_HEADER: &str = "x-inference-pod";
@@ -92,6 +92,7 @@ pub(crate) struct App {
     pub lora_names: Vec<String>,
     pub created: u64,
     pub next_id: AtomicU64,
+    pub tokenizer: Tokenizer,
 }
 
 type AppState = Arc<App>;
@@ -103,6 +104,9 @@ pub(crate) fn router(app: AppState, port: u16) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions/render", post(completions_render))
+        .route("/v1/chat/completions/render", post(chat_completions_render))
+        .route("/tokenize", post(tokenize))
         .route("/v1/models", get(models))
         .route("/version", get(version))
         .route("/health", get(health))
@@ -314,10 +318,38 @@ struct Parsed {
     model: String,
     lora: Option<String>,
     prompt: String,
+    /// vLLM's `add_special_tokens` (completions: on by default; chat: off, the template adds them).
+    add_special_tokens: bool,
     max_tokens: Option<u64>,
     stream: bool,
     include_usage: bool,
+    /// What a render answer echoes back.
+    echo: Echo,
 }
+
+/// Request fields the render endpoints copy into their answer (vLLM's `GenerateRequest`).
+#[derive(Default)]
+struct Echo {
+    stream_options: Option<Value>,
+    cache_salt: Option<String>,
+    priority: i64,
+    /// Sampling fields as given (the simulator does not sample).
+    sampling: Map<String, Value>,
+}
+
+/// Sampling fields a render answer's `sampling_params` repeats when the request sets them.
+const SAMPLING_FIELDS: [&str; 10] = [
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+];
 
 fn type_name(v: &Value) -> &'static str {
     match v {
@@ -366,7 +398,8 @@ fn opt_u64(obj: &Map<String, Value>, key: &'static str) -> Result<Option<u64>, A
     }
 }
 
-fn parse_request(body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
+/// The body as a JSON object, or the 400 that says why it is not one.
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -374,27 +407,54 @@ fn parse_request(body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
             format!("the request body is not valid JSON: {e}"),
         )
     })?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::new(
+    match value {
+        Value::Object(obj) => Ok(obj),
+        other => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             format!(
                 "the request body must be a JSON object, got {}",
-                type_name(&value)
+                type_name(&other)
             ),
+        )),
+    }
+}
+
+fn parse_model(obj: &Map<String, Value>) -> Result<String, ApiError> {
+    match opt(obj, "model") {
+        None => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(v) => Err(ApiError::bad(
+            "invalid_type",
+            "model",
+            format!("`model` must be a string, got {}", type_name(v)),
+        )),
+    }
+}
+
+/// A chat request's rendered prompt, with vLLM's `add_generation_prompt` (default on) and
+/// `continue_final_message` (default off; both on is refused, as vLLM does).
+fn render_chat_request(obj: &Map<String, Value>) -> Result<String, ApiError> {
+    let messages = parse_messages(obj)?;
+    let add_generation_prompt = opt_bool(obj, "add_generation_prompt")?;
+    let continue_final_message = opt_bool(obj, "continue_final_message")?.unwrap_or(false);
+    if continue_final_message && add_generation_prompt == Some(true) {
+        return Err(ApiError::bad(
+            "invalid_value",
+            "continue_final_message",
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
         ));
-    };
-    let model = match opt(&obj, "model") {
-        None => String::new(),
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => {
-            return Err(ApiError::bad(
-                "invalid_type",
-                "model",
-                format!("`model` must be a string, got {}", type_name(v)),
-            ))
-        }
-    };
+    }
+    Ok(tokenizer::render_chat_with(
+        &messages,
+        add_generation_prompt.unwrap_or(true),
+        continue_final_message,
+    ))
+}
+
+fn parse_request(body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
+    let obj = parse_object(body)?;
+    let model = parse_model(&obj)?;
     let stream = opt_bool(&obj, "stream")?.unwrap_or(false);
     let include_usage = match opt(&obj, "stream_options") {
         None => false,
@@ -425,15 +485,53 @@ fn parse_request(body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
     };
     let prompt = match kind {
         Kind::Completion => parse_prompt(&obj)?,
-        Kind::Chat => tokenizer::render_chat(&parse_messages(&obj)?),
+        Kind::Chat => render_chat_request(&obj)?,
     };
+    let add_special_tokens =
+        opt_bool(&obj, "add_special_tokens")?.unwrap_or(kind == Kind::Completion);
+    let cache_salt = match opt(&obj, "cache_salt") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "cache_salt",
+                format!("`cache_salt` must be a string, got {}", type_name(v)),
+            ))
+        }
+    };
+    let priority = match opt(&obj, "priority") {
+        None => 0,
+        Some(v) => v.as_i64().ok_or_else(|| {
+            ApiError::bad(
+                "invalid_type",
+                "priority",
+                format!("`priority` must be an integer, got {v}"),
+            )
+        })?,
+    };
+    let sampling = SAMPLING_FIELDS
+        .iter()
+        .filter_map(|k| opt(&obj, k).map(|v| (k.to_string(), v.clone())))
+        .collect();
     Ok(Parsed {
         model,
         lora: None,
         prompt,
+        add_special_tokens,
         max_tokens,
         stream,
         include_usage,
+        echo: Echo {
+            stream_options: if stream {
+                opt(&obj, "stream_options").cloned()
+            } else {
+                None
+            },
+            cache_salt,
+            priority,
+            sampling,
+        },
     })
 }
 
@@ -605,47 +703,50 @@ fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError
     Ok(out)
 }
 
-async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
-    let body = read_body(req.into_body(), app.cfg.max_body_bytes).await?;
+/// Resolve `model` (empty: the served model; an adapter name: that adapter), or 404.
+fn resolve_model(app: &App, model: &mut String) -> Result<Option<String>, ApiError> {
+    if model.is_empty() {
+        *model = app.cfg.model.clone();
+    }
+    if *model == app.cfg.model {
+        return Ok(None);
+    }
+    if app.lora_names.contains(model) {
+        return Ok(Some(model.clone()));
+    }
+    Err(ApiError {
+        param: Some("model"),
+        ..ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("The model `{model}` does not exist."),
+        )
+    })
+}
 
-    let faults = app.faults.get();
-    if faults.added_latency_ms > 0.0 {
-        tokio::time::sleep(ms_to_duration(faults.added_latency_ms)).await;
+impl App {
+    /// The server's token ids of `text`.
+    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "tokenizer_error", e.0))
     }
-    if faults.error_rate > 0.0 && app.engine.random() < faults.error_rate {
-        let status =
-            StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return Err(ApiError::new(
-            status,
-            "injected_fault",
-            format!(
-                "injected failure (error rate {}) from {}",
-                faults.error_rate, app.cfg.name
-            ),
-        ));
-    }
+}
 
-    let mut p = parse_request(&body, kind)?;
-    if p.model.is_empty() {
-        p.model = app.cfg.model.clone();
-    }
-    if p.model != app.cfg.model {
-        if app.lora_names.contains(&p.model) {
-            p.lora = Some(p.model.clone());
-        } else {
-            return Err(ApiError {
-                param: Some("model"),
-                ..ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "model_not_found",
-                    format!("The model `{}` does not exist.", p.model),
-                )
-            });
-        }
-    }
+/// A request that passed every check: its token ids and output length are known.
+struct Prepared {
+    p: Parsed,
+    ids: Vec<u32>,
+    max_tokens: usize,
+}
 
-    let prompt_tokens = tokenizer::count_tokens(&p.prompt);
+/// Parse, resolve the model, tokenize and check the length: everything before the engine, shared
+/// by inference and the render endpoints so both see the same ids and the same refusals.
+fn prepare(app: &App, kind: Kind, body: &[u8]) -> Result<Prepared, ApiError> {
+    let mut p = parse_request(body, kind)?;
+    p.lora = resolve_model(app, &mut p.model)?;
+    let ids = app.tokenize(&p.prompt, p.add_special_tokens)?;
+    let prompt_tokens = ids.len();
     let max_tokens = match p.max_tokens {
         None => app.cfg.default_max_tokens,
         Some(0) => {
@@ -679,14 +780,39 @@ async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, 
             e.to_string(),
         ));
     }
+    Ok(Prepared { p, ids, max_tokens })
+}
 
-    let hashes = tokenizer::block_hashes(
-        tokenizer::chain_seed(&p.model),
-        &p.prompt,
-        app.cfg.block_size,
-    );
+async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = read_body(req.into_body(), app.cfg.max_body_bytes).await?;
+
+    let faults = app.faults.get();
+    if faults.added_latency_ms > 0.0 {
+        tokio::time::sleep(ms_to_duration(faults.added_latency_ms)).await;
+    }
+    if faults.error_rate > 0.0 && app.engine.random() < faults.error_rate {
+        let status =
+            StatusCode::from_u16(faults.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(ApiError::new(
+            status,
+            "injected_fault",
+            format!(
+                "injected failure (error rate {}) from {}",
+                faults.error_rate, app.cfg.name
+            ),
+        ));
+    }
+
+    let Prepared {
+        p,
+        mut ids,
+        max_tokens,
+    } = prepare(&app, kind, &body)?;
+    let prompt_tokens = ids.len();
+    let hashes =
+        tokenizer::block_hashes_of_ids(tokenizer::chain_seed(&p.model), &ids, app.cfg.block_size);
     let token_ids = if app.cfg.kv_events.endpoint.is_some() {
-        let mut ids = tokenizer::token_ids(&p.prompt);
         ids.truncate(hashes.len() * app.cfg.block_size);
         ids
     } else {
@@ -703,11 +829,7 @@ async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, 
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(app.engine.clone().run(job, tx));
 
-    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = match kind {
-        Kind::Completion => format!("cmpl-{}-{n}", app.cfg.name),
-        Kind::Chat => format!("chatcmpl-{}-{n}", app.cfg.name),
-    };
+    let id = next_request_id(&app, kind);
     let meta = Meta {
         id,
         created: now_unix(),
@@ -720,6 +842,109 @@ async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, 
     } else {
         collect_response(meta, rx).await
     }
+}
+
+fn next_request_id(app: &App, kind: Kind) -> String {
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    match kind {
+        Kind::Completion => format!("cmpl-{}-{n}", app.cfg.name),
+        Kind::Chat => format!("chatcmpl-{}-{n}", app.cfg.name),
+    }
+}
+
+async fn completions_render(State(app): State<AppState>, req: Request) -> Response {
+    render(app, Kind::Completion, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions_render(State(app): State<AppState>, req: Request) -> Response {
+    render(app, Kind::Chat, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// vLLM's render endpoints (`vllm launch render`): the request as the engine would receive it,
+/// tokens in (vLLM's `GenerateRequest`), without running it. `POST /v1/completions/render`
+/// answers a list (one entry per prompt; the simulator takes one), the chat one an object.
+/// Same parsing, model check, tokenizer and length checks as inference; no fault injection.
+async fn render(app: AppState, kind: Kind, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), app.cfg.max_body_bytes).await?;
+    let Prepared { p, ids, max_tokens } = prepare(&app, kind, &body)?;
+    let mut sampling = p.echo.sampling;
+    sampling.insert("n".into(), json!(1));
+    sampling.insert("max_tokens".into(), json!(max_tokens));
+    let generate = json!({
+        "request_id": next_request_id(&app, kind),
+        "token_ids": ids,
+        "features": null,
+        "sampling_params": sampling,
+        "model": p.model,
+        "stream": p.stream,
+        "stream_options": p.echo.stream_options,
+        "cache_salt": p.echo.cache_salt,
+        "priority": p.echo.priority,
+        "kv_transfer_params": null,
+    });
+    Ok(match kind {
+        Kind::Completion => axum::Json(json!([generate])),
+        Kind::Chat => axum::Json(generate),
+    }
+    .into_response())
+}
+
+/// vLLM's `POST /tokenize`: `prompt` (a string; `add_special_tokens` default true) or `messages`
+/// (rendered with the chat template; `add_generation_prompt` default true,
+/// `continue_final_message`, `add_special_tokens` default false), optional `model` and
+/// `return_token_strs`. Answers `{"count", "max_model_len", "tokens", "token_strs"}` with the ids
+/// the engine uses for the same prompt (those its KV events carry).
+async fn tokenize(State(app): State<AppState>, req: Request) -> Response {
+    tokenize_inner(&app, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn tokenize_inner(app: &App, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), app.cfg.max_body_bytes).await?;
+    let obj = parse_object(&body)?;
+    let mut model = parse_model(&obj)?;
+    resolve_model(app, &mut model)?;
+    let return_token_strs = opt_bool(&obj, "return_token_strs")?.unwrap_or(false);
+    let (text, default_special) = match (opt(&obj, "prompt"), opt(&obj, "messages")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad(
+                "invalid_value",
+                "messages",
+                "give either `prompt` or `messages`, not both",
+            ))
+        }
+        (None, Some(_)) => (render_chat_request(&obj)?, false),
+        (Some(Value::String(s)), None) => (s.clone(), true),
+        (Some(v), None) => {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "prompt",
+                format!("`prompt` must be a string, got {}", type_name(v)),
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::bad(
+                "missing_field",
+                "prompt",
+                "missing required field `prompt` (or `messages` for a conversation)",
+            ))
+        }
+    };
+    let add_special_tokens = opt_bool(&obj, "add_special_tokens")?.unwrap_or(default_special);
+    let ids = app.tokenize(&text, add_special_tokens)?;
+    let token_strs = return_token_strs.then(|| app.tokenizer.token_strs(&text, &ids));
+    Ok(axum::Json(json!({
+        "count": ids.len(),
+        "max_model_len": app.cfg.max_model_len,
+        "tokens": ids,
+        "token_strs": token_strs,
+    }))
+    .into_response())
 }
 
 struct Meta {

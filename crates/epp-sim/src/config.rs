@@ -3,6 +3,7 @@
 //! Field names mirror the `epp sim` flags (`max_num_seqs` ↔ `--max-num-seqs`), and validation
 //! errors name the flag, so the CLI can print them as they are.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::faults::Faults;
@@ -42,6 +43,9 @@ pub struct SimConfig {
     pub shutdown_grace: Duration,
     /// KV-cache event publishing (off by default).
     pub kv_events: KvEventsConfig,
+    /// A Hugging Face `tokenizer.json` to tokenize with (`--tokenizer`); `None`: 4 bytes per
+    /// token. Loaded when the server starts.
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -62,6 +66,7 @@ impl Default for SimConfig {
             faults: Faults::default(),
             shutdown_grace: Duration::from_secs(30),
             kv_events: KvEventsConfig::off(),
+            tokenizer: None,
         }
     }
 }
@@ -185,6 +190,13 @@ impl SimConfig {
         }
         if kv.topic.as_deref().is_some_and(|t| t.is_empty()) {
             return Err(err("--kv-events-topic", "must not be empty"));
+        }
+        if self
+            .tokenizer
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(err("--tokenizer", "must not be empty"));
         }
         self.faults.validate().map_err(|e| {
             let flag = match e.field {

@@ -2,13 +2,15 @@
 //! benchmarks run on a laptop without a GPU.
 //!
 //! One [`SimServer`] mirrors vLLM's HTTP surface (`/v1/completions`, `/v1/chat/completions` with
-//! SSE streaming, `/v1/models`, `/version`, `/health`, `/metrics`) and models what a router cares
+//! SSE streaming, `/tokenize`, the render endpoints, `/v1/models`, `/version`, `/health`,
+//! `/metrics`) and models what a router cares
 //! about: a FIFO queue behind a sequence limit, a prefix KV cache with chained block hashes and LRU
 //! eviction, LoRA adapter slots, a latency model, vLLM-named metrics, and injectable failures.
 //!
 //! Table of contents:
 //! - [`config`]: [`SimConfig`] and its validation;
-//! - [`tokenizer`]: the 4-characters-per-token tokenizer, chat template and block hashing;
+//! - [`tokenizer`]: the 4-characters-per-token tokenizer (or a `tokenizer.json`), chat template
+//!   and block hashing;
 //! - [`cache`]: the prefix KV cache model;
 //! - [`latency`]: the latency model;
 //! - [`engine`]: admission, queueing and the timed run of a request;
@@ -61,6 +63,9 @@ pub async fn spawn_many(
             u16::MAX
         );
     }
+    base.validate()?;
+    // One load for every server: a real tokenizer.json is megabytes.
+    let tokenizer = server::load_tokenizer(base)?;
     let mut servers = Vec::with_capacity(count);
     for i in 0..count {
         let mut cfg = SimConfig {
@@ -88,7 +93,7 @@ pub async fn spawn_many(
         } else {
             base_port + i as u16
         };
-        match spawn(cfg, SocketAddr::new(host, port)).await {
+        match server::spawn_with(cfg, SocketAddr::new(host, port), tokenizer.clone()).await {
             Ok(s) => servers.push(s),
             Err(e) => {
                 for s in servers {

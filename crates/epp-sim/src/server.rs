@@ -18,10 +18,11 @@ use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 
 use crate::api::{self, App};
-use crate::config::SimConfig;
+use crate::config::{ConfigError, SimConfig};
 use crate::engine::{Engine, EngineSnapshot};
 use crate::faults::FaultHandle;
 use crate::kv_events::{self, KvEventsHandle};
+use crate::tokenizer::Tokenizer;
 
 /// A running simulated server. Dropping it stops accepting (without waiting);
 /// [`SimServer::shutdown`] also waits for in-flight requests.
@@ -44,8 +45,28 @@ impl std::fmt::Debug for SimServer {
     }
 }
 
-/// Validate `cfg`, bind `listen` (port 0 = ephemeral) and start serving.
+/// Validate `cfg`, load its tokenizer, bind `listen` (port 0 = ephemeral) and start serving.
+/// An invalid setting or tokenizer file is a [`ConfigError`] naming the flag.
 pub async fn spawn(cfg: SimConfig, listen: SocketAddr) -> anyhow::Result<SimServer> {
+    cfg.validate()?;
+    let tokenizer = load_tokenizer(&cfg)?;
+    spawn_with(cfg, listen, tokenizer).await
+}
+
+/// The tokenizer `cfg` names, or a [`ConfigError`] naming `--tokenizer` and the file.
+pub(crate) fn load_tokenizer(cfg: &SimConfig) -> Result<Tokenizer, ConfigError> {
+    Tokenizer::load(cfg.tokenizer.as_deref()).map_err(|e| ConfigError {
+        flag: "--tokenizer",
+        message: e.to_string(),
+    })
+}
+
+/// [`spawn`] with the tokenizer already loaded (shared by the servers of [`crate::spawn_many`]).
+pub(crate) async fn spawn_with(
+    cfg: SimConfig,
+    listen: SocketAddr,
+    tokenizer: Tokenizer,
+) -> anyhow::Result<SimServer> {
     cfg.validate()?;
     let listener = TcpListener::bind(listen)
         .await
@@ -76,6 +97,7 @@ pub async fn spawn(cfg: SimConfig, listen: SocketAddr) -> anyhow::Result<SimServ
             .map(|d| d.as_secs())
             .unwrap_or(0),
         next_id: AtomicU64::new(0),
+        tokenizer,
         cfg,
     });
     let router = api::router(app, addr.port());

@@ -1,19 +1,30 @@
-//! The simulator's approximate tokenizer and chat template.
+//! The simulator's tokenizer and chat template.
 //!
 //! Real engines need a model's vocabulary; the simulator must work offline and be predictable, so
-//! it uses a fixed rule: **one token = 4 consecutive bytes of the UTF-8 prompt text** (4
+//! by default it uses a fixed rule: **one token = 4 consecutive bytes of the UTF-8 prompt text** (4
 //! characters of ASCII text); the last token may be shorter. With the default block size of 16
 //! tokens a KV block covers exactly 64 bytes, the blocks the picker's approximate prefix index
 //! hashes, and the chain is built the same way (xxhash64 seeded with the model name, each block
 //! hashed with the previous hash as seed), so a prefix the picker believes is cached here really
 //! is cached here.
 //!
-//! Chat requests are rendered to one prompt with [`render_chat`] before tokenizing:
+//! With `--tokenizer PATH` it tokenizes with a Hugging Face `tokenizer.json` instead
+//! ([`Tokenizer::Hf`], the same loader as the picker's `local` token-producer backend), so the
+//! picker and the simulator can agree on real token ids.
+//!
+//! Blocks are hashed over token ids ([`block_hashes_of_ids`]: the big-endian bytes of each id,
+//! chained). For the byte tokenizer the big-endian bytes of a full block's ids are exactly the
+//! block's text, so this equals [`block_hashes`] of the text.
+//!
+//! Chat requests are rendered to one prompt with [`render_chat_with`] before tokenizing:
 //! `{role}\n{content}\n` per message (the picker's rendering), then the generation cue
-//! `assistant\n`. A conversation that extends an earlier one therefore shares its prefix (and its
-//! cached blocks).
+//! `assistant\n` (vLLM's `add_generation_prompt`, on by default). A conversation that extends an
+//! earlier one therefore shares its prefix (and its cached blocks).
 
-use xxhash_rust::xxh64::xxh64;
+use std::sync::Arc;
+
+use epp_core::tokenization::{HfTokenizer, TokenizerError};
+use xxhash_rust::xxh64::{xxh64, Xxh64};
 
 /// Bytes of UTF-8 text per token.
 pub const BYTES_PER_TOKEN: usize = 4;
@@ -30,9 +41,23 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// The generation cue appended after the messages (vLLM's `add_generation_prompt`).
+pub use epp_core::tokenization::GENERATION_CUE;
+
 /// Render a conversation to a prompt: `{role}\n{content}\n` per message, then the generation
 /// cue `assistant\n`.
 pub fn render_chat(messages: &[ChatMessage]) -> String {
+    render_chat_with(messages, true, false)
+}
+
+/// [`render_chat`] with vLLM's two template switches: `add_generation_prompt` appends the cue;
+/// `continue_final_message` leaves the last message open (no newline after it, no cue) so the
+/// model continues it. Callers refuse both at once, as vLLM does.
+pub fn render_chat_with(
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+) -> String {
     let mut out = String::new();
     for m in messages {
         out.push_str(&m.role);
@@ -40,8 +65,59 @@ pub fn render_chat(messages: &[ChatMessage]) -> String {
         out.push_str(&m.content);
         out.push('\n');
     }
-    out.push_str("assistant\n");
+    if continue_final_message {
+        if !messages.is_empty() {
+            out.pop();
+        }
+    } else if add_generation_prompt {
+        out.push_str(GENERATION_CUE);
+    }
     out
+}
+
+/// How a server turns prompt text into token ids.
+#[derive(Clone, Debug, Default)]
+pub enum Tokenizer {
+    /// 4 bytes of UTF-8 text per token, the id being the bytes read as a big-endian `u32`.
+    #[default]
+    Bytes,
+    /// A Hugging Face `tokenizer.json` (`--tokenizer PATH`).
+    Hf(Arc<HfTokenizer>),
+}
+
+impl Tokenizer {
+    /// `None`: the byte tokenizer; a path: that `tokenizer.json`, loaded now.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, TokenizerError> {
+        match path {
+            None => Ok(Self::Bytes),
+            Some(p) => Ok(Self::Hf(Arc::new(HfTokenizer::from_file(p)?))),
+        }
+    }
+
+    /// The token ids of `text`. `add_special_tokens` applies the `tokenizer.json`'s
+    /// post-processor (the byte tokenizer has no special tokens).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        match self {
+            Self::Bytes => Ok(token_ids(text)),
+            Self::Hf(t) => t.encode(text, add_special_tokens),
+        }
+    }
+
+    /// The text of each token (vLLM's `token_strs`): the 4-byte pieces of `text` (lossy UTF-8),
+    /// or the vocabulary entries of `ids`.
+    pub fn token_strs(&self, text: &str, ids: &[u32]) -> Vec<String> {
+        match self {
+            Self::Bytes => text
+                .as_bytes()
+                .chunks(BYTES_PER_TOKEN)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect(),
+            Self::Hf(t) => ids
+                .iter()
+                .map(|&id| t.id_to_token(id).unwrap_or_default())
+                .collect(),
+        }
+    }
 }
 
 /// The first link of a hash chain: the model (or LoRA adapter) name, so that different models
@@ -75,6 +151,24 @@ pub fn token_ids(text: &str) -> Vec<u32> {
             let mut b = [0u8; BYTES_PER_TOKEN];
             b[..t.len()].copy_from_slice(t);
             u32::from_be_bytes(b)
+        })
+        .collect()
+}
+
+/// Chained hashes of the *full* blocks of `ids` (`block_size` ids each):
+/// `hash_0 = xxh64(bytes(block_0), seed)`, `hash_i = xxh64(bytes(block_i), hash_{i-1})`, where
+/// `bytes` is each id's 4 big-endian bytes in order. For the byte tokenizer that is the block's
+/// text, so the result equals [`block_hashes`] of the text.
+pub fn block_hashes_of_ids(seed: u64, ids: &[u32], block_size: usize) -> Vec<u64> {
+    let mut prev = seed;
+    ids.chunks_exact(block_size.max(1))
+        .map(|block| {
+            let mut h = Xxh64::new(prev);
+            for id in block {
+                h.update(&id.to_be_bytes());
+            }
+            prev = h.digest();
+            prev
         })
         .collect()
 }
@@ -136,6 +230,49 @@ mod tests {
         let rb = render_chat(&b);
         assert_eq!(rb, "user\nhi\nassistant\nyo\nassistant\n");
         assert!(rb.starts_with(&render_chat(&a)));
+    }
+
+    #[test]
+    fn id_hashes_equal_text_hashes_for_the_byte_tokenizer() {
+        let seed = chain_seed("m");
+        for text in ["a".repeat(64 * 3 + 7), "é".repeat(100), String::new()] {
+            assert_eq!(
+                block_hashes_of_ids(seed, &token_ids(&text), 16),
+                block_hashes(seed, &text, 16),
+                "{text}"
+            );
+        }
+        assert_eq!(block_hashes_of_ids(seed, &[1, 2, 3], 2).len(), 1);
+    }
+
+    #[test]
+    fn template_switches() {
+        let m = vec![
+            ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: "Sure".into(),
+            },
+        ];
+        assert_eq!(
+            render_chat_with(&m, false, false),
+            "user\nhi\nassistant\nSure\n"
+        );
+        assert_eq!(
+            render_chat_with(&m, false, true),
+            "user\nhi\nassistant\nSure"
+        );
+        assert_eq!(
+            render_chat_with(&m, true, true),
+            "user\nhi\nassistant\nSure"
+        );
+        assert_eq!(render_chat_with(&[], true, true), "");
+        let bytes = Tokenizer::Bytes;
+        assert_eq!(bytes.encode("abcdef", true).unwrap(), token_ids("abcdef"));
+        assert_eq!(bytes.token_strs("abcdef", &[]), vec!["abcd", "ef"]);
     }
 
     #[test]

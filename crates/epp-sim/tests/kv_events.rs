@@ -10,7 +10,9 @@ use std::time::Duration;
 use epp_core::kvevents::subscriber::{self, SubscriberConfig, Update};
 use epp_core::kvevents::{BlockRemoved, BlockStored, EventForm, KvEvent};
 use epp_core::telemetry::Shutdown;
-use epp_sim::tokenizer::{block_hashes, chain_seed, render_chat, token_ids, ChatMessage};
+use epp_sim::tokenizer::{
+    block_hashes, block_hashes_of_ids, chain_seed, render_chat, token_ids, ChatMessage,
+};
 use epp_sim::{KvEventsConfig, SimConfig, SimServer};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -304,5 +306,77 @@ async fn reset_works_without_kv_events() {
     let r = common::post(sim.addr(), "/reset_prefix_cache", &json!({})).await;
     assert_eq!(r.status, 200);
     assert!(sim.kv_events().is_none());
+    sim.shutdown().await;
+}
+
+/// With `--tokenizer`, the blocks the engine stores carry the `tokenizer.json`'s ids (those
+/// `/tokenize` answers) and are hashed over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_events_carry_the_ids_tokenize_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = epp_core::tokenization::testing::train_word_level(
+        dir.path(),
+        &["user assistant hello world how are you today"],
+    )
+    .unwrap();
+    let sim = common::start(SimConfig {
+        tokenizer: Some(path),
+        ..config(EventForm::Array, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    })
+    .await;
+    let kv = sim.kv_events().expect("publishing").clone();
+    let shutdown = Shutdown::new();
+    let mut cfg = SubscriberConfig::new(kv.endpoint.clone());
+    cfg.replay_endpoint = kv.replay_endpoint.clone();
+    let (mut rx, task) = subscriber::spawn(cfg, shutdown.clone());
+    connected(&mut rx).await;
+    // Reset until the subscription is heard, then let replayed batches settle.
+    let mut heard = false;
+    for _ in 0..5 {
+        let r = common::post(sim.addr(), "/reset_prefix_cache", &json!({})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if tokio::time::timeout(Duration::from_secs(1), next(&mut rx))
+            .await
+            .is_ok()
+        {
+            heard = true;
+            while tokio::time::timeout(Duration::from_millis(300), next(&mut rx))
+                .await
+                .is_ok()
+            {}
+            break;
+        }
+    }
+    assert!(heard, "the subscription never reached the publisher");
+
+    let messages = json!([{"role": "user", "content": "hello world how are you today"}]);
+    let r = common::post(sim.addr(), "/tokenize", &json!({"messages": messages})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let tokens: Vec<u32> = serde_json::from_value(r.json()["tokens"].clone()).unwrap();
+    assert_eq!(tokens.len(), 8, "user + 6 words + assistant");
+    let r = common::post(
+        sim.addr(),
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": messages, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let stored = loop {
+        let (_, _, events) = batch(&mut rx).await;
+        if let Some(KvEvent::BlockStored(b)) = events
+            .into_iter()
+            .find(|e| matches!(e, KvEvent::BlockStored(_)))
+        {
+            break b;
+        }
+    };
+    assert_eq!(stored.token_ids, tokens);
+    assert_eq!(
+        stored.block_hashes,
+        block_hashes_of_ids(chain_seed(MODEL), &tokens, BLOCK)
+    );
+    assert_eq!(stored.parent_block_hash, None);
+    shutdown.trigger();
+    let _ = tokio::time::timeout(WAIT, task).await;
     sim.shutdown().await;
 }

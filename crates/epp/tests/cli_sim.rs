@@ -23,6 +23,15 @@ fn bad_flags_are_refused_naming_the_flag() {
         (&["--inter-token-ms=-1"], "--inter-token-ms"),
         (&["--lora-modules", "a", "--max-loras", "0"], "--max-loras"),
         (&["--base-port", "65535", "--count", "2"], "--base-port"),
+        (
+            &[
+                "--base-port",
+                "0",
+                "--tokenizer",
+                "/nonexistent/tokenizer.json",
+            ],
+            "invalid --tokenizer: cannot read /nonexistent/tokenizer.json",
+        ),
     ];
     for (args, flag) in cases {
         let out = epp()

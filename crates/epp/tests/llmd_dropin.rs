@@ -373,8 +373,8 @@ async fn the_chart_rendered_standalone_args_start_the_picker_and_it_routes() {
 /// What loading one config must give: `Ok` (it loads and routes) or the exact error.
 fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
     const UNSUPPORTED: &str = "epp does not support it; supported types: ";
-    const VLLM_TOKENIZER: &str =
-        "plugins[0].parameters.vllm: the vLLM /render tokenizer backend is not supported by epp";
+    // The llm-d placeholder host `<vllm-service>.<namespace>` is not a URL.
+    const BURST_URL: &str = "plugins[0].parameters.vllm.url: \"http://<vllm-service>.<namespace>.svc.cluster.local:8000\" is not a URL";
     const FLOW_CONTROL_GATE: &str =
         "featureGates[0]: unknown feature gate \"flowControl\": epp does not support it; supported gates: dataLayer";
     let refused = |prefix: &'static str| -> Result<(), &'static str> { Err(prefix) };
@@ -386,11 +386,7 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
         ("epp-config.yaml", Ok(())),
         ("epp-estimate-prefix-cache-config.yaml", Ok(())),
         ("sim-epp-config.yaml", Ok(())),
-        ("epp-burst-prefix-cache-config.yaml", refused(VLLM_TOKENIZER)),
-        ("epp-mm-embeddings-cache-config.yaml", refused(VLLM_TOKENIZER)),
-        ("epp-precise-prefix-cache-config.yaml", refused(VLLM_TOKENIZER)),
-        ("sim-epp-kvcache-config.yaml", refused(VLLM_TOKENIZER)),
-        ("sim-epp-tokenizer-vllm-http-config.yaml", refused(VLLM_TOKENIZER)),
+        ("epp-burst-prefix-cache-config.yaml", refused(BURST_URL)),
         (
             "probabilistic-admitter-epp-config.yaml",
             refused("flowControl.saturationDetector.pluginRef: \"utilization-detector\": epp does not support saturation detector plugins"),
@@ -423,6 +419,23 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
         (
             "sim-epp-gpu-config.yaml",
             "plugins[0].type: unknown plugin type \"dcgm-data-source\": ",
+        ),
+        // The token-producer's vLLM render backend loads; what stops these is the next plugin.
+        (
+            "epp-mm-embeddings-cache-config.yaml",
+            "plugins[4].type: unknown plugin type \"mm-embeddings-cache-producer\": ",
+        ),
+        (
+            "epp-precise-prefix-cache-config.yaml",
+            "plugins[6].type: unknown plugin type \"precise-prefix-cache-producer\": ",
+        ),
+        (
+            "sim-epp-kvcache-config.yaml",
+            "plugins[1].type: unknown plugin type \"precise-prefix-cache-producer\": ",
+        ),
+        (
+            "sim-epp-tokenizer-vllm-http-config.yaml",
+            "plugins[1].type: unknown plugin type \"precise-prefix-cache-producer\": ",
         ),
         (
             "sim-epp-no-hit-lru.yaml",

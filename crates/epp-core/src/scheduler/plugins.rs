@@ -11,6 +11,8 @@ pub mod profiles;
 pub mod registry;
 pub mod scorers;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -30,7 +32,7 @@ pub use pickers::weighted_random::{WeightedRandomPicker, TYPE as WEIGHTED_RANDOM
 pub use pickers::PickerParams;
 pub use producers::approx_prefix::{ApproxPrefixProducer, TYPE as APPROX_PREFIX_CACHE_PRODUCER};
 pub use producers::token::{
-    TokenProducer, LEGACY_TYPE as LEGACY_TOKEN_PRODUCER, TYPE as TOKEN_PRODUCER,
+    TokenProducer, TokenizerMetrics, LEGACY_TYPE as LEGACY_TOKEN_PRODUCER, TYPE as TOKEN_PRODUCER,
 };
 pub use profiles::single::{SingleProfileHandler, TYPE as SINGLE_PROFILE_HANDLER};
 pub use registry::{all_types, REGISTRY};
@@ -51,9 +53,24 @@ pub trait Producer: Send + Sync {
     fn prefix_plan(&self) -> Option<PrefixPlan> {
         None
     }
+    /// The part of this producer's work that waits on I/O (a remote tokenizer), awaited by the
+    /// director once per request before any producer's [`produce`](Self::produce) runs. `None`
+    /// (the default): nothing to wait for. It must not fail the request: whatever goes wrong is
+    /// counted and logged, and `produce` falls back.
+    fn prepare<'a>(
+        &'a self,
+        _request: &'a ParsedRequest,
+        _data: &'a mut RequestData,
+        _metrics: &'a TokenizerMetrics,
+    ) -> Option<PrepareFuture<'a>> {
+        None
+    }
     /// Attach this producer's data to one request.
     fn produce(&self, _request: &ParsedRequest, _data: &mut RequestData) {}
 }
+
+/// The future of [`Producer::prepare`].
+pub type PrepareFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// What a scorer needs from the approximate prefix index.
 #[derive(Clone, Debug, PartialEq)]

@@ -128,6 +128,11 @@ pub struct Args {
     #[arg(long, default_value = "array", value_parser = ["array", "map"])]
     pub kv_events_format: String,
 
+    /// Tokenize with this Hugging Face tokenizer.json (prompt lengths, /tokenize, KV-event token
+    /// ids, block hashes) instead of 4 bytes per token. Loaded at start-up, never downloaded.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<std::path::PathBuf>,
+
     /// Grace period for in-flight requests on SIGTERM/SIGINT, in seconds.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace_secs: f64,
@@ -198,6 +203,7 @@ impl Args {
                     .parse()
                     .map_err(|e| format!("invalid --kv-events-format: {e}"))?,
             },
+            tokenizer: self.tokenizer.clone(),
         };
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -226,16 +232,26 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         latency = ?cfg.latency,
         seed = cfg.seed,
         faults = ?cfg.faults,
+        tokenizer = ?cfg.tokenizer,
         "starting simulated vLLM servers"
     );
-    let servers = epp_sim::spawn_many(
+    let servers = match epp_sim::spawn_many(
         &cfg,
         &args.name_prefix,
         args.host,
         args.base_port,
         args.count,
     )
-    .await?;
+    .await
+    {
+        Ok(s) => s,
+        // A tokenizer file that does not load is a bad flag, refused before anything binds.
+        Err(e) if e.downcast_ref::<epp_sim::ConfigError>().is_some() => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e),
+    };
     for s in &servers {
         if let Some(ms) = args.refuse_connections_ms {
             s.faults()
