@@ -256,11 +256,9 @@ impl TokenProcessor {
         for (i, chunk) in tokens.chunks_exact(bs).enumerate() {
             let extra = extras.and_then(|e| e[i].as_deref());
             prev = match self.algorithm {
-                HashAlgorithm::CborFnv => cbor_fnv(
-                    prev,
-                    Some(chunk),
-                    extra.map_or(Extra::None, Extra::Hashes),
-                ),
+                HashAlgorithm::CborFnv => {
+                    cbor_fnv(prev, Some(chunk), extra.map_or(Extra::None, Extra::Hashes))
+                }
                 HashAlgorithm::Xxh64 => {
                     strs.clear();
                     if let Some(list) = extra {
@@ -352,7 +350,11 @@ mod tests {
         assert_eq!(
             p.block_keys(Some(999_999), &seq(12), "test-model", None)
                 .unwrap(),
-            vec![8481448490634877348, 11187422302766676541, 14874973469707511624]
+            vec![
+                8481448490634877348,
+                11187422302766676541,
+                14874973469707511624
+            ]
         );
         // Token ids across every CBOR integer width.
         let p = TokenProcessor::new(16, "", HashAlgorithm::CborFnv);
@@ -385,7 +387,9 @@ mod tests {
         // The simulator's token ids of "abcd" × 64 (4 bytes per token, big-endian).
         let sim = vec![0x6162_6364u32; 64];
         assert_eq!(
-            p_default().block_keys(None, &sim, "sim-model", None).unwrap(),
+            p_default()
+                .block_keys(None, &sim, "sim-model", None)
+                .unwrap(),
             vec![
                 5202064870406463230,
                 9353981122996173772,
@@ -425,7 +429,9 @@ mod tests {
         for alg in [HashAlgorithm::CborFnv, HashAlgorithm::Xxh64] {
             let p = TokenProcessor::new(16, "s", alg);
             let full = p.block_keys(None, &seq(64), "m", None).unwrap();
-            let tail = p.block_keys(Some(full[1]), &seq(64)[32..], "m", None).unwrap();
+            let tail = p
+                .block_keys(Some(full[1]), &seq(64)[32..], "m", None)
+                .unwrap();
             assert_eq!(&full[2..], &tail[..]);
             assert!(p.block_keys(None, &seq(15), "m", None).unwrap().is_empty());
             assert_ne!(
