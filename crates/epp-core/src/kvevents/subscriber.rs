@@ -119,7 +119,9 @@ impl SeqTracker {
         let mut restarted = None;
         let reconnected = std::mem::take(&mut self.reconnected);
         match (self.live, self.delivered) {
-            (Some(last), _) if seq < last => {
+            // Went back; or, after a reconnection, came back at the same number (a live message
+            // is never sent twice, so that is a new publisher too).
+            (Some(last), _) if seq < last || (reconnected && seq == last) => {
                 restarted = Some(last);
                 self.delivered = None;
             }
@@ -467,5 +469,12 @@ mod tests {
         t.reconnected();
         assert_eq!(t.on_live(20), (Some(8), Step::Missing { from: 0, to: 19 }));
         assert_eq!(t.next_expected(), 0);
+        // A publisher that sent one message, restarted, and sent one again: 0 after 0.
+        let mut t = SeqTracker::default();
+        assert_eq!(t.on_live(0), (None, Step::Deliver));
+        t.delivered(0);
+        assert_eq!(t.on_live(0), (None, Step::Duplicate));
+        t.reconnected();
+        assert_eq!(t.on_live(0), (Some(0), Step::Deliver));
     }
 }
