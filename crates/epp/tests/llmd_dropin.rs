@@ -386,6 +386,9 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
         ("epp-config.yaml", Ok(())),
         ("epp-estimate-prefix-cache-config.yaml", Ok(())),
         ("sim-epp-config.yaml", Ok(())),
+        // The precise producer without a token producer: requests are scored by the approximate
+        // index (no token ids), counted in epp_precise_prefix_fallback_total{reason="no_token_ids"}.
+        ("sim-epp-no-hit-lru.yaml", Ok(())),
         ("epp-burst-prefix-cache-config.yaml", refused(VLLM_TOKENIZER)),
         ("epp-mm-embeddings-cache-config.yaml", refused(VLLM_TOKENIZER)),
         ("epp-precise-prefix-cache-config.yaml", refused(VLLM_TOKENIZER)),
@@ -423,10 +426,6 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
         (
             "sim-epp-gpu-config.yaml",
             "plugins[0].type: unknown plugin type \"dcgm-data-source\": ",
-        ),
-        (
-            "sim-epp-no-hit-lru.yaml",
-            "plugins[0].type: unknown plugin type \"precise-prefix-cache-producer\": ",
         ),
         (
             "sim-pd-epp-config.yaml",

@@ -92,7 +92,8 @@ pub struct KvBlockIndexParams {
     pub cost_aware_memory_config: Option<CostAwareParams>,
     #[serde(default)]
     pub enable_metrics: bool,
-    /// Go's `time.Duration` in JSON: nanoseconds (a duration string is accepted too).
+    /// Go's `time.Duration` in JSON: nanoseconds (a duration string is accepted too). The index
+    /// counters are logged this often (epp keeps them with or without `enableMetrics`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_logging_interval: Option<Value>,
 }
@@ -328,12 +329,6 @@ impl PrecisePrefixParams {
             }
         }
         .filter(|d| !d.is_zero());
-        if metrics_logging.is_some() && !kb.enable_metrics {
-            return Err(ConfigError::new(
-                at("indexerConfig.kvBlockIndexConfig.metricsLoggingInterval"),
-                "requires enableMetrics: true",
-            ));
-        }
 
         // KV events.
         let ke = self.kv_events_config.clone().unwrap_or_default();
@@ -636,7 +631,7 @@ fallback: {eventTimeout: 3s, rebuildWindow: 1s}
                 "indexerConfig.kvBlockIndexConfig.inMemoryConfig.size",
             ),
             (
-                "{indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: 5s}}}",
+                "{indexerConfig: {kvBlockIndexConfig: {metricsLoggingInterval: soon}}}",
                 "indexerConfig.kvBlockIndexConfig.metricsLoggingInterval",
             ),
             ("{speculativeTTL: soon}", "speculativeTTL"),
