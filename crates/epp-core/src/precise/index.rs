@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::time::{Duration, Instant};
@@ -76,11 +76,12 @@ struct Holder {
     tiers: u8,
 }
 
-/// Up to four holders inline, more on the heap.
+/// Up to four holders inline, more on the heap (boxed: the inline form stays 16 bytes).
 #[derive(Debug)]
 enum Holders {
     Inline(u8, [Holder; 4]),
-    Heap(Vec<Holder>),
+    #[allow(clippy::box_collection)]
+    Heap(Box<Vec<Holder>>),
 }
 
 const NO_HOLDER: Holder = Holder { slot: 0, tiers: 0 };
@@ -113,7 +114,7 @@ impl Holders {
             Holders::Inline(_, h) => {
                 let mut v = h.to_vec();
                 v.push(x);
-                *self = Holders::Heap(v);
+                *self = Holders::Heap(Box::new(v));
             }
             Holders::Heap(v) => v.push(x),
         }
@@ -157,25 +158,67 @@ struct Shard {
     hand: usize,
 }
 
+/// The request keys an engine block overlaps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Covers {
+    /// Exactly its chain key (engine and request blocks of one size: the common case).
+    Chain,
+    /// None complete (a small engine block past the last full request block).
+    Nothing,
+    /// One other key (a small engine block inside a request block).
+    One(u64),
+    /// Several (an engine block larger than a request block).
+    Many(Box<[u64]>),
+}
+
 /// One engine block as this index knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct EngineEntry {
-    /// Request keys whose blocks overlap this engine block's tokens.
-    covers: Vec<u64>,
-    /// The request key a chain continuing after this block has for parent, and the token
-    /// position (from the start of the prompt) where this block ends.
+    /// The request key a chain continuing after this block has for parent.
     chain: u64,
-    end: u64,
+    covers: Covers,
+    /// The token position (from the start of the prompt) where this block ends.
+    end: u32,
     /// Stores announcing it, minus removes (llm-d's dedup reference count).
     refs: u32,
 }
 
+impl EngineEntry {
+    fn new(chain: u64, covers: &[u64], end: u64) -> Self {
+        let covers = match covers {
+            [] => Covers::Nothing,
+            [k] if *k == chain => Covers::Chain,
+            [k] => Covers::One(*k),
+            many => Covers::Many(many.into()),
+        };
+        Self {
+            chain,
+            covers,
+            end: u32::try_from(end).unwrap_or(u32::MAX),
+            refs: 1,
+        }
+    }
+
+    fn covers(&self) -> &[u64] {
+        match &self.covers {
+            Covers::Chain => std::slice::from_ref(&self.chain),
+            Covers::Nothing => &[],
+            Covers::One(k) => std::slice::from_ref(k),
+            Covers::Many(v) => v,
+        }
+    }
+}
+
+/// The engine map's key: the engine hash with its tier mixed in (tier 0 is the hash itself), so
+/// the map stays one word per key.
+fn engine_key(ek: u64, tier: u8) -> u64 {
+    ek ^ u64::from(tier).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 #[derive(Debug, Default)]
 struct Share {
-    /// `(engine hash, tier)` → entry.
-    engine: HashMap<(u64, u8), EngineEntry>,
-    /// Insertion order for the bound (entries removed since are skipped when popped).
-    order: VecDeque<(u64, u8)>,
+    /// [`engine_key`] → entry.
+    engine: IdMap<EngineEntry>,
     /// KV-cache groups learned from events: group → cache kind.
     groups: HashMap<u32, String>,
 }
@@ -221,8 +264,8 @@ pub struct PreciseIndex {
     shard_cap: usize,
     shares: Box<[Mutex<Share>]>,
     tiers: RwLock<Vec<Tier>>,
-    /// f32 bits of each tier's weight.
-    tier_weight: [AtomicU32; MAX_TIERS],
+    /// f64 bits of each tier's weight.
+    tier_weight: [AtomicU64; MAX_TIERS],
     speculative: Mutex<VecDeque<Seeded>>,
     keys: AtomicUsize,
     entries: AtomicUsize,
@@ -257,7 +300,7 @@ impl PreciseIndex {
                 .map(|_| Mutex::new(Share::default()))
                 .collect(),
             tiers: RwLock::new(Vec::new()),
-            tier_weight: std::array::from_fn(|_| AtomicU32::new(1.0f32.to_bits())),
+            tier_weight: std::array::from_fn(|_| AtomicU64::new(1.0f64.to_bits())),
             speculative: Mutex::new(VecDeque::new()),
             keys: AtomicUsize::new(0),
             entries: AtomicUsize::new(0),
@@ -327,14 +370,14 @@ impl PreciseIndex {
             .find(|(n, _)| n.eq_ignore_ascii_case(&t.medium))
             .map_or(1.0, |(_, w)| *w);
         let id = tiers.len();
-        self.tier_weight[id].store((w as f32).to_bits(), Ordering::Relaxed);
+        self.tier_weight[id].store(w.to_bits(), Ordering::Relaxed);
         tiers.push(t);
         Some(id as u8)
     }
 
     /// The weight of a holder: its heaviest tier (a speculative entry weighs 1, as in llm-d).
-    fn weight(&self, tiers: u8) -> f32 {
-        let mut w = 0.0f32;
+    fn weight(&self, tiers: u8) -> f64 {
+        let mut w = 0.0f64;
         if tiers & SPECULATIVE != 0 {
             w = 1.0;
         }
@@ -342,13 +385,14 @@ impl PreciseIndex {
         while bits != 0 {
             let t = bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            w = w.max(f32::from_bits(self.tier_weight[t].load(Ordering::Relaxed)));
+            w = w.max(f64::from_bits(self.tier_weight[t].load(Ordering::Relaxed)));
         }
         w
     }
 
     /// For every slot, the tier-weighted count of the leading prompt blocks it holds, rounded
-    /// down (llm-d's `LongestPrefix` score: GPU 1, CPU 0.8, ...); `best` is the longest
+    /// down (llm-d's `LongestPrefix` score: GPU 1, CPU 0.8, ..., summed block by block in f64 and
+    /// truncated, as llm-d does, so ten CPU blocks count 7); `best` is the longest
     /// unweighted run any slot holds (llm-d's per-lookup hit count).
     pub fn lookup(&self, keys: &[u64]) -> (PrefixMatch, u32) {
         let mut out = PrefixMatch {
@@ -356,7 +400,7 @@ impl PreciseIndex {
             total_blocks: keys.len() as u32,
         };
         let mut alive: u128 = u128::MAX;
-        let mut score = [0.0f32; MAX_SLOTS];
+        let mut score = [0.0f64; MAX_SLOTS];
         let mut run = 0u32;
         for key in keys {
             let shard = self.shard(*key).read();
@@ -595,7 +639,7 @@ impl PreciseIndex {
         let (parent, start) = match ev.parent_block_hash {
             None => (None, 0u64),
             Some(p) => match find_engine(&share, p) {
-                Some(e) => (Some(e.chain), e.end),
+                Some(e) => (Some(e.chain), u64::from(e.end)),
                 None => return skip(out, "unknown_parent"),
             },
         };
@@ -631,10 +675,7 @@ impl PreciseIndex {
             let (lo, hi) = (j as u64 * ebs, (j as u64 + 1) * ebs);
             let first = (lo / bs) as usize;
             let last = (hi.div_ceil(bs) as usize).min(keys.len());
-            let covers = keys
-                .get(first..last)
-                .map(<[u64]>::to_vec)
-                .unwrap_or_default();
+            let covers = keys.get(first..last).unwrap_or_default();
             // The last request block that ends inside this engine block's end.
             let done = (hi / bs) as usize;
             let chain = match done.checked_sub(1) {
@@ -643,15 +684,9 @@ impl PreciseIndex {
             };
             let Some(chain) = chain else { continue };
             self.put_engine(
-                slot as usize,
                 &mut share,
-                (*ek, tier),
-                EngineEntry {
-                    covers,
-                    chain,
-                    end: start + hi,
-                    refs: 1,
-                },
+                engine_key(*ek, tier),
+                EngineEntry::new(chain, covers, start + hi),
             );
         }
     }
@@ -680,17 +715,17 @@ impl PreciseIndex {
             return;
         }
         for (ek, mut e) in known {
-            for k in &e.covers {
+            for k in e.covers() {
                 if self.add_holder(*k, slot, 1 << tier) {
                     out.admitted += 1;
                 }
             }
             e.refs = 1;
-            self.put_engine(slot as usize, share, (ek, tier), e);
+            self.put_engine(share, engine_key(ek, tier), e);
         }
     }
 
-    fn put_engine(&self, slot: usize, share: &mut Share, key: (u64, u8), entry: EngineEntry) {
+    fn put_engine(&self, share: &mut Share, key: u64, entry: EngineEntry) {
         if let Some(e) = share.engine.get_mut(&key) {
             e.refs = e.refs.saturating_add(1);
             e.covers = entry.covers;
@@ -698,25 +733,18 @@ impl PreciseIndex {
             e.end = entry.end;
             return;
         }
-        // Bound: all endpoints together hold at most `max_keys` engine mappings; the inserting
-        // endpoint gives up its oldest.
+        // Bound: all endpoints together hold at most `max_keys` engine mappings; past it the
+        // inserting endpoint gives one up (any: the bound is a safety net, normally the engines'
+        // removals keep the mappings at the size of their caches).
         while self.engine_entries.load(Ordering::Relaxed) >= self.cfg.max_keys.max(1) {
-            let Some(old) = share.order.pop_front() else {
+            let Some(old) = share.engine.keys().next().copied() else {
                 return;
             };
-            if share.engine.remove(&old).is_some() {
-                self.engine_entries.fetch_sub(1, Ordering::Relaxed);
-            }
+            share.engine.remove(&old);
+            self.engine_entries.fetch_sub(1, Ordering::Relaxed);
         }
         share.engine.insert(key, entry);
-        share.order.push_back(key);
         self.engine_entries.fetch_add(1, Ordering::Relaxed);
-        // Keep the order queue within twice the live entries (removed ones linger there).
-        if share.order.len() > 2 * share.engine.len() + 64 {
-            let live = &share.engine;
-            share.order.retain(|k| live.contains_key(k));
-        }
-        let _ = slot;
     }
 
     fn removed(&self, slot: u8, ev: &BlockRemoved, out: &mut Applied) {
@@ -741,7 +769,7 @@ impl PreciseIndex {
         };
         let mut drop_keys = Vec::new();
         for ek in &ev.block_hashes {
-            let key = (*ek, tier);
+            let key = engine_key(*ek, tier);
             let Some(e) = share.engine.get_mut(&key) else {
                 // Unknown: passed through, as llm-d's filter does (a no-op on the index).
                 out.dedup_forwarded += 1;
@@ -756,7 +784,7 @@ impl PreciseIndex {
             self.engine_entries.fetch_sub(1, Ordering::Relaxed);
             out.dedup_forwarded += 1;
             out.evicted += 1;
-            drop_keys.extend(e.covers);
+            drop_keys.extend_from_slice(e.covers());
         }
         drop(share);
         for k in drop_keys {
@@ -831,7 +859,7 @@ impl PreciseIndex {
 
 /// `(ek, any tier)`: the GPU copy first, else any.
 fn find_engine(share: &Share, ek: u64) -> Option<&EngineEntry> {
-    (0..MAX_TIERS as u8).find_map(|t| share.engine.get(&(ek, t)))
+    (0..MAX_TIERS as u8).find_map(|t| share.engine.get(&engine_key(ek, t)))
 }
 
 #[cfg(test)]
