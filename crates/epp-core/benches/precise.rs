@@ -42,53 +42,70 @@ fn index(alg: HashAlgorithm) -> PreciseIndex {
     )
 }
 
+fn stored_run(r: u64) -> KvEvent {
+    let hashes: Vec<u64> = (0..RUN as u64).map(|j| (r << 20) | (j + 1)).collect();
+    KvEvent::BlockStored(BlockStored::new(
+        hashes,
+        None,
+        tokens(r, RUN * BS),
+        BS as u32,
+    ))
+}
+
 fn ingest(c: &mut Criterion) {
-    // Distinct runs, stored and then removed again so the index stays the same size.
-    let runs: Vec<(KvEvent, KvEvent)> = (0..256u64)
-        .map(|r| {
-            let hashes: Vec<u64> = (0..RUN as u64).map(|j| (r << 32) | (j + 1)).collect();
-            let stored = KvEvent::BlockStored(BlockStored::new(
-                hashes.clone(),
-                None,
-                tokens(r, RUN * BS),
-                BS as u32,
-            ));
-            let removed = KvEvent::BlockRemoved(BlockRemoved {
-                block_hashes: hashes,
-                medium: None,
-                group_idx: None,
-            });
-            (stored, removed)
-        })
-        .collect();
     let mut g = c.benchmark_group("precise_ingest");
     g.throughput(Throughput::Elements(RUN as u64));
     for alg in [HashAlgorithm::CborFnv, HashAlgorithm::Xxh64] {
-        let idx = index(alg);
-        // A warm index: 64 endpoints holding 4,096 runs between them.
-        for r in 0..4096u64 {
-            let hashes: Vec<u64> = (0..RUN as u64).map(|j| (1 << 60) | (r << 16) | j).collect();
-            idx.apply(
-                (r % 64) as usize,
-                "m",
-                &batch(vec![KvEvent::BlockStored(BlockStored::new(
-                    hashes,
-                    None,
-                    tokens(1_000_000 + r, RUN * BS),
-                    BS as u32,
-                ))]),
-            );
+        // A full index (1M keys, CLOCK evicting): every run stored is new, as in a busy pool.
+        let idx = PreciseIndex::new(
+            TokenProcessor::new(BS as u32, "", alg),
+            IndexConfig {
+                max_keys: 1_000_000,
+                ..Default::default()
+            },
+        );
+        let mut r = 0u64;
+        while idx.len() + RUN < 1_000_000 {
+            r += 1;
+            idx.apply((r % 64) as usize, "m", &batch(vec![stored_run(r)]));
         }
-        let mut i = 0usize;
         g.bench_function(format!("store_{RUN}_blocks_{}", alg.as_str()), |b| {
-            b.iter(|| {
-                i = (i + 1) % runs.len();
-                let (st, rm) = &runs[i];
-                let a = idx.apply(3, "m", &batch(vec![st.clone()]));
-                idx.apply(3, "m", &batch(vec![rm.clone()]));
-                std::hint::black_box(a.admitted)
-            })
+            b.iter_batched(
+                || {
+                    r += 1;
+                    ((r % 64) as usize, batch(vec![stored_run(r)]))
+                },
+                |(slot, ev)| std::hint::black_box(idx.apply(slot, "m", &ev).admitted),
+                criterion::BatchSize::SmallInput,
+            )
         });
+        // Store then remove (the engine evicting what it stored): both directions.
+        let pairs: Vec<(EventBatch, EventBatch)> = (0..256u64)
+            .map(|k| {
+                let st = stored_run(1 << 40 | k);
+                let KvEvent::BlockStored(s) = &st else {
+                    unreachable!()
+                };
+                let rm = KvEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: s.block_hashes.clone(),
+                    medium: None,
+                    group_idx: None,
+                });
+                (batch(vec![st]), batch(vec![rm]))
+            })
+            .collect();
+        let mut i = 0usize;
+        g.bench_function(
+            format!("store_and_remove_{RUN}_blocks_{}", alg.as_str()),
+            |b| {
+                b.iter(|| {
+                    i = (i + 1) % pairs.len();
+                    let a = idx.apply(3, "m", &pairs[i].0);
+                    idx.apply(3, "m", &pairs[i].1);
+                    std::hint::black_box(a.admitted)
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -100,7 +117,7 @@ fn lookup(c: &mut Criterion) {
     let keys = tp.block_keys(None, &prompt, "m", None).unwrap();
     // 64 endpoints: each holds a prefix of the prompt of its own length, plus filler runs.
     for slot in 0..64usize {
-        let n = (slot * 2 + 1).min(RUN);
+        let n = ((slot + 1) * 2).min(RUN);
         let hashes: Vec<u64> = (0..n as u64).map(|j| ((slot as u64) << 40) | j).collect();
         idx.apply(
             slot,

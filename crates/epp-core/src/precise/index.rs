@@ -147,8 +147,6 @@ struct KeyEntry {
     holders: Holders,
     /// Looked up since the CLOCK hand last passed.
     referenced: AtomicBool,
-    /// Position in the shard's ring.
-    pos: u32,
 }
 
 #[derive(Debug, Default)]
@@ -438,15 +436,22 @@ impl PreciseIndex {
         let shard = &mut *shard;
         if !shard.map.contains_key(&key) {
             self.make_room(shard);
-            let pos = shard.ring.len() as u32;
+            if shard.ring.len() > 2 * shard.map.len() + 64 {
+                // Ring slots of removed keys, and second copies of keys removed and added again:
+                // compact (amortised over the removals that left them).
+                let live = &shard.map;
+                let mut seen: std::collections::HashSet<u64, BuildHasherDefault<IdHasher>> =
+                    std::collections::HashSet::with_capacity_and_hasher(
+                        live.len(),
+                        Default::default(),
+                    );
+                shard
+                    .ring
+                    .retain(|k| live.contains_key(k) && seen.insert(*k));
+                shard.hand = 0;
+            }
             shard.ring.push(key);
-            shard.map.insert(
-                key,
-                KeyEntry {
-                    pos,
-                    ..Default::default()
-                },
-            );
+            shard.map.insert(key, KeyEntry::default());
             self.keys.fetch_add(1, Ordering::Relaxed);
         }
         let e = shard.map.get_mut(&key).expect("just ensured");
@@ -488,23 +493,28 @@ impl PreciseIndex {
 
     /// CLOCK: evict keys until the shard has room for one more.
     fn make_room(&self, shard: &mut Shard) {
-        while shard.ring.len() >= self.shard_cap {
-            let n = shard.ring.len();
-            if shard.hand >= n {
+        while shard.map.len() >= self.shard_cap && !shard.ring.is_empty() {
+            if shard.hand >= shard.ring.len() {
                 shard.hand = 0;
             }
             let victim = shard.ring[shard.hand];
-            let e = shard.map.get(&victim).expect("ring and map agree");
-            if e.referenced.swap(false, Ordering::Relaxed) {
-                shard.hand = (shard.hand + 1) % n;
-                continue;
+            match shard.map.get(&victim) {
+                // Removed since (or a second copy of a key re-added): drop the ring slot.
+                None => {
+                    shard.ring.swap_remove(shard.hand);
+                }
+                Some(e) if e.referenced.swap(false, Ordering::Relaxed) => shard.hand += 1,
+                Some(_) => {
+                    shard.ring.swap_remove(shard.hand);
+                    self.remove_key(shard, victim);
+                    self.capacity_evictions.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            self.remove_key(shard, victim);
-            self.capacity_evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Removes a key and its ring slot (the last ring entry moves into its place).
+    /// Removes a key; its ring slot goes when the CLOCK hand next passes it (or at compaction),
+    /// so a removal touches one map entry only.
     fn remove_key(&self, shard: &mut Shard, key: u64) {
         let Some(e) = shard.map.remove(&key) else {
             return;
@@ -512,14 +522,6 @@ impl PreciseIndex {
         self.entries
             .fetch_sub(e.holders.entries(), Ordering::Relaxed);
         self.keys.fetch_sub(1, Ordering::Relaxed);
-        let pos = e.pos as usize;
-        let last = shard.ring.pop().expect("non-empty ring");
-        if pos < shard.ring.len() {
-            shard.ring[pos] = last;
-            if let Some(m) = shard.map.get_mut(&last) {
-                m.pos = pos as u32;
-            }
-        }
     }
 
     /// Clears `tier_bits` of `slot` on `key`; drops the holder and the key when nothing is left.
