@@ -91,7 +91,10 @@ fn bench(c: &mut Criterion) {
             let req = &parsed[i];
             let snap = director.datastore().snapshot();
             let hashes = director.prefix_index().hash(&req.target_model, &req.prompt);
-            let m = director.prefix_index().lookup(&hashes);
+            let m = epp_core::scheduler::PrefixMatches::approximate(
+                director.prefix_index().lookup(&hashes),
+                16,
+            );
             let ctx = SchedCtx {
                 snapshot: &snap,
                 request: req,

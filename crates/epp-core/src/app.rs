@@ -312,6 +312,14 @@ impl Runtime {
                 m.source.interval.unwrap_or(opts.scrape.interval)
             )
         });
+        if let Some(p) = director.precise() {
+            // The precise prefix index follows every discovered endpoint's KV events.
+            tasks.push(crate::precise::follow::spawn(
+                p.clone(),
+                datastore.clone(),
+                shutdown.clone(),
+            ));
+        }
         tasks.push(tokio::spawn(crate::scrape::run(
             health,
             opts.scrape.clone(),

@@ -165,15 +165,21 @@ impl DataLayer {
                 ENDPOINT_NOTIFICATION_SOURCE => {
                     let _: crate::scheduler::plugins::NoParams = plugin_parameters(spec, &pfield)?;
                     // Endpoint add/remove events reach the scheduler's per-endpoint state
-                    // (prefix index, LRU) directly; no epp extractor needs wiring here.
-                    if let Some((ei, ex)) = src.extractors.iter().enumerate().next() {
+                    // (prefix index, LRU) directly. The one extractor llm-d wires here is the
+                    // precise prefix producer (its KV-event subscription per endpoint), which in
+                    // epp follows the datastore itself: naming it is accepted, anything else is
+                    // refused.
+                    for (ei, ex) in src.extractors.iter().enumerate() {
                         let kind = find(&ex.plugin_ref)
                             .map(|(_, s)| s.type_.clone())
                             .unwrap_or_else(|| "not declared in `plugins`".into());
+                        if kind == crate::scheduler::plugins::producers::precise_prefix::TYPE {
+                            continue;
+                        }
                         return Err(ConfigError::new(
                             format!("{field}.extractors[{ei}].pluginRef"),
                             format!(
-                                "{:?} ({kind}): epp has no endpoint-notification extractor; this source takes none",
+                                "{:?} ({kind}): epp's endpoint-notification source takes only a precise-prefix-cache-producer as extractor",
                                 ex.plugin_ref
                             ),
                         ));

@@ -60,6 +60,14 @@ pub struct EndpointSpec {
     /// `namespace/name` (see [`Endpoint::id`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// The endpoint's data-parallel rank: its position among the pool's target ports (llm-d's
+    /// `RankIndex`). A rank's KV events come from the publisher port plus the rank.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rank: u16,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 impl EndpointSpec {
@@ -71,6 +79,7 @@ impl EndpointSpec {
             engine: Engine::Vllm,
             labels: BTreeMap::new(),
             namespace: None,
+            rank: 0,
         }
     }
 }

@@ -21,9 +21,13 @@ use crate::gateway::{BodyBudget, InboundHeaders};
 use crate::metrics::llmd::{error_code_for_status, RequestIdentity, ResponseSummary};
 use crate::metrics::Metrics;
 use crate::parsers::Parse;
+use crate::precise::PrecisePrefix;
 use crate::prefix::{PrefixIndex, PromptHashes};
 use crate::request::{parse_body, parse_body_or, ApiMethod, BadRequest, ParsedRequest};
-use crate::scheduler::{DecisionType, Hints, RequestData, SchedCtx, ScheduleError, Scheduler};
+use crate::scheduler::{
+    DecisionType, Hints, PrefixMatches, RequestData, SchedCtx, ScheduleError, Scheduler,
+    SourceMatch,
+};
 
 /// Status a request gets when the client goes away before its response completed
 /// (nginx's "client closed request").
@@ -390,6 +394,8 @@ struct Inner {
     health: HealthSink,
     scheduler: Arc<Scheduler>,
     prefix: Arc<PrefixIndex>,
+    /// The precise prefix index, when a precise producer is configured.
+    precise: Option<Arc<PrecisePrefix>>,
     metrics: Arc<Metrics>,
 }
 
@@ -431,7 +437,14 @@ impl Director {
             let p = prefix.clone();
             writer.on_slot_freed(move |slot| p.remove_slot(slot));
         }
-        let metrics = Metrics::new(datastore.clone(), prefix.clone());
+        let precise = scheduler
+            .precise()
+            .map(|(name, settings)| PrecisePrefix::new(name, settings.clone()));
+        if let Some(p) = &precise {
+            let p = p.clone();
+            writer.on_slot_freed(move |slot| p.index.clear_slot(slot));
+        }
+        let metrics = Metrics::with_precise(datastore.clone(), prefix.clone(), precise.as_ref());
         if let Some((plugin_type, name)) = scheduler.prefix_plugin() {
             metrics.llmd().set_prefix_plugin(plugin_type, name);
         }
@@ -445,6 +458,7 @@ impl Director {
                 datastore,
                 scheduler,
                 prefix,
+                precise,
                 metrics,
                 body_budget,
             }),
@@ -462,6 +476,7 @@ impl Director {
                 health: i.health.clone(),
                 scheduler: i.scheduler.clone(),
                 prefix: i.prefix.clone(),
+                precise: i.precise.clone(),
                 metrics: i.metrics.clone(),
             }),
         }
@@ -483,6 +498,47 @@ impl Director {
     }
     pub fn scheduler(&self) -> &Arc<Scheduler> {
         &self.inner.scheduler
+    }
+    /// The precise prefix index, when a precise producer is configured; its KV-event
+    /// subscriptions run once [`precise::follow::spawn`](crate::precise::follow::spawn) starts
+    /// them (the runtime does).
+    pub fn precise(&self) -> Option<&Arc<PrecisePrefix>> {
+        self.inner.precise.as_ref()
+    }
+
+    /// Every source's match for one request: the approximate index's (always), and the precise
+    /// index's when one runs and the request has token ids (endpoints whose events are not
+    /// flowing get the approximate share there too).
+    fn prefix_matches(
+        &self,
+        snapshot: &crate::datastore::Snapshot,
+        parsed: &ParsedRequest,
+        data: &RequestData,
+        approx: crate::prefix::PrefixMatch,
+    ) -> PrefixMatches {
+        let inner = &self.inner;
+        let mut out = PrefixMatches::approximate(approx, data.prefix_block_tokens);
+        out.primary = inner.scheduler.prefix_primary();
+        let Some(p) = &inner.precise else {
+            return out;
+        };
+        let Some(tokens) = data.token_ids.as_deref() else {
+            p.no_token_ids();
+            return out;
+        };
+        let salt = parsed
+            .body
+            .as_ref()
+            .and_then(|b| b.get("cache_salt"))
+            .and_then(|v| v.as_str());
+        let keys = p.request_keys(&parsed.target_model, tokens, salt);
+        let m = p.lookup(snapshot, keys, &out.approximate.blocks);
+        out.precise = Some(SourceMatch {
+            blocks: m.matched.clone(),
+            block_tokens: p.block_tokens(),
+        });
+        out.precise_lookup = Some(m);
+        out
     }
 
     /// Record a request refused before routing (e.g. body too large), so counters stay complete.
@@ -616,10 +672,11 @@ impl Director {
             .prepare(&parsed, &mut data, inner.metrics.tokenizer())
             .await;
         inner.scheduler.produce(&parsed, &mut data);
+        let prefixes = self.prefix_matches(&snapshot, &parsed, &data, matches);
         let ctx = SchedCtx {
             snapshot: &snapshot,
             request: &parsed,
-            prefix: &matches,
+            prefix: &prefixes,
             data: &data,
         };
         let hints = Hints {
@@ -654,17 +711,19 @@ impl Director {
                 &id.target_model_name,
                 Some((primary.name(), &namespace, port)),
             );
-            let block = block_bytes as u64;
+            // Bytes of prompt: the approximate index's 4 per token, the precise one's tokens ×4.
+            let m = prefixes.primary();
+            let block = m.block_tokens * crate::scheduler::plugins::BYTES_PER_TOKEN;
             llmd.prefix_match(
-                u64::from(matches.matched(primary.slot)) * block,
-                hashes.hashes.len() as u64 * block,
+                u64::from(m.blocks.matched(primary.slot)) * block,
+                u64::from(m.blocks.total_blocks) * block,
             );
         }
         inner.metrics.record_decision(decision);
-        if !hashes.hashes.is_empty() {
+        if prefixes.primary().blocks.total_blocks > 0 {
             inner
                 .metrics
-                .record_cache(primary.label(), matches.matched(primary.slot) > 0);
+                .record_cache(primary.label(), prefixes.matched(primary.slot) > 0);
         }
         // Teach the index after the pick; only the touched shards are locked. Bound what we
         // remember by the server's real cache size when it reports one.
@@ -675,8 +734,14 @@ impl Director {
         inner
             .prefix
             .insert_capped(primary.slot, &hashes, server_blocks);
+        if let (Some(p), Some(m)) = (&inner.precise, &prefixes.precise_lookup) {
+            p.after_pick(primary.slot, m, tokio::time::Instant::now());
+        }
         let body = rewrite::request_body(&parsed);
-        let predicted_cached_tokens = predicted_tokens(block_bytes, matches.matched(primary.slot));
+        let predicted_cached_tokens = {
+            let m = prefixes.primary();
+            u64::from(m.blocks.matched(primary.slot)) * m.block_tokens
+        };
         llmd.routed(id, req.body.len());
         let tracker = RequestTracker {
             identity: id.clone(),

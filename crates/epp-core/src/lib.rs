@@ -19,6 +19,7 @@ pub mod k8s;
 pub mod kvevents;
 pub mod metrics;
 pub mod parsers;
+pub mod precise;
 pub mod prefix;
 pub mod procstat;
 pub mod proxy;

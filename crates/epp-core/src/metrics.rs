@@ -193,7 +193,19 @@ impl Metrics {
     /// Register every metric: each module registers its own families, and `datastore` and
     /// `prefix` feed the scrape-time collector.
     pub fn new(datastore: Datastore, prefix: Arc<PrefixIndex>) -> Arc<Self> {
+        Self::with_precise(datastore, prefix, None)
+    }
+
+    /// As [`new`](Self::new), with the precise prefix index's families when one runs.
+    pub fn with_precise(
+        datastore: Datastore,
+        prefix: Arc<PrefixIndex>,
+        precise: Option<&Arc<crate::precise::PrecisePrefix>>,
+    ) -> Arc<Self> {
         let mut registry = Registry::default();
+        if let Some(p) = precise {
+            p.register(&mut registry);
+        }
         let requests = RequestMetrics::register(&mut registry);
         let plugins = PluginMetrics::register(&mut registry);
         let body_budget = crate::gateway::BudgetMeters::register(&mut registry);

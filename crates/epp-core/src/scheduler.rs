@@ -19,11 +19,76 @@ use crate::request::ParsedRequest;
 pub use plugins::{Filter, Picker, Plugin, ProfileHandler, Scorer};
 pub use plugins::{PrefixConsumer, Producer, ProfileRun};
 
+/// Which prefix index a scorer's match info comes from (`prefixMatchInfoProducerName` resolved).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefixSource {
+    /// The approximate index, learned from picks (`approx-prefix-cache-producer`).
+    #[default]
+    Approximate,
+    /// The precise index, fed by the engines' KV events (`precise-prefix-cache-producer`); per
+    /// endpoint the approximate one stands in while its events are not flowing.
+    Precise,
+}
+
+/// One source's match for a request: leading blocks per slot, and tokens per block.
+#[derive(Clone, Debug, Default)]
+pub struct SourceMatch {
+    pub blocks: PrefixMatch,
+    pub block_tokens: u64,
+}
+
+/// The prefix match info of one request, per source.
+#[derive(Clone, Debug, Default)]
+pub struct PrefixMatches {
+    pub approximate: SourceMatch,
+    /// `None` without a precise producer, or for a request without token ids (then readers of
+    /// the precise source get the approximate match).
+    pub precise: Option<SourceMatch>,
+    /// The source the configuration's first prefix scorer reads: what routing decisions and
+    /// the cache-hit metrics follow.
+    pub primary: PrefixSource,
+    /// The precise lookup behind `precise` (its request keys, for the post-pick step).
+    pub precise_lookup: Option<crate::precise::PreciseMatch>,
+}
+
+impl PrefixMatches {
+    /// Only the approximate index's match.
+    pub fn approximate(blocks: PrefixMatch, block_tokens: u64) -> Self {
+        Self {
+            approximate: SourceMatch {
+                blocks,
+                block_tokens,
+            },
+            precise: None,
+            primary: PrefixSource::Approximate,
+            precise_lookup: None,
+        }
+    }
+
+    /// The match `source` readers get.
+    pub fn get(&self, source: PrefixSource) -> &SourceMatch {
+        match (source, &self.precise) {
+            (PrefixSource::Precise, Some(p)) => p,
+            _ => &self.approximate,
+        }
+    }
+
+    /// The primary source's match.
+    pub fn primary(&self) -> &SourceMatch {
+        self.get(self.primary)
+    }
+
+    /// Leading blocks `slot` holds in the primary match.
+    pub fn matched(&self, slot: usize) -> u32 {
+        self.primary().blocks.matched(slot)
+    }
+}
+
 /// Everything a plugin may read for one pick.
 pub struct SchedCtx<'a> {
     pub snapshot: &'a Snapshot,
     pub request: &'a ParsedRequest,
-    pub prefix: &'a PrefixMatch,
+    pub prefix: &'a PrefixMatches,
     /// What the front-end and the producers attached to the request.
     pub data: &'a RequestData,
 }
@@ -48,7 +113,8 @@ pub struct RequestData {
     /// them (the model server's tokenize/render endpoint or a local `tokenizer.json`); `None`
     /// with the `estimate` backend. Precise prefix routing keys its lookups by them.
     pub token_ids: Option<Arc<[u32]>>,
-    /// Tokens per block of the prefix match (`ctx.prefix`), for scorers that weigh match length.
+    /// Tokens per block of the approximate prefix match (the director sets it; scorers read
+    /// [`SourceMatch::block_tokens`]).
     pub prefix_block_tokens: u64,
 }
 
@@ -164,6 +230,10 @@ pub struct Scheduler {
     /// configured).
     producers: Vec<Arc<dyn Producer>>,
     prefix: PrefixPlan,
+    /// The precise producer, when one is configured (its name and settings).
+    precise: Option<(String, Arc<crate::precise::Settings>)>,
+    /// The source the first prefix scorer reads.
+    prefix_primary: PrefixSource,
     /// Request headers any scorer reads (lower-case, distinct).
     request_headers: Vec<String>,
     /// The first prefix-cache scorer configured (type, name): the prefix index's owner in
@@ -191,6 +261,8 @@ impl Scheduler {
         let mut handler: Option<Arc<dyn ProfileHandler>> = None;
         let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
         let mut consumers: Vec<PrefixConsumer> = Vec::new();
+        let mut embedded: Vec<(usize, Arc<dyn Producer>)> = Vec::new();
+        let mut scorers: Vec<Arc<dyn Scorer>> = Vec::new();
         for (i, spec) in cfg.plugins.iter().enumerate() {
             let field = format!("plugins[{i}]");
             if built.iter().any(|(n, _)| n == spec.name()) {
@@ -212,6 +284,10 @@ impl Scheduler {
                         }
                         consumers.push(c);
                     }
+                    if let Some(p) = s.embedded_producer() {
+                        embedded.push((i, p));
+                    }
+                    scorers.push(s.clone());
                 }
                 Plugin::Producer(p) => producers.push(p.clone()),
                 Plugin::ProfileHandler(h) => {
@@ -227,7 +303,21 @@ impl Scheduler {
             }
             built.push((spec.name().to_string(), plugin));
         }
-        let prefix = resolve_prefix(cfg, &built, &consumers)?;
+        let precise = resolve_precise(cfg, &built, &embedded)?;
+        let prefix = resolve_prefix(cfg, &built, &consumers, precise.as_ref())?;
+        let source_of = |c: &PrefixConsumer| match (&c.producer, &precise) {
+            _ if c.precise => PrefixSource::Precise,
+            (Some(n), Some((pn, _))) if n == pn => PrefixSource::Precise,
+            _ => PrefixSource::Approximate,
+        };
+        for s in &scorers {
+            if let Some(c) = s.prefix_consumer() {
+                s.bind_prefix(source_of(&c));
+            }
+        }
+        let prefix_primary = consumers
+            .first()
+            .map_or(PrefixSource::Approximate, source_of);
         if !producers.iter().any(|p| {
             p.type_name() == plugins::TOKEN_PRODUCER
                 || p.type_name() == plugins::LEGACY_TOKEN_PRODUCER
@@ -276,6 +366,8 @@ impl Scheduler {
             handler,
             producers,
             prefix,
+            precise,
+            prefix_primary,
             prefix_plugin,
             request_headers,
             observer: Arc::new(NoopObserver),
@@ -301,6 +393,16 @@ impl Scheduler {
     /// How the director runs the approximate prefix index for this configuration.
     pub fn prefix_plan(&self) -> PrefixPlan {
         self.prefix
+    }
+
+    /// The precise producer's name and settings, when one runs.
+    pub fn precise(&self) -> Option<(&str, &Arc<crate::precise::Settings>)> {
+        self.precise.as_ref().map(|(n, s)| (n.as_str(), s))
+    }
+
+    /// The source the first prefix scorer reads (routing decisions and cache metrics follow it).
+    pub fn prefix_primary(&self) -> PrefixSource {
+        self.prefix_primary
     }
 
     /// The prefix-cache scorer owning the prefix index (type, name), if one is configured.
@@ -537,10 +639,54 @@ impl Scheduler {
 /// `approx-prefix-cache-producer`, else the index parameters given on a `prefix-cache-scorer`
 /// (the GAIE-era form), else llm-d's default producer when a scorer needs prefix data, else the
 /// built-in default (the index still feeds the cache-hit metrics).
+/// The one precise producer: an explicit `precise-prefix-cache-producer`, else the one a legacy
+/// `precise-prefix-cache-scorer` brings (which, with an explicit producer, reads that one and
+/// ignores its own parameters, as in llm-d).
+fn resolve_precise(
+    cfg: &EndpointPickerConfig,
+    built: &[(String, Plugin)],
+    embedded: &[(usize, Arc<dyn Producer>)],
+) -> Result<Option<(String, Arc<crate::precise::Settings>)>, ConfigError> {
+    let mut found: Option<(usize, String, Arc<crate::precise::Settings>)> = None;
+    for (i, (name, p)) in built.iter().enumerate() {
+        let Plugin::Producer(p) = p else { continue };
+        let Some(s) = p.precise() else { continue };
+        if let Some((first, ..)) = &found {
+            return Err(ConfigError::new(
+                format!("plugins[{i}].type"),
+                format!(
+                    "epp runs one precise prefix index: plugins[{first}] ({:?}) is a precise-prefix-cache-producer already",
+                    cfg.plugins[*first].name()
+                ),
+            ));
+        }
+        found = Some((i, name.clone(), s));
+    }
+    if let Some((_, name, s)) = found {
+        for (i, _) in embedded {
+            tracing::warn!(
+                plugin = %format!("plugins[{i}]"),
+                producer = %name,
+                "precise-prefix-cache-scorer reads the configured precise-prefix-cache-producer; its own parameters are ignored"
+            );
+        }
+        return Ok(Some((name, s)));
+    }
+    match embedded {
+        [] => Ok(None),
+        [(_, p)] => Ok(p.precise().map(|s| (p.name().to_string(), s))),
+        [(first, _), (i, _), ..] => Err(ConfigError::new(
+            format!("plugins[{i}].type"),
+            format!("epp runs one precise prefix index: plugins[{first}] is a precise-prefix-cache-scorer already; configure one precise-prefix-cache-producer and point prefix-cache-scorers at it"),
+        )),
+    }
+}
+
 fn resolve_prefix(
     cfg: &EndpointPickerConfig,
     built: &[(String, Plugin)],
     consumers: &[PrefixConsumer],
+    precise: Option<&(String, Arc<crate::precise::Settings>)>,
 ) -> Result<PrefixPlan, ConfigError> {
     let mut explicit: Option<(usize, PrefixPlan)> = None;
     for (i, (_, p)) in built.iter().enumerate() {
@@ -568,16 +714,18 @@ fn resolve_prefix(
         if let Some(name) = &c.producer {
             match built.iter().find(|(n, _)| n == name) {
                 Some((_, Plugin::Producer(p))) if p.prefix_plan().is_some() => {}
+                Some((_, Plugin::Producer(p))) if p.precise().is_some() => {}
+                _ if precise.is_some_and(|(n, _)| n == name) => {}
                 Some(_) => {
                     return Err(ConfigError::new(
                         c.field.clone(),
-                        format!("plugin {name:?} does not produce prefix-cache match info (it is not an approx-prefix-cache-producer)"),
+                        format!("plugin {name:?} does not produce prefix-cache match info (it is neither an approx- nor a precise-prefix-cache-producer)"),
                     ))
                 }
                 None => {
                     return Err(ConfigError::new(
                         c.field.clone(),
-                        format!("no plugin named {name:?} in `plugins` (expected an approx-prefix-cache-producer)"),
+                        format!("no plugin named {name:?} in `plugins` (expected an approx-prefix-cache-producer or a precise-prefix-cache-producer)"),
                     ))
                 }
             }

@@ -224,11 +224,49 @@ fn unsupported_llm_d_plugins_are_refused_by_name() {
     let cfg = load_text(
         "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: precise-prefix-cache-producer\n- type: prefix-cache-scorer\n  parameters:\n    prefixMatchInfoProducerName: precise-prefix-cache-producer\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n",
     );
+    // The precise producer loads, and the scorer naming it reads the precise index.
+    let s = Scheduler::from_config(&cfg).unwrap();
+    assert_eq!(
+        s.precise().map(|(n, _)| n),
+        Some("precise-prefix-cache-producer")
+    );
+    assert_eq!(
+        s.prefix_primary(),
+        epp_core::scheduler::PrefixSource::Precise
+    );
+    // One precise index per config.
+    let cfg = load_text(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: precise-prefix-cache-producer\n- type: precise-prefix-cache-producer\n  name: second\nschedulingProfiles:\n- name: default\n  plugins: []\n",
+    );
     let e = Scheduler::from_config(&cfg).err().unwrap();
-    assert_eq!(e.field, "plugins[0].type");
-    assert!(
-        e.message.starts_with("unknown plugin type \"precise-prefix-cache-producer\": epp does not support it; supported types: "),
-        "{e}"
+    assert_eq!(e.field, "plugins[1].type");
+    // The legacy all-in-one scorer brings its own producer, or reads the configured one.
+    let cfg = load_text(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n    tokenProcessorConfig: {blockSize: 64}\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: precise-prefix-cache-scorer\n",
+    );
+    let s = Scheduler::from_config(&cfg).unwrap();
+    let (name, settings) = s.precise().unwrap();
+    assert_eq!(
+        (name, settings.tp.block_size()),
+        ("precise-prefix-cache-scorer", 64)
+    );
+    let cfg = load_text(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: precise-prefix-cache-producer\n  name: p\n- type: precise-prefix-cache-scorer\n  parameters:\n    tokenProcessorConfig: {blockSize: 64}\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: precise-prefix-cache-scorer\n",
+    );
+    let s = Scheduler::from_config(&cfg).unwrap();
+    let (name, settings) = s.precise().unwrap();
+    assert_eq!((name, settings.tp.block_size()), ("p", 16));
+    assert_eq!(
+        s.prefix_primary(),
+        epp_core::scheduler::PrefixSource::Precise
+    );
+    let cfg = load_text(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n    indexerConfig: {tokenizersPoolConfig: {modelName: m}}\n",
+    );
+    let e = Scheduler::from_config(&cfg).err().unwrap();
+    assert_eq!(
+        e.field,
+        "plugins[0].parameters.indexerConfig.tokenizersPoolConfig"
     );
     // A scorer naming a producer that is not configured.
     let cfg = load_text(
@@ -238,7 +276,7 @@ fn unsupported_llm_d_plugins_are_refused_by_name() {
     assert_eq!(e.field, "plugins[0].parameters.prefixMatchInfoProducerName");
     assert_eq!(
         e.message,
-        "no plugin named \"gpu\" in `plugins` (expected an approx-prefix-cache-producer)"
+        "no plugin named \"gpu\" in `plugins` (expected an approx-prefix-cache-producer or a precise-prefix-cache-producer)"
     );
     // Scorer-side index parameters next to an explicit producer.
     let cfg = load_text(

@@ -11,7 +11,7 @@ use epp_core::datastore::{
 use epp_core::prefix::{PrefixConfig, PrefixIndex};
 use epp_core::request::ParsedRequest;
 use epp_core::scheduler::plugins::{self, all_types, Plugin};
-use epp_core::scheduler::{Hints, RequestData, SchedCtx, Scheduler};
+use epp_core::scheduler::{Hints, PrefixMatches, RequestData, SchedCtx, Scheduler};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -151,7 +151,7 @@ proptest! {
             ..Default::default()
         };
         let hashes = w.prefix.hash("m", &req.prompt);
-        let matches = w.prefix.lookup(&hashes);
+        let matches = PrefixMatches::approximate(w.prefix.lookup(&hashes), 1);
         let data = RequestData {
             headers: vec![
                 ("x-session-token".into(), "MTAuMC4wLjE6ODAwMA==".into()),

@@ -107,7 +107,7 @@ pub fn endpoints_from_pods<'a>(
                 Engine::Vllm
             }),
         };
-        for &port in ports {
+        for (rank, &port) in ports.iter().enumerate() {
             let name = if ports.len() > 1 {
                 format!("{pod_name}-{port}")
             } else {
@@ -119,6 +119,7 @@ pub fn endpoints_from_pods<'a>(
                 engine,
                 labels: labels.clone(),
                 namespace: pod.metadata.namespace.clone().filter(|n| !n.is_empty()),
+                rank: rank as u16,
             });
         }
     }

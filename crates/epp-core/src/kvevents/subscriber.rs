@@ -108,6 +108,8 @@ pub enum Step {
 pub struct SeqTracker {
     delivered: Option<u64>,
     live: Option<u64>,
+    /// The connection was re-made since the last live message.
+    reconnected: bool,
 }
 
 impl SeqTracker {
@@ -115,12 +117,23 @@ impl SeqTracker {
     /// one went back (a restart), after which the stream is followed afresh.
     pub fn on_live(&mut self, seq: u64) -> (Option<u64>, Step) {
         let mut restarted = None;
-        match self.live {
-            Some(last) if seq < last => {
+        let reconnected = std::mem::take(&mut self.reconnected);
+        match (self.live, self.delivered) {
+            // Went back; or, after a reconnection, came back at the same number (a live message
+            // is never sent twice, so that is a new publisher too).
+            (Some(last), _) if seq < last || (reconnected && seq == last) => {
                 restarted = Some(last);
                 self.delivered = None;
             }
-            Some(last) if seq == last => return (None, Step::Duplicate),
+            (Some(last), _) if seq == last => return (None, Step::Duplicate),
+            // Back after a reconnection and past the next expected message: a restarted
+            // publisher that already sent more than we had seen looks the same as lost messages,
+            // and mixing its stream with the old one would be wrong, so it is taken for a
+            // restart (the share is rebuilt from its replay, which holds it from 0 if complete).
+            (Some(last), Some(d)) if reconnected && seq > d + 1 => {
+                restarted = Some(last);
+                self.delivered = None;
+            }
             _ => {}
         }
         self.live = Some(seq);
@@ -148,6 +161,12 @@ impl SeqTracker {
     /// Records `seq` as delivered.
     pub fn delivered(&mut self, seq: u64) {
         self.delivered = Some(seq);
+    }
+
+    /// The connection to the publisher was lost and made again: the next live message may be
+    /// from a new process.
+    pub fn reconnected(&mut self) {
+        self.reconnected = true;
     }
 }
 
@@ -203,6 +222,7 @@ impl Subscriber {
                 Err(reason) => reason,
             };
             tracing::debug!(endpoint = %self.cfg.endpoint, %reason, "kv-event subscriber disconnected");
+            self.tracker.reconnected();
             if self.send(Update::Disconnected { reason }).await.is_err() {
                 return;
             }
@@ -245,6 +265,7 @@ impl Subscriber {
                     match ev {
                         Some(SocketEvent::Connected(..)) => self.send(Update::Connected).await?,
                         Some(SocketEvent::Disconnected(_)) => {
+                            self.tracker.reconnected();
                             self.send(Update::Disconnected {
                                 reason: format!("{} closed the connection; reconnecting", self.cfg.endpoint),
                             })
@@ -425,5 +446,35 @@ mod tests {
         let mut t = SeqTracker::default();
         assert_eq!(t.on_live(3), (None, Step::Missing { from: 0, to: 2 }));
         assert_eq!(t.next_expected(), 0);
+    }
+
+    #[test]
+    fn a_jump_after_a_reconnection_is_a_restart() {
+        let mut t = SeqTracker::default();
+        for s in 0..=4 {
+            assert_eq!(t.on_live(s), (None, Step::Deliver));
+            t.delivered(s);
+        }
+        // Without a reconnection a jump is a gap.
+        assert_eq!(t.on_live(7), (None, Step::Missing { from: 5, to: 6 }));
+        for s in 5..=7 {
+            t.delivered(s);
+        }
+        // Reconnected, and the next message is the one expected: the same stream.
+        t.reconnected();
+        assert_eq!(t.on_live(8), (None, Step::Deliver));
+        t.delivered(8);
+        // Reconnected to a publisher that restarted and has already sent 20 messages: the
+        // whole new stream is asked for from 0, not 9..=19 of it.
+        t.reconnected();
+        assert_eq!(t.on_live(20), (Some(8), Step::Missing { from: 0, to: 19 }));
+        assert_eq!(t.next_expected(), 0);
+        // A publisher that sent one message, restarted, and sent one again: 0 after 0.
+        let mut t = SeqTracker::default();
+        assert_eq!(t.on_live(0), (None, Step::Deliver));
+        t.delivered(0);
+        assert_eq!(t.on_live(0), (None, Step::Duplicate));
+        t.reconnected();
+        assert_eq!(t.on_live(0), (Some(0), Step::Deliver));
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{RequestData, SchedCtx};
+use super::{PrefixSource, RequestData, SchedCtx};
 use crate::config::{ConfigError, PluginSpec};
 use crate::datastore::Endpoint;
 use crate::prefix::{PrefixConfig, PrefixPlan};
@@ -65,6 +65,11 @@ pub trait Producer: Send + Sync {
     ) -> Option<PrepareFuture<'a>> {
         None
     }
+    /// The precise prefix index this producer stands for, if it is one (the director runs it:
+    /// the KV-event subscriptions, the lookup, the speculative seeding after the pick).
+    fn precise(&self) -> Option<Arc<crate::precise::Settings>> {
+        None
+    }
     /// Attach this producer's data to one request.
     fn produce(&self, _request: &ParsedRequest, _data: &mut RequestData) {}
 }
@@ -83,6 +88,29 @@ pub struct PrefixConsumer {
     pub legacy: Option<PrefixConfig>,
     /// The field that named `producer` (or the legacy parameters), for errors.
     pub field: String,
+    /// Reads the precise producer, whichever is configured (the legacy
+    /// `precise-prefix-cache-scorer`).
+    pub precise: bool,
+}
+
+/// The source a prefix consumer was bound to by the scheduler (approximate until bound).
+#[derive(Debug, Default)]
+pub struct BoundSource(std::sync::atomic::AtomicBool);
+
+impl BoundSource {
+    pub fn set(&self, source: PrefixSource) {
+        self.0.store(
+            source == PrefixSource::Precise,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    pub fn get(&self) -> PrefixSource {
+        if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            PrefixSource::Precise
+        } else {
+            PrefixSource::Approximate
+        }
+    }
 }
 
 /// One profile's outcome for a request, as the post-pick hooks see it.
@@ -113,8 +141,14 @@ pub trait Scorer: Send + Sync {
     fn name(&self) -> &str;
     /// Write one score in [0, 1] per candidate into `out` (same order).
     fn score(&self, ctx: &SchedCtx<'_>, cands: &[usize], out: &mut [f64]);
-    /// What this scorer reads from the approximate prefix index, if anything.
+    /// What this scorer reads from a prefix index, if anything.
     fn prefix_consumer(&self) -> Option<PrefixConsumer> {
+        None
+    }
+    /// The scheduler tells a prefix consumer which source its producer name resolved to.
+    fn bind_prefix(&self, _source: PrefixSource) {}
+    /// A producer that comes with this scorer (the legacy `precise-prefix-cache-scorer`).
+    fn embedded_producer(&self) -> Option<Arc<dyn Producer>> {
         None
     }
     /// Request headers (lower-case names) this scorer reads; the front-ends pass them through

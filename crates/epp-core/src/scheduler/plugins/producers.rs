@@ -2,4 +2,5 @@
 //! (llm-d's request-control data producers). One file each.
 
 pub mod approx_prefix;
+pub mod precise_prefix;
 pub mod token;

@@ -78,6 +78,16 @@ pub static REGISTRY: &[Registration] = &[
         producers::approx_prefix::build,
     ),
     reg(
+        producers::precise_prefix::TYPE,
+        Kind::Producer,
+        producers::precise_prefix::build,
+    ),
+    reg(
+        scorers::precise_prefix_cache::TYPE,
+        Kind::Scorer,
+        scorers::precise_prefix_cache::build,
+    ),
+    reg(
         producers::token::TYPE,
         Kind::Producer,
         producers::token::build,

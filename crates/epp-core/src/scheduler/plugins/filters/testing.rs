@@ -2,10 +2,9 @@
 
 use crate::config::{ConfigError, PluginSpec};
 use crate::datastore::{DatastoreWriter, EndpointSpec, HealthConfig};
-use crate::prefix::PrefixMatch;
 use crate::request::ParsedRequest;
 use crate::scheduler::plugins::Plugin;
-use crate::scheduler::{SchedCtx, NO_DATA};
+use crate::scheduler::{PrefixMatches, SchedCtx, NO_DATA};
 
 type BuildFn<'a> = &'a dyn Fn(&PluginSpec, &str) -> Result<Plugin, ConfigError>;
 
@@ -40,7 +39,7 @@ pub fn kept_labels(
         panic!("not a filter")
     };
     let req = ParsedRequest::default();
-    let prefix = PrefixMatch::default();
+    let prefix = PrefixMatches::default();
     let ctx = SchedCtx {
         snapshot: &snap,
         request: &req,

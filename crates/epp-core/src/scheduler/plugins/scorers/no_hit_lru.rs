@@ -14,7 +14,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, PluginSpec};
-use crate::scheduler::plugins::{params, Plugin, PrefixConsumer, ProfileRun, Scorer};
+use crate::scheduler::plugins::{params, BoundSource, Plugin, PrefixConsumer, ProfileRun, Scorer};
+use crate::scheduler::PrefixSource;
 use crate::scheduler::SchedCtx;
 
 pub const TYPE: &str = "no-hit-lru-scorer";
@@ -67,7 +68,9 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
             producer: p.prefix_match_info_producer_name,
             legacy: None,
             field: producer_field,
+            precise: false,
         },
+        source: BoundSource::default(),
         lru: Mutex::new(VecDeque::new()),
     })))
 }
@@ -76,15 +79,15 @@ pub struct NoHitLruScorer {
     name: String,
     lru_size: usize,
     consumer: PrefixConsumer,
+    source: BoundSource,
     /// Endpoint ids that took a cold request, oldest first; at most `lru_size`.
     lru: Mutex<VecDeque<String>>,
 }
 
 impl NoHitLruScorer {
-    fn is_cold(ctx: &SchedCtx<'_>, cands: &[usize]) -> bool {
-        !cands
-            .iter()
-            .any(|&i| ctx.prefix.matched(ctx.ep(i).slot()) > 0)
+    fn is_cold(&self, ctx: &SchedCtx<'_>, cands: &[usize]) -> bool {
+        let m = &ctx.prefix.get(self.source.get()).blocks;
+        !cands.iter().any(|&i| m.matched(ctx.ep(i).slot()) > 0)
     }
 
     /// The tracked endpoint ids, oldest first.
@@ -101,7 +104,7 @@ impl Scorer for NoHitLruScorer {
         &self.name
     }
     fn score(&self, ctx: &SchedCtx<'_>, cands: &[usize], out: &mut [f64]) {
-        if !Self::is_cold(ctx, cands) {
+        if !self.is_cold(ctx, cands) {
             out.iter_mut().for_each(|o| *o = 0.5);
             return;
         }
@@ -134,8 +137,11 @@ impl Scorer for NoHitLruScorer {
     fn prefix_consumer(&self) -> Option<PrefixConsumer> {
         Some(self.consumer.clone())
     }
+    fn bind_prefix(&self, source: PrefixSource) {
+        self.source.set(source);
+    }
     fn pre_request(&self, ctx: &SchedCtx<'_>, run: &ProfileRun<'_>) {
-        if !Self::is_cold(ctx, run.cands) {
+        if !self.is_cold(ctx, run.cands) {
             return;
         }
         let id = ctx.ep(run.picked).endpoint.id();

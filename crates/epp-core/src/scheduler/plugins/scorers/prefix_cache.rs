@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, PluginSpec};
 use crate::prefix::PrefixConfig;
-use crate::scheduler::plugins::{params, Plugin, PrefixConsumer, Scorer};
-use crate::scheduler::SchedCtx;
+use crate::scheduler::plugins::{params, BoundSource, Plugin, PrefixConsumer, Scorer};
+use crate::scheduler::{PrefixSource, SchedCtx};
 
 pub const TYPE: &str = "prefix-cache-scorer";
 /// llm-d's default `matchLengthScaleTokens`.
@@ -58,7 +58,9 @@ pub fn build(spec: &PluginSpec, field: &str) -> Result<Plugin, ConfigError> {
             producer: p.prefix_match_info_producer_name.clone(),
             legacy,
             field: producer_field,
+            precise: false,
         },
+        source: BoundSource::default(),
         match_length_weight: weight,
         match_length_scale_tokens: scale,
     })))
@@ -164,6 +166,7 @@ impl PrefixParams {
 pub struct PrefixCacheScorer {
     name: String,
     consumer: PrefixConsumer,
+    source: BoundSource,
     match_length_weight: f64,
     match_length_scale_tokens: u64,
 }
@@ -177,12 +180,13 @@ impl Scorer for PrefixCacheScorer {
     }
     fn score(&self, ctx: &SchedCtx<'_>, cands: &[usize], out: &mut [f64]) {
         let w = self.match_length_weight;
-        let block_tokens = ctx.data.prefix_block_tokens as f64;
+        let m = ctx.prefix.get(self.source.get());
+        let block_tokens = m.block_tokens as f64;
         for (o, &i) in out.iter_mut().zip(cands) {
             let slot = ctx.ep(i).slot();
-            let ratio = ctx.prefix.ratio(slot);
+            let ratio = m.blocks.ratio(slot);
             let length = if w > 0.0 && block_tokens > 0.0 {
-                let matched = f64::from(ctx.prefix.matched(slot)) * block_tokens;
+                let matched = f64::from(m.blocks.matched(slot)) * block_tokens;
                 let n = (matched / self.match_length_scale_tokens as f64).min(1.0);
                 n * n
             } else {
@@ -194,6 +198,30 @@ impl Scorer for PrefixCacheScorer {
     fn prefix_consumer(&self) -> Option<PrefixConsumer> {
         Some(self.consumer.clone())
     }
+    fn bind_prefix(&self, source: PrefixSource) {
+        self.source.set(source);
+    }
+}
+
+impl PrefixCacheScorer {
+    /// A scorer of the precise producer's match with llm-d's defaults (what the legacy
+    /// `precise-prefix-cache-scorer` delegates to).
+    pub fn of_precise(name: &str) -> Self {
+        let s = Self {
+            name: name.to_string(),
+            consumer: PrefixConsumer {
+                producer: None,
+                legacy: None,
+                field: String::new(),
+                precise: true,
+            },
+            source: BoundSource::default(),
+            match_length_weight: 0.0,
+            match_length_scale_tokens: DEFAULT_MATCH_LENGTH_SCALE_TOKENS,
+        };
+        s.source.set(PrefixSource::Precise);
+        s
+    }
 }
 
 #[cfg(test)]
@@ -202,7 +230,7 @@ mod tests {
     use crate::datastore::{DatastoreWriter, EndpointSpec, HealthConfig};
     use crate::prefix::PrefixMatch;
     use crate::request::ParsedRequest;
-    use crate::scheduler::RequestData;
+    use crate::scheduler::{PrefixMatches, RequestData};
 
     fn scorer(yaml: &str) -> Result<Arc<dyn Scorer>, ConfigError> {
         let spec = PluginSpec {
@@ -233,10 +261,8 @@ mod tests {
             blocks,
             total_blocks: 4,
         };
-        let data = RequestData {
-            prefix_block_tokens: 64,
-            ..Default::default()
-        };
+        let data = RequestData::default();
+        let prefix = PrefixMatches::approximate(prefix, 64);
         let req = ParsedRequest::default();
         let ctx = SchedCtx {
             snapshot: &snap,
@@ -256,7 +282,7 @@ mod tests {
             vec![0.5 * 0.25 + 0.5, 0.5 * 0.015625 + 0.5 * 0.25, 0.0]
         );
         // No blocks at all: 0 everywhere.
-        let empty = PrefixMatch::default();
+        let empty = PrefixMatches::approximate(PrefixMatch::default(), 64);
         let ctx = SchedCtx {
             snapshot: &snap,
             request: &req,

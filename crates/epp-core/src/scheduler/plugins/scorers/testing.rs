@@ -6,7 +6,7 @@ use crate::datastore::{DatastoreWriter, Endpoint, EndpointSpec, HealthConfig, Mo
 use crate::prefix::PrefixMatch;
 use crate::request::ParsedRequest;
 use crate::scheduler::plugins::Plugin;
-use crate::scheduler::{RequestData, SchedCtx};
+use crate::scheduler::{PrefixMatches, RequestData, SchedCtx};
 
 /// A datastore plus one request's context.
 pub struct TestWorld {
@@ -20,10 +20,11 @@ impl TestWorld {
     /// Run `f` over a context of the current snapshot.
     pub fn with_ctx<R>(&self, f: impl FnOnce(&SchedCtx<'_>) -> R) -> R {
         let snap = self.w.snapshot();
+        let prefix = PrefixMatches::approximate(self.prefix.clone(), self.data.prefix_block_tokens);
         let ctx = SchedCtx {
             snapshot: &snap,
             request: &self.req,
-            prefix: &self.prefix,
+            prefix: &prefix,
             data: &self.data,
         };
         f(&ctx)
