@@ -84,6 +84,12 @@ fn start_fake_picker(token: Option<&str>) -> FakePicker {
                 let d = DecisionType::ALL[(i as usize) % DecisionType::ALL.len()];
                 metrics.record_decision(d);
                 metrics.record_cache(&backends[(i % 3) as usize].into(), !i.is_multiple_of(3));
+                let usage = epp_core::gateway::usage::Usage {
+                    prompt_tokens: 256,
+                    completion_tokens: 16,
+                    cached_tokens: Some(128),
+                };
+                metrics.record_usage(&backends[(i % 3) as usize].into(), &usage, 192);
                 metrics.observe(
                     &PluginLabels::new("Scorer", "scorer", "prefix-cache-scorer"),
                     0.00002,
