@@ -1,41 +1,15 @@
 //! Health-state changes are logged once each, with the endpoint and the reason. Its own test
 //! binary: it installs the process-wide log subscriber.
 
-use std::sync::Arc;
-
 use epp_core::datastore::{
     DatastoreWriter, EndpointSpec, FailureKind, HealthConfig, ModelServerMetrics, Source,
 };
-use parking_lot::Mutex;
-
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
-    type Writer = Buf;
-    fn make_writer(&'a self) -> Buf {
-        self.clone()
-    }
-}
+mod log_capture;
+use log_capture::LogCapture;
 
 #[test]
 fn health_changes_are_logged_once_with_the_reason() {
-    let buf = Buf::default();
-    let sub = tracing_subscriber::fmt()
-        .with_writer(buf.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::set_global_default(sub).unwrap();
+    let logs = LogCapture::install();
     let d = DatastoreWriter::new(HealthConfig {
         passive_cooldown: std::time::Duration::ZERO,
         ..Default::default()
@@ -51,7 +25,7 @@ fn health_changes_are_logged_once_with_the_reason() {
         d.record("a:1", Source::Probe, Ok(()));
     }
     d.tick();
-    let out = String::from_utf8(buf.0.lock().clone()).unwrap();
+    let out = logs.text();
     let lines: Vec<&str> = out
         .lines()
         .filter(|l| l.contains("endpoint health changed"))
