@@ -207,10 +207,17 @@ impl EngineEntry {
     }
 }
 
-/// The engine map's key: the engine hash with its tier mixed in (tier 0 is the hash itself), so
-/// the map stays one word per key.
+/// The shard of a request key. Middle bits: the map's bucket (low bits) and tag (top bits) keep
+/// all their entropy.
+fn shard_of(key: u64) -> usize {
+    (key >> 40) as usize % SHARDS
+}
+
+/// The engine map's key: the engine hash with its tier mixed in, then multiplied by an odd
+/// constant (a bijection), so that engine hashes with little entropy in their top bits (small
+/// integers, sequential ids) still spread over the map's buckets and tags. One word per key.
 fn engine_key(ek: u64, tier: u8) -> u64 {
-    ek ^ u64::from(tier).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    (ek ^ u64::from(tier).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xff51_afd7_ed55_8ccd)
 }
 
 #[derive(Debug, Default)]
@@ -340,8 +347,7 @@ impl PreciseIndex {
     }
 
     fn shard(&self, key: u64) -> &RwLock<Shard> {
-        // Middle bits: the map's bucket (low bits) and tag (top bits) keep all their entropy.
-        &self.shards[(key >> 40) as usize % SHARDS]
+        &self.shards[shard_of(key)]
     }
 
     /// The tier id of `(medium, group)`, interned; `None` when [`MAX_TIERS`] are in use.
@@ -373,21 +379,6 @@ impl PreciseIndex {
         Some(id as u8)
     }
 
-    /// The weight of a holder: its heaviest tier (a speculative entry weighs 1, as in llm-d).
-    fn weight(&self, tiers: u8) -> f64 {
-        let mut w = 0.0f64;
-        if tiers & SPECULATIVE != 0 {
-            w = 1.0;
-        }
-        let mut bits = tiers & !SPECULATIVE;
-        while bits != 0 {
-            let t = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            w = w.max(f64::from_bits(self.tier_weight[t].load(Ordering::Relaxed)));
-        }
-        w
-    }
-
     /// For every slot, the tier-weighted count of the leading prompt blocks it holds, rounded
     /// down (llm-d's `LongestPrefix` score: GPU 1, CPU 0.8, ..., summed block by block in f64 and
     /// truncated, as llm-d does, so ten CPU blocks count 7); `best` is the longest
@@ -397,19 +388,45 @@ impl PreciseIndex {
             blocks: Vec::new(),
             total_blocks: keys.len() as u32,
         };
+        // Tier weights read once per lookup, not once per holder.
+        let mut tier_w = [1.0f64; MAX_TIERS];
+        for (w, a) in tier_w.iter_mut().zip(&self.tier_weight) {
+            *w = f64::from_bits(a.load(Ordering::Relaxed));
+        }
+        // A holder weighs its heaviest tier (a speculative entry weighs 1, as in llm-d).
+        let weight = |tiers: u8| -> f64 {
+            let confirmed = tiers & !SPECULATIVE;
+            if confirmed == tiers && confirmed.is_power_of_two() {
+                return tier_w[confirmed.trailing_zeros() as usize];
+            }
+            let mut w = if tiers & SPECULATIVE != 0 {
+                1.0
+            } else {
+                0.0f64
+            };
+            let mut bits = confirmed;
+            while bits != 0 {
+                w = w.max(tier_w[bits.trailing_zeros() as usize]);
+                bits &= bits - 1;
+            }
+            w
+        };
         let mut alive: u128 = u128::MAX;
         let mut score = [0.0f64; MAX_SLOTS];
         let mut run = 0u32;
         for key in keys {
             let shard = self.shard(*key).read();
             let Some(e) = shard.map.get(key) else { break };
-            e.referenced.store(true, Ordering::Relaxed);
+            // Only a store that changes the bit dirties the cache line.
+            if !e.referenced.load(Ordering::Relaxed) {
+                e.referenced.store(true, Ordering::Relaxed);
+            }
             let mut present = 0u128;
             for h in e.holders.as_slice() {
                 let bit = 1u128 << h.slot;
                 if h.tiers != 0 && alive & bit != 0 {
                     present |= bit;
-                    score[h.slot as usize] += self.weight(h.tiers);
+                    score[h.slot as usize] += weight(h.tiers);
                 }
             }
             drop(shard);
@@ -429,11 +446,37 @@ impl PreciseIndex {
         (out, run)
     }
 
+    /// [`Self::add_holder`] for many keys, locking each shard once: keys are grouped by shard
+    /// first. Returns how many keys were new for `slot`.
+    fn add_holders(&self, keys: &[u64], slot: u8, tier_bits: u8) -> u64 {
+        if keys.len() <= 2 {
+            return keys
+                .iter()
+                .filter(|k| self.add_holder(**k, slot, tier_bits))
+                .count() as u64;
+        }
+        let mut order: Vec<(u8, u64)> = keys.iter().map(|k| (shard_of(*k) as u8, *k)).collect();
+        order.sort_unstable_by_key(|(s, _)| *s);
+        let mut admitted = 0;
+        for run in order.chunk_by(|a, b| a.0 == b.0) {
+            let mut shard = self.shards[run[0].0 as usize].write();
+            for (_, k) in run {
+                if self.add_holder_locked(&mut shard, *k, slot, tier_bits) {
+                    admitted += 1;
+                }
+            }
+        }
+        admitted
+    }
+
     /// Adds `tiers` for `slot` to `key`, creating it (and evicting for room) as needed; clears a
     /// speculative bit when a confirmed tier arrives. Returns whether the key is new for `slot`.
     fn add_holder(&self, key: u64, slot: u8, tier_bits: u8) -> bool {
         let mut shard = self.shard(key).write();
-        let shard = &mut *shard;
+        self.add_holder_locked(&mut shard, key, slot, tier_bits)
+    }
+
+    fn add_holder_locked(&self, shard: &mut Shard, key: u64, slot: u8, tier_bits: u8) -> bool {
         if !shard.map.contains_key(&key) {
             self.make_room(shard);
             if shard.ring.len() > 2 * shard.map.len() + 64 {
@@ -666,11 +709,7 @@ impl PreciseIndex {
             Err(_) => return skip(out, "invalid_extra_keys"),
         };
         drop(share);
-        for k in &keys {
-            if self.add_holder(*k, slot, bit) {
-                out.admitted += 1;
-            }
-        }
+        out.admitted += self.add_holders(&keys, slot, bit);
         // Engine block j spans [start + j·ebs, start + (j+1)·ebs).
         let mut share = self.shares[slot as usize].lock();
         for (j, ek) in ev.block_hashes.iter().enumerate() {
@@ -801,9 +840,7 @@ impl PreciseIndex {
             return;
         }
         self.expire(now);
-        for k in keys {
-            self.add_holder(*k, slot as u8, SPECULATIVE);
-        }
+        self.add_holders(keys, slot as u8, SPECULATIVE);
         let mut q = self.speculative.lock();
         q.push_back(Seeded {
             expires: now + ttl,
@@ -1106,6 +1143,10 @@ mod tests {
         let (m, best) = idx.lookup(&k);
         // Five CPU blocks weigh 5 × 0.8 = 4.
         assert_eq!((m.matched(0), best), (4, 5));
+        // A speculative pick on top of the CPU copies weighs 1 per block, as a pure speculative
+        // entry does (the heaviest of the holder's tiers).
+        idx.speculate(0, &k, Duration::from_secs(2), Instant::now());
+        assert_eq!(idx.lookup(&k).0.matched(0), 5);
     }
 
     #[test]
