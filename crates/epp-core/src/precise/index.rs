@@ -395,16 +395,12 @@ impl PreciseIndex {
         }
         // A holder weighs its heaviest tier (a speculative entry weighs 1, as in llm-d).
         let weight = |tiers: u8| -> f64 {
-            let confirmed = tiers & !SPECULATIVE;
-            if confirmed == tiers && confirmed.is_power_of_two() {
-                return tier_w[confirmed.trailing_zeros() as usize];
-            }
             let mut w = if tiers & SPECULATIVE != 0 {
                 1.0
             } else {
                 0.0f64
             };
-            let mut bits = confirmed;
+            let mut bits = tiers & !SPECULATIVE;
             while bits != 0 {
                 w = w.max(tier_w[bits.trailing_zeros() as usize]);
                 bits &= bits - 1;
@@ -446,17 +442,12 @@ impl PreciseIndex {
         (out, run)
     }
 
-    /// [`Self::add_holder`] for many keys, locking each shard once: keys are grouped by shard
-    /// first. Returns how many keys were new for `slot`.
+    /// [`Self::add_holder_locked`] for many keys, locking each shard once: keys are grouped by
+    /// shard first. Returns how many keys were new for `slot`.
     fn add_holders(&self, keys: &[u64], slot: u8, tier_bits: u8) -> u64 {
-        if keys.len() <= 2 {
-            return keys
-                .iter()
-                .filter(|k| self.add_holder(**k, slot, tier_bits))
-                .count() as u64;
-        }
         let mut order: Vec<(u8, u64)> = keys.iter().map(|k| (shard_of(*k) as u8, *k)).collect();
-        order.sort_unstable_by_key(|(s, _)| *s);
+        // Stable: inside a shard the keys keep their order (the CLOCK ring's insertion order).
+        order.sort_by_key(|(s, _)| *s);
         let mut admitted = 0;
         for run in order.chunk_by(|a, b| a.0 == b.0) {
             let mut shard = self.shards[run[0].0 as usize].write();
