@@ -71,6 +71,9 @@ pub struct RuntimeOptions {
     pub metrics_tls: Option<crate::tls::MetricsTls>,
     /// Only the holder of a Kubernetes Lease reports ready.
     pub leader_election: Option<crate::k8s::leader::LeaderElectionConfig>,
+    /// Routing state shared with the other replicas through Redis (active-active, or a warm
+    /// standby with leader election).
+    pub shared_state: Option<crate::replication::SharedStateOptions>,
 }
 
 impl Default for RuntimeOptions {
@@ -90,6 +93,7 @@ impl Default for RuntimeOptions {
             max_buffered_body_bytes: crate::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
             metrics_tls: None,
             leader_election: None,
+            shared_state: None,
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct Validated {
     scrape_client: crate::scrape::HttpClient,
     /// Metrics TLS with its certificate already loaded (file errors surface before binding).
     tls: Option<crate::tls::TlsSetup>,
+    /// The shared-state client (URL and files checked; not connected yet).
+    shared_state: Option<redis::Client>,
 }
 
 impl RuntimeOptions {
@@ -126,6 +132,12 @@ impl RuntimeOptions {
         if let Some(le) = &self.leader_election {
             le.validate().map_err(StartError::Invalid)?;
         }
+        let shared_state = self
+            .shared_state
+            .as_ref()
+            .map(|s| s.client())
+            .transpose()
+            .map_err(StartError::Invalid)?;
         if self.max_buffered_body_bytes == 0 {
             return Err(StartError::invalid(
                 "--max-buffered-body-bytes must be greater than 0",
@@ -142,6 +154,7 @@ impl RuntimeOptions {
             data,
             scrape_client,
             tls,
+            shared_state,
         })
     }
 }
@@ -205,6 +218,7 @@ impl Runtime {
             data,
             scrape_client,
             tls,
+            shared_state,
         } = validated;
         let mut tasks = Vec::new();
         // Leader election first: readiness depends on it.
@@ -231,9 +245,34 @@ impl Runtime {
         }
         let datastore_writer = DatastoreWriter::new(health_cfg);
         let datastore = datastore_writer.reader();
-        let director =
+        let mut director =
             Director::build_with_budget(&datastore_writer, scheduler, opts.max_buffered_body_bytes);
         let metrics = director.metrics().clone();
+        let mut replication = None;
+        if let (Some(o), Some(client)) = (opts.shared_state.clone(), shared_state) {
+            let plan = director.scheduler().prefix_plan();
+            let block_bytes = plan.blocks_for(&crate::datastore::Snapshot::default()).0;
+            let target = crate::replication::Target {
+                datastore: datastore.clone(),
+                prefix: director.prefix_index().clone(),
+                precise: director.precise().cloned(),
+                block_bytes: u32::try_from(block_bytes).unwrap_or(u32::MAX),
+            };
+            let (r, t) =
+                crate::replication::Replication::start(o, client, target, shutdown.clone());
+            tasks.extend(t);
+            metrics.watch_shared_state(r.stats.clone());
+            director = director.with_replication(r.outbox.clone());
+            let ready = r.clone();
+            extra_ready = Some(match extra_ready {
+                None => Arc::new(move || ready.ready()),
+                Some(x) => Arc::new(move || {
+                    x()?;
+                    ready.ready()
+                }),
+            });
+            replication = Some(r);
+        }
         // The metrics certificate's validity: exported, and named in /readyz when wrong.
         let cert_status = tls.as_ref().map(|t| t.status());
         if let Some(s) = &cert_status {
@@ -282,8 +321,14 @@ impl Runtime {
                 }
                 Ok(())
             });
-            let warnings: serving::WarningsFn =
-                Arc::new(move || cert_status.iter().filter_map(|s| s.problem()).collect());
+            let shared = replication.clone();
+            let warnings: serving::WarningsFn = Arc::new(move || {
+                cert_status
+                    .iter()
+                    .filter_map(|s| s.problem())
+                    .chain(shared.as_ref().and_then(|r| r.warning()))
+                    .collect()
+            });
             let router = serving::health_router_with_warnings(ready, warnings);
             // The probe port stays up through the drain (answering 503 on /readyz), so
             // orchestrators see "not ready" rather than a refused connection; it stops when
@@ -335,6 +380,7 @@ impl Runtime {
             metrics_auth = ?opts.metrics_auth,
             metrics_tls = opts.metrics_tls.is_some(),
             leader_election = opts.leader_election.is_some(),
+            shared_state = opts.shared_state.as_ref().map(|s| s.describe()).as_deref().unwrap_or("none"),
             scrape_interval = ?opts.scrape.interval,
             metrics_source = metrics_source.as_deref().unwrap_or("none"),
             probe_interval = ?opts.scrape.probe_interval,

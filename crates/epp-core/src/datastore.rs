@@ -159,13 +159,27 @@ pub struct Endpoint {
     /// The name as a metric label value (built once; no allocation per observation).
     label: crate::metrics::LabelStr,
     inflight: AtomicUsize,
+    /// Requests other picker replicas have in flight here (shared state), as last reported.
+    remote_inflight: AtomicUsize,
     scrape_errors: AtomicU64,
     requests: AtomicU64,
 }
 
 impl Endpoint {
+    /// Requests this replica has in flight here.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
+    }
+    /// Requests in flight here through every picker replica: this one's plus what the others
+    /// last reported through the shared state (0 without it). What load scorers and tie-breaks
+    /// read.
+    pub fn load_inflight(&self) -> usize {
+        self.inflight()
+            .saturating_add(self.remote_inflight.load(Ordering::Relaxed))
+    }
+    /// Sets what the other replicas report in flight here.
+    pub fn set_remote_inflight(&self, n: usize) {
+        self.remote_inflight.store(n, Ordering::Relaxed);
     }
     pub fn scrape_errors(&self) -> u64 {
         self.scrape_errors.load(Ordering::Relaxed)
@@ -595,6 +609,9 @@ impl Datastore {
                                 label: spec.name.as_str().into(),
                                 spec: spec.clone(),
                                 inflight: AtomicUsize::new(ep.inflight()),
+                                remote_inflight: AtomicUsize::new(
+                                    ep.remote_inflight.load(Ordering::Relaxed),
+                                ),
                                 scrape_errors: AtomicU64::new(ep.scrape_errors()),
                                 requests: AtomicU64::new(ep.routed_requests()),
                             });
@@ -619,6 +636,7 @@ impl Datastore {
                     label: spec.name.as_str().into(),
                     spec,
                     inflight: AtomicUsize::new(0),
+                    remote_inflight: AtomicUsize::new(0),
                     scrape_errors: AtomicU64::new(0),
                     requests: AtomicU64::new(0),
                 });

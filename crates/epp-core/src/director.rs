@@ -397,6 +397,8 @@ struct Inner {
     /// The precise prefix index, when a precise producer is configured.
     precise: Option<Arc<PrecisePrefix>>,
     metrics: Arc<Metrics>,
+    /// Where picks go for the other replicas (shared state), when replicas share it.
+    outbox: Option<crate::replication::Outbox>,
 }
 
 /// The director. Cheap to clone.
@@ -461,6 +463,7 @@ impl Director {
                 precise,
                 metrics,
                 body_budget,
+                outbox: None,
             }),
         }
     }
@@ -478,6 +481,25 @@ impl Director {
                 prefix: i.prefix.clone(),
                 precise: i.precise.clone(),
                 metrics: i.metrics.clone(),
+                outbox: i.outbox.clone(),
+            }),
+        }
+    }
+
+    /// The same core handing every pick to `outbox` for the other replicas.
+    pub fn with_replication(&self, outbox: crate::replication::Outbox) -> Self {
+        let i = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                admission: i.admission.clone(),
+                body_budget: i.body_budget.clone(),
+                datastore: i.datastore.clone(),
+                health: i.health.clone(),
+                scheduler: i.scheduler.clone(),
+                prefix: i.prefix.clone(),
+                precise: i.precise.clone(),
+                metrics: i.metrics.clone(),
+                outbox: Some(outbox),
             }),
         }
     }
@@ -736,6 +758,13 @@ impl Director {
             .insert_capped(primary.slot, &hashes, server_blocks);
         if let (Some(p), Some(m)) = (&inner.precise, &prefixes.precise_lookup) {
             p.after_pick(primary.slot, m, tokio::time::Instant::now());
+        }
+        if let Some(o) = &inner.outbox {
+            let keys = prefixes
+                .precise_lookup
+                .as_ref()
+                .map_or(&[][..], |m| m.keys.as_slice());
+            o.picked(&primary, &hashes.hashes, keys);
         }
         let body = rewrite::request_body(&parsed);
         let predicted_cached_tokens = {

@@ -23,6 +23,7 @@ pub mod precise;
 pub mod prefix;
 pub mod procstat;
 pub mod proxy;
+pub mod replication;
 pub mod request;
 pub mod scheduler;
 pub mod scrape;

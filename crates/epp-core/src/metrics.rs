@@ -178,7 +178,11 @@ pub struct Metrics {
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
     certificates: Certificates,
+    shared_state: SharedState,
 }
+
+/// Replication's counters, once `--shared-state` runs.
+type SharedState = Arc<parking_lot::RwLock<Option<Arc<crate::replication::Stats>>>>;
 
 /// The TLS ports whose certificate validity is exported.
 type Certificates = Arc<parking_lot::RwLock<Vec<Arc<crate::tls::CertStatus>>>>;
@@ -216,6 +220,10 @@ impl Metrics {
         registry.register_collector(Box::new(ProcessCollector));
         let certificates = Certificates::default();
         registry.register_collector(Box::new(CertCollector(certificates.clone())));
+        let shared_state = SharedState::default();
+        registry.register_collector(Box::new(crate::replication::metrics::StatsCollector(
+            shared_state.clone(),
+        )));
         Arc::new(Self {
             registry,
             requests,
@@ -224,6 +232,7 @@ impl Metrics {
             tokenizer,
             body_budget,
             certificates,
+            shared_state,
         })
     }
 
@@ -241,6 +250,11 @@ impl Metrics {
     /// (`epp_tls_certificate_expiry_seconds{port}`, `epp_tls_certificate_valid{port}`).
     pub fn watch_certificate(&self, status: Arc<crate::tls::CertStatus>) {
         self.certificates.write().push(status);
+    }
+
+    /// Export replication's counters (`epp_shared_state_*`).
+    pub fn watch_shared_state(&self, stats: Arc<crate::replication::Stats>) {
+        *self.shared_state.write() = Some(stats);
     }
 
     /// The whole exposition, Prometheus text format 0.0.4.

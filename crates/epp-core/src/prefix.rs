@@ -492,6 +492,14 @@ impl PrefixIndex {
         self.blocks.fetch_sub(n, Ordering::Relaxed);
     }
 
+    /// The blocks one slot holds, in ring order (what a snapshot of the index carries).
+    pub fn export_slot(&self, slot: usize) -> Vec<u64> {
+        self.lrus
+            .get(slot)
+            .map(|l| l.lock().ring.clone())
+            .unwrap_or_default()
+    }
+
     /// (endpoint, block) pairs held.
     pub fn len(&self) -> usize {
         self.blocks.load(Ordering::Relaxed)

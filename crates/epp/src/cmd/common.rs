@@ -157,6 +157,129 @@ pub struct RuntimeArgs {
 
     #[command(flatten)]
     pub kube: KubeArgs,
+
+    #[command(flatten)]
+    pub shared: SharedStateArgs,
+}
+
+/// How several picker replicas run together.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HaMode {
+    /// Only the holder of a Kubernetes Lease is ready and routes (same as
+    /// `--ha-enable-leader-election`); with `--shared-state` the standbys stay warm.
+    LeaderElection,
+    /// Every replica is ready and routes; they share what they learn through `--shared-state`.
+    ActiveActive,
+}
+
+/// Replicas sharing routing state through Redis (see docs/high-availability.md).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SharedStateArgs {
+    /// How several replicas run: `leader-election` (one routes) or `active-active` (all route,
+    /// sharing state through `--shared-state`). Default: a single picker.
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub ha_mode: Option<HaMode>,
+
+    /// Redis (or Valkey) that replicas share routing state through: `redis://host:port[/db]`, or
+    /// `rediss://host:port[/db]` for TLS. A password may be in the URL
+    /// (`redis://:PASSWORD@host:port`), but prefer `--shared-state-password-file`.
+    #[arg(long, value_name = "URL")]
+    pub shared_state: Option<String>,
+
+    /// File holding the Redis password (trailing newline ignored); overrides one in the URL.
+    /// `EPP_SHARED_STATE_PASSWORD` works too.
+    #[arg(long, value_name = "FILE", requires = "shared_state")]
+    pub shared_state_password_file: Option<PathBuf>,
+
+    /// PEM CA bundle a `rediss://` server's certificate must chain to. Default: the system's roots.
+    #[arg(long, value_name = "FILE", requires = "shared_state")]
+    pub shared_state_ca_file: Option<PathBuf>,
+
+    /// Prefix of every Redis key, so several pools can share one Redis. Default:
+    /// `epp:<pool-namespace>/<pool-name>`, or `epp:default` without `--pool-name`.
+    #[arg(long, value_name = "PREFIX", requires = "shared_state")]
+    pub shared_state_key_prefix: Option<String>,
+
+    /// This replica's id in the shared state. Default: POD_NAME (or the host name) and the
+    /// process id.
+    #[arg(long, value_name = "ID", requires = "shared_state")]
+    pub replica_id: Option<String>,
+
+    /// How often one replica writes the index snapshot new replicas start from.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    pub shared_state_snapshot_interval: Duration,
+
+    /// How often replicas exchange their in-flight counts (a report expires after ten of these).
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_positive_duration)]
+    pub shared_state_load_interval: Duration,
+
+    /// Entries the delta stream keeps at most (trimmed approximately, `XADD MAXLEN ~`).
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub shared_state_stream_max_len: u64,
+
+    /// Longest a starting replica waits to load the snapshot and the stream before it reports
+    /// ready anyway (on local state).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
+    pub shared_state_warm_start_timeout: Duration,
+}
+
+impl SharedStateArgs {
+    /// The shared-state options, after checking the flags fit together.
+    pub fn to_options(
+        &self,
+        leader_election: bool,
+        pool: Option<(&str, &str)>,
+    ) -> anyhow::Result<Option<epp_core::replication::SharedStateOptions>> {
+        match (self.ha_mode, leader_election) {
+            (Some(HaMode::ActiveActive), true) => anyhow::bail!(
+                "--ha-mode active-active and --ha-enable-leader-election contradict each other; pick one"
+            ),
+            (Some(HaMode::ActiveActive), false) if self.shared_state.is_none() => anyhow::bail!(
+                "--ha-mode active-active needs --shared-state redis://host:port: replicas that share nothing each route on what they alone have learned"
+            ),
+            (None, false) if self.shared_state.is_some() => anyhow::bail!(
+                "--shared-state needs --ha-mode active-active (every replica routes) or leader-election (standbys stay warm)"
+            ),
+            _ => {}
+        }
+        let Some(url) = &self.shared_state else {
+            return Ok(None);
+        };
+        let password = match &self.shared_state_password_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| {
+                        anyhow::anyhow!("--shared-state-password-file {}: {e}", f.display())
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            None => std::env::var("EPP_SHARED_STATE_PASSWORD")
+                .ok()
+                .filter(|p| !p.is_empty()),
+        };
+        let defaults = epp_core::replication::SharedStateOptions::default();
+        let o = epp_core::replication::SharedStateOptions {
+            url: url.clone(),
+            password,
+            ca_file: self.shared_state_ca_file.clone(),
+            key_prefix: self
+                .shared_state_key_prefix
+                .clone()
+                .unwrap_or_else(|| match pool {
+                    Some((ns, name)) => format!("epp:{ns}/{name}"),
+                    None => "epp:default".into(),
+                }),
+            replica_id: self.replica_id.clone().unwrap_or(defaults.replica_id),
+            stream_max_len: self.shared_state_stream_max_len as usize,
+            snapshot_interval: self.shared_state_snapshot_interval,
+            load_interval: self.shared_state_load_interval,
+            warm_start_timeout: self.shared_state_warm_start_timeout,
+        };
+        // URL, files and bounds checked now, so a bad one is named before any port is bound.
+        o.client().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Some(o))
+    }
 }
 
 /// Kubernetes flags: discovery, metrics TLS and leader election (see docs/kubernetes.md).
@@ -278,7 +401,11 @@ impl RuntimeArgs {
         };
         let (auth_mode, why) = resolve_metrics_auth(self.metrics_auth.map(Into::into));
         tracing::info!(mode = ?auth_mode, reason = why, "metrics endpoint protection");
-        let k = &self.kube;
+        let mut k = self.kube.clone();
+        if self.shared.ha_mode == Some(HaMode::LeaderElection) {
+            k.ha_enable_leader_election = true;
+        }
+        let k = &k;
         let kube = k
             .uses_kubernetes(&auth_mode)
             .then(|| KubeClient::infer(k.kubeconfig.clone()));
@@ -334,6 +461,10 @@ impl RuntimeArgs {
             key_file: k.metrics_key_file.clone(),
             ..Default::default()
         });
+        let shared_state = self.shared.to_options(
+            k.ha_enable_leader_election,
+            k.pool_name.as_deref().map(|p| (namespace.as_str(), p)),
+        )?;
         let leader_election = k.ha_enable_leader_election.then(|| {
             let mut le = LeaderElectionConfig::new(
                 kube.clone().expect("leader election implies a client"),
@@ -377,6 +508,7 @@ impl RuntimeArgs {
             max_buffered_body_bytes: self.max_buffered_body_bytes as usize,
             metrics_tls,
             leader_election,
+            shared_state,
         })
     }
 }
@@ -396,6 +528,62 @@ mod kube_flag_tests {
         let t = T::try_parse_from(std::iter::once("epp").chain(args.iter().copied()))
             .map_err(|e| anyhow::anyhow!(e.to_string()))?;
         t.p.to_options()
+    }
+
+    #[test]
+    fn shared_state_flags_fit_together_or_are_refused_by_name() {
+        let err = |args: &[&str]| opts(args).unwrap_err().to_string();
+        assert!(err(&["--ha-mode", "active-active"]).contains("needs --shared-state"));
+        assert!(err(&["--shared-state", "redis://127.0.0.1:6379"]).contains("needs --ha-mode"));
+        let e = err(&["--ha-mode", "active-active", "--shared-state", "http://x:1"]);
+        assert!(
+            e.contains("--shared-state") && e.contains("rediss://"),
+            "{e}"
+        );
+        let e = err(&[
+            "--ha-mode",
+            "active-active",
+            "--shared-state",
+            "redis://127.0.0.1:6379",
+            "--shared-state-ca-file",
+            "/nonexistent/ca.pem",
+        ]);
+        assert!(e.contains("--shared-state-ca-file"), "{e}");
+        let e = err(&[
+            "--ha-mode",
+            "active-active",
+            "--shared-state",
+            "redis://127.0.0.1:6379",
+            "--shared-state-password-file",
+            "/nonexistent/pw",
+        ]);
+        assert!(
+            e.contains("--shared-state-password-file /nonexistent/pw"),
+            "{e}"
+        );
+        let dir = std::env::temp_dir().join(format!("epp-pw-{}", std::process::id()));
+        std::fs::write(&dir, "s3cret\n").unwrap();
+        let o = opts(&[
+            "--ha-mode",
+            "active-active",
+            "--shared-state",
+            "redis://127.0.0.1:6379/2",
+            "--shared-state-password-file",
+            dir.to_str().unwrap(),
+            "--replica-id",
+            "r1",
+            "--shared-state-snapshot-interval",
+            "3s",
+        ])
+        .unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        let s = o.shared_state.unwrap();
+        assert_eq!(s.password.as_deref(), Some("s3cret"));
+        assert_eq!(s.replica_id, "r1");
+        assert_eq!(s.key_prefix, "epp:default");
+        assert_eq!(s.snapshot_interval, Duration::from_secs(3));
+        assert!(o.leader_election.is_none());
+        assert_eq!(s.describe(), "redis://127.0.0.1:6379/2");
     }
 
     fn err(args: &[&str]) -> String {

@@ -84,7 +84,7 @@ impl Scorer for ActiveRequestScorer {
     fn score(&self, ctx: &SchedCtx<'_>, cands: &[usize], out: &mut [f64]) {
         let counts: Vec<u64> = cands
             .iter()
-            .map(|&i| ctx.ep(i).endpoint.inflight() as u64)
+            .map(|&i| ctx.ep(i).endpoint.load_inflight() as u64)
             .collect();
         let max = counts.iter().copied().max().unwrap_or(0);
         for (o, &n) in out.iter_mut().zip(&counts) {

@@ -1,0 +1,283 @@
+//! Active-active replicas sharing routing state through a real Redis on loopback: picks made on
+//! one replica steer the others, a replica started later warms from the snapshot, foreign
+//! entries are refused and counted, in-flight load crosses replicas, and a Redis outage never
+//! fails a request and is caught up after.
+
+mod common;
+mod redis_support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use epp_core::gateway::headers::SERVED as HEADER_SERVED;
+use epp_core::proxy::ProxyHandle;
+use epp_core::replication::SharedStateOptions;
+use redis_support::RedisServer;
+
+const GROUPS: usize = 10;
+
+fn shared(url: &str, prefix: &str, replica: &str) -> SharedStateOptions {
+    SharedStateOptions {
+        url: url.to_string(),
+        key_prefix: prefix.to_string(),
+        replica_id: replica.to_string(),
+        snapshot_interval: Duration::from_millis(300),
+        load_interval: Duration::from_millis(50),
+        warm_start_timeout: Duration::from_secs(3),
+        ..Default::default()
+    }
+}
+
+async fn replica(eps: &[String], s: SharedStateOptions) -> ProxyHandle {
+    let mut o = picker_options(eps.to_vec());
+    o.shared_state = Some(s);
+    let p = epp_core::proxy::spawn(proxy_options(o))
+        .await
+        .expect("replica starts");
+    wait_healthy(&p, eps.len()).await;
+    p
+}
+
+fn metrics(p: &ProxyHandle) -> BTreeMap<String, f64> {
+    parse_exposition(&p.director.metrics().encode())
+}
+
+fn metric(p: &ProxyHandle, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sum(&metrics(p), name, labels)
+}
+
+/// Waits (bounded) until `f` holds.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Sends one request per group to `p`; returns the endpoint that served each.
+async fn route_groups(
+    c: &HttpClient,
+    p: &ProxyHandle,
+    groups: std::ops::Range<usize>,
+    tail: &str,
+) -> Vec<String> {
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let mut served = Vec::new();
+    for g in groups {
+        let r = post_json(c, &url, &completion(&text(g, 700), tail, 2)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        served.push(r.header(HEADER_SERVED).unwrap().to_string());
+    }
+    served
+}
+
+async fn readyz(c: &HttpClient, p: &ProxyHandle) -> (u16, String) {
+    let r = request(
+        c,
+        "GET",
+        &format!("http://{}/readyz", p.health_addr.unwrap()),
+        &[],
+        "",
+    )
+    .await;
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+/// Waits (bounded) until `/readyz` answers 200; returns its body.
+async fn wait_ready(c: &HttpClient, p: &ProxyHandle) -> String {
+    for _ in 0..300 {
+        let (code, body) = readyz(c, p).await;
+        if code == 200 {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not ready: {:?}", readyz(c, p).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn picks_on_one_replica_steer_the_other_and_foreign_entries_are_refused() {
+    let redis = RedisServer::start().await;
+    let sims = sims(4, |_| {}).await;
+    let eps: Vec<String> = sims.iter().map(|s| s.addr().to_string()).collect();
+    let a = replica(&eps, shared(&redis.url(), "t1", "a")).await;
+    let b = replica(&eps, shared(&redis.url(), "t1", "b")).await;
+    let c = client();
+    wait_ready(&c, &a).await;
+    wait_ready(&c, &b).await;
+    let on_a = route_groups(&c, &a, 0..GROUPS, " first").await;
+    // Every group's blocks reach B (one insert per pick).
+    until("B applies A's picks", || {
+        metric(&b, "epp_shared_state_deltas_applied_total", &[]) >= GROUPS as f64
+    })
+    .await;
+    assert_eq!(
+        metric(&a, "epp_shared_state_deltas_sent_total", &[]),
+        GROUPS as f64
+    );
+    // A skips its own entries: nothing applied there.
+    assert_eq!(
+        metric(&a, "epp_shared_state_deltas_applied_total", &[]),
+        0.0
+    );
+    assert_eq!(metric(&b, "epp_shared_state_up", &[]), 1.0);
+    // B has never seen these groups, yet sends each where A put it.
+    let on_b = route_groups(&c, &b, 0..GROUPS, " second").await;
+    assert_eq!(on_a, on_b);
+    // The groups were spread, not all on one endpoint.
+    let distinct: std::collections::BTreeSet<_> = on_a.iter().collect();
+    assert!(distinct.len() >= 2, "{on_a:?}");
+
+    // Foreign and incompatible entries: refused and counted; valid ones still apply after.
+    let mut conn = redis.connect().await.unwrap();
+    let key = "t1:deltas";
+    for fields in [
+        vec![
+            ("v", b"1".to_vec()),
+            ("r", b"intruder".to_vec()),
+            ("b", b"\xc1junk".to_vec()),
+        ],
+        vec![
+            ("v", b"9".to_vec()),
+            ("r", b"future".to_vec()),
+            ("b", b"x".to_vec()),
+        ],
+        vec![("hello", b"world".to_vec())],
+    ] {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(key).arg("*");
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        let _: String = cmd.query_async(&mut conn).await.unwrap();
+    }
+    until("B refuses the three entries", || {
+        let m = metrics(&b);
+        sum(
+            &m,
+            "epp_shared_state_entries_refused_total",
+            &[("reason", "malformed")],
+        ) == 2.0
+            && sum(
+                &m,
+                "epp_shared_state_entries_refused_total",
+                &[("reason", "incompatible")],
+            ) == 1.0
+    })
+    .await;
+    let applied = metric(&b, "epp_shared_state_deltas_applied_total", &[]);
+    route_groups(&c, &a, GROUPS..GROUPS + 2, " first").await;
+    until("B applies entries after the refused ones", || {
+        metric(&b, "epp_shared_state_deltas_applied_total", &[]) >= applied + 2.0
+    })
+    .await;
+
+    // Load: a long request in flight through A shows in B's in-flight count for its endpoint.
+    let url = format!("http://{}/v1/completions", a.proxy_addr);
+    let long = completion(&text(99, 300), "", 400);
+    let c2 = c.clone();
+    let held = tokio::spawn(async move { post_json(&c2, &url, &long).await });
+    let ds_b = b.director.datastore().clone();
+    until("B sees A's request in flight", || {
+        ds_b.snapshot()
+            .endpoints
+            .iter()
+            .any(|e| e.endpoint.inflight() == 0 && e.endpoint.load_inflight() == 1)
+    })
+    .await;
+    let r = held.await.unwrap();
+    assert_eq!(r.status, 200);
+    until("A's finished request leaves B's count", || {
+        ds_b.snapshot()
+            .endpoints
+            .iter()
+            .all(|e| e.endpoint.load_inflight() == 0)
+    })
+    .await;
+    assert_eq!(metric(&b, "epp_shared_state_replicas", &[]), 2.0);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_later_warms_from_the_snapshot() {
+    let redis = RedisServer::start().await;
+    let sims = sims(4, |_| {}).await;
+    let eps: Vec<String> = sims.iter().map(|s| s.addr().to_string()).collect();
+    let a = replica(&eps, shared(&redis.url(), "t2", "a")).await;
+    let c = client();
+    let on_a = route_groups(&c, &a, 0..GROUPS, " first").await;
+    let written = metric(&a, "epp_shared_state_snapshots_written_total", &[]);
+    until("a snapshot taken after the traffic", || {
+        metric(&a, "epp_shared_state_snapshots_written_total", &[]) >= written + 1.0
+    })
+    .await;
+    // Only the snapshot can warm the new replica: the stream is gone.
+    let mut conn = redis.connect().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg("t2:deltas")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let late = replica(&eps, shared(&redis.url(), "t2", "late")).await;
+    until("the late replica is ready", || {
+        late.director.datastore().is_synced()
+            && metric(&late, "epp_shared_state_snapshots_loaded_total", &[]) == 1.0
+    })
+    .await;
+    wait_ready(&c, &late).await;
+    assert!(metric(&late, "epp_shared_state_snapshot_blocks", &[]) >= GROUPS as f64);
+    assert!(metric(&late, "epp_shared_state_snapshot_age_seconds", &[]) < 5.0);
+    let on_late = route_groups(&c, &late, 0..GROUPS, " second").await;
+    assert_eq!(on_a, on_late);
+    a.stop().await;
+    late.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_no_request_and_is_caught_up() {
+    let mut redis = RedisServer::start().await;
+    let sims = sims(4, |_| {}).await;
+    let eps: Vec<String> = sims.iter().map(|s| s.addr().to_string()).collect();
+    let a = replica(&eps, shared(&redis.url(), "t3", "a")).await;
+    let b = replica(&eps, shared(&redis.url(), "t3", "b")).await;
+    let c = client();
+    route_groups(&c, &a, 0..2, " warm").await;
+    until("B applies", || {
+        metric(&b, "epp_shared_state_deltas_applied_total", &[]) >= 2.0
+    })
+    .await;
+
+    redis.stop();
+    // Requests go on, on local state.
+    let on_a = route_groups(&c, &a, 10..10 + GROUPS, " first").await;
+    until("A notices Redis is gone", || {
+        metric(&a, "epp_shared_state_up", &[]) == 0.0
+    })
+    .await;
+    let (code, body) = readyz(&c, &a).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("shared state unavailable"), "{body}");
+    assert_eq!(
+        metric(&a, "epp_requests_total", &[("status", "200")]),
+        (2 + GROUPS) as f64
+    );
+
+    // Back (empty, as after a crash): A's backlog is published and B catches up.
+    redis.restart().await;
+    until("B applies what A learned during the outage", || {
+        metric(&b, "epp_shared_state_deltas_applied_total", &[]) >= (2 + GROUPS) as f64
+    })
+    .await;
+    assert_eq!(metric(&a, "epp_shared_state_up", &[]), 1.0);
+    let (_, body) = readyz(&c, &a).await;
+    assert!(!body.contains("shared state unavailable"), "{body}");
+    let on_b = route_groups(&c, &b, 10..10 + GROUPS, " second").await;
+    assert_eq!(on_a, on_b);
+    a.stop().await;
+    b.stop().await;
+}
