@@ -180,6 +180,11 @@ pub struct CompareConfig {
     pub request_timeout: Duration,
     /// Keep the last policy's picker and simulators running and return them.
     pub keep_last: bool,
+    /// Picker replicas in front of the same simulators, requests split round-robin between
+    /// them (1: a single picker).
+    pub replicas: usize,
+    /// Redis URL the replicas share routing state through (`None`: they share nothing).
+    pub shared_state: Option<String>,
 }
 
 /// Progress notifications, so a front-end can print where things are while they run.
@@ -276,18 +281,29 @@ pub async fn compare(
         let last = i + 1 == cfg.policies.len();
         let sims = start_sims(&cfg.sims, kv_blocks).await?;
         let addrs: Vec<SocketAddr> = sims.iter().map(|s| s.addr()).collect();
-        let picker = match start_picker(&addrs, &policy.config_yaml).await {
-            Ok(p) => p,
-            Err(e) => {
-                for s in sims {
-                    s.shutdown().await;
+        let shared = cfg.shared_state.as_ref().map(|url| {
+            // A fresh key prefix per run, so runs never read each other's state.
+            let prefix = format!(
+                "epp-bench:{}:{}:{}",
+                policy.name,
+                std::process::id(),
+                epp_core::replication::now_ms()
+            );
+            (url.clone(), prefix)
+        });
+        let picker =
+            match start_picker(&addrs, &policy.config_yaml, cfg.replicas.max(1), shared).await {
+                Ok(p) => p,
+                Err(e) => {
+                    for s in sims {
+                        s.shutdown().await;
+                    }
+                    return Err(e.context(format!(
+                        "cannot start the picker for policy {}",
+                        policy.name
+                    )));
                 }
-                return Err(e.context(format!(
-                    "cannot start the picker for policy {}",
-                    policy.name
-                )));
-            }
-        };
+            };
         let proxy_url = format!("http://{}", picker.proxy_addr);
         let metrics_url = format!("http://{}/metrics", picker.metrics_addr);
         notify(CompareEvent::PolicyStarted {
@@ -299,16 +315,7 @@ pub async fn compare(
                 .map(|s| (s.name().to_owned(), s.addr()))
                 .collect(),
         });
-        let run = run_policy(
-            cfg,
-            &workload,
-            policy,
-            &sims,
-            &proxy_url,
-            &metrics_url,
-            stop.clone(),
-        )
-        .await;
+        let run = run_policy(cfg, &workload, policy, &sims, &picker, stop.clone()).await;
         notify(CompareEvent::PolicyFinished {
             policy: policy.name.clone(),
         });
@@ -373,16 +380,27 @@ async fn run_policy(
     workload: &Arc<Workload>,
     policy: &Policy,
     sims: &[epp_sim::SimServer],
-    proxy_url: &str,
-    metrics_url: &str,
+    picker: &PickerHandle,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<PolicyRun> {
     let http = crate::http::client();
-    wait_until_picker_sees(&http, metrics_url, sims.len()).await;
+    let metrics_url = &format!("http://{}/metrics", picker.metrics_addr);
+    for r in &picker.replicas {
+        if let Some(m) = r.metrics_addr {
+            wait_until_picker_sees(&http, &format!("http://{m}/metrics"), sims.len()).await;
+        }
+    }
     let before = picker_metrics::scrape(&http, metrics_url)
         .await
         .unwrap_or_default();
-    let mut load = LoadConfig::new(proxy_url, cfg.sims.model.clone());
+    let mut load = LoadConfig::new(
+        format!("http://{}", picker.proxy_addr),
+        cfg.sims.model.clone(),
+    );
+    load.extra_base_urls = picker.replicas[1..]
+        .iter()
+        .map(|r| format!("http://{}", r.proxy_addr))
+        .collect();
     load.mode = cfg.mode;
     load.max_requests = cfg.max_requests;
     load.duration = cfg.duration;
@@ -535,52 +553,85 @@ async fn wait_until_picker_sees(http: &crate::http::HttpClient, metrics_url: &st
 
 /// A running in-process picker (proxy mode).
 struct PickerHandle {
+    /// The first replica's addresses (its `/metrics` is the one reported).
     proxy_addr: SocketAddr,
     metrics_addr: SocketAddr,
-    inner: epp_core::proxy::ProxyHandle,
+    replicas: Vec<epp_core::proxy::ProxyHandle>,
 }
 
 impl PickerHandle {
     async fn shutdown(self) {
-        self.inner.stop().await;
+        for r in self.replicas {
+            r.stop().await;
+        }
     }
 }
 
-/// Starts the picker in proxy mode on loopback ports, in front of `endpoints`, with the policy
-/// `config_yaml`.
-async fn start_picker(endpoints: &[SocketAddr], config_yaml: &str) -> anyhow::Result<PickerHandle> {
+/// Starts `replicas` pickers in proxy mode on loopback ports, in front of `endpoints`, with the
+/// policy `config_yaml`; with `shared` (Redis URL, key prefix) they share routing state.
+async fn start_picker(
+    endpoints: &[SocketAddr],
+    config_yaml: &str,
+    replicas: usize,
+    shared: Option<(String, String)>,
+) -> anyhow::Result<PickerHandle> {
     use epp_core::app::RuntimeOptions;
     use epp_core::discovery::StaticDiscovery;
     let config = epp_core::config::EndpointPickerConfig::from_yaml(config_yaml)
         .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let picker = RuntimeOptions {
-        discovery: std::sync::Arc::new(StaticDiscovery {
-            endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
-            file: None,
-            poll_interval: Duration::from_secs(1),
-            ..Default::default()
-        }),
-        config,
-        metrics_addr: Some(loopback(0)),
-        health_addr: None,
-        grace_period: Duration::from_secs(2),
-        ..RuntimeOptions::default()
-    };
-    let opts = epp_core::proxy::ProxyOptions {
-        listen: loopback(0),
-        picker,
-        ..epp_core::proxy::ProxyOptions::default()
-    };
-    let inner = epp_core::proxy::spawn(opts).await?;
-    let Some(metrics_addr) = inner.metrics_addr else {
-        inner.stop().await;
-        anyhow::bail!("the picker started without a metrics server");
-    };
+    let mut started: Vec<epp_core::proxy::ProxyHandle> = Vec::new();
+    for i in 0..replicas {
+        let shared_state =
+            shared
+                .as_ref()
+                .map(|(url, prefix)| epp_core::replication::SharedStateOptions {
+                    url: url.clone(),
+                    key_prefix: prefix.clone(),
+                    replica_id: format!("bench-{i}"),
+                    snapshot_interval: Duration::from_secs(2),
+                    ..Default::default()
+                });
+        let picker = RuntimeOptions {
+            discovery: std::sync::Arc::new(StaticDiscovery {
+                endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
+                file: None,
+                poll_interval: Duration::from_secs(1),
+                ..Default::default()
+            }),
+            config: config.clone(),
+            metrics_addr: Some(loopback(0)),
+            health_addr: None,
+            grace_period: Duration::from_secs(2),
+            shared_state,
+            ..RuntimeOptions::default()
+        };
+        let opts = epp_core::proxy::ProxyOptions {
+            listen: loopback(0),
+            picker,
+            ..epp_core::proxy::ProxyOptions::default()
+        };
+        match epp_core::proxy::spawn(opts).await {
+            Ok(p) if p.metrics_addr.is_some() => started.push(p),
+            r => {
+                for p in started {
+                    p.stop().await;
+                }
+                match r {
+                    Ok(p) => {
+                        p.stop().await;
+                        anyhow::bail!("the picker started without a metrics server");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    let first = &started[0];
     Ok(PickerHandle {
-        proxy_addr: inner.proxy_addr,
-        metrics_addr,
-        inner,
+        proxy_addr: first.proxy_addr,
+        metrics_addr: first.metrics_addr.expect("checked above"),
+        replicas: started,
     })
 }
 

@@ -62,6 +62,9 @@ pub struct LoadConfig {
     pub progress: bool,
     /// Shown in front of the progress bar.
     pub label: String,
+    /// More base URLs (picker replicas): request `i` goes to the `i mod n`-th of
+    /// `[base_url] + extra_base_urls`, a round-robin splitter on the client side.
+    pub extra_base_urls: Vec<String>,
 }
 
 impl LoadConfig {
@@ -69,6 +72,7 @@ impl LoadConfig {
     pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> Self {
         Self {
             base_url: base_url.into(),
+            extra_base_urls: Vec::new(),
             model: model.into(),
             mode: LoadMode::ClosedLoop { concurrency: 8 },
             max_requests: Some(100),
@@ -157,11 +161,14 @@ pub async fn run_load(
         }
         _ => {}
     }
-    let base = normalize_base_url(&cfg.base_url)?;
+    let mut bases = vec![normalize_base_url(&cfg.base_url)?];
+    for u in &cfg.extra_base_urls {
+        bases.push(normalize_base_url(u)?);
+    }
     let http = client();
     let ctx = Arc::new(Ctx {
         http,
-        base,
+        bases,
         model: cfg.model.clone(),
         timeout: cfg.request_timeout,
         workload,
@@ -323,7 +330,8 @@ fn progress_bar(cfg: &LoadConfig) -> ProgressBar {
 
 struct Ctx {
     http: HttpClient,
-    base: String,
+    /// Replicas, served round-robin by request index.
+    bases: Vec<String>,
     model: String,
     timeout: Duration,
     workload: Arc<Workload>,
@@ -376,7 +384,8 @@ async fn exchange(
     t0: Instant,
     rec: &mut RequestRecord,
 ) -> Result<(), String> {
-    let request = http::Request::post(format!("{}{}", ctx.base, api.path()))
+    let base = &ctx.bases[(rec.index % ctx.bases.len() as u64) as usize];
+    let request = http::Request::post(format!("{}{}", base, api.path()))
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "text/event-stream")
         .body(Full::new(body))

@@ -12,6 +12,8 @@ use epp_bench::workload::{Api, SharedPrefix, WorkloadSpec};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_profile_beats_round_robin_on_cached_tokens() {
     let cfg = CompareConfig {
+        replicas: 1,
+        shared_state: None,
         workload: WorkloadSpec::SharedPrefix(SharedPrefix {
             num_groups: 8,
             num_prompts_per_group: 16,

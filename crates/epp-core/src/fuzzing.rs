@@ -5,7 +5,8 @@
 //!
 //! The inputs are what a hostile peer controls: a request body (proxy and ext_proc), the
 //! ext_proc message stream from the gateway, a model server's `/metrics` text, a config
-//! file, and a model server's KV-event messages. Work is bounded per input (message count, body limit) so a run stays fast.
+//! file, a model server's KV-event messages, and what other picker replicas (or anything else)
+//! wrote into the shared-state Redis. Work is bounded per input (message count, body limit) so a run stays fast.
 
 use std::sync::{Arc, OnceLock};
 
@@ -190,14 +191,54 @@ fn split_frames(data: &[u8]) -> Vec<&[u8]> {
     out
 }
 
+/// What replicas read from Redis (`replication::wire`): the first byte picks a stream entry
+/// (the rest split by `||` into the `v`, `r` and `b` fields), a snapshot, or a load report.
+/// Whatever decodes must re-encode to bytes that decode to the same value.
+pub fn shared_state(data: &[u8]) {
+    use crate::replication::wire;
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    match sel % 3 {
+        0 => {
+            let parts = split_frames(rest);
+            let raw = wire::RawEntry {
+                version: parts.first().copied(),
+                replica: parts.get(1).copied(),
+                batch: parts.get(2).copied(),
+            };
+            if let Ok(e) = wire::decode_entry(&raw, 64) {
+                let again = wire::decode_batch(&wire::encode_batch(&e.batch))
+                    .expect("a decoded batch re-encodes to a decodable one");
+                assert_eq!(again, e.batch);
+            }
+        }
+        1 => {
+            if let Ok(s) = wire::decode_snapshot(rest, 64) {
+                let again = wire::decode_snapshot(&wire::encode_snapshot(&s), 64)
+                    .expect("a decoded snapshot re-encodes to a decodable one");
+                assert_eq!(again, s);
+            }
+        }
+        _ => {
+            if let Ok(l) = wire::decode_load(rest) {
+                let again = wire::decode_load(&wire::encode_load(&l))
+                    .expect("a decoded load report re-encodes to a decodable one");
+                assert_eq!(again, l);
+            }
+        }
+    }
+}
+
 /// A harness: returns normally for every input.
 pub type Harness = fn(&[u8]);
 
 /// Every harness by the name of its fuzz target (and corpus directory).
-pub const TARGETS: [(&str, Harness); 5] = [
+pub const TARGETS: [(&str, Harness); 6] = [
     ("request_body", request_body),
     ("extproc_messages", extproc_messages),
     ("scrape_metrics", scrape_metrics),
     ("config", config),
     ("kv_events", kv_events),
+    ("shared_state", shared_state),
 ];

@@ -198,9 +198,82 @@ fn kv_event_seeds(out: &mut Vec<(&'static str, String, Vec<u8>)>) {
     ));
 }
 
+fn shared_state_seeds(out: &mut Vec<(&'static str, String, Vec<u8>)>) {
+    use epp_core::replication::wire;
+    let batch = wire::encode_batch(&wire::Batch {
+        block_bytes: 64,
+        sent_ms: 1_700_000_000_000,
+        inserts: vec![
+            wire::Insert {
+                endpoint: "10.0.0.1:8000".into(),
+                hashes: vec![1, 2, u64::MAX],
+                speculative: vec![],
+            },
+            wire::Insert {
+                endpoint: "10.0.0.2:8000".into(),
+                hashes: vec![],
+                speculative: vec![7, 8],
+            },
+        ],
+    });
+    let entry = |v: &[u8], r: &[u8], b: &[u8]| [&[0u8][..], v, b"||", r, b"||", b].concat();
+    out.push((
+        "shared_state",
+        "entry".into(),
+        entry(b"1", b"replica-a", &batch),
+    ));
+    out.push((
+        "shared_state",
+        "entry-version-2".into(),
+        entry(b"2", b"a", &batch),
+    ));
+    out.push((
+        "shared_state",
+        "entry-junk".into(),
+        entry(b"1", b"a", b"\xc1\x93"),
+    ));
+    let other_block = wire::encode_batch(&wire::Batch {
+        block_bytes: 128,
+        ..Default::default()
+    });
+    out.push((
+        "shared_state",
+        "entry-block-128".into(),
+        entry(b"1", b"a", &other_block),
+    ));
+    let snap = wire::encode_snapshot(&wire::Snapshot {
+        version: wire::FORMAT_VERSION,
+        block_bytes: 64,
+        taken_ms: 5,
+        stream_id: "1-0".into(),
+        replica: "a".into(),
+        endpoints: vec![wire::EndpointBlocks {
+            endpoint: "h:1".into(),
+            hashes: vec![3, 4],
+        }],
+    });
+    out.push((
+        "shared_state",
+        "snapshot".into(),
+        [&[1u8][..], &snap].concat(),
+    ));
+    let load = wire::encode_load(&wire::Load {
+        version: wire::FORMAT_VERSION,
+        sent_ms: 9,
+        endpoints: vec![("h:1".into(), 3), ("h:2".into(), 0)],
+    });
+    out.push(("shared_state", "load".into(), [&[2u8][..], &load].concat()));
+    out.push((
+        "shared_state",
+        "huge-array".into(),
+        b"\x01\xdd\xff\xff\xff\xff".to_vec(),
+    ));
+}
+
 fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out: Vec<(&'static str, String, Vec<u8>)> = Vec::new();
     kv_event_seeds(&mut out);
+    shared_state_seeds(&mut out);
     let bodies: [&[u8]; 12] = [
         CHAT.as_bytes(),
         br#"{"model":"m","prompt":"Once upon a time in a land far away there lived a fuzzer","max_tokens":8}"#,

@@ -11,6 +11,7 @@ pub mod client;
 pub mod picker_metrics;
 pub mod prom;
 pub mod report;
+pub mod shared_state;
 pub mod transport;
 
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub struct DoctorOptions {
     pub dashboard: Option<PathBuf>,
     pub rules: Option<PathBuf>,
     pub timeout: Duration,
+    /// The shared-state Redis to check (`--shared-state`).
+    pub shared_state: Option<shared_state::SharedStateCheck>,
 }
 
 /// How a run ended.
@@ -136,6 +139,9 @@ pub async fn run(opts: &DoctorOptions) -> Result<Outcome, UsageError> {
             metrics_ep.as_ref(),
         )
         .await;
+    }
+    if let Some(s) = &opts.shared_state {
+        shared_state::check(&mut r, s, opts.timeout).await;
     }
     r.summary();
     Ok(if r.failed > 0 {

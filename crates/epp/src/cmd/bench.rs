@@ -335,6 +335,16 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub policy_config: Vec<PathBuf>,
 
+    /// Picker replicas per policy, in front of the same simulators; requests are split
+    /// round-robin between them. The report's picker metrics are the first replica's.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub replicas: u64,
+
+    /// Redis the replicas share routing state through (`redis://127.0.0.1:6379`); without it,
+    /// replicas share nothing. Each run uses its own key prefix.
+    #[arg(long, value_name = "URL")]
+    pub shared_state: Option<String>,
+
     /// Directory for the JSON report and the SVG chart (created if missing).
     #[arg(long, value_name = "DIR", default_value = "bench-results")]
     pub out: PathBuf,
@@ -480,6 +490,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         let (max_requests, duration) = args.load.bounds(Some(800), None)?;
         let cfg = CompareConfig {
+            replicas: args.replicas as usize,
+            shared_state: args.shared_state.clone(),
             workload: spec,
             seed: args.workload.seed,
             mode,

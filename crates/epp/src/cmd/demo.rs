@@ -56,6 +56,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|n| Policy::preset(n).ok_or_else(|| anyhow::anyhow!("missing preset {n}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = CompareConfig {
+        replicas: 1,
+        shared_state: None,
         workload: WorkloadSpec::SharedPrefix(SharedPrefix::default()),
         seed: args.seed,
         mode: epp_bench::driver::LoadMode::OpenLoop { rate: args.rate },

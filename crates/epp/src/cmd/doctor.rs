@@ -16,7 +16,7 @@ use super::common::parse_duration;
 Exit status: 0 when no check failed, 1 when one did, 2 on bad flags or unreadable files.\n\
 See docs/monitoring.md, section \"epp doctor\"."
 )]
-#[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["metrics_url", "prometheus_url"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["metrics_url", "prometheus_url", "shared_state"])))]
 pub struct Args {
     /// The picker's metrics URL, e.g. `http://127.0.0.1:9090/metrics` (`/metrics` is added when
     /// the URL has no path).
@@ -61,13 +61,57 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub rules: Option<PathBuf>,
 
+    /// The shared-state Redis of active-active replicas (`redis://host:port`, `rediss://`):
+    /// check that it answers, takes the password, and holds a delta stream, a recent index
+    /// snapshot and live replicas.
+    #[arg(long, value_name = "URL")]
+    pub shared_state: Option<String>,
+
+    /// File holding the shared-state Redis password (or `EPP_SHARED_STATE_PASSWORD`).
+    #[arg(long, value_name = "FILE", requires = "shared_state")]
+    pub shared_state_password_file: Option<PathBuf>,
+
+    /// The replicas' key prefix (their `--shared-state-key-prefix`).
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "epp:default",
+        requires = "shared_state"
+    )]
+    pub shared_state_key_prefix: String,
+
     /// Deadline of each step (DNS, connect, TLS, response).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let password = match &args.shared_state_password_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(p) => Some(p.trim_end_matches(['\r', '\n']).to_string()),
+            Err(e) => {
+                eprintln!(
+                    "epp doctor: --shared-state-password-file {}: {e}",
+                    f.display()
+                );
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => std::env::var("EPP_SHARED_STATE_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty()),
+    };
+    let shared_state =
+        args.shared_state
+            .clone()
+            .map(|url| epp_doctor::shared_state::SharedStateCheck {
+                url,
+                password,
+                key_prefix: args.shared_state_key_prefix.clone(),
+                snapshot_max_age: Duration::from_secs(30),
+            });
     let opts = epp_doctor::DoctorOptions {
+        shared_state,
         metrics_url: args.metrics_url,
         token: args.token,
         token_file: args.token_file,
