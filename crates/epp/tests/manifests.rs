@@ -484,3 +484,100 @@ fn documented_flags_exist() {
         "expected the flag tables in docs/kubernetes.md, found {n} rows"
     );
 }
+
+#[test]
+fn the_active_active_variant_reaches_its_redis_with_its_password() {
+    let d: Deployment = typed(
+        "active-active/deployment.yaml",
+        &docs("active-active/deployment.yaml")[0],
+    );
+    let redis_docs = docs("active-active/redis.yaml");
+    let redis: Deployment = typed("active-active/redis.yaml", &redis_docs[0]);
+    let redis_svc: Service = typed("active-active/redis.yaml", &redis_docs[1]);
+    let svc: Service = typed("service.yaml", &docs("service.yaml")[0]);
+    // The picker pods are the ones the shipped Service selects, so only the Deployment changes.
+    let spec = d.spec.as_ref().unwrap();
+    let pod_labels = labels(&spec.template.metadata.as_ref().unwrap().labels);
+    let sel: BTreeMap<String, String> = svc.spec.as_ref().unwrap().selector.clone().unwrap();
+    assert!(subset(&sel, &pod_labels), "{sel:?} vs {pod_labels:?}");
+    assert!(spec.replicas.unwrap() >= 2);
+    assert_eq!(
+        spec.strategy.as_ref().unwrap().type_.as_deref(),
+        Some("RollingUpdate")
+    );
+    let pod = spec.template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    check_args_against_help(c);
+    let args = c.args.clone().unwrap();
+    let arg = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("no --{name} in {args:?}"))
+            .to_string()
+    };
+    assert_eq!(arg("ha-mode"), "active-active");
+    assert!(
+        !args.iter().any(|a| a.contains("leader-election")),
+        "{args:?}"
+    );
+    // --shared-state names the Redis Service and its port.
+    let url = arg("shared-state");
+    let hostport = url.strip_prefix("redis://").unwrap();
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+    let rsvc_name = redis_svc.metadata.name.as_deref().unwrap();
+    let rsvc_ns = redis_svc.metadata.namespace.as_deref().unwrap();
+    assert_eq!(host, format!("{rsvc_name}.{rsvc_ns}.svc"));
+    let rport = &redis_svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    assert_eq!(port, rport.port.to_string());
+    // The Redis Service selects the Redis pods.
+    let rsel = redis_svc.spec.as_ref().unwrap().selector.clone().unwrap();
+    let rlabels = labels(
+        &redis
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels,
+    );
+    assert!(subset(&rsel, &rlabels));
+    // The password file the flag names is mounted from the Secret the Redis pod reads too.
+    let pw = arg("shared-state-password-file");
+    let (dir, file) = pw.rsplit_once('/').unwrap();
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.mount_path == dir)
+        .expect("the password directory is mounted");
+    let secret_of = |pod: &k8s_openapi::api::core::v1::PodSpec, vol: &str| {
+        let v = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == vol)
+            .unwrap();
+        let s = v.secret.as_ref().unwrap();
+        let item = &s.items.as_ref().unwrap()[0];
+        (
+            s.secret_name.clone().unwrap(),
+            item.key.clone(),
+            item.path.clone(),
+        )
+    };
+    let (secret, _key, path) = secret_of(pod, &mount.name);
+    assert_eq!(path, file);
+    let rpod = redis.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let rmount = &rpod.containers[0].volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(secret_of(rpod, &rmount.name).0, secret);
+    let rargs = rpod.containers[0].args.clone().unwrap().join(" ");
+    assert!(
+        rargs.contains("--requirepass")
+            && rargs.contains(&format!("{}/{}", rmount.mount_path, path)),
+        "{rargs}"
+    );
+}
