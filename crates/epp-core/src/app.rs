@@ -71,6 +71,8 @@ pub struct RuntimeOptions {
     pub metrics_tls: Option<crate::tls::MetricsTls>,
     /// Only the holder of a Kubernetes Lease reports ready.
     pub leader_election: Option<crate::k8s::leader::LeaderElectionConfig>,
+    /// `InferenceObjective`s given at start-up (`--inference-objective name=priority`).
+    pub objectives: Vec<crate::admission::Objective>,
 }
 
 impl Default for RuntimeOptions {
@@ -90,6 +92,7 @@ impl Default for RuntimeOptions {
             max_buffered_body_bytes: crate::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
             metrics_tls: None,
             leader_election: None,
+            objectives: Vec::new(),
         }
     }
 }
@@ -97,6 +100,8 @@ impl Default for RuntimeOptions {
 /// Validated pieces, ready to start.
 pub struct Validated {
     scheduler: Scheduler,
+    /// The `flowControl` section resolved (its detector also serves the legacy admission).
+    flow: crate::admission::FlowSettings,
     initial: Vec<EndpointSpec>,
     /// The config's data layer with the flags applied.
     data: crate::datalayer::DataLayer,
@@ -112,6 +117,8 @@ impl RuntimeOptions {
         let scheduler = Scheduler::from_config(&self.config)
             .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
         let mut data = crate::datalayer::DataLayer::from_config(&self.config)
+            .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
+        let flow = crate::admission::FlowSettings::from_config(&self.config)
             .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
         data.apply(&self.scrape.overrides)
             .map_err(StartError::Invalid)?;
@@ -138,6 +145,7 @@ impl RuntimeOptions {
         }
         Ok(Validated {
             scheduler,
+            flow,
             initial,
             data,
             scrape_client,
@@ -201,6 +209,7 @@ impl Runtime {
     ) -> Result<Self, StartError> {
         let Validated {
             scheduler,
+            flow,
             initial,
             data,
             scrape_client,
@@ -234,6 +243,26 @@ impl Runtime {
         let director =
             Director::build_with_budget(&datastore_writer, scheduler, opts.max_buffered_body_bytes);
         let metrics = director.metrics().clone();
+        let flow_control = opts.config.flow_control_enabled().then(|| {
+            crate::admission::FlowController::new(
+                flow.clone(),
+                datastore.clone(),
+                metrics.flow_control().clone(),
+            )
+        });
+        let admission: Arc<dyn crate::admission::Admission> = match &flow_control {
+            Some(fc) => {
+                tasks.push(fc.spawn_pump(shutdown.clone()));
+                tracing::info!(settings = ?fc.settings(), "flow control on");
+                fc.clone()
+            }
+            None => Arc::new(crate::admission::LegacyAdmission::new(
+                flow.detector.clone(),
+            )),
+        };
+        let director = director
+            .with_admission(admission)
+            .with_objectives(crate::admission::Objectives::new(&opts.objectives));
         // The metrics certificate's validity: exported, and named in /readyz when wrong.
         let cert_status = tls.as_ref().map(|t| t.status());
         if let Some(s) = &cert_status {

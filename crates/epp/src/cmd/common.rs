@@ -155,8 +155,19 @@ pub struct RuntimeArgs {
     #[arg(long, visible_alias = "drain-timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
 
+    /// An InferenceObjective outside Kubernetes: requests whose `x-llm-d-inference-objective`
+    /// header names it get its priority (higher dispatches first under flow control; negative
+    /// is sheddable). Repeatable. Unknown objectives get priority 0. In Kubernetes the
+    /// `InferenceObjective` resources of the pool are watched as well (they win on a name clash).
+    #[arg(long, value_name = "NAME=PRIORITY", value_parser = parse_objective)]
+    pub inference_objective: Vec<epp_core::admission::Objective>,
+
     #[command(flatten)]
     pub kube: KubeArgs,
+}
+
+fn parse_objective(s: &str) -> Result<epp_core::admission::Objective, String> {
+    epp_core::admission::Objective::parse(s)
 }
 
 /// Kubernetes flags: discovery, metrics TLS and leader election (see docs/kubernetes.md).
@@ -377,6 +388,7 @@ impl RuntimeArgs {
             max_buffered_body_bytes: self.max_buffered_body_bytes as usize,
             metrics_tls,
             leader_election,
+            objectives: self.inference_objective.clone(),
         })
     }
 }
