@@ -73,6 +73,8 @@ pub struct RuntimeOptions {
     pub leader_election: Option<crate::k8s::leader::LeaderElectionConfig>,
     /// `InferenceObjective`s given at start-up (`--inference-objective name=priority`).
     pub objectives: Vec<crate::admission::Objective>,
+    /// Watch the pool's `InferenceObjective` resources (Kubernetes InferencePool mode).
+    pub objective_watch: Option<crate::k8s::objectives::ObjectiveWatch>,
 }
 
 impl Default for RuntimeOptions {
@@ -93,6 +95,7 @@ impl Default for RuntimeOptions {
             metrics_tls: None,
             leader_election: None,
             objectives: Vec::new(),
+            objective_watch: None,
         }
     }
 }
@@ -263,6 +266,13 @@ impl Runtime {
         let director = director
             .with_admission(admission)
             .with_objectives(crate::admission::Objectives::new(&opts.objectives));
+        if let Some(w) = opts.objective_watch.clone() {
+            tasks.push(crate::k8s::objectives::spawn(
+                w,
+                director.objectives().clone(),
+                shutdown.clone(),
+            ));
+        }
         // The metrics certificate's validity: exported, and named in /readyz when wrong.
         let cert_status = tls.as_ref().map(|t| t.status());
         if let Some(s) = &cert_status {

@@ -125,6 +125,31 @@ impl FlowQueue {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
+
+    /// Queue an item at `key` with nobody waiting on it (policy tests).
+    #[cfg(test)]
+    pub(crate) fn push_for_test(&mut self, key: (u64, u64)) {
+        let (tx, _) = oneshot::channel();
+        self.items.insert(
+            key,
+            Item {
+                tx,
+                bytes: 0,
+                labels: QueueLabels {
+                    fairness_id: "".into(),
+                    inference_pool: "".into(),
+                    model_name: "".into(),
+                    priority: 0,
+                    target_model_name: "".into(),
+                },
+            },
+        );
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pop_for_test(&mut self) {
+        self.items.pop_first();
+    }
 }
 
 #[derive(Debug)]

@@ -389,6 +389,14 @@ impl RuntimeArgs {
             metrics_tls,
             leader_election,
             objectives: self.inference_objective.clone(),
+            objective_watch: k.pool_name.as_ref().map(|pool| {
+                epp_core::k8s::objectives::ObjectiveWatch {
+                    client: kube.clone().expect("pool implies a client"),
+                    namespace: namespace.clone(),
+                    pool_name: pool.clone(),
+                    pool_group: epp_core::k8s::objectives::DEFAULT_POOL_GROUP.into(),
+                }
+            }),
         })
     }
 }
