@@ -74,6 +74,10 @@ pub struct RuntimeOptions {
     /// Routing state shared with the other replicas through Redis (active-active, or a warm
     /// standby with leader election).
     pub shared_state: Option<crate::replication::SharedStateOptions>,
+    /// `InferenceObjective`s given at start-up (`--inference-objective name=priority`).
+    pub objectives: Vec<crate::admission::Objective>,
+    /// Watch the pool's `InferenceObjective` resources (Kubernetes InferencePool mode).
+    pub objective_watch: Option<crate::k8s::objectives::ObjectiveWatch>,
 }
 
 impl Default for RuntimeOptions {
@@ -94,6 +98,8 @@ impl Default for RuntimeOptions {
             metrics_tls: None,
             leader_election: None,
             shared_state: None,
+            objectives: Vec::new(),
+            objective_watch: None,
         }
     }
 }
@@ -101,6 +107,8 @@ impl Default for RuntimeOptions {
 /// Validated pieces, ready to start.
 pub struct Validated {
     scheduler: Scheduler,
+    /// The `flowControl` section resolved (its detector also serves the legacy admission).
+    flow: crate::admission::FlowSettings,
     initial: Vec<EndpointSpec>,
     /// The config's data layer with the flags applied.
     data: crate::datalayer::DataLayer,
@@ -118,6 +126,8 @@ impl RuntimeOptions {
         let scheduler = Scheduler::from_config(&self.config)
             .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
         let mut data = crate::datalayer::DataLayer::from_config(&self.config)
+            .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
+        let flow = crate::admission::FlowSettings::from_config(&self.config)
             .map_err(|e| StartError::invalid(format!("invalid EndpointPickerConfig: {e}")))?;
         data.apply(&self.scrape.overrides)
             .map_err(StartError::Invalid)?;
@@ -150,6 +160,7 @@ impl RuntimeOptions {
         }
         Ok(Validated {
             scheduler,
+            flow,
             initial,
             data,
             scrape_client,
@@ -214,6 +225,7 @@ impl Runtime {
     ) -> Result<Self, StartError> {
         let Validated {
             scheduler,
+            flow,
             initial,
             data,
             scrape_client,
@@ -272,6 +284,33 @@ impl Runtime {
                 }),
             });
             replication = Some(r);
+        }
+        let flow_control = opts.config.flow_control_enabled().then(|| {
+            crate::admission::FlowController::new(
+                flow.clone(),
+                datastore.clone(),
+                metrics.flow_control().clone(),
+            )
+        });
+        let admission: Arc<dyn crate::admission::Admission> = match &flow_control {
+            Some(fc) => {
+                tasks.push(fc.spawn_pump(shutdown.clone()));
+                tracing::info!(settings = ?fc.settings(), "flow control on");
+                fc.clone()
+            }
+            None => Arc::new(crate::admission::LegacyAdmission::new(
+                flow.detector.clone(),
+            )),
+        };
+        let director = director
+            .with_admission(admission)
+            .with_objectives(crate::admission::Objectives::new(&opts.objectives));
+        if let Some(w) = opts.objective_watch.clone() {
+            tasks.push(crate::k8s::objectives::spawn(
+                w,
+                director.objectives().clone(),
+                shutdown.clone(),
+            ));
         }
         // The metrics certificate's validity: exported, and named in /readyz when wrong.
         let cert_status = tls.as_ref().map(|t| t.status());

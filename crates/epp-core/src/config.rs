@@ -32,8 +32,8 @@ pub struct EndpointPickerConfig {
     /// Which parsers read request bodies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_handler: Option<RequestHandlerConfig>,
-    /// Flow control (queueing, priority, fairness). Parsed strictly; any setting in it is
-    /// refused at validation because epp does not implement flow control yet.
+    /// Flow control (queueing, priority, fairness): in force with `featureGates: [flowControl]`;
+    /// without the gate only `saturationDetector` is read (the sheddable-request check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_control: Option<FlowControlConfig>,
     /// Deprecated spelling of `flowControl.saturationDetector`.
@@ -95,33 +95,60 @@ pub struct RequestHandlerConfig {
     pub parsers: Vec<PluginRef>,
 }
 
-/// llm-d-router's `flowControl` section, parsed strictly so a typo is still named. epp does not
-/// implement flow control yet: validation refuses every setting but `saturationDetector`.
+/// llm-d-router's `flowControl` section, parsed strictly so a typo is still named. Quantities
+/// and durations stay raw here and are read (with the field in every error) when the flow
+/// controller is built ([`crate::admission::FlowSettings::from_config`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FlowControlConfig {
+    /// Global bound on the bytes of queued requests (a Kubernetes quantity; absent or 0: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<Value>,
+    /// Global bound on queued requests (absent or 0: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<Value>,
+    /// Queue-wait budget while the pool has endpoints (a Go duration; default 60s; 0s: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(rename = "defaultRequestTTL")]
     pub default_request_ttl: Option<Value>,
+    /// Queue-wait budget while the pool has no endpoints (default: `defaultRequestTTL`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(rename = "noEndpointRequestTTL")]
     pub no_endpoint_request_ttl: Option<Value>,
+    /// Template for priorities no band lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_priority_band: Option<Value>,
+    pub default_priority_band: Option<PriorityBandSpec>,
+    /// Template for negative priorities no band lists (default: `defaultPriorityBand`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_negative_priority_band: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub priority_bands: Option<Value>,
+    pub default_negative_priority_band: Option<PriorityBandSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priority_bands: Vec<PriorityBandSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_limit_policy_plugin_ref: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saturation_detector: Option<SaturationDetectorRef>,
+    /// In-flight eviction of sheddable requests; refused when true (not implemented).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enable_eviction: Option<bool>,
+}
+
+/// One priority band (`flowControl.priorityBands[]`, `defaultPriorityBand`,
+/// `defaultNegativePriorityBand`). For the templates `priority` is ignored, as in llm-d-router.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PriorityBandSpec {
+    #[serde(default)]
+    pub priority: i64,
+    /// Bytes of queued requests (a Kubernetes quantity; absent or 0: 1G).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<Value>,
+    /// Queued requests (absent or 0: 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fairness_policy_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_policy_ref: Option<String>,
 }
 
 impl FlowControlConfig {
@@ -141,7 +168,7 @@ impl FlowControlConfig {
                 "defaultNegativePriorityBand",
                 self.default_negative_priority_band.is_some(),
             ),
-            ("priorityBands", self.priority_bands.is_some()),
+            ("priorityBands", !self.priority_bands.is_empty()),
             (
                 "usageLimitPolicyPluginRef",
                 self.usage_limit_policy_plugin_ref.is_some(),
@@ -154,10 +181,13 @@ impl FlowControlConfig {
     }
 }
 
+/// The feature gate that turns flow control on.
+pub const FLOW_CONTROL_GATE: &str = "flowControl";
+
 /// Feature gates epp knows. llm-d-router's `dataLayer` gate is always on here (it is on by
-/// default there too) and accepted for compatibility; `flowControl` is refused until flow
-/// control exists.
-pub const FEATURE_GATES: &[&str] = &["dataLayer"];
+/// default there too) and accepted for compatibility; `flowControl` queues requests in the
+/// picker under saturation (see [`crate::admission`]).
+pub const FEATURE_GATES: &[&str] = &["dataLayer", FLOW_CONTROL_GATE];
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -210,6 +240,7 @@ pub fn supported_plugin_types() -> Vec<&'static str> {
     crate::scheduler::plugins::all_types()
         .chain(crate::datalayer::TYPES.iter().copied())
         .chain(crate::parsers::TYPES.iter().copied())
+        .chain(crate::admission::TYPES.iter().copied())
         .collect()
 }
 
@@ -270,6 +301,27 @@ impl EndpointPickerConfig {
         }
     }
 
+    /// Whether feature gate `name` is on: listed as `name` or `name=true` (the last mention
+    /// wins, as llm-d-router reads them).
+    pub fn feature_enabled(&self, name: &str) -> bool {
+        let mut on = false;
+        for g in &self.feature_gates {
+            let (n, v) = match g.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim().to_ascii_lowercase())),
+                None => (g.trim(), None),
+            };
+            if n == name {
+                on = !matches!(v.as_deref(), Some("false" | "0" | "f"));
+            }
+        }
+        on
+    }
+
+    /// Whether requests queue in the picker under saturation (`featureGates: [flowControl]`).
+    pub fn flow_control_enabled(&self) -> bool {
+        self.feature_enabled(FLOW_CONTROL_GATE)
+    }
+
     /// The saturation detector named, if any: `flowControl.saturationDetector`, else the
     /// deprecated top-level one.
     pub fn saturation_detector_ref(&self) -> Option<&str> {
@@ -310,28 +362,13 @@ impl EndpointPickerConfig {
         }
         if let Some(fc) = &self.flow_control {
             if let Some(key) = fc.first_setting() {
-                return Err(ConfigError::new(
-                    format!("flowControl.{key}"),
-                    "epp does not support flow control yet (requests are not queued in the picker); remove the flowControl settings",
-                ));
+                if !self.feature_enabled(FLOW_CONTROL_GATE) {
+                    return Err(ConfigError::new(
+                        format!("flowControl.{key}"),
+                        "takes effect only with the flow control feature gate; add `featureGates: [flowControl]` or remove the setting",
+                    ));
+                }
             }
-        }
-        if let Some(r) = self.saturation_detector_ref() {
-            let field = if self
-                .flow_control
-                .as_ref()
-                .is_some_and(|f| f.saturation_detector.is_some())
-            {
-                "flowControl.saturationDetector.pluginRef"
-            } else {
-                "saturationDetector.pluginRef"
-            };
-            return Err(ConfigError::new(
-                field,
-                format!(
-                    "{r:?}: epp does not support saturation detector plugins; put a saturation-filter in the scheduling profile instead (it answers 429 when every endpoint is saturated)"
-                ),
-            ));
         }
         if let Some(dl) = &self.data_layer {
             if dl.discovery.is_some() {
@@ -449,6 +486,98 @@ pub fn plugin_parameters<T: DeserializeOwned + Default>(
             ConfigError::new(at, e.into_inner().to_string())
         }),
     }
+}
+
+/// A Kubernetes resource quantity (`100`, `1k`, `500M`, `1Gi`, `0.5Ki`) as an integer, rounded
+/// up as `resource.Quantity.Value()` does. `field` names the key in errors.
+pub fn parse_quantity(v: &Value, field: &str) -> Result<u64, ConfigError> {
+    let bad = |why: &str| ConfigError::new(field, format!("{v}: {why}"));
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.trim().to_string(),
+        _ => return Err(bad("must be a quantity such as 100, 1k, 500M or 1Gi")),
+    };
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(text.len());
+    let (num, suffix) = text.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| bad("must be a quantity such as 100, 1k, 500M or 1Gi"))?;
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        _ => {
+            return Err(bad(
+                "unknown quantity suffix (use k, M, G, T, Ki, Mi, Gi, Ti)",
+            ))
+        }
+    };
+    let x = n * mult;
+    if !x.is_finite() || x < 0.0 {
+        return Err(bad("must be non-negative"));
+    }
+    if x >= u64::MAX as f64 {
+        return Err(bad("too large"));
+    }
+    Ok(x.ceil() as u64)
+}
+
+/// A Go duration (`60s`, `1m30s`, `500ms`, `1.5h`, `0s`) as Kubernetes' `metav1.Duration`
+/// spells it. `field` names the key in errors.
+pub fn parse_go_duration(v: &Value, field: &str) -> Result<std::time::Duration, ConfigError> {
+    let bad = || {
+        ConfigError::new(
+            field,
+            format!("{v}: must be a duration such as 60s, 1m30s or 500ms"),
+        )
+    };
+    let s = v.as_str().ok_or_else(bad)?.trim();
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if s.is_empty() || s.starts_with('-') {
+        return Err(bad());
+    }
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    let mut nanos = 0f64;
+    while !rest.is_empty() {
+        let n_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..n_end].parse().map_err(|_| bad())?;
+        rest = &rest[n_end..];
+        let u_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = match &rest[..u_end] {
+            "ns" => 1.0,
+            "us" | "µs" | "μs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(bad()),
+        };
+        rest = &rest[u_end..];
+        nanos += n * unit;
+    }
+    if !nanos.is_finite() || nanos > 1e18 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_nanos(nanos.round() as u64))
 }
 
 /// Built-in policies, as config text. `default` is what runs when no config is given.

@@ -11,7 +11,7 @@ use serde_json::json;
 
 pub mod metrics;
 
-use crate::admission::{Admission, AdmissionRequest, AdmitAll};
+use crate::admission::{Admission, AdmissionRequest, AdmitAll, Objectives};
 use crate::datastore::{
     Datastore, DatastoreWriter, Endpoint, FailureKind, HealthSink, InFlight, Source,
 };
@@ -372,6 +372,7 @@ impl RequestTracker {
         m.observe_e2e(self.method, self.started.elapsed().as_secs_f64());
         m.llmd().finished(&self.identity);
         self.guard = None;
+        self.director.inner.admission.released();
     }
 }
 
@@ -388,6 +389,8 @@ impl Drop for RequestTracker {
 
 struct Inner {
     admission: Arc<dyn Admission>,
+    /// `InferenceObjective` name → priority.
+    objectives: Arc<Objectives>,
     body_budget: BodyBudget,
     datastore: Datastore,
     /// Passive health: what the upstreams did with routed requests.
@@ -456,6 +459,7 @@ impl Director {
         Self {
             inner: Arc::new(Inner {
                 admission: Arc::new(AdmitAll),
+                objectives: Objectives::new(&[]),
                 health: writer.health_sink(),
                 datastore,
                 scheduler,
@@ -470,10 +474,20 @@ impl Director {
 
     /// The same core with `admission` deciding which requests go on to scheduling.
     pub fn with_admission(&self, admission: Arc<dyn Admission>) -> Self {
+        self.rebuilt(admission, self.inner.objectives.clone())
+    }
+
+    /// The same core reading request priorities from `objectives`.
+    pub fn with_objectives(&self, objectives: Arc<Objectives>) -> Self {
+        self.rebuilt(self.inner.admission.clone(), objectives)
+    }
+
+    fn rebuilt(&self, admission: Arc<dyn Admission>, objectives: Arc<Objectives>) -> Self {
         let i = &self.inner;
         Self {
             inner: Arc::new(Inner {
                 admission,
+                objectives,
                 body_budget: i.body_budget.clone(),
                 datastore: i.datastore.clone(),
                 health: i.health.clone(),
@@ -492,6 +506,7 @@ impl Director {
         Self {
             inner: Arc::new(Inner {
                 admission: i.admission.clone(),
+                objectives: i.objectives.clone(),
                 body_budget: i.body_budget.clone(),
                 datastore: i.datastore.clone(),
                 health: i.health.clone(),
@@ -502,6 +517,11 @@ impl Director {
                 outbox: Some(outbox),
             }),
         }
+    }
+
+    /// The objective table requests' priorities come from.
+    pub fn objectives(&self) -> &Arc<Objectives> {
+        &self.inner.objectives
     }
 
     /// The request-body budget both front-ends reserve against while they buffer bodies.
@@ -668,13 +688,21 @@ impl Director {
             &parsed.target_model,
             req.headers.fairness_id.as_deref(),
         ));
-        inner.admission.admit(&AdmissionRequest {
-            method,
-            request: &parsed,
-            headers: req.headers,
-            snapshot: &snapshot,
-            body_bytes: req.body.len(),
-        })?;
+        id.priority = inner.objectives.priority(req.headers.objective.as_deref());
+        // May wait (flow control); the admission is held until the pick is made.
+        let admitted = inner
+            .admission
+            .admit(&AdmissionRequest {
+                method,
+                request: &parsed,
+                headers: req.headers,
+                snapshot: &snapshot,
+                body_bytes: req.body.len(),
+                identity: id,
+            })
+            .await?;
+        // The pool may have changed while the request waited.
+        let snapshot = inner.datastore.snapshot();
         let (block_bytes, max_blocks) = inner.scheduler.prefix_plan().blocks_for(&snapshot);
         let hashes = inner.prefix.hash_with(
             &parsed.target_model,
@@ -791,6 +819,7 @@ impl Director {
             first_byte_seen: false,
             done: false,
         };
+        drop(admitted);
         Ok(Routed {
             parsed,
             targets,
@@ -810,11 +839,16 @@ mod tests {
 
     struct RefuseTenant;
     impl Admission for RefuseTenant {
-        fn admit(&self, req: &AdmissionRequest<'_>) -> Result<(), RouteError> {
-            match req.headers.fairness_id.as_deref() {
+        fn admit<'a>(
+            &'a self,
+            req: &'a AdmissionRequest<'a>,
+        ) -> futures_util::future::BoxFuture<'a, Result<crate::admission::Admitted, RouteError>>
+        {
+            let r = match req.headers.fairness_id.as_deref() {
                 Some("blocked") => Err(RouteError::new(429, "tenant over its share")),
-                _ => Ok(()),
-            }
+                _ => Ok(crate::admission::Admitted::now()),
+            };
+            Box::pin(std::future::ready(r))
         }
     }
 

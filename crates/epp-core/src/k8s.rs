@@ -4,7 +4,8 @@
 //!   writes the datastore;
 //! - [`auth`] protects `/metrics` with TokenReview + SubjectAccessReview, as controller-runtime
 //!   does, and explains every denial;
-//! - [`leader`] elects one ready replica through a `coordination.k8s.io/v1` Lease.
+//! - [`leader`] elects one ready replica through a `coordination.k8s.io/v1` Lease;
+//! - [`objectives`] watches `InferenceObjective`s (request priorities).
 //!
 //! All three share a [`KubeClient`]: a lazily built `kube::Client`, so flags can be turned into
 //! options synchronously and the kubeconfig / in-cluster configuration is read once, on first use.
@@ -12,6 +13,7 @@
 pub mod auth;
 pub mod discovery;
 pub mod leader;
+pub mod objectives;
 pub mod pool;
 pub mod selector;
 

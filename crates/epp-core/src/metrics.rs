@@ -175,6 +175,7 @@ pub struct Metrics {
     plugins: PluginMetrics,
     llmd: llmd::LlmdMetrics,
     tokenizer: crate::scheduler::plugins::TokenizerMetrics,
+    flow_control: Arc<crate::admission::metrics::FlowControlMetrics>,
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
     certificates: Certificates,
@@ -215,6 +216,9 @@ impl Metrics {
         let body_budget = crate::gateway::BudgetMeters::register(&mut registry);
         let llmd = llmd::LlmdMetrics::register(&mut registry);
         let tokenizer = crate::scheduler::plugins::TokenizerMetrics::register(&mut registry);
+        let flow_control = Arc::new(crate::admission::metrics::FlowControlMetrics::register(
+            &mut registry,
+        ));
         registry.register_collector(Box::new(llmd.collector(datastore.clone(), prefix.clone())));
         registry.register_collector(Box::new(StateCollector { datastore, prefix }));
         registry.register_collector(Box::new(ProcessCollector));
@@ -230,6 +234,7 @@ impl Metrics {
             plugins,
             llmd,
             tokenizer,
+            flow_control,
             body_budget,
             certificates,
             shared_state,
@@ -239,6 +244,11 @@ impl Metrics {
     /// The `token-producer`'s tokenizer backends (`epp_tokenizer_*`).
     pub fn tokenizer(&self) -> &crate::scheduler::plugins::TokenizerMetrics {
         &self.tokenizer
+    }
+
+    /// llm-d-router's flow-control families (`llm_d_epp_flow_control_*` and twins).
+    pub fn flow_control(&self) -> &Arc<crate::admission::metrics::FlowControlMetrics> {
+        &self.flow_control
     }
 
     /// llm-d-router's families and their legacy twins.

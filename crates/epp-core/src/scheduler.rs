@@ -271,8 +271,12 @@ impl Scheduler {
                     format!("duplicate plugin name {:?}", spec.name()),
                 ));
             }
-            if crate::datalayer::is_type(&spec.type_) || crate::parsers::is_type(&spec.type_) {
-                // Built by the data layer and the request handler, not the scheduler.
+            if crate::datalayer::is_type(&spec.type_)
+                || crate::parsers::is_type(&spec.type_)
+                || crate::admission::is_type(&spec.type_)
+            {
+                // Built by the data layer, the request handler and flow control, not the
+                // scheduler.
                 continue;
             }
             let plugin = plugins::build(spec, &field)?;

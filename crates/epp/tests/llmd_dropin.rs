@@ -375,8 +375,6 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
     const UNSUPPORTED: &str = "epp does not support it; supported types: ";
     // The llm-d placeholder host `<vllm-service>.<namespace>` is not a URL.
     const BURST_URL: &str = "plugins[0].parameters.vllm.url: \"http://<vllm-service>.<namespace>.svc.cluster.local:8000\" is not a URL";
-    const FLOW_CONTROL_GATE: &str =
-        "featureGates[0]: unknown feature gate \"flowControl\": epp does not support it; supported gates: dataLayer";
     let refused = |prefix: &'static str| -> Result<(), &'static str> { Err(prefix) };
     let mut m = BTreeMap::from([
         ("chart-default-plugins.yaml", Ok(())),
@@ -399,12 +397,6 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
             "sim-epp-tokenizer-vllm-http-config.yaml",
             refused("plugins[1].parameters.kvEventsConfig.zmqEndpoint: a central socket the engines connect to is not supported by epp"),
         ),
-        (
-            "probabilistic-admitter-epp-config.yaml",
-            refused("flowControl.saturationDetector.pluginRef: \"utilization-detector\": epp does not support saturation detector plugins"),
-        ),
-        ("sim-program-aware-config.yaml", refused(FLOW_CONTROL_GATE)),
-        ("soft-reflective-ceiling-epp-config.yaml", refused(FLOW_CONTROL_GATE)),
     ]);
     // Unknown plugin types: the field, the type, and the list of what is supported.
     for (file, at) in [
@@ -441,6 +433,20 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
             "sim-pd-epp-config.yaml",
             "plugins[6].type: unknown plugin type \"prefix-based-pd-decider\": ",
         ),
+        // The flow-control samples: the flow controller, its utilization-detector and its
+        // default policies load; what stops each is the one plugin epp does not implement.
+        (
+            "probabilistic-admitter-epp-config.yaml",
+            "plugins[0].type: unknown plugin type \"probabilistic-admitter\": ",
+        ),
+        (
+            "sim-program-aware-config.yaml",
+            "plugins[0].type: unknown plugin type \"program-aware-fairness\": ",
+        ),
+        (
+            "soft-reflective-ceiling-epp-config.yaml",
+            "plugins[3].type: unknown plugin type \"soft-reflective-ceiling-policy\": ",
+        ),
     ] {
         m.insert(
             file,
@@ -456,6 +462,7 @@ fn load(path: &Path) -> Result<epp_core::scheduler::Scheduler, String> {
         epp_core::config::EndpointPickerConfig::from_yaml(&text).map_err(|e| e.to_string())?;
     let s = epp_core::scheduler::Scheduler::from_config(&cfg).map_err(|e| e.to_string())?;
     epp_core::datalayer::DataLayer::from_config(&cfg).map_err(|e| e.to_string())?;
+    epp_core::admission::FlowSettings::from_config(&cfg).map_err(|e| e.to_string())?;
     Ok(s)
 }
 

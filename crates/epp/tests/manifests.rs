@@ -384,6 +384,12 @@ fn rbac_grants_exactly_what_the_picker_and_prometheus_use() {
             ),
             "inferencepools {verb}"
         );
+        for group in ["llm-d.ai", "inference.networking.x-k8s.io"] {
+            assert!(
+                grants(&picker_rules, group, "inferenceobjectives", verb),
+                "{group} inferenceobjectives {verb}"
+            );
+        }
     }
     for verb in ["get", "create", "update"] {
         assert!(

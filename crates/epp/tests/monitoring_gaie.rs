@@ -23,18 +23,72 @@ const ALERTS_FIXTURE: &str = "crates/epp/tests/fixtures/gaie-v1.5/alert.yaml";
 
 /// Dashboard queries that cannot have data from an endpoint picker plus vLLM, by the metric
 /// prefix they read, with the reason. Each must stay empty (so the list cannot go stale).
-const NO_DATA_BY_DESIGN: &[(&str, &str)] = &[
-    (
-        "bbr_",
-        "Body Based Router panels: BBR is a separate GAIE component in front of the gateway, \
+const NO_DATA_BY_DESIGN: &[(&str, &str)] = &[(
+    "bbr_",
+    "Body Based Router panels: BBR is a separate GAIE component in front of the gateway, \
          not the endpoint picker",
-    ),
-    (
-        "inference_extension_flow_control_",
-        "Flow Control Layer panels: the flow-control layer is not implemented yet, so none of \
-         its families is registered",
-    ),
-];
+)];
+
+/// The picker's config: the default profile, with flow control on and every endpoint taking
+/// one request at a time (so bursts queue in the picker and GAIE's Flow Control row has data).
+const FLOW_CONTROL_CONFIG: &str = r#"apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: max-score-picker
+- type: round-robin-fairness-policy
+- type: concurrency-detector
+  parameters:
+    maxConcurrency: 1
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+flowControl:
+  defaultPriorityBand:
+    fairnessPolicyRef: round-robin-fairness-policy
+  saturationDetector:
+    pluginRef: concurrency-detector
+"#;
+
+/// Every 200 ms, 8 concurrent requests from two tenants: more than the pool's 3 slots, so some
+/// wait in the flow-control queue.
+fn start_bursts(proxy: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut round = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            let burst: Vec<_> = (0..8)
+                .map(|i| {
+                    std::thread::spawn(move || {
+                        let body = format!(
+                            r#"{{"model":"sim-model","prompt":"burst {round}-{i}","max_tokens":2}}"#
+                        );
+                        let _ = post_with(
+                            proxy,
+                            "/v1/completions",
+                            &body,
+                            &[(
+                                "x-llm-d-inference-fairness-id",
+                                if i % 2 == 0 { "tenant-a" } else { "tenant-b" },
+                            )],
+                        );
+                    })
+                })
+                .collect();
+            for b in burst {
+                let _ = b.join();
+            }
+            round += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+}
 
 /// Grafana's template variables, as Grafana would fill them in for a short range with a 1 s
 /// scrape interval.
@@ -77,10 +131,14 @@ fn promtool_accepts_gaie_alert_rules() {
 
 #[test]
 fn gaie_dashboard_and_alerts_have_data_from_our_picker_and_sim() {
-    let (procs, proxy, metrics, sims) = start_stack_with_sims(&["--metrics-auth=none"], &[]);
+    let (procs, proxy, metrics, sims) = start_stack_with_sims(
+        &["--metrics-auth=none", "--config-file={dir}/epp.yaml"],
+        &[("epp.yaml", FLOW_CONTROL_CONFIG)],
+    );
     let load = start_load(proxy, 3, Duration::from_millis(20));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = start_unknown_model_load(proxy, stop.clone());
+    let bursts = start_bursts(proxy, stop.clone());
 
     let cfg: serde_yaml::Value = serde_yaml::from_str(&format!(
         r#"
@@ -135,7 +193,17 @@ scrape_configs:
         11,
         "GAIE's vLLM row: token throughput (2), e2e, ITL and TTFT latency (3 each)"
     );
-    assert_eq!(must_have_data.len(), 11 + 20, "{must_have_data:#?}");
+    assert_eq!(
+        must_have_data
+            .iter()
+            .filter(|q| q.expr.contains("inference_extension_flow_control_"))
+            .count(),
+        15,
+        "GAIE's Flow Control row: saturation, queue growth, enqueue rate (2), queue size (2), \
+         queue bytes (2), outcomes (2), p99 queue wait, dispatch cycle and enqueue latency, \
+         dispatch rate (2)"
+    );
+    assert_eq!(must_have_data.len(), 11 + 20 + 15, "{must_have_data:#?}");
     let rules = yaml(ALERTS_FIXTURE);
     let mut alert_count = 0;
     for group in rules["groups"].as_sequence().expect("groups") {
@@ -154,6 +222,7 @@ scrape_configs:
     let empty = wait_for_data(&prom, &must_have_data, Duration::from_secs(120));
     stop.store(true, Ordering::SeqCst);
     let error_requests = errors.join().unwrap();
+    bursts.join().unwrap();
     assert!(
         empty.is_empty(),
         "GAIE queries without data after {} requests ({} for an unknown model):\n{}\n\ntargets: {:?}\n{}\n{}",
@@ -183,8 +252,9 @@ scrape_configs:
         .collect();
     assert_eq!(models.len(), 1, "{ratio:?}");
     assert_eq!(models[0].0, "no-such-model", "{ratio:?}");
-    // Counted at routing and at the response's end, so a scrape can fall between the two.
-    assert!((0.9..=1.1).contains(&models[0].1), "{ratio:?}");
+    // Counted at routing and at the response's end, so a scrape can fall between the two (and
+    // with flow control on, some of these requests wait in the queue first).
+    assert!((0.85..=1.15).contains(&models[0].1), "{ratio:?}");
     for (q, why) in &by_design {
         assert!(
             prom.query(&q.expr).is_empty(),

@@ -33,8 +33,8 @@ pub const MAX_FAIRNESS_LABEL_VALUES: usize = 1000;
 pub const OVERFLOW_LABEL_VALUE: &str = "other";
 /// The fairness id of a request without one (llm-d-router's default flow).
 pub const DEFAULT_FAIRNESS_ID: &str = "default-flow";
-/// The priority of every request: llm-d-router's default, which it also uses for an objective
-/// without an InferenceObjective resource. We do not read InferenceObjective resources.
+/// The priority of a request without a known `InferenceObjective` (llm-d-router's default); the
+/// director sets the objective's priority ([`crate::admission::Objectives`]).
 pub const DEFAULT_PRIORITY: i64 = 0;
 /// The pool name when discovery names none (llm-d-router's default for pools it synthesizes).
 pub const DEFAULT_POOL_NAME: &str = "epp";

@@ -26,6 +26,10 @@ pub enum Res {
     Pods,
     Pools,
     Leases,
+    /// `InferenceObjective`, `llm-d.ai/v1alpha2`.
+    Objectives,
+    /// `InferenceObjective`, the deprecated `inference.networking.x-k8s.io/v1alpha2`.
+    LegacyObjectives,
 }
 
 impl Res {
@@ -34,6 +38,7 @@ impl Res {
             Res::Pods => "Pod",
             Res::Pools => "InferencePool",
             Res::Leases => "Lease",
+            Res::Objectives | Res::LegacyObjectives => "InferenceObjective",
         }
     }
     fn api_version(self) -> &'static str {
@@ -41,6 +46,8 @@ impl Res {
             Res::Pods => "v1",
             Res::Pools => "inference.networking.k8s.io/v1",
             Res::Leases => "coordination.k8s.io/v1",
+            Res::Objectives => "llm-d.ai/v1alpha2",
+            Res::LegacyObjectives => "inference.networking.x-k8s.io/v1alpha2",
         }
     }
 }
@@ -384,6 +391,14 @@ pub fn pod(name: &str, ip: &str, ready: bool, labels: &[(&str, &str)]) -> Value 
 }
 
 /// An InferencePool v1 object.
+pub fn objective(name: &str, pool: &str, priority: Option<i64>) -> Value {
+    let mut spec = json!({"poolRef": {"group": "inference.networking.k8s.io", "name": pool}});
+    if let Some(p) = priority {
+        spec["priority"] = json!(p);
+    }
+    json!({"metadata": {"name": name}, "spec": spec})
+}
+
 pub fn pool(name: &str, labels: &[(&str, &str)], ports: &[u16]) -> Value {
     let labels: BTreeMap<_, _> = labels.iter().map(|(k, v)| (*k, *v)).collect();
     json!({
@@ -455,6 +470,12 @@ async fn handle(sh: Arc<Shared>, method: Method, uri: Uri, body: Bytes) -> Respo
         }
         ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", rest @ ..] => {
             ((Res::Leases, *ns), rest)
+        }
+        ["apis", "llm-d.ai", "v1alpha2", "namespaces", ns, "inferenceobjectives", rest @ ..] => {
+            ((Res::Objectives, *ns), rest)
+        }
+        ["apis", "inference.networking.x-k8s.io", "v1alpha2", "namespaces", ns, "inferenceobjectives", rest @ ..] => {
+            ((Res::LegacyObjectives, *ns), rest)
         }
         _ => {
             return status(

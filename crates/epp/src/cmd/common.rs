@@ -155,6 +155,13 @@ pub struct RuntimeArgs {
     #[arg(long, visible_alias = "drain-timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
 
+    /// An InferenceObjective outside Kubernetes: requests whose `x-llm-d-inference-objective`
+    /// header names it get its priority (higher dispatches first under flow control; negative
+    /// is sheddable). Repeatable. Unknown objectives get priority 0. In Kubernetes the
+    /// `InferenceObjective` resources of the pool are watched as well (they win on a name clash).
+    #[arg(long, value_name = "NAME=PRIORITY", value_parser = parse_objective)]
+    pub inference_objective: Vec<epp_core::admission::Objective>,
+
     #[command(flatten)]
     pub kube: KubeArgs,
 
@@ -280,6 +287,10 @@ impl SharedStateArgs {
         o.client().map_err(|e| anyhow::anyhow!(e))?;
         Ok(Some(o))
     }
+}
+
+fn parse_objective(s: &str) -> Result<epp_core::admission::Objective, String> {
+    epp_core::admission::Objective::parse(s)
 }
 
 /// Kubernetes flags: discovery, metrics TLS and leader election (see docs/kubernetes.md).
@@ -509,6 +520,15 @@ impl RuntimeArgs {
             metrics_tls,
             leader_election,
             shared_state,
+            objectives: self.inference_objective.clone(),
+            objective_watch: k.pool_name.as_ref().map(|pool| {
+                epp_core::k8s::objectives::ObjectiveWatch {
+                    client: kube.clone().expect("pool implies a client"),
+                    namespace: namespace.clone(),
+                    pool_name: pool.clone(),
+                    pool_group: epp_core::k8s::objectives::DEFAULT_POOL_GROUP.into(),
+                }
+            }),
         })
     }
 }

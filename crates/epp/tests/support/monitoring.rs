@@ -838,12 +838,26 @@ pub fn start_load(proxy: SocketAddr, threads: usize, pause: Duration) -> Load {
 
 /// A minimal HTTP/1.1 JSON POST: the response status.
 pub fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<u16> {
+    post_with(addr, path, body, &[])
+}
+
+/// As [`post`], with extra request headers.
+pub fn post_with(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<u16> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut out = String::new();

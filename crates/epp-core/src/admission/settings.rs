@@ -1,0 +1,336 @@
+//! The `flowControl` section resolved: limits, TTLs, priority bands with their policies, the
+//! saturation detector and the usage limit, with llm-d-router's defaults
+//! (`pkg/epp/flowcontrol/{controller,registry}/config.go`). Plugins are referenced by name from
+//! the top-level `plugins` list; `fcfs-ordering-policy`, `global-strict-fairness-policy`,
+//! `static-usage-limit-policy` and `utilization-detector` exist under their type names when the
+//! list does not declare them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{parse_go_duration, parse_quantity, ConfigError, EndpointPickerConfig};
+use crate::config::{PluginSpec, PriorityBandSpec};
+
+use super::usage_limit::StaticUsageLimit;
+use super::{
+    concurrency, edf, fcfs, global_strict, round_robin, usage_limit, utilization, FairnessPolicy,
+    OrderingPolicy, SaturationDetector,
+};
+
+/// Queue-wait budget when none is configured.
+pub const DEFAULT_REQUEST_TTL: Duration = Duration::from_secs(60);
+/// Queued bytes a band holds when its `maxBytes` is absent or 0.
+pub const DEFAULT_BAND_MAX_BYTES: u64 = 1_000_000_000;
+/// Queued requests a band holds when its `maxRequests` is absent or 0.
+pub const DEFAULT_BAND_MAX_REQUESTS: u64 = 5000;
+/// Distinct priority bands the controller keeps (bands come from objectives' priorities).
+pub const MAX_BANDS: usize = 1024;
+
+/// One priority band's limits and policies.
+pub struct BandSettings {
+    pub priority: i64,
+    pub max_requests: u64,
+    pub max_bytes: u64,
+    pub fairness: Arc<dyn FairnessPolicy>,
+    pub ordering: Arc<dyn OrderingPolicy>,
+}
+
+impl std::fmt::Debug for BandSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BandSettings")
+            .field("priority", &self.priority)
+            .field("max_requests", &self.max_requests)
+            .field("max_bytes", &self.max_bytes)
+            .field("fairness", &self.fairness.name())
+            .field("ordering", &self.ordering.name())
+            .finish()
+    }
+}
+
+/// Everything the flow controller runs with.
+#[derive(Clone)]
+pub struct FlowSettings {
+    /// Global bound on queued requests (0: none).
+    pub max_requests: u64,
+    /// Global bound on queued bytes (0: none).
+    pub max_bytes: u64,
+    /// Queue-wait budget while the pool has endpoints (zero: none).
+    pub default_ttl: Duration,
+    /// Queue-wait budget while the pool has none (zero: none).
+    pub no_endpoint_ttl: Duration,
+    /// Bands the config lists, by priority.
+    pub bands: BTreeMap<i64, Arc<BandSettings>>,
+    /// Template for priorities not listed.
+    pub default_band: Arc<BandSettings>,
+    /// Template for negative priorities not listed (else `default_band`).
+    pub negative_band: Option<Arc<BandSettings>>,
+    pub detector: Arc<dyn SaturationDetector>,
+    pub usage_limit: StaticUsageLimit,
+}
+
+impl std::fmt::Debug for FlowSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowSettings")
+            .field("max_requests", &self.max_requests)
+            .field("max_bytes", &self.max_bytes)
+            .field("default_ttl", &self.default_ttl)
+            .field("no_endpoint_ttl", &self.no_endpoint_ttl)
+            .field("bands", &self.bands)
+            .field("default_band", &self.default_band)
+            .field("negative_band", &self.negative_band)
+            .field("detector", &self.detector.name())
+            .field("usage_limit", &self.usage_limit)
+            .finish()
+    }
+}
+
+impl FlowSettings {
+    /// The band settings for `priority`: its listed band, else the negative template (for a
+    /// negative priority, when configured), else the default template.
+    pub fn band_for(&self, priority: i64) -> Arc<BandSettings> {
+        if let Some(b) = self.bands.get(&priority) {
+            return b.clone();
+        }
+        let t = match &self.negative_band {
+            Some(n) if priority < 0 => n,
+            _ => &self.default_band,
+        };
+        Arc::new(BandSettings {
+            priority,
+            max_requests: t.max_requests,
+            max_bytes: t.max_bytes,
+            fairness: t.fairness.clone(),
+            ordering: t.ordering.clone(),
+        })
+    }
+
+    /// Resolve the config's `flowControl` section (absent: all defaults).
+    pub fn from_config(cfg: &EndpointPickerConfig) -> Result<Self, ConfigError> {
+        let plugins = Plugins::build(&cfg.plugins)?;
+        let empty = crate::config::FlowControlConfig::default();
+        let fc = cfg.flow_control.as_ref().unwrap_or(&empty);
+        let at = |k: &str| format!("flowControl.{k}");
+        if fc.enable_eviction == Some(true) {
+            return Err(ConfigError::new(
+                at("enableEviction"),
+                "epp does not evict in-flight requests; remove it or set false",
+            ));
+        }
+        let quantity = |v: &Option<serde_json::Value>, f: String| match v {
+            None => Ok(0),
+            Some(v) => parse_quantity(v, &f),
+        };
+        let max_requests = quantity(&fc.max_requests, at("maxRequests"))?;
+        let max_bytes = quantity(&fc.max_bytes, at("maxBytes"))?;
+        let default_ttl = match &fc.default_request_ttl {
+            None => DEFAULT_REQUEST_TTL,
+            Some(v) => parse_go_duration(v, &at("defaultRequestTTL"))?,
+        };
+        let no_endpoint_ttl = match &fc.no_endpoint_request_ttl {
+            None => default_ttl,
+            Some(v) => parse_go_duration(v, &at("noEndpointRequestTTL"))?,
+        };
+        let band = |spec: &PriorityBandSpec, f: String| -> Result<Arc<BandSettings>, ConfigError> {
+            let max_requests = quantity(&spec.max_requests, format!("{f}.maxRequests"))?;
+            let max_bytes = quantity(&spec.max_bytes, format!("{f}.maxBytes"))?;
+            let fairness = plugins.fairness(
+                spec.fairness_policy_ref.as_deref(),
+                &format!("{f}.fairnessPolicyRef"),
+            )?;
+            let ordering = plugins.ordering(
+                spec.ordering_policy_ref.as_deref(),
+                &format!("{f}.orderingPolicyRef"),
+            )?;
+            Ok(Arc::new(BandSettings {
+                priority: spec.priority,
+                max_requests: if max_requests == 0 {
+                    DEFAULT_BAND_MAX_REQUESTS
+                } else {
+                    max_requests
+                },
+                max_bytes: if max_bytes == 0 {
+                    DEFAULT_BAND_MAX_BYTES
+                } else {
+                    max_bytes
+                },
+                fairness,
+                ordering,
+            }))
+        };
+        let default_band = band(
+            fc.default_priority_band
+                .as_ref()
+                .unwrap_or(&PriorityBandSpec::default()),
+            at("defaultPriorityBand"),
+        )?;
+        let negative_band = fc
+            .default_negative_priority_band
+            .as_ref()
+            .map(|b| band(b, at("defaultNegativePriorityBand")))
+            .transpose()?;
+        let mut bands = BTreeMap::new();
+        for (i, b) in fc.priority_bands.iter().enumerate() {
+            let f = format!("flowControl.priorityBands[{i}]");
+            if bands.contains_key(&b.priority) {
+                return Err(ConfigError::new(
+                    format!("{f}.priority"),
+                    format!("duplicate priority level {}", b.priority),
+                ));
+            }
+            bands.insert(b.priority, band(b, f)?);
+        }
+        if bands.len() > MAX_BANDS {
+            return Err(ConfigError::new(
+                at("priorityBands"),
+                format!("at most {MAX_BANDS} bands"),
+            ));
+        }
+        let detector_field = if fc.saturation_detector.is_some() {
+            "flowControl.saturationDetector.pluginRef"
+        } else {
+            "saturationDetector.pluginRef"
+        };
+        let detector = plugins.detector(cfg.saturation_detector_ref(), detector_field)?;
+        let usage_limit = plugins.usage_limit(
+            fc.usage_limit_policy_plugin_ref
+                .as_deref()
+                .filter(|s| !s.is_empty()),
+            &at("usageLimitPolicyPluginRef"),
+        )?;
+        Ok(Self {
+            max_requests,
+            max_bytes,
+            default_ttl,
+            no_endpoint_ttl,
+            bands,
+            default_band,
+            negative_band,
+            detector,
+            usage_limit,
+        })
+    }
+}
+
+/// The config's flow-control plugins by name.
+#[derive(Default)]
+struct Plugins {
+    fairness: HashMap<String, Arc<dyn FairnessPolicy>>,
+    ordering: HashMap<String, Arc<dyn OrderingPolicy>>,
+    detectors: HashMap<String, Arc<dyn SaturationDetector>>,
+    usage_limits: HashMap<String, StaticUsageLimit>,
+    /// Every plugin name of the config with its type (for "is not a ..." errors).
+    all: HashMap<String, String>,
+}
+
+impl Plugins {
+    fn build(specs: &[PluginSpec]) -> Result<Self, ConfigError> {
+        let mut p = Plugins::default();
+        for (i, spec) in specs.iter().enumerate() {
+            let field = format!("plugins[{i}]");
+            let name = spec.name().to_string();
+            p.all.insert(name.clone(), spec.type_.clone());
+            match spec.type_.as_str() {
+                global_strict::TYPE => {
+                    p.fairness.insert(name, global_strict::build(spec, &field)?);
+                }
+                round_robin::TYPE => {
+                    p.fairness.insert(name, round_robin::build(spec, &field)?);
+                }
+                fcfs::TYPE => {
+                    p.ordering.insert(name, fcfs::build(spec, &field)?);
+                }
+                edf::TYPE => {
+                    p.ordering.insert(name, edf::build(spec, &field)?);
+                }
+                utilization::TYPE => {
+                    p.detectors.insert(name, utilization::build(spec, &field)?);
+                }
+                concurrency::TYPE => {
+                    p.detectors.insert(name, concurrency::build(spec, &field)?);
+                }
+                usage_limit::TYPE => {
+                    p.usage_limits
+                        .insert(name, usage_limit::build(spec, &field)?);
+                }
+                _ => {}
+            }
+        }
+        Ok(p)
+    }
+
+    fn missing(&self, name: &str, field: &str, kind: &str) -> ConfigError {
+        match self.all.get(name) {
+            Some(t) => ConfigError::new(
+                field,
+                format!("plugin {name:?} (type {t:?}) is not a {kind}"),
+            ),
+            None => ConfigError::new(
+                field,
+                format!("plugin {name:?} not found; declare it under plugins"),
+            ),
+        }
+    }
+
+    fn fairness(
+        &self,
+        name: Option<&str>,
+        field: &str,
+    ) -> Result<Arc<dyn FairnessPolicy>, ConfigError> {
+        let n = name
+            .filter(|n| !n.is_empty())
+            .unwrap_or(global_strict::TYPE);
+        match self.fairness.get(n) {
+            Some(p) => Ok(p.clone()),
+            None if n == global_strict::TYPE && !self.all.contains_key(n) => {
+                Ok(Arc::new(global_strict::GlobalStrict::default()))
+            }
+            None => Err(self.missing(n, field, "fairness policy")),
+        }
+    }
+
+    fn ordering(
+        &self,
+        name: Option<&str>,
+        field: &str,
+    ) -> Result<Arc<dyn OrderingPolicy>, ConfigError> {
+        let n = name.filter(|n| !n.is_empty()).unwrap_or(fcfs::TYPE);
+        match self.ordering.get(n) {
+            Some(p) => Ok(p.clone()),
+            None if n == fcfs::TYPE && !self.all.contains_key(n) => {
+                Ok(Arc::new(fcfs::Fcfs::default()))
+            }
+            None => Err(self.missing(n, field, "ordering policy")),
+        }
+    }
+
+    fn detector(
+        &self,
+        name: Option<&str>,
+        field: &str,
+    ) -> Result<Arc<dyn SaturationDetector>, ConfigError> {
+        let n = name.unwrap_or(utilization::TYPE);
+        match self.detectors.get(n) {
+            Some(p) => Ok(p.clone()),
+            None if n == utilization::TYPE && !self.all.contains_key(n) => {
+                Ok(Arc::new(utilization::Utilization::default()))
+            }
+            None => Err(self.missing(n, field, "saturation detector")),
+        }
+    }
+
+    fn usage_limit(
+        &self,
+        name: Option<&str>,
+        field: &str,
+    ) -> Result<StaticUsageLimit, ConfigError> {
+        let n = name.unwrap_or(usage_limit::TYPE);
+        match self.usage_limits.get(n) {
+            Some(p) => Ok(p.clone()),
+            None if n == usage_limit::TYPE && !self.all.contains_key(n) => {
+                Ok(StaticUsageLimit::default())
+            }
+            None => Err(self.missing(n, field, "usage limit policy")),
+        }
+    }
+}
