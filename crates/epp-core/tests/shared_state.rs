@@ -32,9 +32,10 @@ fn shared(url: &str, prefix: &str, replica: &str) -> SharedStateOptions {
 async fn replica(eps: &[String], s: SharedStateOptions) -> ProxyHandle {
     let mut o = picker_options(eps.to_vec());
     o.shared_state = Some(s);
-    let p = epp_core::proxy::spawn(proxy_options(o))
-        .await
-        .expect("replica starts");
+    let mut po = proxy_options(o);
+    // The forced-pick header places groups where no scorer or tie-break would.
+    po.test_hooks = true;
+    let p = epp_core::proxy::spawn(po).await.expect("replica starts");
     wait_healthy(&p, eps.len()).await;
     p
 }
@@ -65,10 +66,30 @@ async fn route_groups(
     groups: std::ops::Range<usize>,
     tail: &str,
 ) -> Vec<String> {
+    route_groups_to(c, p, groups, tail, &[]).await
+}
+
+/// As [`route_groups`], forcing group `g` onto `force[(3g + 1) mod n]` when `force` is given:
+/// a placement that differs from what the scorers and the tie-break would choose, so another
+/// replica can only follow it by having learned it.
+async fn route_groups_to(
+    c: &HttpClient,
+    p: &ProxyHandle,
+    groups: std::ops::Range<usize>,
+    tail: &str,
+    force: &[String],
+) -> Vec<String> {
     let url = format!("http://{}/v1/completions", p.proxy_addr);
     let mut served = Vec::new();
     for g in groups {
-        let r = post_json(c, &url, &completion(&text(g, 700), tail, 2)).await;
+        let body = serde_json::to_vec(&completion(&text(g, 700), tail, 2)).unwrap();
+        let mut headers = vec![("content-type", "application/json")];
+        let pin;
+        if !force.is_empty() {
+            pin = force[(g * 3 + 1) % force.len()].clone();
+            headers.push(("test-epp-endpoint-selection", pin.as_str()));
+        }
+        let r = request(c, "POST", &url, &headers, body).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         served.push(r.header(HEADER_SERVED).unwrap().to_string());
     }
@@ -109,7 +130,7 @@ async fn picks_on_one_replica_steer_the_other_and_foreign_entries_are_refused() 
     let c = client();
     wait_ready(&c, &a).await;
     wait_ready(&c, &b).await;
-    let on_a = route_groups(&c, &a, 0..GROUPS, " first").await;
+    let on_a = route_groups_to(&c, &a, 0..GROUPS, " first", &eps).await;
     // Every group's blocks reach B (one insert per pick).
     until("B applies A's picks", || {
         metric(&b, "epp_shared_state_deltas_applied_total", &[]) >= GROUPS as f64
@@ -129,8 +150,23 @@ async fn picks_on_one_replica_steer_the_other_and_foreign_entries_are_refused() 
     let on_b = route_groups(&c, &b, 0..GROUPS, " second").await;
     assert_eq!(on_a, on_b);
     // The groups were spread, not all on one endpoint.
-    let distinct: std::collections::BTreeSet<_> = on_a.iter().collect();
-    assert!(distinct.len() >= 2, "{on_a:?}");
+    // The forced placements took effect...
+    for (g, ep) in on_a.iter().enumerate() {
+        assert_eq!(*ep, eps[(g * 3 + 1) % eps.len()], "group {g}");
+    }
+    // ...and a replica that shares nothing does not find them (the check can fail).
+    let mut lone_opts = picker_options(eps.clone());
+    lone_opts.shared_state = None;
+    let lone = epp_core::proxy::spawn(proxy_options(lone_opts))
+        .await
+        .unwrap();
+    wait_healthy(&lone, eps.len()).await;
+    let on_lone = route_groups(&c, &lone, 0..GROUPS, " second").await;
+    assert_ne!(
+        on_a, on_lone,
+        "a replica without shared state cannot know A's placements"
+    );
+    lone.stop().await;
 
     // Foreign and incompatible entries: refused and counted; valid ones still apply after.
     let mut conn = redis.connect().await.unwrap();
@@ -210,7 +246,7 @@ async fn a_replica_started_later_warms_from_the_snapshot() {
     let eps: Vec<String> = sims.iter().map(|s| s.addr().to_string()).collect();
     let a = replica(&eps, shared(&redis.url(), "t2", "a")).await;
     let c = client();
-    let on_a = route_groups(&c, &a, 0..GROUPS, " first").await;
+    let on_a = route_groups_to(&c, &a, 0..GROUPS, " first", &eps).await;
     let written = metric(&a, "epp_shared_state_snapshots_written_total", &[]);
     until("a snapshot taken after the traffic", || {
         metric(&a, "epp_shared_state_snapshots_written_total", &[]) >= written + 1.0
@@ -254,7 +290,7 @@ async fn a_redis_outage_fails_no_request_and_is_caught_up() {
 
     redis.stop();
     // Requests go on, on local state.
-    let on_a = route_groups(&c, &a, 10..10 + GROUPS, " first").await;
+    let on_a = route_groups_to(&c, &a, 10..10 + GROUPS, " first", &eps).await;
     until("A notices Redis is gone", || {
         metric(&a, "epp_shared_state_up", &[]) == 0.0
     })
