@@ -8,48 +8,15 @@
 #[path = "support/doctor.rs"]
 mod support;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+#[path = "support/redis.rs"]
+mod redis_server;
+
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redis_server::Redis;
 
 use support::*;
-
-struct Redis {
-    port: u16,
-    child: Child,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn redis(extra: &[&str]) -> Redis {
-    let port = free_addr().port();
-    let bin = std::env::var("EPP_REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
-    let child = Command::new(&bin)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "no"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (scripts/test installs redis-server)"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Redis { port, child }
-}
 
 fn cli(port: u16, args: &[&str]) {
     let st = Command::new("redis-cli")
@@ -67,8 +34,8 @@ fn s(v: &[&str]) -> Vec<String> {
 
 #[test]
 fn live_shared_state_passes_and_an_empty_one_warns() {
-    let r = redis(&[]);
-    let url = format!("redis://127.0.0.1:{}", r.port);
+    let r = Redis::start(&[]);
+    let url = r.url();
     // Empty: reachable, but nothing has routed with this prefix.
     let (code, out) = doctor(&s(&["--shared-state", &url]));
     assert_eq!(code, 0, "{out}");
@@ -122,8 +89,8 @@ fn live_shared_state_passes_and_an_empty_one_warns() {
 
 #[test]
 fn a_missing_password_an_unreachable_server_and_a_bad_url_fail_with_the_fix() {
-    let r = redis(&["--requirepass", "s3cret"]);
-    let url = format!("redis://127.0.0.1:{}", r.port);
+    let r = Redis::start(&["--requirepass", "s3cret"]);
+    let url = r.url();
     let (code, out) = doctor(&s(&["--shared-state", &url]));
     assert_eq!(code, 1, "{out}");
     let (_, fix) = line_and_next(&out, "✗ connect");

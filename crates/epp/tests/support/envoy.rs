@@ -429,6 +429,13 @@ pub const TLS_CLUSTER_SNIPPET: &str = r#"    transport_socket:
 "#;
 
 pub async fn start_envoy(picker: &Picker, sims: &Sims, variant: Variant) -> Envoy {
+    start_envoy_over(&[picker], sims, variant).await
+}
+
+/// As [`start_envoy`], with every picker in `pickers` behind the `epp` cluster (round robin,
+/// each health-checked), as several picker replicas behind one Service.
+pub async fn start_envoy_over(pickers: &[&Picker], sims: &Sims, variant: Variant) -> Envoy {
+    let picker = pickers[0];
     let text = std::fs::read_to_string(workspace().join("deploy/envoy/envoy.yaml")).unwrap();
     let admin = free_port("127.0.0.1");
     let listen = free_port("127.0.0.1");
@@ -441,6 +448,22 @@ pub async fn start_envoy(picker: &Picker, sims: &Sims, variant: Variant) -> Envo
             &format!("port_value: {}", picker.grpc_health),
         )
         .replace("address: 0.0.0.0", "address: 127.0.0.1");
+    let first = format!(
+        "            health_check_config:\n              port_value: {}\n",
+        picker.grpc_health
+    );
+    assert!(
+        out.contains(&first),
+        "the shipped epp cluster has one endpoint"
+    );
+    let mut more = first.clone();
+    for p in &pickers[1..] {
+        more.push_str(&format!(
+            "        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {} }}\n            health_check_config:\n              port_value: {}\n",
+            p.grpc, p.grpc_health
+        ));
+    }
+    out = out.replacen(&first, &more, 1);
     for i in 0..3 {
         out = out.replace(
             &format!("address: 127.0.0.1, port_value: {}", 8000 + i),
