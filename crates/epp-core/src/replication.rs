@@ -437,3 +437,118 @@ impl Replication {
             .map(|p| format!("shared state unavailable, routing on local state only: {p}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{DatastoreWriter, EndpointSpec, HealthConfig};
+    use crate::prefix::{PrefixConfig, PromptHashes};
+
+    fn world() -> (DatastoreWriter, Target) {
+        let w = DatastoreWriter::new(HealthConfig::default());
+        w.set_endpoints(vec![
+            EndpointSpec::new("10.0.0.1:8000"),
+            EndpointSpec::new("10.0.0.2:8000"),
+        ]);
+        let t = Target {
+            datastore: w.reader(),
+            prefix: Arc::new(PrefixIndex::new(PrefixConfig::default())),
+            precise: None,
+            block_bytes: 64,
+        };
+        (w, t)
+    }
+
+    #[test]
+    fn inserts_land_on_the_endpoint_with_that_address_and_unknown_ones_are_counted() {
+        let (w, t) = world();
+        let stats = Stats::default();
+        let inserts = vec![
+            wire::Insert {
+                endpoint: "10.0.0.2:8000".into(),
+                hashes: vec![11, 12, 13],
+                speculative: vec![],
+            },
+            wire::Insert {
+                endpoint: "10.9.9.9:8000".into(),
+                hashes: vec![1],
+                speculative: vec![],
+            },
+        ];
+        assert_eq!(t.apply(&inserts, &stats), 1);
+        assert_eq!(stats.applied.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.dropped_count(Dropped::UnknownEndpoint), 1);
+        let slot = |addr: &str| {
+            w.snapshot()
+                .endpoints
+                .iter()
+                .find(|e| e.endpoint.address() == addr)
+                .unwrap()
+                .slot()
+        };
+        let m = t.prefix.lookup(&PromptHashes {
+            hashes: vec![11, 12, 13, 14],
+        });
+        assert_eq!(m.matched(slot("10.0.0.2:8000")), 3);
+        assert_eq!(m.matched(slot("10.0.0.1:8000")), 0);
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_through_export_and_apply() {
+        let (w, t) = world();
+        let s1 = w.snapshot().endpoints[0].slot();
+        t.prefix.insert(s1, &PromptHashes { hashes: vec![5, 6] });
+        let snap = snapshot::export(&t, "a", "7-0".into());
+        assert_eq!(snap.stream_id, "7-0");
+        assert_eq!(snap.endpoints.len(), 1);
+        let bytes = wire::encode_snapshot(&snap);
+        let back = wire::decode_snapshot(&bytes, 64).unwrap();
+        // Another replica's index (same endpoints, fresh index) gets the same blocks.
+        let (_w2, t2) = world();
+        let (opts, client) = (
+            SharedStateOptions {
+                url: "redis://127.0.0.1:1".into(),
+                ..Default::default()
+            },
+            redis::Client::open("redis://127.0.0.1:1").unwrap(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sd = Shutdown::new();
+            let (r, tasks) = Replication::start(opts, client, t2.clone(), sd.clone());
+            assert_eq!(snapshot::apply(&t2, &back, &r), 2);
+            sd.trigger();
+            for task in tasks {
+                let _ = task.await;
+            }
+        });
+        let m = t2.prefix.lookup(&PromptHashes { hashes: vec![5, 6] });
+        assert_eq!(m.matched(_w2.snapshot().endpoints[0].slot()), 2);
+    }
+
+    #[test]
+    fn options_are_checked_before_anything_connects() {
+        let bad = |f: fn(&mut SharedStateOptions)| {
+            let mut o = SharedStateOptions {
+                url: "redis://127.0.0.1:6379".into(),
+                ..Default::default()
+            };
+            f(&mut o);
+            o.client().unwrap_err()
+        };
+        assert!(bad(|o| o.url = "tcp://x:1".into()).contains("expected redis://"));
+        assert!(bad(|o| o.key_prefix.clear()).contains("--shared-state-key-prefix"));
+        assert!(bad(|o| o.replica_id.clear()).contains("--replica-id"));
+        assert!(bad(|o| o.stream_max_len = 0).contains("--shared-state-stream-max-len"));
+        assert!(bad(|o| o.ca_file = Some("/x.pem".into())).contains("is not rediss://"));
+        let o = SharedStateOptions {
+            url: "redis://:hunter2@10.0.0.5:6379/1".into(),
+            ..Default::default()
+        };
+        assert!(o.client().is_ok());
+        assert_eq!(o.describe(), "redis://***@10.0.0.5:6379/1");
+    }
+}

@@ -93,8 +93,10 @@ impl Shutdown {
         s
     }
 
+    /// Fires the trigger. Kept even when nothing waits yet (`send` would drop it when there
+    /// are no receivers), so a task that starts waiting later still sees it.
     pub fn trigger(&self) {
-        let _ = self.tx.send(true);
+        self.tx.send_replace(true);
     }
 
     pub fn is_triggered(&self) -> bool {
@@ -107,6 +109,21 @@ impl Shutdown {
         async move {
             let _ = rx.wait_for(|v| *v).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod shutdown_tests {
+    use super::Shutdown;
+
+    #[tokio::test]
+    async fn a_trigger_before_anyone_waits_is_not_lost() {
+        let s = Shutdown::new();
+        s.trigger();
+        assert!(s.is_triggered());
+        tokio::time::timeout(std::time::Duration::from_secs(1), s.wait())
+            .await
+            .expect("resolves at once");
     }
 }
 
