@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod driver;
+pub mod flow;
 pub mod http;
 pub mod ideal;
 pub mod picker_metrics;

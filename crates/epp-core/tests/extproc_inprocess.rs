@@ -73,7 +73,15 @@ async fn harness_config(
     let epc = EndpointPickerConfig::from_yaml(yaml).unwrap();
     let scheduler = Scheduler::from_config(&epc).unwrap();
     let datastore = DatastoreWriter::new(HealthConfig::default());
-    let director = Director::build_with_budget(&datastore, scheduler, budget);
+    let mut director = Director::build_with_budget(&datastore, scheduler, budget);
+    if epc.flow_control_enabled() {
+        let fc = epp_core::admission::FlowController::new(
+            epp_core::admission::FlowSettings::from_config(&epc).unwrap(),
+            datastore.reader(),
+            director.metrics().flow_control().clone(),
+        );
+        director = director.with_admission(fc);
+    }
     let metrics = director.metrics().clone();
     datastore.set_endpoints(pods.iter().map(|p| EndpointSpec::new(p.0)).collect());
     for (addr, q, kv) in pods {
@@ -1617,4 +1625,101 @@ async fn the_session_token_is_set_on_responses_and_sends_requests_back_there() {
     // A token that is not base64 is no session: back to load.
     let (dest, _) = exchange(&h, &[("x-session-token", "not base64!")]).await;
     assert_eq!(dest, "10.0.0.2:8000");
+}
+
+/// Flow control in ext_proc mode: a request over the pool's capacity holds its stream (no
+/// answer) until a slot frees; a gateway that resets a waiting stream takes the request out of
+/// the queue at once.
+#[tokio::test]
+async fn a_queued_request_holds_its_stream_until_a_slot_frees() {
+    let cfg = r#"apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+- type: concurrency-detector
+  parameters:
+    maxConcurrency: 1
+flowControl:
+  saturationDetector:
+    pluginRef: concurrency-detector
+"#;
+    let h = harness_config(
+        &[("10.0.0.1:8000", 0.0, 0.0)],
+        ExtProcConfig::default(),
+        epp_core::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
+        cfg,
+    )
+    .await;
+    let request = |s: &Stream, tenant: &'static str| {
+        let tx = s.tx.clone();
+        async move {
+            for r in [
+                req_headers(
+                    &[
+                        (":path", "/v1/completions"),
+                        ("x-llm-d-inference-fairness-id", tenant),
+                    ],
+                    false,
+                ),
+                req_body(j("m", "hello").as_bytes(), true),
+            ] {
+                tx.send(ProcessingRequest {
+                    request: Some(r),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+        }
+    };
+    let mut a = Stream::open(&h).await;
+    request(&a, "a").await;
+    assert!(is_request_headers(&a.recv().await));
+    let _ = a.recv().await; // the body
+    assert_eq!(inflight(&h, "10.0.0.1:8000"), 1);
+    // The pool is full: b waits, holding its stream.
+    let mut b = Stream::open(&h).await;
+    request(&b, "b").await;
+    b.assert_quiet().await;
+    let queued = |h: &Harness| {
+        h.metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("llm_d_epp_flow_control_queue_size{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(queued(&h), 1.0);
+    // c waits too, then its gateway resets the stream: it leaves the queue.
+    let c = Stream::open(&h).await;
+    request(&c, "c").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(queued(&h), 2.0);
+    drop(c);
+    let mut left = false;
+    for _ in 0..100 {
+        if queued(&h) == 1.0 {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(left, "the reset stream's request left the queue");
+    assert_eq!(
+        counter(
+            &h,
+            r#"llm_d_epp_flow_control_requests_total{inference_pool="epp",outcome="EvictedContextCancelled",priority="0"} "#
+        ),
+        1.0
+    );
+    // a's response ends: its slot goes to b.
+    a.send(resp_headers(&[(":status", "200")], true), None)
+        .await;
+    let _ = a.recv().await;
+    let hb = b.recv().await;
+    assert!(is_request_headers(&hb));
+    assert_eq!(destination_md(&hb), "10.0.0.1:8000");
+    assert_eq!(queued(&h), 0.0);
 }

@@ -65,6 +65,11 @@ const AFTER_TRAFFIC: &[(&str, &str)] = &[
 ];
 
 pub fn appears_with_traffic(family: &str) -> Option<&'static str> {
+    if family.contains(FLOW_CONTROL_MARK) {
+        return Some(
+            "its series appear with the first request when flow control is on (featureGates: [flowControl])",
+        );
+    }
     AFTER_TRAFFIC
         .iter()
         .find(|(f, _)| *f == family)
@@ -90,8 +95,19 @@ pub enum MetricState {
     Present,
     /// Not yet: why.
     NoTraffic(String),
+    /// Declared, and without series by this picker's configuration: why.
+    NotInUse(String),
     Missing,
 }
+
+/// What flow-control families' names contain (`llm_d_epp_flow_control_*` and the legacy
+/// `inference_extension_flow_control_*`): they have series only with `featureGates:
+/// [flowControl]`.
+pub const FLOW_CONTROL_MARK: &str = "_flow_control_";
+
+/// Why a flow-control family or query has nothing in a picker running without flow control.
+pub const FLOW_CONTROL_OFF: &str = "flow control is off in this picker (no flow-control series after traffic): \
+     its panels and EPPFlowControlShedding stay empty until the config sets featureGates: [flowControl]";
 
 impl Exposition {
     pub fn from_text(text: &str) -> Result<Self, String> {
@@ -123,9 +139,22 @@ impl Exposition {
         })
     }
 
+    /// The picker has handled requests and has no flow-control series: flow control is off
+    /// (with it on, every request leaves a `llm_d_epp_flow_control_requests_total` sample).
+    pub fn flow_control_off(&self) -> bool {
+        self.traffic
+            && !self
+                .samples
+                .iter()
+                .any(|s| s.name.starts_with("llm_d_epp_flow_control_requests"))
+    }
+
     pub fn state(&self, family: &str) -> MetricState {
         if self.families.contains(family) {
             return MetricState::Present;
+        }
+        if family.contains(FLOW_CONTROL_MARK) && self.flow_control_off() {
+            return MetricState::NotInUse(FLOW_CONTROL_OFF.into());
         }
         let declared = self.declared.contains(family)
             || family
@@ -383,9 +412,14 @@ pub async fn check(
     // Metric names the assets read
     let mut present = 0;
     let mut problems = Vec::new();
+    let mut not_in_use = Vec::new();
     for family in &assets.metrics {
         match expo.state(family) {
             MetricState::Present => present += 1,
+            MetricState::NotInUse(why) => {
+                present += 1;
+                not_in_use.push((family, why));
+            }
             other => problems.push((family, other)),
         }
     }
@@ -401,6 +435,12 @@ pub async fn check(
             }
         ),
     );
+    for (family, why) in not_in_use {
+        r.pass(
+            &format!("picker metric {family}"),
+            format!("declared; {why}"),
+        );
+    }
     for (family, state) in problems {
         match state {
             MetricState::NoTraffic(why) => r.warn(

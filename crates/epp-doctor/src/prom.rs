@@ -286,6 +286,19 @@ pub async fn check(
                 good += 1;
                 r.pass(&q.origin, format!("{} series", series.len()))
             }
+            Ok(_)
+                if q.expr.contains(crate::picker_metrics::FLOW_CONTROL_MARK)
+                    && expo.is_some_and(|e| e.flow_control_off()) =>
+            {
+                good += 1;
+                r.pass(
+                    &q.origin,
+                    format!(
+                        "no data, as expected: {}",
+                        crate::picker_metrics::FLOW_CONTROL_OFF
+                    ),
+                )
+            }
             Ok(_) => {
                 let (mark, detail, fix) = why_empty(&mut p, q, alert, job, &target, expo).await;
                 r.add(mark, &q.origin, &format!("no data: {detail}"), &fix);
@@ -472,6 +485,14 @@ async fn why_empty(
                 Mark::Warn,
                 format!("no traffic yet: {name}: {why}"),
                 "send requests through the picker, wait a scrape interval, and retry".into(),
+            ),
+            Some(MetricState::NotInUse(why)) => {
+                (Mark::Pass, format!("no data, as expected: {name}: {why}"), String::new())
+            }
+            None if family.contains(crate::picker_metrics::FLOW_CONTROL_MARK) => (
+                Mark::Warn,
+                format!("Prometheus has no {name}: flow control is off in the picker (featureGates: [flowControl] not set), or nothing was routed yet"),
+                "nothing to do if flow control is meant to be off; add --metrics-url to tell the two apart".into(),
             ),
             Some(MetricState::Missing) => (
                 Mark::Fail,

@@ -44,6 +44,11 @@ const CONTRACT_METRICS: &[&str] = &[
     "epp_build_info",
     "epp_backend_cached_tokens_total",
     "epp_backend_predicted_cached_tokens_total",
+    // llm-d-router's flow-control families (series only with featureGates: [flowControl])
+    "llm_d_epp_flow_control_pool_saturation",
+    "llm_d_epp_flow_control_queue_size",
+    "llm_d_epp_flow_control_requests_total",
+    "llm_d_epp_flow_control_request_queue_duration_seconds",
     // process collector
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
@@ -169,6 +174,7 @@ fn every_alert_has_severity_summary_description_and_for() {
         "EPPBackendMetricsStale",
         "EPPPrefixIndexChurning",
         "EPPCachePredictionGap",
+        "EPPFlowControlShedding",
     ] {
         assert!(names.contains(required), "missing alert {required}");
     }
@@ -399,6 +405,9 @@ fn dashboard_panels_use_the_variables_and_have_the_issue_panels() {
         "scheduling latency per plugin",
         "prefix index size",
         "predicted vs observed cached tokens",
+        "flow control pool saturation",
+        "flow control queue size",
+        "flow control outcomes",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(needed)),

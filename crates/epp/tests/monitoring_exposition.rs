@@ -67,6 +67,45 @@ fn exposition() -> String {
         &PluginLabels::new("Picker", "picker", "max-score-picker"),
         0.000001,
     );
+    // Flow control (featureGates: [flowControl]) has queued and dispatched a request.
+    {
+        use epp_core::admission::metrics::*;
+        let fc = m.flow_control();
+        let pool: epp_core::metrics::LabelStr = "pool".into();
+        let q = QueueLabels {
+            fairness_id: "tenant".into(),
+            inference_pool: pool.clone(),
+            model_name: "m".into(),
+            priority: 0,
+            target_model_name: "m".into(),
+        };
+        fc.queue_size.llmd.get_or_create(&q).set(0);
+        fc.pool_saturation
+            .llmd
+            .get_or_create(&StageLabels {
+                inference_pool: pool.clone(),
+                stage: "effective",
+            })
+            .set(0.5);
+        fc.requests
+            .get_or_create(&OutcomeLabels {
+                inference_pool: pool.clone(),
+                outcome: "Dispatched",
+                priority: 0,
+            })
+            .inc();
+        fc.queue_duration
+            .llmd
+            .get_or_create(&QueueDurationLabels {
+                fairness_id: "tenant".into(),
+                inference_pool: pool,
+                model_name: "m".into(),
+                outcome: "Dispatched",
+                priority: 0,
+                target_model_name: "m".into(),
+            })
+            .observe(0.01);
+    }
     m.encode()
 }
 

@@ -219,6 +219,10 @@ scrape_configs:
     }
     assert_eq!(alert_count, 4);
 
+    // Our own dashboard's flow-control row and alert, on the same stack.
+    let ours = flow_control_queries("epp");
+    assert_eq!(ours.len(), 5, "{ours:#?}");
+    must_have_data.extend(ours);
     let empty = wait_for_data(&prom, &must_have_data, Duration::from_secs(120));
     stop.store(true, Ordering::SeqCst);
     let error_requests = errors.join().unwrap();

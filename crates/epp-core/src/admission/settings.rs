@@ -261,10 +261,9 @@ impl Plugins {
 
     fn missing(&self, name: &str, field: &str, kind: &str) -> ConfigError {
         match self.all.get(name) {
-            Some(t) => ConfigError::new(
-                field,
-                format!("plugin {name:?} (type {t:?}) is not a {kind}"),
-            ),
+            Some(t) => {
+                ConfigError::new(field, format!("plugin {name:?} (type {t:?}) is not {kind}"))
+            }
             None => ConfigError::new(
                 field,
                 format!("plugin {name:?} not found; declare it under plugins"),
@@ -285,7 +284,7 @@ impl Plugins {
             None if n == global_strict::TYPE && !self.all.contains_key(n) => {
                 Ok(Arc::new(global_strict::GlobalStrict::default()))
             }
-            None => Err(self.missing(n, field, "fairness policy")),
+            None => Err(self.missing(n, field, "a fairness policy")),
         }
     }
 
@@ -300,7 +299,7 @@ impl Plugins {
             None if n == fcfs::TYPE && !self.all.contains_key(n) => {
                 Ok(Arc::new(fcfs::Fcfs::default()))
             }
-            None => Err(self.missing(n, field, "ordering policy")),
+            None => Err(self.missing(n, field, "an ordering policy")),
         }
     }
 
@@ -315,7 +314,7 @@ impl Plugins {
             None if n == utilization::TYPE && !self.all.contains_key(n) => {
                 Ok(Arc::new(utilization::Utilization::default()))
             }
-            None => Err(self.missing(n, field, "saturation detector")),
+            None => Err(self.missing(n, field, "a saturation detector")),
         }
     }
 
@@ -330,7 +329,123 @@ impl Plugins {
             None if n == usage_limit::TYPE && !self.all.contains_key(n) => {
                 Ok(StaticUsageLimit::default())
             }
-            None => Err(self.missing(n, field, "usage limit policy")),
+            None => Err(self.missing(n, field, "a usage limit policy")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(flow: &str, gate: bool, plugins: &str) -> Result<FlowSettings, String> {
+        let yaml = format!(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n{}plugins:\n- type: queue-scorer\n{plugins}{flow}",
+            if gate { "featureGates: [flowControl]\n" } else { "" }
+        );
+        let cfg = EndpointPickerConfig::from_yaml(&yaml).map_err(|e| e.to_string())?;
+        FlowSettings::from_config(&cfg).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn llm_d_defaults() {
+        let s = load("", true, "").unwrap();
+        assert_eq!(s.default_ttl, Duration::from_secs(60));
+        assert_eq!(s.no_endpoint_ttl, Duration::from_secs(60));
+        assert_eq!((s.max_requests, s.max_bytes), (0, 0));
+        let b = s.band_for(7);
+        assert_eq!(
+            (b.priority, b.max_requests, b.max_bytes),
+            (7, 5000, 1_000_000_000)
+        );
+        assert_eq!(b.fairness.type_name(), global_strict::TYPE);
+        assert_eq!(b.ordering.type_name(), fcfs::TYPE);
+        assert_eq!(s.detector.type_name(), utilization::TYPE);
+        assert_eq!(s.usage_limit.threshold, 1.0);
+        // noEndpointRequestTTL follows defaultRequestTTL unless set.
+        let s = load("flowControl:\n  defaultRequestTTL: 5s\n", true, "").unwrap();
+        assert_eq!(s.no_endpoint_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bands_templates_and_quantities() {
+        let s = load(
+            "flowControl:\n  maxBytes: 1Gi\n  maxRequests: 1k\n  defaultNegativePriorityBand:\n    maxRequests: 10\n    orderingPolicyRef: edf-ordering-policy\n  priorityBands:\n  - priority: 10\n    maxBytes: 500M\n    fairnessPolicyRef: round-robin-fairness-policy\n",
+            true,
+            "- type: round-robin-fairness-policy\n- type: edf-ordering-policy\n",
+        )
+        .unwrap();
+        assert_eq!((s.max_requests, s.max_bytes), (1000, 1 << 30));
+        let b = s.band_for(10);
+        assert_eq!((b.max_requests, b.max_bytes), (5000, 500_000_000));
+        assert_eq!(b.fairness.type_name(), round_robin::TYPE);
+        let n = s.band_for(-3);
+        assert_eq!((n.priority, n.max_requests), (-3, 10));
+        assert_eq!(n.ordering.type_name(), edf::TYPE);
+        assert_eq!(s.band_for(0).max_requests, 5000, "0 is not negative");
+    }
+
+    #[test]
+    fn what_is_not_implemented_or_wrong_is_refused_by_name() {
+        let e = |flow: &str, gate: bool, plugins: &str| load(flow, gate, plugins).err().unwrap();
+        assert!(
+            e("flowControl:\n  maxRequests: 10\n", false, "").starts_with(
+                "flowControl.maxRequests: takes effect only with the flow control feature gate"
+            )
+        );
+        assert!(e("flowControl:\n  enableEviction: true\n", true, "")
+            .starts_with("flowControl.enableEviction:"));
+        assert_eq!(
+            e("flowControl:\n  defaultPriorityBand:\n    fairnessPolicyRef: nope\n", true, ""),
+            "flowControl.defaultPriorityBand.fairnessPolicyRef: plugin \"nope\" not found; declare it under plugins"
+        );
+        assert_eq!(
+            e("flowControl:\n  priorityBands:\n  - priority: 1\n    orderingPolicyRef: queue-scorer\n", true, ""),
+            "flowControl.priorityBands[0].orderingPolicyRef: plugin \"queue-scorer\" (type \"queue-scorer\") is not an ordering policy"
+        );
+        assert!(e(
+            "flowControl:\n  priorityBands:\n  - priority: 1\n  - priority: 1\n",
+            true,
+            ""
+        )
+        .starts_with("flowControl.priorityBands[1].priority: duplicate priority level 1"));
+        assert!(
+            e("flowControl:\n  maxBytes: lots\n", true, "").starts_with("flowControl.maxBytes:")
+        );
+        assert!(e("flowControl:\n  defaultRequestTTL: forever\n", true, "")
+            .starts_with("flowControl.defaultRequestTTL:"));
+        assert!(e(
+            "flowControl:\n  priorityBands:\n  - priority: 1\n    bogus: 2\n",
+            true,
+            ""
+        )
+        .contains("unknown field `bogus`"));
+        assert!(
+            e("flowControl:\n  usageLimitPolicyPluginRef: x\n", true, "").contains("not found")
+        );
+        // The saturation detector alone is fine without the gate (the legacy check).
+        assert!(load(
+            "flowControl:\n  saturationDetector:\n    pluginRef: concurrency-detector\n",
+            false,
+            "- type: concurrency-detector\n"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn go_durations_and_quantities() {
+        use crate::config::{parse_go_duration, parse_quantity};
+        let d = |s: &str| parse_go_duration(&serde_json::json!(s), "f").unwrap();
+        assert_eq!(d("1m30s"), Duration::from_secs(90));
+        assert_eq!(d("500ms"), Duration::from_millis(500));
+        assert_eq!(d("1.5h"), Duration::from_secs(5400));
+        assert_eq!(d("0s"), Duration::ZERO);
+        assert!(parse_go_duration(&serde_json::json!("-1s"), "f").is_err());
+        let q = |v: serde_json::Value| parse_quantity(&v, "f").unwrap();
+        assert_eq!(q(serde_json::json!(100)), 100);
+        assert_eq!(q(serde_json::json!("1k")), 1000);
+        assert_eq!(q(serde_json::json!("2Mi")), 2 << 20);
+        assert_eq!(q(serde_json::json!("0.5Ki")), 512);
+        assert!(parse_quantity(&serde_json::json!("3X"), "f").is_err());
     }
 }

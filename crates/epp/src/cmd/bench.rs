@@ -349,6 +349,18 @@ pub struct Args {
     #[arg(long, value_name = "DIR", default_value = "bench-results")]
     pub out: PathBuf,
 
+    /// Run the flow-control workload instead of the policy comparison: premium, standard and
+    /// sheddable batch traffic at twice the pool's capacity, then two standard tenants (one
+    /// with 10x the clients), through `epp proxy` with `featureGates: [flowControl]` over 2
+    /// fresh simulators of 4 slots each (docs/benchmarks.md, "Flow control"). Writes
+    /// flow-control.json to --out.
+    #[arg(long, conflicts_with_all = ["url", "policies", "policy_config"])]
+    pub flow_control: bool,
+
+    /// Seconds each phase of --flow-control lasts (the unloaded baseline: half of it).
+    #[arg(long, value_name = "SECONDS", default_value_t = 20, requires = "flow_control", value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub flow_phase_seconds: u64,
+
     /// Load-test this OpenAI-compatible base URL instead (no simulators, no in-process picker).
     #[arg(long, value_name = "URL", conflicts_with_all = ["policies", "policy_config"])]
     pub url: Option<String>,
@@ -451,6 +463,22 @@ pub fn print_events() -> compare::Observer {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.flow_control {
+        let b = epp_bench::flow::FlowBench {
+            phase: Duration::from_secs(args.flow_phase_seconds),
+            seed: args.workload.seed,
+            ..Default::default()
+        };
+        let r = epp_bench::flow::run(&b).await?;
+        print!("{}", epp_bench::flow::render(&b, &r));
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("--out {}", args.out.display()))?;
+        let path = args.out.join("flow-control.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let spec = args.workload.spec()?;
     let mode = args.load.mode(40.0)?;
     let timeout = args.load.timeout()?;

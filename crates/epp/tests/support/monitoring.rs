@@ -587,6 +587,34 @@ pub fn credentials_file(config: &serde_yaml::Value) -> String {
 
 /// Every shipped query, ready to send: dashboard targets with `$job` expanded, the job
 /// variable's metric, and each alert's expression before its threshold.
+/// Whether a shipped query reads flow-control families: they have series only when the picker
+/// runs with `featureGates: [flowControl]` (monitoring_gaie.rs checks them with it on).
+pub fn reads_flow_control(q: &Query) -> bool {
+    q.expr.contains("_flow_control_")
+}
+
+/// The shipped queries that need flow control on, expanded for `job`.
+pub fn flow_control_queries(job: &str) -> Vec<Query> {
+    let dashboard = json(DASHBOARD);
+    let mut qs: Vec<Query> = dashboard_queries(&dashboard)
+        .into_iter()
+        .map(|q| Query {
+            expr: expand_dashboard_vars(&q.expr, job),
+            origin: q.origin,
+        })
+        .collect();
+    for a in alerts() {
+        qs.push(Query {
+            origin: format!("alert {} (before its threshold)", a.name),
+            expr: alert_base_expr(&a.expr).replace("llm-d-gaie-epp", job),
+        });
+    }
+    qs.retain(reads_flow_control);
+    qs
+}
+
+/// Every shipped query (dashboard, its variables, alerts before their thresholds) except those
+/// that need flow control on ([`flow_control_queries`]).
 pub fn shipped_queries() -> Vec<Query> {
     let dashboard = json(DASHBOARD);
     let mut qs: Vec<Query> = dashboard_queries(&dashboard)
@@ -608,6 +636,7 @@ pub fn shipped_queries() -> Vec<Query> {
             expr: alert_base_expr(&a.expr),
         });
     }
+    qs.retain(|q| !reads_flow_control(q));
     qs
 }
 
