@@ -112,6 +112,9 @@ impl Shutdown {
     }
 }
 
+/// Default grace period for in-flight work after a shutdown signal.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+
 #[cfg(test)]
 mod shutdown_tests {
     use super::Shutdown;
@@ -126,6 +129,3 @@ mod shutdown_tests {
             .expect("resolves at once");
     }
 }
-
-/// Default grace period for in-flight work after a shutdown signal.
-pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
