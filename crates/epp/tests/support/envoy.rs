@@ -375,6 +375,27 @@ pub struct Envoy {
 }
 
 impl Envoy {
+    /// Wait until Envoy's active health check has found `n` pickers healthy.
+    pub async fn wait_pickers_healthy(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r = http(self.admin, "GET", "/clusters", &[], b"").await;
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            let healthy = text
+                .lines()
+                .filter(|l| l.starts_with("epp::") && l.ends_with("::health_flags::healthy"))
+                .count();
+            if healthy == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every picker became healthy in Envoy:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Wait until Envoy's active health check has taken the picker out of rotation.
     pub async fn wait_picker_unhealthy(&self) {
         let deadline = Instant::now() + WAIT;
@@ -546,30 +567,16 @@ pub async fn start_envoy_over(pickers: &[&Picker], sims: &Sims, variant: Variant
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Several pickers: each must have passed Envoy's health check before the caller relies on
-    // the round robin reaching all of them (a host not yet checked gets no streams).
-    if pickers.len() > 1 {
-        loop {
-            let r = http(admin, "GET", "/clusters", &[], b"").await;
-            let text = String::from_utf8_lossy(&r.body).into_owned();
-            let healthy = text
-                .lines()
-                .filter(|l| l.starts_with("epp::") && l.ends_with("::health_flags::healthy"))
-                .count();
-            if healthy == pickers.len() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not every picker became healthy in Envoy:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    Envoy {
+    let envoy = Envoy {
         proc,
         listener: format!("127.0.0.1:{listen}").parse().unwrap(),
         admin,
         _dir: dir,
+    };
+    // Several pickers: each must have passed Envoy's health check before the caller relies on
+    // the round robin reaching all of them (a host not yet checked gets no streams).
+    if pickers.len() > 1 {
+        envoy.wait_pickers_healthy(pickers.len()).await;
     }
+    envoy
 }
