@@ -387,6 +387,7 @@ impl Drop for RequestTracker {
     }
 }
 
+#[derive(Clone)]
 struct Inner {
     admission: Arc<dyn Admission>,
     /// `InferenceObjective` name → priority.
@@ -474,48 +475,25 @@ impl Director {
 
     /// The same core with `admission` deciding which requests go on to scheduling.
     pub fn with_admission(&self, admission: Arc<dyn Admission>) -> Self {
-        self.rebuilt(admission, self.inner.objectives.clone())
+        self.rebuilt(|i| i.admission = admission)
     }
 
     /// The same core reading request priorities from `objectives`.
     pub fn with_objectives(&self, objectives: Arc<Objectives>) -> Self {
-        self.rebuilt(self.inner.admission.clone(), objectives)
-    }
-
-    fn rebuilt(&self, admission: Arc<dyn Admission>, objectives: Arc<Objectives>) -> Self {
-        let i = &self.inner;
-        Self {
-            inner: Arc::new(Inner {
-                admission,
-                objectives,
-                body_budget: i.body_budget.clone(),
-                datastore: i.datastore.clone(),
-                health: i.health.clone(),
-                scheduler: i.scheduler.clone(),
-                prefix: i.prefix.clone(),
-                precise: i.precise.clone(),
-                metrics: i.metrics.clone(),
-                outbox: i.outbox.clone(),
-            }),
-        }
+        self.rebuilt(|i| i.objectives = objectives)
     }
 
     /// The same core handing every pick to `outbox` for the other replicas.
     pub fn with_replication(&self, outbox: crate::replication::Outbox) -> Self {
-        let i = &self.inner;
+        self.rebuilt(|i| i.outbox = Some(outbox))
+    }
+
+    /// A copy of this core with one part replaced.
+    fn rebuilt(&self, change: impl FnOnce(&mut Inner)) -> Self {
+        let mut inner = (*self.inner).clone();
+        change(&mut inner);
         Self {
-            inner: Arc::new(Inner {
-                admission: i.admission.clone(),
-                objectives: i.objectives.clone(),
-                body_budget: i.body_budget.clone(),
-                datastore: i.datastore.clone(),
-                health: i.health.clone(),
-                scheduler: i.scheduler.clone(),
-                prefix: i.prefix.clone(),
-                precise: i.precise.clone(),
-                metrics: i.metrics.clone(),
-                outbox: Some(outbox),
-            }),
+            inner: Arc::new(inner),
         }
     }
 

@@ -100,6 +100,14 @@ impl Stats {
     pub fn refused_count(&self, reason: &str) -> u64 {
         self.refused[usize::from(reason != "malformed")].load(Ordering::Relaxed)
     }
+    /// The snapshot in Redis as last written or loaded.
+    pub fn snapshot_seen(&self, taken_ms: u64, blocks: usize) {
+        self.snapshot_taken_ms.store(
+            i64::try_from(taken_ms).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+        self.snapshot_blocks.store(blocks as u64, Ordering::Relaxed);
+    }
     pub fn command(&self, n: u64) {
         self.commands.fetch_add(n, Ordering::Relaxed);
     }

@@ -43,12 +43,7 @@ pub async fn load(
     };
     let blocks = apply(target, &snap, r);
     r.stats.snapshots_loaded.fetch_add(1, Ordering::Relaxed);
-    r.stats
-        .snapshot_taken_ms
-        .store(snap.taken_ms as i64, Ordering::Relaxed);
-    r.stats
-        .snapshot_blocks
-        .store(blocks as u64, Ordering::Relaxed);
+    r.stats.snapshot_seen(snap.taken_ms, blocks);
     tracing::info!(
         blocks,
         endpoints = snap.endpoints.len(),
@@ -183,12 +178,7 @@ pub async fn run(
             r.stats
                 .bytes_sent
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            r.stats
-                .snapshot_taken_ms
-                .store(snap.taken_ms as i64, Ordering::Relaxed);
-            r.stats
-                .snapshot_blocks
-                .store(blocks as u64, Ordering::Relaxed);
+            r.stats.snapshot_seen(snap.taken_ms, blocks);
             tracing::debug!(
                 blocks,
                 bytes = bytes.len(),

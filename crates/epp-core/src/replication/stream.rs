@@ -219,11 +219,10 @@ pub async fn read(
     }
 }
 
-fn field(e: &redis::streams::StreamId, name: &str) -> Option<Vec<u8>> {
+fn field<'a>(e: &'a redis::streams::StreamId, name: &str) -> Option<&'a [u8]> {
     match e.map.get(name)? {
-        redis::Value::BulkString(b) => Some(b.clone()),
-        redis::Value::SimpleString(s) => Some(s.clone().into_bytes()),
-        redis::Value::Int(i) => Some(i.to_string().into_bytes()),
+        redis::Value::BulkString(b) => Some(b),
+        redis::Value::SimpleString(s) => Some(s.as_bytes()),
         _ => None,
     }
 }
@@ -232,15 +231,15 @@ fn apply_entry(r: &Replication, target: &Target, e: &redis::streams::StreamId) {
     let (v, rep, b) = (field(e, "v"), field(e, "r"), field(e, "b"));
     r.stats
         .bytes_received
-        .fetch_add(b.as_ref().map_or(0, |b| b.len()) as u64, Ordering::Relaxed);
+        .fetch_add(b.map_or(0, <[u8]>::len) as u64, Ordering::Relaxed);
     // Our own entries: already in the local index.
-    if rep.as_deref() == Some(r.opts.replica_id.as_bytes()) {
+    if rep == Some(r.opts.replica_id.as_bytes()) {
         return;
     }
     let raw = wire::RawEntry {
-        version: v.as_deref(),
-        replica: rep.as_deref(),
-        batch: b.as_deref(),
+        version: v,
+        replica: rep,
+        batch: b,
     };
     match wire::decode_entry(&raw, target.block_bytes) {
         Ok(entry) => {
