@@ -177,6 +177,46 @@ pub struct Routed {
     /// The body to forward when it differs from the client's (the model rewrite); `None`: the
     /// client's bytes go out untouched.
     pub body: Option<Vec<u8>>,
+    /// The prefill pick of a disaggregated request (`None`: decode-only). Behind Envoy it goes
+    /// out as `x-prefiller-host-port`; `epp proxy` calls it itself before the decode.
+    pub prefill: Option<Arc<Endpoint>>,
+    /// The data-parallel handler's primary port: the gateway sends the request to this port
+    /// of the picked pod, with the picked rank in `x-data-parallel-host-port`.
+    pub data_parallel_port: Option<u16>,
+}
+
+impl Routed {
+    /// Request headers the picker sets for the upstream (the disaggregation and data-parallel
+    /// headers llm-d's routing sidecar reads). The names in
+    /// [`DISAGG_HEADERS`](crate::gateway::headers::DISAGG_HEADERS) not set here must be
+    /// removed from what the client sent.
+    pub fn upstream_headers(&self) -> Vec<(&'static str, String)> {
+        use crate::gateway::headers::{DATA_PARALLEL_HOST_PORT, PREFILLER_HOST_PORT};
+        let mut out = Vec::new();
+        if let Some(p) = &self.prefill {
+            out.push((PREFILLER_HOST_PORT, p.address().to_string()));
+        }
+        if self.data_parallel_port.is_some() {
+            out.push((
+                DATA_PARALLEL_HOST_PORT,
+                self.targets[0].address().to_string(),
+            ));
+        }
+        out
+    }
+
+    /// Where the gateway sends the request for target `i`: its address, or with the
+    /// data-parallel handler the pod's primary port.
+    pub fn destination(&self, i: usize) -> String {
+        let addr = self.targets[i].address();
+        match self.data_parallel_port {
+            Some(port) => match addr.rsplit_once(':') {
+                Some((host, _)) => format!("{host}:{port}"),
+                None => format!("{addr}:{port}"),
+            },
+            None => addr.to_string(),
+        }
+    }
 }
 
 /// Tracks one routed request until its response ends. Dropping it without [`finish`] counts
@@ -216,6 +256,9 @@ pub struct RequestTracker {
     first_chunk: Option<Instant>,
     last_chunk: Option<Instant>,
     done: bool,
+    /// The prefill pick's in-flight count: held until the decode's first response byte (the
+    /// prefill is over by then) or the end of the request.
+    prefill_guard: Option<InFlight>,
 }
 
 impl RequestTracker {
@@ -253,6 +296,17 @@ impl RequestTracker {
     /// The serving endpoint could not be reached or failed mid-exchange (`kind` says how).
     pub fn upstream_failed(&self, kind: FailureKind) {
         self.record_passive(Err(kind));
+    }
+
+    /// What the prefill pick did with the prefill call `epp proxy` made for it (`Ok`: it
+    /// answered, with a status below 500), for its passive health; its in-flight count ends.
+    pub fn prefill_answered(&mut self, result: Result<(), FailureKind>) {
+        if let Some(g) = self.prefill_guard.take() {
+            self.director
+                .inner
+                .health
+                .record(g.endpoint().address(), Source::Passive, result);
+        }
     }
 
     fn record_passive(&self, result: Result<(), FailureKind>) {
@@ -323,6 +377,7 @@ impl RequestTracker {
 
     /// First response byte (TTFT).
     pub fn first_byte(&mut self) {
+        self.prefill_guard = None;
         if !self.first_byte_seen {
             self.first_byte_seen = true;
             self.director
@@ -372,6 +427,7 @@ impl RequestTracker {
         m.observe_e2e(self.method, self.started.elapsed().as_secs_f64());
         m.llmd().finished(&self.identity);
         self.guard = None;
+        self.prefill_guard = None;
         self.director.inner.admission.released();
     }
 }
@@ -725,6 +781,21 @@ impl Director {
         // The profile's plugins learn the pick before the request goes out.
         inner.scheduler.pre_request(&ctx, &schedule);
         let profile = schedule.profile;
+        let data_parallel_port = schedule.data_parallel_port;
+        let prefill = match &schedule.disagg {
+            Some(d) => {
+                let h = inner.scheduler.handler();
+                inner.metrics.disagg().decision(
+                    d.legacy_pd_metric,
+                    h.name(),
+                    h.type_name(),
+                    &id.target_model_name,
+                    d.decision_type(),
+                );
+                d.prefill.as_ref().and_then(|p| p.ranked.first()).copied()
+            }
+            None => None,
+        };
         let (ranked, decision, scores) = (schedule.ranked, schedule.decision, schedule.scores);
         let targets: Vec<Arc<Endpoint>> = ranked
             .iter()
@@ -765,6 +836,22 @@ impl Director {
         if let (Some(p), Some(m)) = (&inner.precise, &prefixes.precise_lookup) {
             p.after_pick(primary.slot, m, tokio::time::Instant::now());
         }
+        // A prefill pod computes the prompt too: it holds the prefix afterwards.
+        let prefill = prefill.map(|i| {
+            let v = &snapshot.endpoints[i];
+            let blocks = v
+                .metrics
+                .as_deref()
+                .and_then(|m| inner.prefix.server_capacity_blocks(m));
+            (v.endpoint.clone(), blocks)
+        });
+        if let Some((pf, blocks)) = &prefill {
+            let blocks = *blocks;
+            inner.prefix.insert_capped(pf.slot, &hashes, blocks);
+            if let (Some(p), Some(m)) = (&inner.precise, &prefixes.precise_lookup) {
+                p.after_pick(pf.slot, m, tokio::time::Instant::now());
+            }
+        }
         if let Some(o) = &inner.outbox {
             let keys = prefixes
                 .precise_lookup
@@ -796,6 +883,7 @@ impl Director {
             profile,
             first_byte_seen: false,
             done: false,
+            prefill_guard: prefill.as_ref().map(|(p, _)| InFlight::new(p.clone())),
         };
         drop(admitted);
         Ok(Routed {
@@ -805,6 +893,8 @@ impl Director {
             scores,
             tracker,
             body,
+            prefill: prefill.map(|(p, _)| p),
+            data_parallel_port,
         })
     }
 }

@@ -176,6 +176,7 @@ pub struct Metrics {
     llmd: llmd::LlmdMetrics,
     tokenizer: crate::scheduler::plugins::TokenizerMetrics,
     flow_control: Arc<crate::admission::metrics::FlowControlMetrics>,
+    disagg: crate::scheduler::disagg_metrics::DisaggMetrics,
     /// Where the request-body budget reports itself.
     pub body_budget: crate::gateway::BudgetMeters,
     certificates: Certificates,
@@ -219,6 +220,7 @@ impl Metrics {
         let flow_control = Arc::new(crate::admission::metrics::FlowControlMetrics::register(
             &mut registry,
         ));
+        let disagg = crate::scheduler::disagg_metrics::DisaggMetrics::register(&mut registry);
         registry.register_collector(Box::new(llmd.collector(datastore.clone(), prefix.clone())));
         registry.register_collector(Box::new(StateCollector { datastore, prefix }));
         registry.register_collector(Box::new(ProcessCollector));
@@ -235,6 +237,7 @@ impl Metrics {
             llmd,
             tokenizer,
             flow_control,
+            disagg,
             body_budget,
             certificates,
             shared_state,
@@ -244,6 +247,11 @@ impl Metrics {
     /// The `token-producer`'s tokenizer backends (`epp_tokenizer_*`).
     pub fn tokenizer(&self) -> &crate::scheduler::plugins::TokenizerMetrics {
         &self.tokenizer
+    }
+
+    /// Prefill/decode disaggregation: the decision families and the proxy's prefill calls.
+    pub fn disagg(&self) -> &crate::scheduler::disagg_metrics::DisaggMetrics {
+        &self.disagg
     }
 
     /// llm-d-router's flow-control families (`llm_d_epp_flow_control_*` and twins).

@@ -6,6 +6,7 @@
 //! pool ([`models`]). Connections are bounded in number and in how long they may take to send
 //! headers and bodies, so slow or idle clients cannot exhaust the process.
 
+pub mod disagg;
 pub mod forward;
 pub mod models;
 pub mod read;
@@ -52,6 +53,9 @@ pub struct ProxyOptions {
     pub body_read_timeout: Duration,
     /// Open client connections at most; connections over it are closed at once.
     pub max_connections: usize,
+    /// The longest the prefill call of a disaggregated request may take (headers and body);
+    /// past it the decode runs alone.
+    pub prefill_timeout: Duration,
     pub picker: RuntimeOptions,
 }
 
@@ -66,6 +70,7 @@ impl Default for ProxyOptions {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            prefill_timeout: Duration::from_secs(30),
             picker: RuntimeOptions::default(),
         }
     }
@@ -112,6 +117,7 @@ impl ProxyOptions {
             ("--upstream-timeout", self.upstream_timeout),
             ("--header-read-timeout", self.header_read_timeout),
             ("--body-read-timeout", self.body_read_timeout),
+            ("--prefill-timeout", self.prefill_timeout),
         ] {
             if d.is_zero() {
                 return Err(StartError::invalid(format!(
@@ -144,6 +150,7 @@ pub async fn spawn_with_shutdown(
         header_read_timeout = ?opts.header_read_timeout,
         body_read_timeout = ?opts.body_read_timeout,
         max_connections = opts.max_connections,
+        prefill_timeout = ?opts.prefill_timeout,
         test_hooks = opts.test_hooks,
         "proxy listening"
     );
@@ -360,7 +367,7 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
                 return error_response(&err, &request_id);
             }
         };
-    let routed = match st
+    let mut routed = match st
         .director
         .route(RouteRequest {
             method: Some(method),
@@ -373,6 +380,24 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => return error_response(&e, &request_id),
     };
+    if let Some(prefill) = routed.prefill.clone() {
+        let body = routed
+            .body
+            .take()
+            .map(Bytes::from)
+            .unwrap_or_else(|| bytes.clone());
+        let decode = disagg::run_prefill(
+            &st,
+            &parts,
+            method,
+            body,
+            &prefill,
+            &mut routed.tracker,
+            &request_id,
+        )
+        .await;
+        routed.body = Some(decode.to_vec());
+    }
     forward::forward(&st, &parts, bytes, routed, &request_id).await
 }
 

@@ -4,6 +4,7 @@
 //! Built from an [`EndpointPickerConfig`]: every plugin named in `plugins` is constructed from its
 //! `type` and `parameters`; the first profile (or the one named `default`) is what runs.
 
+pub mod disagg_metrics;
 pub mod metrics;
 pub mod plugins;
 
@@ -16,7 +17,7 @@ pub use crate::metrics::PluginLabels;
 use crate::prefix::{BlockPlan, PrefixConfig, PrefixMatch, PrefixPlan, ServerBound};
 use crate::request::ParsedRequest;
 
-pub use plugins::{Filter, Picker, Plugin, ProfileHandler, Scorer};
+pub use plugins::{Decider, Filter, HandlerPlan, Picker, Plugin, ProfileHandler, Scorer};
 pub use plugins::{PrefixConsumer, Producer, ProfileRun};
 
 /// Which prefix index a scorer's match info comes from (`prefixMatchInfoProducerName` resolved).
@@ -173,6 +174,49 @@ pub struct Schedule {
     pub profile: Option<usize>,
     /// The candidates the profile's filters kept (snapshot indices).
     pub cands: Vec<usize>,
+    /// What a disaggregating profile handler decided (`None` with the other handlers).
+    pub disagg: Option<Disaggregation>,
+    /// The data-parallel handler's `primaryPort`: the pick goes out as
+    /// `x-data-parallel-host-port`, the request to this port of the picked pod.
+    pub data_parallel_port: Option<u16>,
+}
+
+/// One extra stage's pick (the prefill profile's).
+#[derive(Clone, Debug)]
+pub struct StagePick {
+    /// The profile that ran (index into [`Scheduler::profiles`]).
+    pub profile: usize,
+    /// Snapshot indices, best first.
+    pub ranked: Vec<usize>,
+    pub cands: Vec<usize>,
+}
+
+/// A disaggregating handler's outcome for one request.
+#[derive(Clone, Debug)]
+pub struct Disaggregation {
+    /// The prefill pick, when the prefill stage ran and found an endpoint.
+    pub prefill: Option<StagePick>,
+    /// The decider agreed to run the prefill stage (it may still have found no endpoint).
+    pub decided: bool,
+    /// The handler records `pd_decision_total` (the deprecated `pd-profile-handler`) rather
+    /// than `disagg_decision_total`.
+    pub legacy_pd_metric: bool,
+}
+
+impl Disaggregation {
+    /// The `decision_type` label of the decision metrics.
+    pub fn decision_type(&self) -> &'static str {
+        let prefill = if self.legacy_pd_metric {
+            self.decided
+        } else {
+            self.prefill.is_some()
+        };
+        if prefill {
+            "prefill-decode"
+        } else {
+            "decode-only"
+        }
+    }
 }
 
 /// Why nothing could be picked.
@@ -224,8 +268,10 @@ pub struct Profile {
 pub struct Scheduler {
     /// Every configured profile, in config order.
     profiles: Vec<Profile>,
-    /// Chooses which profile runs for a request.
+    /// Chooses which profiles run for a request.
     handler: Arc<dyn ProfileHandler>,
+    /// What the handler resolved to against the profiles: what runs per request.
+    plan: HandlerPlan,
     /// Data producers, in config order (an implicit estimating `token-producer` when none is
     /// configured).
     producers: Vec<Arc<dyn Producer>>,
@@ -258,7 +304,7 @@ impl Scheduler {
     pub fn from_config(cfg: &EndpointPickerConfig) -> Result<Self, ConfigError> {
         let mut built: Vec<(String, Plugin)> = Vec::new();
         let mut prefix_plugin = None;
-        let mut handler: Option<Arc<dyn ProfileHandler>> = None;
+        let mut handler: Option<(usize, Arc<dyn ProfileHandler>)> = None;
         let mut producers: Vec<Arc<dyn Producer>> = Vec::new();
         let mut consumers: Vec<PrefixConsumer> = Vec::new();
         let mut embedded: Vec<(usize, Arc<dyn Producer>)> = Vec::new();
@@ -301,7 +347,7 @@ impl Scheduler {
                             "only one profile handler may be configured",
                         ));
                     }
-                    handler = Some(h.clone());
+                    handler = Some((i, h.clone()));
                 }
                 _ => {}
             }
@@ -338,7 +384,7 @@ impl Scheduler {
                 name: "default".into(),
                 plugins: built
                     .iter()
-                    .filter(|(_, p)| !matches!(p, Plugin::ProfileHandler(_)))
+                    .filter(|(_, p)| !matches!(p, Plugin::ProfileHandler(_) | Plugin::Decider(_)))
                     .map(|(n, _)| crate::config::ProfilePluginRef {
                         plugin_ref: n.clone(),
                         weight: None,
@@ -363,11 +409,28 @@ impl Scheduler {
                 }
             }
         }
-        let handler = handler.unwrap_or_else(|| Arc::new(plugins::SingleProfileHandler::default()));
+        let (handler_at, handler) = handler.unwrap_or_else(|| {
+            (
+                usize::MAX,
+                Arc::new(plugins::SingleProfileHandler::default()),
+            )
+        });
+        let plan = handler.plan(&profiles, &built).map_err(|(key, msg)| {
+            let at = format!("plugins[{handler_at}].parameters");
+            ConfigError::new(
+                if key.is_empty() {
+                    at
+                } else {
+                    format!("{at}.{key}")
+                },
+                msg,
+            )
+        })?;
         let parsers = crate::parsers::RequestHandling::from_config(cfg)?;
         Ok(Self {
             profiles,
             handler,
+            plan,
             producers,
             prefix,
             precise,
@@ -450,19 +513,28 @@ impl Scheduler {
     /// After a pick, before forwarding: the profile's scorers learn the outcome (e.g. session
     /// bindings, the cold-request LRU). Forced picks teach nothing.
     pub fn pre_request(&self, ctx: &SchedCtx<'_>, schedule: &Schedule) {
-        let (Some(pi), Some(&picked)) = (schedule.profile, schedule.ranked.first()) else {
-            return;
-        };
-        let Some(profile) = self.profiles.get(pi) else {
-            return;
-        };
-        let run = ProfileRun {
-            profile: &profile.name,
-            cands: &schedule.cands,
-            picked,
-        };
-        for (s, _) in &profile.scorers {
-            s.pre_request(ctx, &run);
+        let prefill = schedule
+            .disagg
+            .as_ref()
+            .and_then(|d| d.prefill.as_ref())
+            .map(|p| (Some(p.profile), &p.ranked, &p.cands));
+        let stages =
+            std::iter::once((schedule.profile, &schedule.ranked, &schedule.cands)).chain(prefill);
+        for (pi, ranked, cands) in stages {
+            let (Some(pi), Some(&picked)) = (pi, ranked.first()) else {
+                continue;
+            };
+            let Some(profile) = self.profiles.get(pi) else {
+                continue;
+            };
+            let run = ProfileRun {
+                profile: &profile.name,
+                cands,
+                picked,
+            };
+            for (s, _) in &profile.scorers {
+                s.pre_request(ctx, &run);
+            }
         }
     }
 
@@ -481,15 +553,29 @@ impl Scheduler {
         out
     }
 
-    /// The index of the profile the handler runs.
+    /// The index of the primary profile the handler runs (the decode profile when it
+    /// disaggregates).
     pub fn profile_index(&self) -> usize {
-        self.handler.select(&self.profiles)
+        match &self.plan {
+            HandlerPlan::Single { profile } | HandlerPlan::DataParallel { profile, .. } => *profile,
+            HandlerPlan::Disagg(p) => p.decode,
+        }
     }
 
-    /// The profile the handler runs for requests (with the single-profile handler: the one
-    /// named `default`, else the first).
+    /// The primary profile the handler runs for requests (with the single-profile handler: the
+    /// one named `default`, else the first).
     pub fn profile(&self) -> &Profile {
-        &self.profiles[self.handler.select(&self.profiles)]
+        &self.profiles[self.profile_index()]
+    }
+
+    /// What the profile handler runs per request.
+    pub fn plan(&self) -> &HandlerPlan {
+        &self.plan
+    }
+
+    /// The profile handler (its type and name label the decision metrics).
+    pub fn handler(&self) -> &Arc<dyn ProfileHandler> {
+        &self.handler
     }
 
     /// Every configured profile, in config order.
@@ -511,8 +597,28 @@ impl Scheduler {
                 .map(|(s, w)| format!("scorer:{}*{w}", s.name())),
         );
         parts.push(format!("picker:{}", p.picker.name()));
+        let extra = match &self.plan {
+            HandlerPlan::Disagg(d) => match &d.prefill {
+                Some((pi, Some(decider))) => format!(
+                    "; prefill profile {:?} when {} agrees",
+                    self.profiles[*pi].name,
+                    decider.name()
+                ),
+                Some((pi, None)) => {
+                    format!(
+                        "; prefill profile {:?} for every request",
+                        self.profiles[*pi].name
+                    )
+                }
+                None => "; no prefill stage".to_string(),
+            },
+            HandlerPlan::DataParallel { primary_port, .. } => {
+                format!("; data-parallel, primary port {primary_port}")
+            }
+            HandlerPlan::Single { .. } => String::new(),
+        };
         format!(
-            "{} runs profile {:?} [{}] (of {})",
+            "{} runs profile {:?} [{}] (of {}){extra}",
             self.handler.name(),
             p.name,
             parts.join(", "),
@@ -547,8 +653,7 @@ impl Scheduler {
                 }));
             }
         }
-        let had_prefix = |c: &[usize]| c.iter().any(|&i| ctx.prefix.matched(ctx.ep(i).slot()) > 0);
-        let prefix_before = had_prefix(&cands);
+        let prefix_before = had_prefix(ctx, &cands);
         // Implicit health filter: healthy ones; if none, stale ones (old data beats no answer).
         let healthy: Vec<usize> = cands
             .iter()
@@ -575,8 +680,80 @@ impl Scheduler {
             }
             stale
         };
-        let mut cands = cands;
-        let profile_index = self.profile_index();
+        match &self.plan {
+            HandlerPlan::Single { profile } => {
+                self.run_profile(*profile, ctx, cands, prefix_before)
+            }
+            HandlerPlan::DataParallel {
+                profile,
+                primary_port,
+            } => {
+                let mut s = self.run_profile(*profile, ctx, cands, prefix_before)?;
+                s.data_parallel_port = Some(*primary_port);
+                Ok(s)
+            }
+            HandlerPlan::Disagg(plan) => self.run_disagg(plan, ctx, cands, prefix_before),
+        }
+    }
+
+    /// Decode, then prefill when the decider agrees (or always, with no decider). The prefill
+    /// stage never picks the decode pick itself (that endpoint computes the prompt anyway), and
+    /// a prefill stage that finds no endpoint leaves the request decode-only.
+    fn run_disagg(
+        &self,
+        plan: &plugins::DisaggPlan,
+        ctx: &SchedCtx<'_>,
+        cands: Vec<usize>,
+        prefix_before: bool,
+    ) -> Result<Schedule, ScheduleError> {
+        let mut decode = self.run_profile(plan.decode, ctx, cands.clone(), prefix_before)?;
+        let picked = decode.ranked[0];
+        let (decided, prefill) = match &plan.prefill {
+            None => (false, None),
+            Some((pi, decider)) => {
+                let decided = decider
+                    .as_ref()
+                    .is_none_or(|d| d.disaggregate(ctx, Some(picked)));
+                let pick = if decided {
+                    let others: Vec<usize> = cands.into_iter().filter(|&i| i != picked).collect();
+                    if others.is_empty() {
+                        None
+                    } else {
+                        match self.run_profile(*pi, ctx, others, prefix_before) {
+                            Ok(p) => Some(StagePick {
+                                profile: *pi,
+                                ranked: p.ranked,
+                                cands: p.cands,
+                            }),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "prefill stage found no endpoint; decode-only");
+                                None
+                            }
+                        }
+                    }
+                } else {
+                    None
+                };
+                (decided, pick)
+            }
+        };
+        decode.disagg = Some(Disaggregation {
+            prefill,
+            decided,
+            legacy_pd_metric: plan.legacy_pd_metric,
+        });
+        decode.data_parallel_port = plan.primary_port;
+        Ok(decode)
+    }
+
+    /// Run profile `profile_index`'s filters, scorers and picker over eligible `cands`.
+    fn run_profile(
+        &self,
+        profile_index: usize,
+        ctx: &SchedCtx<'_>,
+        mut cands: Vec<usize>,
+        prefix_before: bool,
+    ) -> Result<Schedule, ScheduleError> {
         let profile = &self.profiles[profile_index];
         let nf = profile.filters.len();
         for (k, f) in profile.filters.iter().enumerate() {
@@ -624,7 +801,7 @@ impl Scheduler {
         let first = ranked[0];
         let decision = if ctx.prefix.matched(ctx.ep(first).slot()) > 0 {
             DecisionType::CacheHit
-        } else if prefix_before && !had_prefix(&cands) {
+        } else if prefix_before && !had_prefix(ctx, &cands) {
             DecisionType::HealthCheck
         } else {
             DecisionType::LoadBalance
@@ -635,8 +812,17 @@ impl Scheduler {
             scores,
             profile: Some(profile_index),
             cands,
+            disagg: None,
+            data_parallel_port: None,
         })
     }
+}
+
+/// Whether any of `cands` holds a prefix of the request.
+fn had_prefix(ctx: &SchedCtx<'_>, cands: &[usize]) -> bool {
+    cands
+        .iter()
+        .any(|&i| ctx.prefix.matched(ctx.ep(i).slot()) > 0)
 }
 
 /// The one approximate prefix index a configuration runs: an explicit
@@ -828,6 +1014,15 @@ fn build_profile(
                     ),
                 ))
             }
+            Plugin::Decider(_) => {
+                return Err(ConfigError::new(
+                    format!("{field}.pluginRef"),
+                    format!(
+                        "{:?} is a decider: a profile handler asks it (deciders.prefill) and it is configured in `plugins` only",
+                        r.plugin_ref
+                    ),
+                ))
+            }
         }
     }
     let picker = picker.unwrap_or_else(|| Arc::new(plugins::MaxScorePicker::default()));
@@ -885,6 +1080,8 @@ fn forced_schedule(ctx: &SchedCtx<'_>, forced: &str) -> Result<Schedule, Schedul
         decision,
         profile: None,
         cands: Vec::new(),
+        disagg: None,
+        data_parallel_port: None,
     })
 }
 

@@ -103,14 +103,21 @@ fn sample_parameters(type_: &str) -> Option<serde_json::Value> {
         "by-label" => Some(
             serde_json::json!({"label": "llm-d.ai/role", "validValues": ["decode"], "allowsNoLabel": true}),
         ),
+        // The disaggregating handlers run the `default` profile as their decode profile.
+        "disagg-profile-handler" => Some(serde_json::json!({"profiles": {"decode": "default"}})),
+        "pd-profile-handler" => Some(serde_json::json!({"decodeProfile": "default"})),
         _ => None,
     }
 }
 
 fn single_plugin_config(type_: &str, weight: Option<f64>) -> EndpointPickerConfig {
-    let handler = plugins::registry::lookup(type_)
-        .is_some_and(|r| r.kind == plugins::registry::Kind::ProfileHandler);
-    EndpointPickerConfig {
+    let handler = plugins::registry::lookup(type_).is_some_and(|r| {
+        matches!(
+            r.kind,
+            plugins::registry::Kind::ProfileHandler | plugins::registry::Kind::Decider
+        )
+    });
+    let mut cfg = EndpointPickerConfig {
         api_version: epp_core::config::API_VERSION.into(),
         kind: epp_core::config::KIND.into(),
         plugins: vec![PluginSpec {
@@ -130,7 +137,20 @@ fn single_plugin_config(type_: &str, weight: Option<f64>) -> EndpointPickerConfi
             },
         }],
         ..Default::default()
+    };
+    if type_ == "pd-profile-handler" {
+        // It needs a prefill profile and its default decider.
+        cfg.plugins.push(PluginSpec {
+            name: None,
+            type_: "prefix-based-pd-decider".into(),
+            parameters: Some(serde_json::json!({"nonCachedTokens": 1})),
+        });
+        cfg.scheduling_profiles.push(ProfileSpec {
+            name: "prefill".into(),
+            plugins: vec![],
+        });
     }
+    cfg
 }
 
 proptest! {
@@ -196,6 +216,12 @@ proptest! {
                 }
                 Plugin::ProfileHandler(h) => {
                     prop_assert_eq!(h.type_name(), t);
+                }
+                Plugin::Decider(d) => {
+                    prop_assert_eq!(d.type_name(), t);
+                    for i in &all {
+                        let _ = d.disaggregate(&ctx, Some(*i));
+                    }
                 }
                 Plugin::Producer(p) => {
                     prop_assert_eq!(p.type_name(), t);

@@ -98,7 +98,7 @@ mod floor {
         if let Some(n) = len {
             set.push(header_option("content-length", n.to_string().as_bytes()));
         }
-        routed_headers_response(set, target, &[])
+        routed_headers_response(set, Vec::new(), target, &[])
     }
 
     type Out = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;

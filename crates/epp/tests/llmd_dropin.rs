@@ -388,6 +388,15 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
         // The precise producer without a token producer: requests are scored by the approximate
         // index (no token ids), counted in epp_precise_prefix_fallback_total{reason="no_token_ids"}.
         ("sim-epp-no-hit-lru.yaml", Ok(())),
+        // Prefill/decode disaggregation and data-parallel ranks (routed in detail below).
+        ("pd-epp-config.yaml", Ok(())),
+        ("sim-pd-epp-config.yaml", Ok(())),
+        ("dp-epp-config.yaml", Ok(())),
+        // Encode disaggregation is not implemented: refused by name.
+        (
+            "sim-e-p-d-epp-config.yaml",
+            refused("plugins[4].parameters.deciders.encode: encode disaggregation is not supported by epp (prefill/decode is)"),
+        ),
         ("epp-precise-prefix-cache-config.yaml", Ok(())),
         (
             "sim-epp-kvcache-config.yaml",
@@ -401,20 +410,8 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
     // Unknown plugin types: the field, the type, and the list of what is supported.
     for (file, at) in [
         (
-            "dp-epp-config.yaml",
-            "plugins[3].type: unknown plugin type \"data-parallel-profile-handler\": ",
-        ),
-        (
-            "pd-epp-config.yaml",
-            "plugins[6].type: unknown plugin type \"disagg-profile-handler\": ",
-        ),
-        (
             "pd-topology-epp-config.yaml",
             "plugins[6].type: unknown plugin type \"topology-extractor\": ",
-        ),
-        (
-            "sim-e-p-d-epp-config.yaml",
-            "plugins[4].type: unknown plugin type \"disagg-profile-handler\": ",
         ),
         (
             "sim-e-pd-epp-config.yaml",
@@ -428,10 +425,6 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
         (
             "epp-mm-embeddings-cache-config.yaml",
             "plugins[4].type: unknown plugin type \"mm-embeddings-cache-producer\": ",
-        ),
-        (
-            "sim-pd-epp-config.yaml",
-            "plugins[6].type: unknown plugin type \"prefix-based-pd-decider\": ",
         ),
         // The flow-control samples: the flow controller, its utilization-detector and its
         // default policies load; what stops each is the one plugin epp does not implement.
@@ -544,4 +537,155 @@ fn llm_d_sample_configs_load_and_route_or_are_refused_precisely() {
     for k in want.keys() {
         assert!(seen.iter().any(|s| s == k), "{k}: fixture missing");
     }
+}
+
+/// A director over `scheduler` and the given `(address, role)` endpoints, all healthy.
+fn director_over(
+    scheduler: epp_core::scheduler::Scheduler,
+    eps: &[(&str, &str)],
+) -> epp_core::director::Director {
+    use epp_core::datastore::{DatastoreWriter, EndpointSpec, HealthConfig, ModelServerMetrics};
+    let ds = DatastoreWriter::new(HealthConfig::default());
+    let director = epp_core::director::Director::build(&ds, scheduler);
+    ds.set_endpoints(
+        eps.iter()
+            .map(|(a, role)| {
+                let mut e = EndpointSpec::new(*a);
+                e.labels.insert("llm-d.ai/role".into(), role.to_string());
+                e
+            })
+            .collect(),
+    );
+    for (a, _) in eps {
+        ds.record_scrape(a, Ok(ModelServerMetrics::default()));
+    }
+    ds.mark_synced();
+    // The datastore writer lives as long as the director's readers need it.
+    std::mem::forget(ds);
+    director
+}
+
+fn route_chat(
+    rt: &tokio::runtime::Runtime,
+    director: &epp_core::director::Director,
+    prompt: &str,
+) -> epp_core::director::Routed {
+    use epp_core::director::RouteRequest;
+    use epp_core::gateway::{GatewayPolicy, InboundHeaders};
+    use epp_core::request::ApiMethod;
+    let none: Vec<(String, Vec<u8>)> = Vec::new();
+    let headers = InboundHeaders::read(none.as_slice(), GatewayPolicy::default());
+    let body = serde_json::to_vec(&serde_json::json!({
+        "model": "m", "messages": [{"role": "user", "content": prompt}]
+    }))
+    .unwrap();
+    rt.block_on(director.route(RouteRequest {
+        method: Some(ApiMethod::ChatCompletions),
+        body: &body,
+        subset: None,
+        headers: &headers,
+    }))
+    .unwrap()
+}
+
+/// The value of the sample `name{labels}` in an exposition (0 when absent).
+fn sample(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn the_pd_samples_disaggregate_long_uncached_prompts_and_decode_the_rest_alone() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for file in ["pd-epp-config.yaml", "sim-pd-epp-config.yaml"] {
+        let scheduler = load(&fixtures().join(file)).unwrap();
+        let director = director_over(
+            scheduler,
+            &[
+                ("10.0.0.1:8000", "decode"),
+                ("10.0.0.2:8000", "prefill"),
+                ("10.0.0.3:8000", "decode"),
+            ],
+        );
+        // 256 tokens (the estimate: 4 bytes each), none cached: over nonCachedTokens 16. Once
+        // cached, what is left past the last full block (64 tokens with pd-epp-config's
+        // auto-tuned block size, 16 with sim-pd's) is the chat template's few bytes: under 16.
+        let long = "abcd".repeat(256);
+        let r = route_chat(&rt, &director, &long);
+        let decode = r.targets[0].address().to_string();
+        assert!(
+            decode == "10.0.0.1:8000" || decode == "10.0.0.3:8000",
+            "{file}: {decode}"
+        );
+        let prefill = r.prefill.clone().expect("a prefill pick");
+        assert_eq!(prefill.address(), "10.0.0.2:8000", "{file}");
+        assert_eq!(
+            r.upstream_headers(),
+            vec![("x-prefiller-host-port", "10.0.0.2:8000".to_string())],
+            "{file}"
+        );
+        // The prefill pod is busy until the decode's first byte.
+        assert_eq!(prefill.inflight(), 1, "{file}");
+        let mut tracker = r.tracker;
+        tracker.first_byte();
+        assert_eq!(prefill.inflight(), 0, "{file}");
+        tracker.finish(200);
+        // The same prompt again: the decode pod now holds it, so it decodes alone.
+        let again = route_chat(&rt, &director, &long);
+        assert_eq!(again.targets[0].address(), decode, "{file}");
+        assert!(
+            again.prefill.is_none(),
+            "{file}: a cached prompt was disaggregated"
+        );
+        assert!(again.upstream_headers().is_empty());
+        again.tracker.finish(200);
+        // A short prompt never is.
+        let short = route_chat(&rt, &director, "hi");
+        assert!(short.prefill.is_none(), "{file}");
+        short.tracker.finish(200);
+        let text = director.metrics().encode();
+        let labels = |d: &str| {
+            format!("llm_d_epp_disagg_decision_total{{plugin_name=\"disagg-profile-handler\",plugin_type=\"disagg-profile-handler\",model_name=\"m\",decision_type=\"{d}\"}}")
+        };
+        assert_eq!(
+            sample(&text, &labels("prefill-decode")),
+            1.0,
+            "{file}\n{text}"
+        );
+        assert_eq!(sample(&text, &labels("decode-only")), 2.0, "{file}");
+        assert_eq!(
+            sample(
+                &text,
+                "llm_d_inference_scheduler_disagg_decision_total{model_name=\"m\",decision_type=\"decode-only\"}"
+            ),
+            2.0,
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn the_dp_sample_sends_the_rank_in_a_header_and_the_request_to_the_primary_port() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let scheduler = load(&fixtures().join("dp-epp-config.yaml")).unwrap();
+    let director = director_over(
+        scheduler,
+        &[("10.0.0.1:8001", "decode"), ("10.0.0.1:8002", "decode")],
+    );
+    let r = route_chat(&rt, &director, "hello there");
+    let rank = r.targets[0].address().to_string();
+    assert!(rank.starts_with("10.0.0.1:800"), "{rank}");
+    assert_eq!(r.destination(0), "10.0.0.1:8000");
+    assert_eq!(
+        r.upstream_headers(),
+        vec![("x-data-parallel-host-port", rank)]
+    );
+    r.tracker.finish(200);
 }

@@ -285,31 +285,39 @@ impl Exchange {
                 headers: &inbound,
             })
             .await;
-        let routed = match result {
+        let mut routed = match result {
             Ok(r) => r,
             Err(e) => {
                 self.phase = Phase::Done;
                 return Ok(vec![immediate(&e)]);
             }
         };
-        let primary = routed.targets[0].address().to_string();
+        // Where the gateway sends it: the pick, or the pod's primary port (data-parallel).
+        let primary = routed.destination(0);
         let metadata_value = if self.cfg.fallbacks == 0 {
             primary.clone()
         } else {
-            routed
-                .targets
-                .iter()
-                .take(1 + self.cfg.fallbacks)
-                .map(|e| e.address())
+            (0..routed.targets.len().min(1 + self.cfg.fallbacks))
+                .map(|i| routed.destination(i))
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let parsed = routed.parsed;
+        // The routing sidecar's headers: ours are set, a client's never pass.
+        let upstream = routed.upstream_headers();
+        let remove: Vec<String> = headers::DISAGG_HEADERS
+            .iter()
+            .filter(|h| !upstream.iter().any(|(k, _)| k == *h))
+            .map(|h| h.to_string())
+            .collect();
+        let stream_requested = routed.parsed.stream;
         // The director re-serialises only when the model changes; otherwise the bytes go back
         // untouched.
-        let out_body = routed.body.unwrap_or(body);
+        let out_body = routed.body.take().unwrap_or(body);
 
         let mut set = vec![header_option(DESTINATION, primary.as_bytes())];
+        for (k, v) in &upstream {
+            set.push(header_option(k, v.as_bytes()));
+        }
         let (request_id, generated) = inbound.request_id_or_new();
         if with_body {
             if !out_body.is_empty() {
@@ -330,16 +338,21 @@ impl Exchange {
         let mut out = Vec::with_capacity(2 + out_body.len() / BODY_PIECE_BYTES);
         let scores: Vec<(String, f64)> = if self.cfg.emit_endpoint_scores {
             routed
-                .targets
+                .scores
                 .iter()
-                .zip(&routed.scores)
                 .take(1 + self.cfg.fallbacks)
-                .map(|(e, s)| (e.address().to_string(), *s))
+                .enumerate()
+                .map(|(i, s)| (routed.destination(i), *s))
                 .collect()
         } else {
             Vec::new()
         };
-        out.push(routed_headers_response(set, &metadata_value, &scores));
+        out.push(routed_headers_response(
+            set,
+            remove,
+            &metadata_value,
+            &scores,
+        ));
         if with_body {
             push_body_pieces(&mut out, out_body, !trailers, Direction::Request);
             if trailers {
@@ -348,7 +361,7 @@ impl Exchange {
         }
         self.routed = Some(RoutedState {
             tracker: routed.tracker,
-            stream_requested: parsed.stream,
+            stream_requested,
             selected: primary,
         });
         self.phase = Phase::Upstream;
@@ -399,7 +412,9 @@ impl Exchange {
 
         let served = served_endpoint(md, attributes);
         if let (Some(addr), Some(r)) = (&served, self.routed.as_mut()) {
-            if r.tracker.endpoint().is_none_or(|e| e.address() != addr) {
+            // Served where we sent it (with the data-parallel handler that is the pod's
+            // primary port, not the rank we picked): nothing moved.
+            if *addr != r.selected && r.tracker.endpoint().is_none_or(|e| e.address() != addr) {
                 if let Some(ep) = self.director.endpoint_by_address(addr) {
                     tracing::debug!(picked = %r.selected, served = %addr, "gateway served elsewhere");
                     r.tracker.retarget(ep);

@@ -164,6 +164,7 @@ pub(super) fn immediate(err: &RouteError) -> ProcessingResponse {
 /// `envoy.lb` metadata with `metadata_value`, and `clear_route_cache` so Envoy re-routes on it.
 pub fn routed_headers_response(
     set: Vec<HeaderValueOption>,
+    remove: Vec<String>,
     metadata_value: &str,
     scores: &[(String, f64)],
 ) -> ProcessingResponse {
@@ -173,7 +174,7 @@ pub fn routed_headers_response(
                 response: Some(CommonResponse {
                     header_mutation: Some(HeaderMutation {
                         set_headers: set,
-                        remove_headers: Vec::new(),
+                        remove_headers: remove,
                     }),
                     clear_route_cache: true,
                     ..Default::default()

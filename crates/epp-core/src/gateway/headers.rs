@@ -43,9 +43,23 @@ pub const TEST_SELECTED: &str = "x-conformance-test-selected-endpoint";
 /// Debug marker set on every ext_proc response-headers answer (as the reference picker does).
 pub const RESPONSE_MARKER: &str = "x-went-into-resp-headers";
 
+/// Request header (llm-d's routing sidecar reads it): `ip:port` of the prefill pick of a
+/// disaggregated request; absent when the request is decode-only.
+pub const PREFILLER_HOST_PORT: &str = "x-prefiller-host-port";
+/// Request header: `ip:port` of the picked data-parallel rank (the data-parallel handler).
+pub const DATA_PARALLEL_HOST_PORT: &str = "x-data-parallel-host-port";
+/// Request header llm-d sets for encode disaggregation (epp does not; it is never passed on).
+pub const ENCODER_HOSTS_PORTS: &str = "x-encoder-hosts-ports";
+/// The routing sidecar's headers: the picker sets or removes them, never passes a client's on.
+pub const DISAGG_HEADERS: [&str; 3] = [
+    PREFILLER_HOST_PORT,
+    DATA_PARALLEL_HOST_PORT,
+    ENCODER_HOSTS_PORTS,
+];
+
 /// Request headers the picker owns: never passed on from the client (compared
 /// case-insensitively).
-pub const SYSTEM_OWNED: [&str; 10] = [
+pub const SYSTEM_OWNED: [&str; 13] = [
     OBJECTIVE[0],
     OBJECTIVE[1],
     FAIRNESS_ID[0],
@@ -56,6 +70,9 @@ pub const SYSTEM_OWNED: [&str; 10] = [
     DESTINATION,
     SERVED,
     "content-length",
+    PREFILLER_HOST_PORT,
+    DATA_PARALLEL_HOST_PORT,
+    ENCODER_HOSTS_PORTS,
 ];
 
 /// Whether `key` is a header the picker owns (see [`SYSTEM_OWNED`]).

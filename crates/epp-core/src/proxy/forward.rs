@@ -12,7 +12,7 @@ use http_body_util::Full;
 use super::relay::TrackedBody;
 use super::{error_response, ProxyState};
 use crate::director::{RouteError, Routed};
-use crate::gateway::headers::{REQUEST_ID, SERVED};
+use crate::gateway::headers::{DISAGG_HEADERS, REQUEST_ID, SERVED};
 use crate::scrape::failure_kind;
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -33,6 +33,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     for (k, v) in from {
         if !is_hop_by_hop(k) {
+            to.append(k.clone(), v.clone());
+        }
+    }
+}
+
+/// A client's request headers for an upstream request: hop-by-hop ones dropped, and the
+/// routing sidecar's headers (the proxy orchestrates disaggregation itself; a client's must
+/// not steer a sidecar downstream).
+pub(crate) fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (k, v) in from {
+        if !is_hop_by_hop(k) && !DISAGG_HEADERS.contains(&k.as_str()) {
             to.append(k.clone(), v.clone());
         }
     }
@@ -79,7 +90,7 @@ pub(crate) async fn forward(
         let mut up = http::Request::new(Full::new(body.clone()));
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
-        copy_headers(&parts.headers, up.headers_mut());
+        copy_request_headers(&parts.headers, up.headers_mut());
         if let Ok(v) = HeaderValue::from_str(request_id) {
             up.headers_mut().insert(REQUEST_ID, v);
         }

@@ -1,9 +1,10 @@
 //! Scheduler plugins, one file each, grouped by kind: [`producers`] (attach data to a request
-//! before anything else runs), [`filters`], [`scorers`], [`pickers`] and [`profiles`] (profile
-//! handlers). Each is built from its config `type` + `parameters` (serde structs with
+//! before anything else runs), [`filters`], [`scorers`], [`pickers`], [`profiles`] (profile
+//! handlers) and [`deciders`] (whether a disaggregated stage runs). Each is built from its config `type` + `parameters` (serde structs with
 //! `deny_unknown_fields`) through the one [`registry`], reads only the snapshot and the request
 //! (plus what producers attached), and scores in [0, 1].
 
+pub mod deciders;
 pub mod filters;
 pub mod pickers;
 pub mod producers;
@@ -24,6 +25,7 @@ use crate::datastore::Endpoint;
 use crate::prefix::{PrefixConfig, PrefixPlan};
 use crate::request::ParsedRequest;
 
+pub use deciders::Decider;
 pub use filters::saturation::{SaturationFilter, SaturationParams, TYPE as SATURATION_FILTER};
 pub use pickers::max_score::{MaxScorePicker, TYPE as MAX_SCORE_PICKER};
 pub use pickers::random::{RandomPicker, TYPE as RANDOM_PICKER};
@@ -35,6 +37,7 @@ pub use producers::token::{
     TokenProducer, TokenizerMetrics, LEGACY_TYPE as LEGACY_TOKEN_PRODUCER, TYPE as TOKEN_PRODUCER,
 };
 pub use profiles::single::{SingleProfileHandler, TYPE as SINGLE_PROFILE_HANDLER};
+pub use profiles::{DisaggPlan, HandlerPlan, ProfileHandler, StageOrder};
 pub use registry::{all_types, REGISTRY};
 pub use scorers::active_request::{ActiveRequestScorer, TYPE as ACTIVE_REQUEST_SCORER};
 pub use scorers::kv_cache::{KvCacheScorer, TYPE as KV_CACHE_SCORER};
@@ -176,20 +179,14 @@ pub trait Picker: Send + Sync {
     fn pick(&self, ctx: &SchedCtx<'_>, cands: &[usize], scores: &[f64]) -> Vec<usize>;
 }
 
-/// Chooses which scheduling profile runs for a request.
-pub trait ProfileHandler: Send + Sync {
-    fn type_name(&self) -> &'static str;
-    fn name(&self) -> &str;
-    /// The index into `profiles` (never empty) of the profile to run.
-    fn select(&self, profiles: &[super::Profile]) -> usize;
-}
-
 pub enum Plugin {
     Producer(Arc<dyn Producer>),
     Filter(Arc<dyn Filter>),
     Scorer(Arc<dyn Scorer>),
     Picker(Arc<dyn Picker>),
     ProfileHandler(Arc<dyn ProfileHandler>),
+    /// Asked by a disaggregating profile handler whether a stage runs; not a profile member.
+    Decider(Arc<dyn Decider>),
 }
 
 /// A plugin's `parameters`, strictly parsed (defaults when absent); errors name the field

@@ -40,6 +40,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
+    /// With a disaggregating profile handler: the longest the prefill call may take (headers
+    /// and body). Past it, or when the prefill fails, the decode pod computes the prompt itself.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
+    pub prefill_timeout: std::time::Duration,
+
     /// Gateway API Inference Extension conformance hooks: honour the `test-epp-endpoint-selection`
     /// request header, which pins a request to the named endpoint. Test only: with it, any
     /// client could steer its own requests.
@@ -61,6 +66,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         header_read_timeout: args.header_read_timeout,
         body_read_timeout: args.body_read_timeout,
         max_connections: args.max_connections as usize,
+        prefill_timeout: args.prefill_timeout,
         picker,
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "epp proxy starting");

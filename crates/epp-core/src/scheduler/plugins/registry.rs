@@ -1,7 +1,7 @@
 //! The one table from a plugin `type` name to its builder. Adding a plugin is one file plus one
 //! line here; the compliance test runs over every entry by itself.
 
-use super::{filters, pickers, producers, profiles, scorers, Plugin};
+use super::{deciders, filters, pickers, producers, profiles, scorers, Plugin};
 use crate::config::{ConfigError, PluginSpec};
 
 /// What a plugin is, for listings and checks.
@@ -12,6 +12,7 @@ pub enum Kind {
     Scorer,
     Picker,
     ProfileHandler,
+    Decider,
 }
 
 /// One registered plugin type.
@@ -70,6 +71,31 @@ pub static REGISTRY: &[Registration] = &[
         profiles::single::TYPE,
         Kind::ProfileHandler,
         profiles::single::build,
+    ),
+    reg(
+        profiles::disagg::TYPE,
+        Kind::ProfileHandler,
+        profiles::disagg::build,
+    ),
+    reg(
+        profiles::pd::TYPE,
+        Kind::ProfileHandler,
+        profiles::pd::build,
+    ),
+    reg(
+        profiles::data_parallel::TYPE,
+        Kind::ProfileHandler,
+        profiles::data_parallel::build,
+    ),
+    reg(
+        deciders::always_disagg_pd::TYPE,
+        Kind::Decider,
+        deciders::always_disagg_pd::build,
+    ),
+    reg(
+        deciders::prefix_based_pd::TYPE,
+        Kind::Decider,
+        deciders::prefix_based_pd::build,
     ),
     // llm-d-router's scheduling plugins.
     reg(

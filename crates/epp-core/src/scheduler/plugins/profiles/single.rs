@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use crate::config::{ConfigError, PluginSpec};
-use crate::scheduler::plugins::{params, NoParams, Plugin, ProfileHandler};
+use crate::scheduler::plugins::profiles::{HandlerPlan, ProfileHandler};
+use crate::scheduler::plugins::{params, NoParams, Plugin};
 use crate::scheduler::Profile;
 
 pub const TYPE: &str = "single-profile-handler";
@@ -22,6 +23,14 @@ pub struct SingleProfileHandler {
     name: String,
 }
 
+/// The profile the single handler runs: `default`, else the first.
+pub fn default_profile(profiles: &[Profile]) -> usize {
+    profiles
+        .iter()
+        .position(|p| p.name == "default")
+        .unwrap_or(0)
+}
+
 impl ProfileHandler for SingleProfileHandler {
     fn type_name(&self) -> &'static str {
         TYPE
@@ -33,10 +42,13 @@ impl ProfileHandler for SingleProfileHandler {
             &self.name
         }
     }
-    fn select(&self, profiles: &[Profile]) -> usize {
-        profiles
-            .iter()
-            .position(|p| p.name == "default")
-            .unwrap_or(0)
+    fn plan(
+        &self,
+        profiles: &[Profile],
+        _plugins: &[(String, Plugin)],
+    ) -> Result<HandlerPlan, (String, String)> {
+        Ok(HandlerPlan::Single {
+            profile: default_profile(profiles),
+        })
     }
 }
