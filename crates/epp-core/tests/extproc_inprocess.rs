@@ -83,7 +83,21 @@ async fn harness_config(
         director = director.with_admission(fc);
     }
     let metrics = director.metrics().clone();
-    datastore.set_endpoints(pods.iter().map(|p| EndpointSpec::new(p.0)).collect());
+    // `10.0.0.9:*` pods are prefill pods; the rest decode (role labels as llm-d's).
+    datastore.set_endpoints(
+        pods.iter()
+            .map(|p| {
+                let mut e = EndpointSpec::new(p.0);
+                let role = if p.0.starts_with("10.0.0.9:") {
+                    "prefill"
+                } else {
+                    "decode"
+                };
+                e.labels.insert("llm-d.ai/role".into(), role.into());
+                e
+            })
+            .collect(),
+    );
     for (addr, q, kv) in pods {
         datastore.record_scrape(
             addr,
@@ -1722,4 +1736,130 @@ flowControl:
     assert!(is_request_headers(&hb));
     assert_eq!(destination_md(&hb), "10.0.0.1:8000");
     assert_eq!(queued(&h), 0.0);
+}
+
+fn removed_headers(r: &ProcessingResponse) -> Vec<String> {
+    common(r)
+        .header_mutation
+        .as_ref()
+        .map(|m| m.remove_headers.clone())
+        .unwrap_or_default()
+}
+
+fn sim_fixture(name: &str) -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../epp/tests/fixtures/llm-d-router")
+        .join(name);
+    std::fs::read_to_string(p).unwrap()
+}
+
+/// Send one chat request (headers, then the whole body) and return the request-headers answer.
+async fn route_chat(h: &Harness, prompt: &str, extra: &[(&str, &str)]) -> ProcessingResponse {
+    let mut s = Stream::open(h).await;
+    let mut hs = vec![(":method", "POST"), (":path", "/v1/chat/completions")];
+    hs.extend_from_slice(extra);
+    s.send(req_headers(&hs, false), None).await;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "model": "m", "messages": [{"role": "user", "content": prompt}]
+    }))
+    .unwrap();
+    s.send(req_body(&body, true), None).await;
+    let r = s.recv().await;
+    assert!(is_request_headers(&r), "{r:?}");
+    r
+}
+
+#[tokio::test]
+async fn disaggregated_requests_carry_the_prefill_pick_for_the_sidecar_and_a_clients_never_pass() {
+    let pods = [
+        ("10.0.0.1:8000", 0.0, 0.1),
+        ("10.0.0.9:8000", 0.0, 0.1),
+        ("10.0.0.3:8000", 5.0, 0.1),
+    ];
+    let h = harness_config(
+        &pods,
+        ExtProcConfig::default(),
+        epp_core::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
+        &sim_fixture("sim-pd-epp-config.yaml"),
+    )
+    .await;
+    let forged = [
+        ("x-prefiller-host-port", "6.6.6.6:1"),
+        ("x-data-parallel-host-port", "6.6.6.6:2"),
+    ];
+    // 256 uncached tokens: prefill on the prefill pod, decode on the emptier decode pod.
+    let r = route_chat(&h, &"abcd".repeat(256), &forged).await;
+    let set = set_headers(&r);
+    assert_eq!(set["x-prefiller-host-port"], "10.0.0.9:8000");
+    assert_eq!(set["x-gateway-destination-endpoint"], "10.0.0.1:8000");
+    assert_eq!(destination_md(&r), "10.0.0.1:8000");
+    let overwrite = common(&r)
+        .header_mutation
+        .as_ref()
+        .unwrap()
+        .set_headers
+        .iter()
+        .find(|o| o.header.as_ref().unwrap().key == "x-prefiller-host-port")
+        .unwrap()
+        .append_action;
+    assert_eq!(
+        overwrite, 2,
+        "OVERWRITE_IF_EXISTS_OR_ADD, never appended to a client's"
+    );
+    let mut removed = removed_headers(&r);
+    removed.sort();
+    assert_eq!(
+        removed,
+        ["x-data-parallel-host-port", "x-encoder-hosts-ports"]
+    );
+    // A short prompt decodes alone: the client's prefill header is removed, not passed on.
+    let r = route_chat(&h, "hi", &forged).await;
+    let set = set_headers(&r);
+    assert!(!set.contains_key("x-prefiller-host-port"), "{set:?}");
+    assert!(removed_headers(&r).contains(&"x-prefiller-host-port".to_string()));
+    let text = h.metrics.encode();
+    for (d, n) in [("prefill-decode", 1), ("decode-only", 1)] {
+        let line = format!("llm_d_epp_disagg_decision_total{{plugin_name=\"disagg-profile-handler\",plugin_type=\"disagg-profile-handler\",model_name=\"m\",decision_type=\"{d}\"}} {n}");
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn data_parallel_requests_go_to_the_primary_port_with_the_rank_in_a_header() {
+    let pods = [("10.0.0.1:8001", 0.0, 0.1), ("10.0.0.1:8002", 4.0, 0.1)];
+    let h = harness_config(
+        &pods,
+        ExtProcConfig::default(),
+        epp_core::gateway::DEFAULT_MAX_BUFFERED_BODY_BYTES,
+        &sim_fixture("dp-epp-config.yaml"),
+    )
+    .await;
+    let r = route_chat(&h, "hello", &[]).await;
+    let set = set_headers(&r);
+    // The sample scores prefix affinity only: either rank may win a cold request.
+    let rank = set["x-data-parallel-host-port"].clone();
+    assert!(rank == "10.0.0.1:8001" || rank == "10.0.0.1:8002", "{rank}");
+    assert_eq!(set["x-gateway-destination-endpoint"], "10.0.0.1:8000");
+    assert_eq!(destination_md(&r), "10.0.0.1:8000");
+    let mut removed = removed_headers(&r);
+    removed.sort();
+    assert_eq!(removed, ["x-encoder-hosts-ports", "x-prefiller-host-port"]);
+    // The rank, not the primary port, carries the request in flight.
+    for (a, n) in [
+        (rank.as_str(), 1),
+        (
+            if rank.ends_with("8001") {
+                "10.0.0.1:8002"
+            } else {
+                "10.0.0.1:8001"
+            },
+            0,
+        ),
+    ] {
+        assert_eq!(
+            h.director.endpoint_by_address(a).unwrap().inflight(),
+            n,
+            "{a}"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct};
 use tonic::Status;
 
 use super::wire::{
-    body_response, header_option, header_pairs, immediate, push_body_pieces,
+    body_response, header_option, header_overwrite, header_pairs, immediate, push_body_pieces,
     routed_headers_response, served_endpoint, trailers_response, Direction, BODY_PIECE_BYTES,
 };
 use super::ExtProcConfig;
@@ -314,9 +314,9 @@ impl Exchange {
         // untouched.
         let out_body = routed.body.take().unwrap_or(body);
 
-        let mut set = vec![header_option(DESTINATION, primary.as_bytes())];
+        let mut set = vec![header_overwrite(DESTINATION, primary.as_bytes())];
         for (k, v) in &upstream {
-            set.push(header_option(k, v.as_bytes()));
+            set.push(header_overwrite(k, v.as_bytes()));
         }
         let (request_id, generated) = inbound.request_id_or_new();
         if with_body {

@@ -82,6 +82,16 @@ pub fn header_option(key: &str, value: &[u8]) -> HeaderValueOption {
     }
 }
 
+/// A header set over whatever the client sent under that name (Envoy's default would append).
+pub fn header_overwrite(key: &str, value: &[u8]) -> HeaderValueOption {
+    HeaderValueOption {
+        append_action:
+            envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd
+                as i32,
+        ..header_option(key, value)
+    }
+}
+
 fn string_value(s: &str) -> Value {
     Value {
         kind: Some(Kind::StringValue(s.to_string())),
