@@ -235,7 +235,7 @@ async fn reset_prefix_cache(State(app): State<AppState>) -> Response {
         Err(in_use) => ApiError::new(
             StatusCode::CONFLICT,
             "cache_in_use",
-            format!("cannot reset the prefix cache: {in_use} blocks are held by running requests"),
+            format!("cannot reset the prefix cache: {in_use} blocks are held by running requests or for P/D transfer"),
         )
         .into_response(),
     }

@@ -27,37 +27,6 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub data_parallel_size: usize,
 
-    /// Prefill/decode role (llm-d's llm-d.ai/role): `prefill` serves P/D prefills
-    /// (kv_transfer_params.do_remote_decode) and refuses decodes, `decode` the reverse, `both`
-    /// serves both. Every role serves plain requests.
-    #[arg(long, default_value = "both", value_parser = ["prefill", "decode", "both"])]
-    pub role: String,
-
-    /// Cost of reading one KV block from a prefill server, in ms (default: a 2 MiB block of an
-    /// 8B model over a 25 GB/s NIXL link).
-    #[arg(long, default_value_t = 0.08, value_name = "MS")]
-    pub kv_transfer_ms_per_block: f64,
-
-    /// How long a prefill keeps its KV blocks for a decoder that does not read them, in seconds
-    /// (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
-    #[arg(
-        long,
-        alias = "kv-transfer-timeout",
-        default_value_t = 480.0,
-        value_name = "SECS"
-    )]
-    pub kv_transfer_timeout_secs: f64,
-
-    /// Most prefills holding KV blocks for decoders at once; further prefills get 503.
-    #[arg(long, default_value_t = 1024, value_name = "N")]
-    pub kv_transfer_max_held: usize,
-
-    /// Host that prefill answers name in kv_transfer_params.remote_host, where decoders release
-    /// the blocks [default: the --host address; 127.0.0.1 when it is 0.0.0.0 or ::]. Set it to
-    /// the pod IP in Kubernetes.
-    #[arg(long, value_name = "HOST")]
-    pub kv_transfer_host: Option<String>,
-
     /// Address to listen on (vLLM's default is all interfaces).
     #[arg(long, default_value = "0.0.0.0")]
     pub host: IpAddr,
@@ -172,6 +141,37 @@ pub struct Args {
     /// ids, block hashes) instead of 4 bytes per token. Loaded at start-up, never downloaded.
     #[arg(long, value_name = "PATH")]
     pub tokenizer: Option<std::path::PathBuf>,
+
+    /// Prefill/decode role (llm-d's llm-d.ai/role): `prefill` serves P/D prefills
+    /// (kv_transfer_params.do_remote_decode) and refuses decodes, `decode` the reverse, `both`
+    /// serves both. Every role serves plain requests.
+    #[arg(long, default_value = "both", value_parser = ["prefill", "decode", "both"])]
+    pub role: String,
+
+    /// Cost of reading one KV block from a prefill server, in ms (default: a 2 MiB block of an
+    /// 8B model over a 25 GB/s NIXL link).
+    #[arg(long, default_value_t = 0.08, value_name = "MS")]
+    pub kv_transfer_ms_per_block: f64,
+
+    /// How long a prefill keeps its KV blocks for a decoder that does not read them, in seconds
+    /// (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+    #[arg(
+        long,
+        alias = "kv-transfer-timeout",
+        default_value_t = 480.0,
+        value_name = "SECS"
+    )]
+    pub kv_transfer_timeout_secs: f64,
+
+    /// Most prefills holding KV blocks for decoders at once; further prefills get 503.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub kv_transfer_max_held: usize,
+
+    /// Host that prefill answers name in kv_transfer_params.remote_host, where decoders release
+    /// the blocks [default: the --host address; 127.0.0.1 when it is 0.0.0.0 or ::]. Set it to
+    /// the pod IP in Kubernetes.
+    #[arg(long, value_name = "HOST")]
+    pub kv_transfer_host: Option<String>,
 
     /// Grace period for in-flight requests on SIGTERM/SIGINT, in seconds.
     #[arg(long, default_value_t = 30.0)]
