@@ -19,16 +19,19 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::SimConfig;
-use crate::engine::{Engine, Event, Job, Usage};
+use crate::engine::{Engine, Event, Job, ReleaseError, RunPhase, Usage};
 use crate::faults::{FaultHandle, FaultsPatch};
 use crate::latency::ms_to_duration;
 use crate::metrics;
+use crate::pd::{self, Phase, Role};
 use crate::tokenizer::{self, ChatMessage, Tokenizer};
 
 /// Response header naming the server.
 pub const POD_HEADER: &str = "x-inference-pod";
 /// Response header carrying the server's port.
 pub const PORT_HEADER: &str = "x-inference-port";
+/// Response header carrying the engine's data-parallel rank (0 without data parallelism).
+pub const DP_RANK_HEADER: &str = "x-data-parallel-rank";
 
 /// Bodies above the limit are drained up to this many bytes before the 413 is sent, so the
 /// client reads the answer instead of a connection reset.
@@ -93,14 +96,18 @@ pub(crate) struct App {
     pub created: u64,
     pub next_id: AtomicU64,
     pub tokenizer: Tokenizer,
+    /// `remote_host` and `remote_port` of this server's prefill answers.
+    pub transfer_host: String,
+    pub port: u16,
 }
 
 type AppState = Arc<App>;
 
-/// Build the router. `port` is the bound port, sent in `x-inference-port`.
-pub(crate) fn router(app: AppState, port: u16) -> Router {
+/// Build the router. `app.port` is the bound port, sent in `x-inference-port`.
+pub(crate) fn router(app: AppState) -> Router {
     let pod = HeaderValue::from_str(&app.cfg.name).unwrap_or(HeaderValue::from_static("sim"));
-    let port = HeaderValue::from(port);
+    let port = HeaderValue::from(app.port);
+    let rank = HeaderValue::from(app.cfg.data_parallel_rank);
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -112,6 +119,7 @@ pub(crate) fn router(app: AppState, port: u16) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_handler))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route(pd::RELEASE_PATH, post(kv_transfer_release))
         .route(
             "/admin/faults",
             get(get_faults).put(put_faults).post(put_faults),
@@ -122,9 +130,11 @@ pub(crate) fn router(app: AppState, port: u16) -> Router {
         .layer(axum::middleware::map_response(move |mut res: Response| {
             let pod = pod.clone();
             let port = port.clone();
+            let rank = rank.clone();
             async move {
                 res.headers_mut().insert(POD_HEADER, pod);
                 res.headers_mut().insert(PORT_HEADER, port);
+                res.headers_mut().insert(DP_RANK_HEADER, rank);
                 res
             }
         }))
@@ -225,9 +235,68 @@ async fn reset_prefix_cache(State(app): State<AppState>) -> Response {
         Err(in_use) => ApiError::new(
             StatusCode::CONFLICT,
             "cache_in_use",
-            format!("cannot reset the prefix cache: {in_use} blocks are held by running requests"),
+            format!("cannot reset the prefix cache: {in_use} blocks are held by running requests or for P/D transfer"),
         )
         .into_response(),
+    }
+}
+
+/// The sim-only P/D read-and-release (see [`crate::pd`]): `{"request_id", "engine_id"?}` →
+/// `{"request_id", "released_blocks"}`; 404 when nothing is held under that id, 409 when
+/// `engine_id` is another engine's.
+async fn kv_transfer_release(State(app): State<AppState>, req: Request) -> Response {
+    release_inner(&app, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn release_inner(app: &App, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), app.cfg.max_body_bytes).await?;
+    let obj = parse_object(&body)?;
+    let request_id = match opt(&obj, "request_id") {
+        Some(Value::String(s)) => s.clone(),
+        None => {
+            return Err(ApiError::bad(
+                "missing_field",
+                "request_id",
+                "missing required field `request_id`",
+            ))
+        }
+        Some(v) => {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "request_id",
+                format!("`request_id` must be a string, got {}", type_name(v)),
+            ))
+        }
+    };
+    let engine_id = match opt(&obj, "engine_id") {
+        None => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(v) => {
+            return Err(ApiError::bad(
+                "invalid_type",
+                "engine_id",
+                format!("`engine_id` must be a string, got {}", type_name(v)),
+            ))
+        }
+    };
+    match app.engine.release_hold(&request_id, engine_id) {
+        Ok(blocks) => {
+            tracing::debug!(server = %app.cfg.name, request_id, blocks, "KV blocks read and released");
+            Ok(
+                axum::Json(json!({"request_id": request_id, "released_blocks": blocks}))
+                    .into_response(),
+            )
+        }
+        Err(e @ ReleaseError::UnknownRequest(_)) => Err(ApiError {
+            param: Some("request_id"),
+            ..ApiError::new(StatusCode::NOT_FOUND, "unknown_request", e.to_string())
+        }),
+        Err(e @ ReleaseError::EngineMismatch { .. }) => Err(ApiError {
+            param: Some("engine_id"),
+            ..ApiError::new(StatusCode::CONFLICT, "engine_mismatch", e.to_string())
+        }),
     }
 }
 
@@ -323,6 +392,8 @@ struct Parsed {
     max_tokens: Option<u64>,
     stream: bool,
     include_usage: bool,
+    /// The P/D phase `kv_transfer_params` asks for.
+    phase: Phase,
     /// What a render answer echoes back.
     echo: Echo,
 }
@@ -335,6 +406,7 @@ struct Echo {
     priority: i64,
     /// Sampling fields as given (the simulator does not sample).
     sampling: Map<String, Value>,
+    kv_transfer_params: Option<Value>,
 }
 
 /// Sampling fields a render answer's `sampling_params` repeats when the request sets them.
@@ -514,6 +586,8 @@ fn parse_request(body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
         .iter()
         .filter_map(|k| opt(&obj, k).map(|v| (k.to_string(), v.clone())))
         .collect();
+    let phase = pd::parse_params(obj.get("kv_transfer_params"))
+        .map_err(|e| ApiError::bad("invalid_kv_transfer_params", e.field, e.message))?;
     Ok(Parsed {
         model,
         lora: None,
@@ -522,6 +596,7 @@ fn parse_request(body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
         max_tokens,
         stream,
         include_usage,
+        phase,
         echo: Echo {
             stream_options: if stream {
                 opt(&obj, "stream_options").cloned()
@@ -531,6 +606,7 @@ fn parse_request(body: &[u8], kind: Kind) -> Result<Parsed, ApiError> {
             cache_salt,
             priority,
             sampling,
+            kv_transfer_params: opt(&obj, "kv_transfer_params").cloned(),
         },
     })
 }
@@ -805,10 +881,51 @@ async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, 
     }
 
     let Prepared {
-        p,
+        mut p,
         mut ids,
-        max_tokens,
+        mut max_tokens,
     } = prepare(&app, kind, &body)?;
+    let id = next_request_id(&app, kind);
+    let mut transfer = None;
+    let phase = match std::mem::take(&mut p.phase) {
+        Phase::Whole => RunPhase::Whole,
+        Phase::Prefill => {
+            if app.cfg.role == Role::Decode {
+                return Err(wrong_role(&app, "kv_transfer_params.do_remote_decode"));
+            }
+            if p.stream {
+                return Err(ApiError::bad(
+                    "invalid_value",
+                    "stream",
+                    "a P/D prefill request (`kv_transfer_params.do_remote_decode: true`) cannot be streamed; send `stream: false`",
+                ));
+            }
+            let ticket = app.engine.reserve_hold().map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "kv_transfer_full",
+                    format!("{}: {e}; retry later", app.cfg.name),
+                )
+            })?;
+            // A prefill computes the prompt and emits one token, whatever it asked for.
+            max_tokens = 1;
+            transfer = Some(TransferAnswer {
+                engine_id: app.engine.engine_id().to_string(),
+                host: app.transfer_host.clone(),
+                port: app.port,
+            });
+            RunPhase::Prefill {
+                request_id: id.clone(),
+                ticket,
+            }
+        }
+        Phase::Decode(remote) => {
+            if app.cfg.role == Role::Prefill {
+                return Err(wrong_role(&app, "kv_transfer_params.do_remote_prefill"));
+            }
+            RunPhase::Decode(remote)
+        }
+    };
     let prompt_tokens = ids.len();
     let hashes =
         tokenizer::block_hashes_of_ids(tokenizer::chain_seed(&p.model), &ids, app.cfg.block_size);
@@ -827,21 +944,32 @@ async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, 
         arrived,
     };
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(app.engine.clone().run(job, tx));
+    tokio::spawn(app.engine.clone().run_phase(job, phase, tx));
 
-    let id = next_request_id(&app, kind);
     let meta = Meta {
         id,
         created: now_unix(),
         model: p.model,
         kind,
         max_tokens,
+        transfer,
     };
     if p.stream {
         Ok(stream_response(meta, rx, p.include_usage))
     } else {
         collect_response(meta, rx).await
     }
+}
+
+fn wrong_role(app: &App, param: &'static str) -> ApiError {
+    ApiError::bad(
+        "wrong_role",
+        param,
+        format!(
+            "{} has the P/D role `{}` and does not serve this phase (`{param}: true`)",
+            app.cfg.name, app.cfg.role
+        ),
+    )
 }
 
 fn next_request_id(app: &App, kind: Kind) -> String {
@@ -884,7 +1012,7 @@ async fn render(app: AppState, kind: Kind, req: Request) -> Result<Response, Api
         "stream_options": p.echo.stream_options,
         "cache_salt": p.echo.cache_salt,
         "priority": p.echo.priority,
-        "kv_transfer_params": null,
+        "kv_transfer_params": p.echo.kv_transfer_params,
     });
     Ok(match kind {
         Kind::Completion => axum::Json(json!([generate])),
@@ -953,6 +1081,14 @@ struct Meta {
     model: String,
     kind: Kind,
     max_tokens: usize,
+    /// Set for a P/D prefill: where its held blocks are.
+    transfer: Option<TransferAnswer>,
+}
+
+struct TransferAnswer {
+    engine_id: String,
+    host: String,
+    port: u16,
 }
 
 fn usage_json(u: &Usage) -> Value {
@@ -967,9 +1103,11 @@ fn usage_json(u: &Usage) -> Value {
 async fn collect_response(meta: Meta, mut rx: mpsc::Receiver<Event>) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut usage = None;
+    let mut held = None;
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Token(i) => text.push_str(tokenizer::output_token(i)),
+            Event::Held(ids) => held = Some(ids),
             Event::Done(u) => {
                 usage = Some(u);
                 break;
@@ -1003,15 +1141,20 @@ async fn collect_response(meta: Meta, mut rx: mpsc::Receiver<Event>) -> Result<R
         Kind::Completion => "text_completion",
         Kind::Chat => "chat.completion",
     };
-    Ok(axum::Json(json!({
+    let mut body = json!({
         "id": meta.id,
         "object": object,
         "created": meta.created,
         "model": meta.model,
         "choices": [choice],
         "usage": usage_json(&usage),
-    }))
-    .into_response())
+    });
+    if let Some(t) = &meta.transfer {
+        let ids = held.unwrap_or_default();
+        body["kv_transfer_params"] =
+            pd::prefill_answer(&t.engine_id, &meta.id, &ids, &t.host, t.port);
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 fn sse(v: &Value) -> String {
@@ -1079,6 +1222,8 @@ fn stream_response(meta: Meta, rx: mpsc::Receiver<Event>, include_usage: bool) -
                 let text = meta.token_event(i);
                 Some((text, Some((meta, rx))))
             }
+            // Prefills are never streamed.
+            Event::Held(_) => Some((String::new(), Some((meta, rx)))),
             Event::Done(u) => {
                 let mut text = String::new();
                 if include_usage {

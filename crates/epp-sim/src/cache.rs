@@ -16,6 +16,10 @@
 //!   what vLLM reports (cached-but-free blocks count as free).
 //! - Hits and queries are counted in tokens, once per admitted request:
 //!   queries += prompt tokens, hits += leading cached blocks × block size.
+//! - Every cached block has a block id in `0..capacity`, unique among cached blocks (what a P/D
+//!   prefill answer lists in `remote_block_ids`); an evicted block's id is reused.
+//! - [`PrefixCache::hold`] takes one more reference on cached blocks, so a P/D prefill keeps its
+//!   prompt blocks (not evictable) after it finishes, until the hold is released.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -36,6 +40,8 @@ struct Block {
     refs: u32,
     /// Recency stamp; the key in `evictable` while `refs == 0`.
     stamp: u64,
+    /// Block id, unique among cached blocks.
+    id: u32,
 }
 
 /// The blocks a running request holds. Hand it back with [`PrefixCache::release`].
@@ -100,6 +106,10 @@ pub struct PrefixCache {
     /// `Some` when changes are recorded; drained by [`PrefixCache::take_changes`] after every
     /// allocation, so it holds at most one allocation's changes (bounded by the capacity).
     changes: Option<Vec<CacheChange>>,
+    /// Ids of evicted blocks, for reuse (at most `capacity`).
+    free_ids: Vec<u32>,
+    /// The lowest id never handed out.
+    next_id: u32,
 }
 
 impl PrefixCache {
@@ -117,7 +127,17 @@ impl PrefixCache {
             query_tokens: 0,
             evictions: 0,
             changes: None,
+            free_ids: Vec::new(),
+            next_id: 0,
         }
+    }
+
+    fn take_id(&mut self) -> u32 {
+        self.free_ids.pop().unwrap_or_else(|| {
+            let id = self.next_id;
+            self.next_id = self.next_id.saturating_add(1);
+            id
+        })
     }
 
     /// Records what enters and leaves the cache, for [`PrefixCache::take_changes`].
@@ -144,6 +164,8 @@ impl PrefixCache {
         }
         self.blocks.clear();
         self.evictable.clear();
+        self.free_ids.clear();
+        self.next_id = 0;
         Ok(())
     }
 
@@ -225,7 +247,9 @@ impl PrefixCache {
                 .evictable
                 .pop_first()
                 .expect("availability was checked above");
-            self.blocks.remove(&victim);
+            if let Some(b) = self.blocks.remove(&victim) {
+                self.free_ids.push(b.id);
+            }
             self.evictions += 1;
             if let Some(log) = &mut self.changes {
                 log.push(CacheChange::Removed(victim));
@@ -234,7 +258,15 @@ impl PrefixCache {
         }
         for (index, h) in hashes.iter().enumerate() {
             if !self.blocks.contains_key(h) {
-                self.blocks.insert(*h, Block { refs: 1, stamp: 0 });
+                let id = self.take_id();
+                self.blocks.insert(
+                    *h,
+                    Block {
+                        refs: 1,
+                        stamp: 0,
+                        id,
+                    },
+                );
                 self.held_shared += 1;
                 if let Some(log) = &mut self.changes {
                     log.push(CacheChange::Stored { index });
@@ -266,6 +298,33 @@ impl PrefixCache {
                 }
             }
         }
+    }
+
+    /// One more reference on each of `hashes` (all cached), and their block ids: the blocks stay
+    /// out of eviction until the returned allocation is released. `None` (and nothing changes)
+    /// when a block is not cached.
+    pub fn hold(&mut self, hashes: &[BlockHash]) -> Option<(Allocation, Vec<u32>)> {
+        if hashes.iter().any(|h| !self.blocks.contains_key(h)) {
+            return None;
+        }
+        let mut ids = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            let b = self.blocks.get_mut(h)?;
+            if b.refs == 0 {
+                self.evictable.remove(&b.stamp);
+                self.held_shared += 1;
+            }
+            b.refs += 1;
+            ids.push(b.id);
+        }
+        Some((
+            Allocation {
+                hashes: hashes.to_vec(),
+                private: 0,
+                cached_blocks: 0,
+            },
+            ids,
+        ))
     }
 
     /// Fraction (0..1) of the blocks held by running requests.
@@ -476,6 +535,40 @@ mod tests {
         assert_eq!(c.reset(), Ok(()));
         assert_eq!(c.lookup(&hx), 0);
         assert_eq!(c.stats().cached_blocks, 0);
+    }
+
+    #[test]
+    fn held_blocks_outlive_their_request_and_keep_their_ids() {
+        let mut c = PrefixCache::new(16, 4);
+        let seed = chain_seed("m");
+        let ha = block_hashes(seed, &prompt(&['a', 'b']), 16);
+        let a = c.try_allocate(&ha, 32, 48).unwrap();
+        let (held, ids) = c.hold(&ha).unwrap();
+        assert_eq!(ids, vec![0, 1]);
+        c.release(a);
+        // The private block is free, the two prompt blocks stay held.
+        assert!((c.usage() - 0.5).abs() < 1e-12);
+        assert_eq!(c.stats().evictable_blocks, 0);
+        // Two other blocks fit, a third would need A's held blocks: refused.
+        let hb = block_hashes(seed, &prompt(&['x', 'y', 'z']), 16);
+        assert_eq!(
+            c.try_allocate(&hb, 48, 48).unwrap_err(),
+            CacheError::Full {
+                needed: 3,
+                available: 2
+            }
+        );
+        assert!(c.hold(&hb).is_none());
+        c.release(held);
+        assert_eq!(c.usage(), 0.0);
+        // Now A's blocks are evictable; an evicted block's id is reused.
+        let b = c.try_allocate(&hb, 48, 48).unwrap();
+        let (hb_held, hb_ids) = c.hold(&hb).unwrap();
+        let mut sorted = hb_ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![1, 2, 3]);
+        c.release(b);
+        c.release(hb_held);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::faults::Faults;
 use crate::kv_events::KvEventsConfig;
 use crate::latency::LatencyModel;
+use crate::pd::{KvTransferConfig, Role};
 
 /// Everything that defines one simulated vLLM server. `Default` gives realistic but fast values.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +47,18 @@ pub struct SimConfig {
     /// A Hugging Face `tokenizer.json` to tokenize with (`--tokenizer`); `None`: 4 bytes per
     /// token. Loaded when the server starts.
     pub tokenizer: Option<PathBuf>,
+    /// Prefill/decode role (`--role`, llm-d's `llm-d.ai/role` label): which P/D phases the
+    /// server accepts. Plain requests are served by every role.
+    pub role: Role,
+    /// P/D KV transfer: cost, hold timeout and bound, advertised host.
+    pub kv_transfer: KvTransferConfig,
+    /// Data-parallel ranks per server (`--data-parallel-size`); [`crate::spawn_many`] starts one
+    /// engine per rank.
+    pub data_parallel_size: usize,
+    /// This engine's data-parallel rank (set by [`crate::spawn_many`]; 0 for a lone server):
+    /// the `engine` metric label, the KV events' `data_parallel_rank`, the
+    /// `x-data-parallel-rank` header.
+    pub data_parallel_rank: usize,
 }
 
 impl Default for SimConfig {
@@ -67,6 +80,10 @@ impl Default for SimConfig {
             shutdown_grace: Duration::from_secs(30),
             kv_events: KvEventsConfig::off(),
             tokenizer: None,
+            role: Role::Both,
+            kv_transfer: KvTransferConfig::default(),
+            data_parallel_size: 1,
+            data_parallel_rank: 0,
         }
     }
 }
@@ -99,6 +116,16 @@ fn non_negative(flag: &'static str, v: f64) -> Result<(), ConfigError> {
 }
 
 impl SimConfig {
+    /// The engine id a P/D prefill answer names in `remote_engine_id`: the server name, with
+    /// `_dp<rank>` appended when the server has several data-parallel ranks (as vLLM does).
+    pub fn engine_id(&self) -> String {
+        if self.data_parallel_size > 1 {
+            format!("{}_dp{}", self.name, self.data_parallel_rank)
+        } else {
+            self.name.clone()
+        }
+    }
+
     /// The adapter names (the part before `=` of each `lora_modules` entry).
     pub fn lora_names(&self) -> Vec<String> {
         self.lora_modules
@@ -198,6 +225,45 @@ impl SimConfig {
         {
             return Err(err("--tokenizer", "must not be empty"));
         }
+        let kt = &self.kv_transfer;
+        non_negative("--kv-transfer-ms-per-block", kt.ms_per_block)?;
+        if kt.timeout.is_zero() {
+            return Err(err("--kv-transfer-timeout-secs", "must be more than 0"));
+        }
+        if kt.max_held == 0 {
+            return Err(err("--kv-transfer-max-held", "must be at least 1"));
+        }
+        if kt
+            .host
+            .as_deref()
+            .is_some_and(|h| h.trim().is_empty() || h.contains(['/', ' ']))
+        {
+            return Err(err(
+                "--kv-transfer-host",
+                format!(
+                    "must be a host name or address, got {:?}",
+                    kt.host.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+        if self.data_parallel_size == 0 {
+            return Err(err("--data-parallel-size", "must be at least 1"));
+        }
+        if self.data_parallel_size > crate::pd::MAX_DATA_PARALLEL_SIZE {
+            return Err(err(
+                "--data-parallel-size",
+                format!("must be at most {}", crate::pd::MAX_DATA_PARALLEL_SIZE),
+            ));
+        }
+        if self.data_parallel_rank >= self.data_parallel_size {
+            return Err(err(
+                "--data-parallel-size",
+                format!(
+                    "rank {} does not exist with {} ranks",
+                    self.data_parallel_rank, self.data_parallel_size
+                ),
+            ));
+        }
         self.faults.validate().map_err(|e| {
             let flag = match e.field {
                 "error_rate" => "--error-rate",
@@ -255,6 +321,33 @@ mod tests {
             (
                 "--kv-events-buffer-steps",
                 Box::new(|c| c.kv_events.buffer_steps = 0),
+            ),
+            (
+                "--kv-transfer-ms-per-block",
+                Box::new(|c| c.kv_transfer.ms_per_block = f64::NAN),
+            ),
+            (
+                "--kv-transfer-timeout-secs",
+                Box::new(|c| c.kv_transfer.timeout = Duration::ZERO),
+            ),
+            (
+                "--kv-transfer-max-held",
+                Box::new(|c| c.kv_transfer.max_held = 0),
+            ),
+            (
+                "--kv-transfer-host",
+                Box::new(|c| c.kv_transfer.host = Some("http://x".into())),
+            ),
+            (
+                "--data-parallel-size",
+                Box::new(|c| c.data_parallel_size = 0),
+            ),
+            (
+                "--data-parallel-size",
+                Box::new(|c| {
+                    c.data_parallel_size = 2;
+                    c.data_parallel_rank = 2
+                }),
             ),
         ];
         for (flag, f) in cases {

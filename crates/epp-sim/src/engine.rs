@@ -8,10 +8,18 @@
 //!
 //! A request's resources are held by an RAII [`Running`] guard, so a client that disconnects at
 //! any point (queued, prefilling or decoding) frees everything at once.
+//!
+//! P/D (see [`crate::pd`]): a prefill-phase run emits one token and then *holds* its prompt
+//! blocks in the cache under its request id, until a decoder releases them
+//! ([`Engine::release_hold`]) or the transfer timeout passes; at most `max_held` prefills hold
+//! blocks (each reserves its place when accepted, [`Engine::reserve_hold`]). A decode-phase run
+//! asks the prefill server for the prompt blocks it lacks after admission, pays the transfer
+//! cost instead of computing them, and computes only the rest (the partial last block), or the
+//! whole uncached prompt when the transfer is not possible.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -27,6 +35,7 @@ use crate::config::SimConfig;
 use crate::kv_events::KvEventSink;
 use crate::latency::LatencyModel;
 use crate::metrics::{self, Counters, GaugeSnapshot};
+use crate::pd::{Fallback, Releaser, RemotePrefill};
 
 /// What the engine needs to know about a request.
 #[derive(Debug, Clone)]
@@ -57,8 +66,60 @@ pub struct Usage {
 pub enum Event {
     /// The `i`-th output token (0-based) is ready.
     Token(usize),
+    /// A P/D prefill holds these blocks (their ids) for a decoder; sent just before `Done`.
+    Held(Vec<u32>),
     /// The request finished; its resources are already released.
     Done(Usage),
+}
+
+/// What a run does besides computing and decoding here (see [`crate::pd::Phase`]).
+pub enum RunPhase {
+    Whole,
+    /// One token, then hold the prompt blocks under `request_id` (its place reserved by `ticket`).
+    Prefill {
+        request_id: String,
+        ticket: HoldTicket,
+    },
+    /// Take the prompt blocks from a prefill server; `Err(field)`: a field was missing.
+    Decode(Result<RemotePrefill, &'static str>),
+}
+
+/// A prefill's place among the `max_held` holders, taken when it is accepted; dropping it (the
+/// prefill failed or was aborted) gives the place back.
+pub struct HoldTicket {
+    engine: Arc<Engine>,
+    armed: bool,
+}
+
+impl Drop for HoldTicket {
+    fn drop(&mut self) {
+        if self.armed {
+            self.engine.state.lock().reserved_holds -= 1;
+        }
+    }
+}
+
+/// Blocks a finished prefill keeps for its decoder.
+struct Held {
+    alloc: Allocation,
+    blocks: usize,
+    expiry: tokio::task::AbortHandle,
+}
+
+/// Why [`Engine::release_hold`] released nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("no KV blocks are held for request {0:?} (never, already released, or expired)")]
+    UnknownRequest(String),
+    #[error("engine id {asked:?} is not this engine's ({ours:?})")]
+    EngineMismatch { asked: String, ours: String },
+}
+
+/// The prefill holds are full: `max_held` prefills hold blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{max_held} prefills already hold KV blocks for transfer (--kv-transfer-max-held)")]
+pub struct HoldsFull {
+    pub max_held: usize,
 }
 
 /// A point-in-time view of the engine, for tests and tools.
@@ -85,6 +146,9 @@ struct State {
     running_loras: BTreeMap<String, usize>,
     waiting: VecDeque<Waiter>,
     next_id: u64,
+    /// P/D prefills holding blocks, by request id (at most `max_held`, with the reservations).
+    holds: HashMap<String, Held>,
+    reserved_holds: usize,
 }
 
 /// One server's engine.
@@ -97,6 +161,17 @@ pub struct Engine {
     rng: Mutex<SmallRng>,
     pub(crate) counters: Counters,
     kv: Option<KvEvents>,
+    block_size: usize,
+    /// The `engine` metric label: the data-parallel rank.
+    rank: usize,
+    /// `remote_engine_id` of this engine's prefill answers.
+    engine_id: String,
+    transfer_ms_per_block: f64,
+    transfer_timeout: Duration,
+    max_held: usize,
+    releaser: Releaser,
+    /// Running P/D prefills: they never decode, so they add no decode contention.
+    running_prefills: AtomicUsize,
 }
 
 /// What the engine needs to turn cache changes into KV events.
@@ -178,10 +253,134 @@ impl Engine {
                 running_loras: BTreeMap::new(),
                 waiting: VecDeque::new(),
                 next_id: 0,
+                holds: HashMap::new(),
+                reserved_holds: 0,
             }),
             rng: Mutex::new(SmallRng::seed_from_u64(cfg.seed)),
             counters: Counters::default(),
+            block_size: cfg.block_size.max(1),
+            rank: cfg.data_parallel_rank,
+            engine_id: cfg.engine_id(),
+            transfer_ms_per_block: cfg.kv_transfer.ms_per_block,
+            transfer_timeout: cfg.kv_transfer.timeout,
+            max_held: cfg.kv_transfer.max_held,
+            releaser: Releaser::new(),
+            running_prefills: AtomicUsize::new(0),
         })
+    }
+
+    /// This engine's `remote_engine_id`.
+    pub fn engine_id(&self) -> &str {
+        &self.engine_id
+    }
+
+    /// Reserve a place for a prefill's held blocks, or refuse when `max_held` are taken.
+    pub fn reserve_hold(self: &Arc<Self>) -> Result<HoldTicket, HoldsFull> {
+        let mut st = self.state.lock();
+        if st.holds.len() + st.reserved_holds >= self.max_held {
+            self.counters
+                .pd
+                .hold_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(HoldsFull {
+                max_held: self.max_held,
+            });
+        }
+        st.reserved_holds += 1;
+        Ok(HoldTicket {
+            engine: self.clone(),
+            armed: true,
+        })
+    }
+
+    /// Keep `hashes` (a finished prefill's prompt blocks, still held by its run) under
+    /// `request_id` until released or expired; their block ids.
+    fn hold(
+        self: &Arc<Self>,
+        mut ticket: HoldTicket,
+        request_id: String,
+        hashes: &[u64],
+    ) -> Vec<u32> {
+        let weak: Weak<Engine> = Arc::downgrade(self);
+        let timeout = self.transfer_timeout;
+        let mut st = self.state.lock();
+        st.reserved_holds -= 1;
+        ticket.armed = false;
+        // The run still holds every prompt block, so they are all cached.
+        let Some((alloc, ids)) = st.cache.hold(hashes) else {
+            return Vec::new();
+        };
+        let id = request_id.clone();
+        let expiry = tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(engine) = weak.upgrade() {
+                engine.expire_hold(&id);
+            }
+        })
+        .abort_handle();
+        let held = Held {
+            alloc,
+            blocks: ids.len(),
+            expiry,
+        };
+        if let Some(old) = st.holds.insert(request_id, held) {
+            // Request ids are unique per engine; should one repeat, the older hold goes.
+            old.expiry.abort();
+            st.cache.release(old.alloc);
+        }
+        self.counters.pd.prefills.fetch_add(1, Ordering::Relaxed);
+        ids
+    }
+
+    /// A decoder read the blocks held for `request_id`: release them; the number released.
+    /// `engine_id`, when given, must be this engine's.
+    pub fn release_hold(
+        self: &Arc<Self>,
+        request_id: &str,
+        engine_id: Option<&str>,
+    ) -> Result<usize, ReleaseError> {
+        if let Some(asked) = engine_id.filter(|e| *e != self.engine_id) {
+            return Err(ReleaseError::EngineMismatch {
+                asked: asked.to_string(),
+                ours: self.engine_id.clone(),
+            });
+        }
+        let held = {
+            let mut st = self.state.lock();
+            let held = st
+                .holds
+                .remove(request_id)
+                .ok_or_else(|| ReleaseError::UnknownRequest(request_id.to_string()))?;
+            st.cache.release(held.alloc);
+            held.blocks
+        };
+        self.counters
+            .pd
+            .released_read
+            .fetch_add(1, Ordering::Relaxed);
+        self.schedule();
+        Ok(held)
+    }
+
+    fn expire_hold(self: &Arc<Self>, request_id: &str) {
+        let blocks = {
+            let mut st = self.state.lock();
+            let Some(held) = st.holds.remove(request_id) else {
+                return;
+            };
+            st.cache.release(held.alloc);
+            held.blocks
+        };
+        self.counters
+            .pd
+            .released_expired
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            request_id,
+            blocks,
+            "no decoder read the prefill's KV blocks in time: released"
+        );
+        self.schedule();
     }
 
     /// Whether a request of this size could ever run (else it is rejected up front).
@@ -308,23 +507,22 @@ impl Engine {
         self.schedule();
     }
 
+    /// Running sequences that decode (P/D prefills excluded): the decode contention.
     fn running_count(&self) -> usize {
-        self.state.lock().running
+        self.state
+            .lock()
+            .running
+            .saturating_sub(self.running_prefills.load(Ordering::Relaxed))
     }
 
     /// Run a request to completion, sending its events on `tx`. Stops (and releases everything)
     /// as soon as the receiver is dropped.
     pub async fn run(self: Arc<Self>, job: Job, tx: mpsc::Sender<Event>) {
-        let job = Arc::new(job);
-        let running = tokio::select! {
-            r = self.admit(job.clone()) => r,
-            _ = tx.closed() => return,
-        };
-        let uncached = job.prompt_tokens.saturating_sub(running.cached_tokens);
-        let prefill = self.latency.prefill(uncached, &mut *self.rng.lock());
-        let mut deadline = Instant::now() + prefill;
-        let mut emitted = 0usize;
-        let mut last_token: Option<Instant> = None;
+        self.run_phase(job, RunPhase::Whole, tx).await
+    }
+
+    /// [`Engine::run`] for one P/D phase.
+    pub async fn run_phase(self: Arc<Self>, job: Job, phase: RunPhase, tx: mpsc::Sender<Event>) {
         let aborted = |engine: &Engine, emitted: usize| {
             engine.counters.aborted.fetch_add(1, Ordering::Relaxed);
             engine
@@ -332,6 +530,66 @@ impl Engine {
                 .generation_tokens
                 .fetch_add(emitted as u64, Ordering::Relaxed);
         };
+        let job = Arc::new(job);
+        let running = tokio::select! {
+            r = self.admit(job.clone()) => r,
+            _ = tx.closed() => return,
+        };
+        let _prefilling = matches!(phase, RunPhase::Prefill { .. }).then(|| {
+            self.running_prefills.fetch_add(1, Ordering::Relaxed);
+            PrefillGuard(&self.running_prefills)
+        });
+        let local_blocks = running.cached_tokens / self.block_size;
+        let mut transferred = 0usize;
+        if let RunPhase::Decode(remote) = &phase {
+            let outcome = match remote {
+                Err(field) => Err((Fallback::IncompleteParams, *field)),
+                Ok(r) => {
+                    let read = tokio::select! {
+                        read = self.releaser.release(r) => read,
+                        _ = tx.closed() => {
+                            aborted(&self, 0);
+                            return;
+                        }
+                    };
+                    read.map(|held| (r, held)).map_err(|f| (f, r.host.as_str()))
+                }
+            };
+            match outcome {
+                Ok((r, held)) => {
+                    transferred = job
+                        .hashes
+                        .len()
+                        .min(r.blocks)
+                        .min(held)
+                        .saturating_sub(local_blocks);
+                    self.counters
+                        .pd
+                        .transferred_blocks
+                        .fetch_add(transferred as u64, Ordering::Relaxed);
+                }
+                Err((reason, detail)) => {
+                    self.counters.pd.fallbacks[reason.index()].fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        reason = reason.as_str(),
+                        detail,
+                        "decode cannot read the prefill's KV blocks: recomputing the prompt"
+                    );
+                }
+            }
+        }
+        let reused_tokens = ((local_blocks + transferred) * self.block_size).min(job.prompt_tokens);
+        let computed = job.prompt_tokens - reused_tokens;
+        let prefill = {
+            let mut rng = self.rng.lock();
+            self.latency.prefill(computed, &mut *rng)
+                + self
+                    .latency
+                    .jittered_ms(transferred as f64 * self.transfer_ms_per_block, &mut *rng)
+        };
+        let mut deadline = Instant::now() + prefill;
+        let mut emitted = 0usize;
+        let mut last_token: Option<Instant> = None;
         for i in 0..job.max_tokens {
             if i > 0 {
                 let itl = self
@@ -359,6 +617,11 @@ impl Engine {
                 self.counters
                     .prompt_tokens
                     .fetch_add(job.prompt_tokens as u64, Ordering::Relaxed);
+                let local_hit = running.cached_tokens.min(job.prompt_tokens);
+                let sources = &self.counters.prompt_by_source;
+                sources[0].fetch_add(computed as u64, Ordering::Relaxed);
+                sources[1].fetch_add(local_hit as u64, Ordering::Relaxed);
+                sources[2].fetch_add((reused_tokens - local_hit) as u64, Ordering::Relaxed);
             }
             if tx.send(Event::Token(i)).await.is_err() {
                 aborted(&self, emitted);
@@ -369,9 +632,18 @@ impl Engine {
         let usage = Usage {
             prompt_tokens: job.prompt_tokens,
             completion_tokens: emitted,
-            cached_tokens: running.cached_tokens,
+            cached_tokens: reused_tokens,
+        };
+        let held = match phase {
+            RunPhase::Prefill { request_id, ticket } => {
+                Some(self.hold(ticket, request_id, &job.hashes))
+            }
+            _ => None,
         };
         drop(running);
+        if let Some(ids) = held {
+            let _ = tx.send(Event::Held(ids)).await;
+        }
         self.counters
             .generation_tokens
             .fetch_add(emitted as u64, Ordering::Relaxed);
@@ -403,6 +675,9 @@ impl Engine {
             let stats = st.cache.stats();
             let (running_loras, waiting_loras) = lora_lists(&st);
             GaugeSnapshot {
+                engine: self.rank,
+                held_requests: st.holds.len(),
+                held_blocks: st.holds.values().map(|h| h.blocks).sum(),
                 running: st.running,
                 waiting: st.waiting.len(),
                 kv_usage: st.cache.usage(),
@@ -420,6 +695,15 @@ impl Engine {
             .unwrap_or(Duration::ZERO)
             .as_secs_f64();
         metrics::render(&self.model, &g, &self.counters, now)
+    }
+}
+
+/// Counts a running P/D prefill out of the decode contention when its run ends.
+struct PrefillGuard<'a>(&'a AtomicUsize);
+
+impl Drop for PrefillGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

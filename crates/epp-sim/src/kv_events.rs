@@ -90,6 +90,7 @@ impl KvEventsHandle {
 pub(crate) async fn start(
     cfg: &KvEventsConfig,
     default_topic: String,
+    rank: i64,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<(KvEventSink, KvEventsHandle)>> {
     let Some(endpoint) = &cfg.endpoint else {
@@ -123,6 +124,7 @@ pub(crate) async fn start(
         buffer_steps: cfg.buffer_steps.max(1),
         next_seq: 0,
         drop_live: drop_live.clone(),
+        rank,
     };
     tokio::spawn(task.run(rx, stop));
     Ok(Some((
@@ -146,6 +148,8 @@ struct Publisher {
     buffer_steps: usize,
     next_seq: u64,
     drop_live: Arc<AtomicU64>,
+    /// The engine's data-parallel rank, in every batch.
+    rank: i64,
 }
 
 impl Publisher {
@@ -185,7 +189,7 @@ impl Publisher {
         let batch = EventBatch {
             ts,
             events,
-            data_parallel_rank: Some(0),
+            data_parallel_rank: Some(self.rank),
         };
         let payload = Bytes::from(encode_batch(&batch, self.form));
         if self.buffer.len() == self.buffer_steps {

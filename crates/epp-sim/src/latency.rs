@@ -79,6 +79,16 @@ impl LatencyModel {
         ms_to_duration(ms)
     }
 
+    /// `ms` (a cost outside the model, such as a KV transfer) with the model's jitter. Zero
+    /// draws nothing from `rng`, so runs without that cost keep their random sequence.
+    pub fn jittered_ms<R: Rng + ?Sized>(&self, ms: f64, rng: &mut R) -> Duration {
+        if ms > 0.0 {
+            self.jittered(ms, rng)
+        } else {
+            Duration::ZERO
+        }
+    }
+
     fn prefill_ms(&self, uncached_tokens: usize) -> f64 {
         self.prefill_overhead_ms + uncached_tokens as f64 * self.prefill_per_token_ms
     }
@@ -170,6 +180,18 @@ mod tests {
             assert!((5.6..=8.4).contains(&ms), "{ms}");
         }
         assert!(a.iter().any(|d| *d != Duration::from_millis(7)));
+    }
+
+    #[test]
+    fn jittered_ms_is_exact_without_jitter_and_draws_nothing_for_zero() {
+        let m = model();
+        let mut rng = SmallRng::seed_from_u64(3);
+        assert_eq!(m.jittered_ms(0.32, &mut rng), Duration::from_micros(320));
+        let j = LatencyModel { jitter: 0.5, ..m };
+        let mut a = SmallRng::seed_from_u64(3);
+        let mut b = SmallRng::seed_from_u64(3);
+        assert_eq!(j.jittered_ms(0.0, &mut a), Duration::ZERO);
+        assert_eq!(j.prefill(10, &mut a), j.prefill(10, &mut b));
     }
 
     #[test]

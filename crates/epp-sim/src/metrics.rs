@@ -31,8 +31,9 @@ pub const ITL_BUCKETS: &[f64] = &[
     40.0, 80.0,
 ];
 
-/// The `engine` label vLLM puts on every metric: the index of the engine core (one per server).
-pub const ENGINE_INDEX: &str = "0";
+/// Sources of prompt tokens, in the order of [`Counters::prompt_by_source`] (vLLM's `source`
+/// label of `vllm:prompt_tokens_by_source_total`).
+pub const PROMPT_SOURCES: [&str; 3] = ["local_compute", "local_cache_hit", "external_kv_transfer"];
 
 /// A fixed-bucket histogram.
 #[derive(Debug, Clone)]
@@ -85,6 +86,27 @@ pub struct Counters {
     /// Time between two consecutive tokens of one request.
     pub itl: Mutex<Histogram>,
     pub e2e: Mutex<Histogram>,
+    /// Prompt tokens computed here, found in the local prefix cache, and read from a P/D
+    /// prefill server ([`PROMPT_SOURCES`]).
+    pub prompt_by_source: [AtomicU64; 3],
+    pub pd: PdCounters,
+}
+
+/// P/D counters (the simulator's own `epp_sim:kv_transfer_*` metrics).
+#[derive(Debug, Default)]
+pub struct PdCounters {
+    /// Prefills that finished and hold their blocks for a decoder.
+    pub prefills: AtomicU64,
+    /// Prefills refused with 503 because `max_held` prefills held blocks.
+    pub hold_refused: AtomicU64,
+    /// Holds released by a decoder's read.
+    pub released_read: AtomicU64,
+    /// Holds released because no decoder read them in time.
+    pub released_expired: AtomicU64,
+    /// Blocks decodes read from prefill servers instead of computing them.
+    pub transferred_blocks: AtomicU64,
+    /// Decodes that recomputed their prompt, by [`crate::pd::Fallback`] index.
+    pub fallbacks: [AtomicU64; 4],
 }
 
 impl Default for Counters {
@@ -97,6 +119,8 @@ impl Default for Counters {
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
             itl: Mutex::new(Histogram::new(ITL_BUCKETS)),
             e2e: Mutex::new(Histogram::new(E2E_BUCKETS)),
+            prompt_by_source: Default::default(),
+            pd: PdCounters::default(),
         }
     }
 }
@@ -116,6 +140,11 @@ impl Counters {
 /// Gauge values read from the engine at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct GaugeSnapshot {
+    /// The `engine` label: the engine's data-parallel rank (0 without data parallelism).
+    pub engine: usize,
+    /// P/D prefills holding blocks for a decoder, and those blocks.
+    pub held_requests: usize,
+    pub held_blocks: usize,
     pub running: usize,
     pub waiting: usize,
     pub kv_usage: f64,
@@ -161,7 +190,7 @@ fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogr
 
 /// Render the whole exposition.
 pub fn render(model: &str, g: &GaugeSnapshot, c: &Counters, now_unix: f64) -> String {
-    let m = format!("engine=\"{ENGINE_INDEX}\",model_name=\"{}\"", esc(model));
+    let m = format!("engine=\"{}\",model_name=\"{}\"", g.engine, esc(model));
     let mut out = String::with_capacity(8 * 1024);
 
     header(
@@ -272,6 +301,20 @@ pub fn render(model: &str, g: &GaugeSnapshot, c: &Counters, now_unix: f64) -> St
             "vllm:request_success_total{{finished_reason=\"{reason}\",{m}}} {v}"
         );
     }
+    header(
+        &mut out,
+        "vllm:prompt_tokens_by_source_total",
+        "counter",
+        "Number of prompt tokens by source: computed locally, local prefix-cache hits, read by KV transfer.",
+    );
+    for (source, v) in PROMPT_SOURCES.iter().zip(&c.prompt_by_source) {
+        let _ = writeln!(
+            out,
+            "vllm:prompt_tokens_by_source_total{{{m},source=\"{source}\"}} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    render_pd(&mut out, &m, g, &c.pd);
     let ttft = c.ttft.lock().clone();
     histogram(
         &mut out,
@@ -299,6 +342,75 @@ pub fn render(model: &str, g: &GaugeSnapshot, c: &Counters, now_unix: f64) -> St
     out
 }
 
+/// The simulator's own P/D metrics (vLLM has no equivalent), under `epp_sim:`.
+fn render_pd(out: &mut String, m: &str, g: &GaugeSnapshot, pd: &PdCounters) {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            "epp_sim:kv_transfer_held_requests",
+            "gauge",
+            "P/D prefills holding KV blocks until a decoder reads them.",
+            g.held_requests as u64,
+        ),
+        (
+            "epp_sim:kv_transfer_held_blocks",
+            "gauge",
+            "KV blocks held (not evictable) for decoders to read.",
+            g.held_blocks as u64,
+        ),
+        (
+            "epp_sim:kv_transfer_prefills_total",
+            "counter",
+            "P/D prefills served (answered with kv_transfer_params, blocks held).",
+            load(&pd.prefills),
+        ),
+        (
+            "epp_sim:kv_transfer_hold_refused_total",
+            "counter",
+            "P/D prefills refused with 503 because --kv-transfer-max-held prefills held blocks.",
+            load(&pd.hold_refused),
+        ),
+        (
+            "epp_sim:kv_transfer_blocks_total",
+            "counter",
+            "KV blocks decodes read from prefill servers instead of computing them.",
+            load(&pd.transferred_blocks),
+        ),
+    ] {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name}{{{m}}} {v}");
+    }
+    header(
+        out,
+        "epp_sim:kv_transfer_released_total",
+        "counter",
+        "Held prefills released, because a decoder read them or because they expired.",
+    );
+    for (reason, v) in [
+        ("read", load(&pd.released_read)),
+        ("expired", load(&pd.released_expired)),
+    ] {
+        let _ = writeln!(
+            out,
+            "epp_sim:kv_transfer_released_total{{{m},reason=\"{reason}\"}} {v}"
+        );
+    }
+    header(
+        out,
+        "epp_sim:kv_transfer_fallbacks_total",
+        "counter",
+        "P/D decodes that recomputed the prompt instead of reading it, by reason.",
+    );
+    for f in crate::pd::Fallback::ALL {
+        let _ = writeln!(
+            out,
+            "epp_sim:kv_transfer_fallbacks_total{{{m},reason=\"{}\"}} {}",
+            f.as_str(),
+            load(&pd.fallbacks[f.index()])
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +434,9 @@ mod tests {
     #[test]
     fn renders_gauges_and_escapes_labels() {
         let g = GaugeSnapshot {
+            engine: 0,
+            held_requests: 1,
+            held_blocks: 3,
             running: 2,
             waiting: 3,
             kv_usage: 0.25,
@@ -349,6 +464,14 @@ mod tests {
             text.contains("vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"m\\\"x\"} 32\n")
         );
         assert!(text.contains("# TYPE vllm:inter_token_latency_seconds histogram\n"));
+        assert!(text
+            .contains("epp_sim:kv_transfer_held_blocks{engine=\"0\",model_name=\"m\\\"x\"} 3\n"));
+        assert!(text.contains(
+            "epp_sim:kv_transfer_fallbacks_total{engine=\"0\",model_name=\"m\\\"x\",reason=\"unreachable\"} 0\n"
+        ));
+        assert!(text.contains(
+            "vllm:prompt_tokens_by_source_total{engine=\"0\",model_name=\"m\\\"x\",source=\"external_kv_transfer\"} 0\n"
+        ));
         assert!(text.contains(
             "vllm:inter_token_latency_seconds_bucket{engine=\"0\",model_name=\"m\\\"x\",le=\"0.075\"} 0\n"
         ));

@@ -4,7 +4,7 @@
 //! Serving is done with hyper directly rather than `axum::serve` because refusal needs to close
 //! the listener and ask open connections to finish, and shutdown needs a bounded wait.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,7 @@ use crate::tokenizer::Tokenizer;
 pub struct SimServer {
     addr: SocketAddr,
     name: String,
+    rank: usize,
     faults: FaultHandle,
     engine: Arc<Engine>,
     kv_events: Option<KvEventsHandle>,
@@ -76,6 +77,7 @@ pub(crate) async fn spawn_with(
     let (sink, kv_events) = match kv_events::start(
         &cfg.kv_events,
         epp_core::kvevents::topic_for(&cfg.name, &cfg.model),
+        i64::try_from(cfg.data_parallel_rank).unwrap_or(i64::MAX),
         shutdown_rx.clone(),
     )
     .await
@@ -87,8 +89,20 @@ pub(crate) async fn spawn_with(
     let engine = Engine::with_kv_events(&cfg, sink);
     let faults = FaultHandle::new(cfg.faults.clone());
     let name = cfg.name.clone();
+    let rank = cfg.data_parallel_rank;
     let grace = cfg.shutdown_grace;
+    let transfer_host = cfg
+        .kv_transfer
+        .host
+        .clone()
+        .unwrap_or_else(|| match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => Ipv4Addr::LOCALHOST.to_string(),
+            IpAddr::V6(ip) if ip.is_unspecified() => Ipv6Addr::LOCALHOST.to_string(),
+            ip => ip.to_string(),
+        });
     let app = Arc::new(App {
+        transfer_host,
+        port: addr.port(),
         lora_names: cfg.lora_names(),
         engine: engine.clone(),
         faults: faults.clone(),
@@ -100,7 +114,7 @@ pub(crate) async fn spawn_with(
         tokenizer,
         cfg,
     });
-    let router = api::router(app, addr.port());
+    let router = api::router(app);
     let task = tokio::spawn(accept_loop(
         listener,
         addr,
@@ -113,6 +127,7 @@ pub(crate) async fn spawn_with(
     Ok(SimServer {
         addr,
         name,
+        rank,
         faults,
         engine,
         kv_events,
@@ -130,6 +145,16 @@ impl SimServer {
     /// The server's name (`x-inference-pod`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The engine's data-parallel rank (`x-data-parallel-rank`; 0 without data parallelism).
+    pub fn data_parallel_rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The `remote_engine_id` of this engine's P/D prefill answers.
+    pub fn engine_id(&self) -> &str {
+        self.engine.engine_id()
     }
 
     /// Failure injection; the same state the admin endpoint changes.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use epp_core::telemetry::Shutdown;
-use epp_sim::{Faults, KvEventsConfig, LatencyModel, SimConfig};
+use epp_sim::{Faults, KvEventsConfig, KvTransferConfig, LatencyModel, Role, SimConfig};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -15,9 +15,17 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub count: usize,
 
-    /// Port of the first server; server i listens on base-port + i. 0 = ephemeral ports.
+    /// Port of the first server; server i listens on base-port + i (with --data-parallel-size
+    /// N: rank r of server i on base-port + i*N + r). 0 = ephemeral ports.
     #[arg(long, default_value_t = 8000)]
     pub base_port: u16,
+
+    /// Data-parallel ranks per server, one engine (cache, queue, metrics) each, as vLLM's
+    /// --data-parallel-size: rank r of server i listens on base-port + i*N + r, publishes KV events
+    /// on the KV-event ports + i*N + r with data_parallel_rank r, and answers with
+    /// `x-data-parallel-rank: r`. Combines with --count.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub data_parallel_size: usize,
 
     /// Address to listen on (vLLM's default is all interfaces).
     #[arg(long, default_value = "0.0.0.0")]
@@ -108,7 +116,7 @@ pub struct Args {
     pub refuse_connections_ms: Option<f64>,
 
     /// Publish KV-cache events (vLLM's ZeroMQ format) on this PUB endpoint, bound by the
-    /// simulator; off when unset. Server i binds port + i.
+    /// simulator; off when unset. Server i binds port + i (rank r of server i: port + i*N + r).
     #[arg(long, value_name = "tcp://HOST:PORT")]
     pub kv_events_endpoint: Option<String>,
 
@@ -116,7 +124,8 @@ pub struct Args {
     #[arg(long, value_name = "TOPIC")]
     pub kv_events_topic: Option<String>,
 
-    /// Answer KV-event replay requests on this ROUTER endpoint. Server i binds port + i.
+    /// Answer KV-event replay requests on this ROUTER endpoint. Server i binds port + i (rank r
+    /// of server i: port + i*N + r).
     #[arg(long, value_name = "tcp://HOST:PORT")]
     pub kv_events_replay_endpoint: Option<String>,
 
@@ -133,6 +142,37 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub tokenizer: Option<std::path::PathBuf>,
 
+    /// Prefill/decode role (llm-d's llm-d.ai/role): `prefill` serves P/D prefills
+    /// (kv_transfer_params.do_remote_decode) and refuses decodes, `decode` the reverse, `both`
+    /// serves both. Every role serves plain requests.
+    #[arg(long, default_value = "both", value_parser = ["prefill", "decode", "both"])]
+    pub role: String,
+
+    /// Cost of reading one KV block from a prefill server, in ms (default: a 2 MiB block of an
+    /// 8B model over a 25 GB/s NIXL link).
+    #[arg(long, default_value_t = 0.08, value_name = "MS")]
+    pub kv_transfer_ms_per_block: f64,
+
+    /// How long a prefill keeps its KV blocks for a decoder that does not read them, in seconds
+    /// (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+    #[arg(
+        long,
+        alias = "kv-transfer-timeout",
+        default_value_t = 480.0,
+        value_name = "SECS"
+    )]
+    pub kv_transfer_timeout_secs: f64,
+
+    /// Most prefills holding KV blocks for decoders at once; further prefills get 503.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub kv_transfer_max_held: usize,
+
+    /// Host that prefill answers name in kv_transfer_params.remote_host, where decoders release
+    /// the blocks [default: the --host address; 127.0.0.1 when it is 0.0.0.0 or ::]. Set it to
+    /// the pod IP in Kubernetes.
+    #[arg(long, value_name = "HOST")]
+    pub kv_transfer_host: Option<String>,
+
     /// Grace period for in-flight requests on SIGTERM/SIGINT, in seconds.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace_secs: f64,
@@ -144,10 +184,23 @@ impl Args {
         if self.count == 0 {
             return Err("invalid --count: must be at least 1".into());
         }
-        if self.base_port != 0 && self.base_port as usize + self.count - 1 > u16::MAX as usize {
+        if self.data_parallel_size == 0 {
+            return Err("invalid --data-parallel-size: must be at least 1".into());
+        }
+        let engines = self.count.saturating_mul(self.data_parallel_size);
+        if self.base_port != 0 && self.base_port as usize + engines - 1 > u16::MAX as usize {
             return Err(format!(
-                "invalid --base-port: {} + {} servers runs past port 65535",
-                self.base_port, self.count
+                "invalid --base-port: {} + {} servers × {} ranks runs past port 65535",
+                self.base_port, self.count, self.data_parallel_size
+            ));
+        }
+        if !self.kv_transfer_timeout_secs.is_finite()
+            || self.kv_transfer_timeout_secs <= 0.0
+            || self.kv_transfer_timeout_secs > 1e9
+        {
+            return Err(format!(
+                "invalid --kv-transfer-timeout-secs: must be a positive number of seconds, got {}",
+                self.kv_transfer_timeout_secs
             ));
         }
         if self.name_prefix.trim().is_empty() {
@@ -204,6 +257,18 @@ impl Args {
                     .map_err(|e| format!("invalid --kv-events-format: {e}"))?,
             },
             tokenizer: self.tokenizer.clone(),
+            role: self
+                .role
+                .parse::<Role>()
+                .map_err(|e| format!("invalid --role: {e}"))?,
+            kv_transfer: KvTransferConfig {
+                ms_per_block: self.kv_transfer_ms_per_block,
+                timeout: Duration::from_secs_f64(self.kv_transfer_timeout_secs),
+                max_held: self.kv_transfer_max_held,
+                host: self.kv_transfer_host.clone(),
+            },
+            data_parallel_size: self.data_parallel_size,
+            data_parallel_rank: 0,
         };
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -221,6 +286,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::on_signal();
     tracing::info!(
         count = args.count,
+        data_parallel_size = cfg.data_parallel_size,
+        role = %cfg.role,
+        kv_transfer = ?cfg.kv_transfer,
         model = %cfg.model,
         lora_modules = ?cfg.lora_modules,
         max_loras = cfg.max_loras,
@@ -257,7 +325,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             s.faults()
                 .refuse_connections_for(Duration::from_secs_f64(ms / 1000.0));
         }
-        tracing::info!(server = s.name(), addr = %s.addr(), "listening (http://{}/v1)", s.addr());
+        tracing::info!(server = s.name(), rank = s.data_parallel_rank(), addr = %s.addr(), "listening (http://{}/v1)", s.addr());
         if let Some(kv) = s.kv_events() {
             tracing::info!(server = s.name(), endpoint = %kv.endpoint, replay = ?kv.replay_endpoint, topic = %kv.topic, "publishing KV events");
         }
