@@ -915,4 +915,177 @@ mod tests {
         assert!((itl.sum() - 0.010).abs() < 1e-9, "{}", itl.sum());
         assert_eq!(e.snapshot().running, 0);
     }
+
+    fn pd_cfg() -> SimConfig {
+        let mut c = cfg();
+        c.block_size = 4;
+        c.num_gpu_blocks = 16;
+        c.latency = LatencyModel {
+            prefill_overhead_ms: 2.0,
+            prefill_per_token_ms: 1.0,
+            inter_token_ms: 5.0,
+            inter_token_per_seq_ms: 0.0,
+            jitter: 0.0,
+        };
+        c.kv_transfer.timeout = Duration::from_secs(10);
+        c.kv_transfer.max_held = 1;
+        c
+    }
+
+    fn pd_job(max_tokens: usize) -> Job {
+        Job {
+            hashes: vec![11, 22],
+            token_ids: vec![],
+            prompt_tokens: 9,
+            max_tokens,
+            lora: None,
+            arrived: Instant::now(),
+        }
+    }
+
+    async fn events(mut rx: mpsc::Receiver<Event>, start: Instant) -> Vec<(Event, Duration)> {
+        let mut out = vec![];
+        while let Some(ev) = rx.recv().await {
+            out.push((ev, start.elapsed()));
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_emits_one_token_then_holds_its_blocks_until_they_expire() {
+        let e = Engine::new(&pd_cfg());
+        let ticket = e.reserve_hold().unwrap();
+        assert_eq!(e.reserve_hold().err(), Some(HoldsFull { max_held: 1 }));
+        let (tx, rx) = mpsc::channel(8);
+        let start = Instant::now();
+        let phase = RunPhase::Prefill {
+            request_id: "r1".into(),
+            ticket,
+        };
+        tokio::spawn(e.clone().run_phase(pd_job(1), phase, tx));
+        // 2 + 9 × 1 ms of prefill, one token, the two blocks held.
+        let at = Duration::from_millis(11);
+        assert_eq!(
+            events(rx, start).await,
+            vec![
+                (Event::Token(0), at),
+                (Event::Held(vec![0, 1]), at),
+                (
+                    Event::Done(Usage {
+                        prompt_tokens: 9,
+                        completion_tokens: 1,
+                        cached_tokens: 0
+                    }),
+                    at
+                ),
+            ]
+        );
+        assert_eq!(e.snapshot().running, 0);
+        assert_eq!(e.snapshot().kv_usage, 2.0 / 16.0);
+        assert_eq!(e.counters.pd.prefills.load(Ordering::Relaxed), 1);
+        // The place stays taken while the blocks are held.
+        assert!(e.reserve_hold().is_err());
+        assert_eq!(e.counters.pd.hold_refused.load(Ordering::Relaxed), 2);
+        tokio::time::sleep_until(start + at + Duration::from_secs(10) + Duration::from_millis(1))
+            .await;
+        assert!(e.state.lock().holds.is_empty());
+        assert_eq!(e.snapshot().kv_usage, 0.0);
+        assert_eq!(e.counters.pd.released_expired.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            e.release_hold("r1", None),
+            Err(ReleaseError::UnknownRequest("r1".into()))
+        );
+        drop(e.reserve_hold().unwrap());
+        assert_eq!(e.state.lock().reserved_holds, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_hold_frees_its_blocks_and_checks_the_engine_id() {
+        let e = Engine::new(&pd_cfg());
+        let ticket = e.reserve_hold().unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let phase = RunPhase::Prefill {
+            request_id: "r1".into(),
+            ticket,
+        };
+        tokio::spawn(e.clone().run_phase(pd_job(1), phase, tx));
+        events(rx, Instant::now()).await;
+        assert_eq!(
+            e.release_hold("r1", Some("other")),
+            Err(ReleaseError::EngineMismatch {
+                asked: "other".into(),
+                ours: "sim-0".into()
+            })
+        );
+        assert_eq!(e.release_hold("r1", Some("sim-0")), Ok(2));
+        assert_eq!(e.snapshot().kv_usage, 0.0);
+        assert_eq!(e.counters.pd.released_read.load(Ordering::Relaxed), 1);
+        // Its expiry was cancelled with it.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(e.counters.pd.released_expired.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_decode_with_incomplete_params_recomputes_and_counts_it() {
+        let e = Engine::new(&pd_cfg());
+        let (tx, rx) = mpsc::channel(8);
+        let start = Instant::now();
+        let phase = RunPhase::Decode(Err("kv_transfer_params.remote_host"));
+        tokio::spawn(e.clone().run_phase(pd_job(2), phase, tx));
+        let ev = events(rx, start).await;
+        assert_eq!(ev[0], (Event::Token(0), Duration::from_millis(11)));
+        assert_eq!(
+            ev.last().unwrap().0,
+            Event::Done(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 2,
+                cached_tokens: 0
+            })
+        );
+        let f = &e.counters.pd.fallbacks;
+        assert_eq!(
+            f[Fallback::IncompleteParams.index()].load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(f[Fallback::Unreachable.index()].load(Ordering::Relaxed), 0);
+        assert_eq!(e.counters.prompt_by_source[0].load(Ordering::Relaxed), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn running_prefills_add_no_decode_contention() {
+        let mut c = pd_cfg();
+        c.max_num_seqs = 4;
+        c.num_gpu_blocks = 512;
+        c.kv_transfer.max_held = 4;
+        c.latency.inter_token_per_seq_ms = 100.0;
+        let e = Engine::new(&c);
+        // A long prefill (900 tokens: 902 ms) runs while a plain request decodes.
+        let ticket = e.reserve_hold().unwrap();
+        let (ptx, prx) = mpsc::channel(8);
+        let long = Job {
+            hashes: vec![],
+            prompt_tokens: 900,
+            ..pd_job(1)
+        };
+        let phase = RunPhase::Prefill {
+            request_id: "p".into(),
+            ticket,
+        };
+        tokio::spawn(e.clone().run_phase(long, phase, ptx));
+        while e.running_prefills.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(e.snapshot().running, 1);
+        let (tx, rx) = mpsc::channel(8);
+        let start = Instant::now();
+        let plain = Job {
+            hashes: vec![],
+            ..pd_job(3)
+        };
+        tokio::spawn(e.clone().run(plain, tx));
+        let ev = events(rx, start).await;
+        // 11 ms of prefill, then gaps of 5 ms: the running prefill does not add 100 ms.
+        assert_eq!(ev[2], (Event::Token(2), Duration::from_millis(21)));
+        events(prx, start).await;
+    }
 }

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{json, Map, Value};
 
 /// The prefill server's sim-only admin path a decoder calls to read and release held blocks:
@@ -329,7 +329,9 @@ impl Releaser {
         connector.set_connect_timeout(Some(RELEASE_TIMEOUT));
         connector.set_nodelay(true);
         Self {
+            // Idle connections are closed after 30 s (the timer reaps them), at most 8 per host.
             client: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .pool_max_idle_per_host(8)
                 .build(connector),
