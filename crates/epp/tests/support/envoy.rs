@@ -309,6 +309,20 @@ pub async fn start_picker_with(sims: &Sims, cpu: Option<usize>) -> Picker {
 
 /// As [`start_picker_with`], with extra `epp serve` flags.
 pub async fn start_picker_args(sims: &Sims, cpu: Option<usize>, extra: &[&str]) -> Picker {
+    let endpoints: Vec<String> = (0..3)
+        .flat_map(|i| ["--endpoint".to_string(), sims.addr(i).to_string()])
+        .collect();
+    start_picker_over(&endpoints, 3, cpu, extra).await
+}
+
+/// `epp serve` with `endpoint_args` (`--endpoint …` or `--endpoints-file …`) and extra flags;
+/// returns once it is ready and `healthy` endpoints are scraped healthy.
+pub async fn start_picker_over(
+    endpoint_args: &[String],
+    healthy_wanted: usize,
+    cpu: Option<usize>,
+    extra: &[&str],
+) -> Picker {
     let grpc = free_port("127.0.0.1");
     let grpc_health = free_port("127.0.0.1");
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
@@ -331,10 +345,8 @@ pub async fn start_picker_args(sims: &Sims, cpu: Option<usize>, extra: &[&str]) 
         .args(["--metrics-bind-address", &metrics.to_string()])
         .args(["--health-probe-bind-address", &probes.to_string()])
         .arg("--conformance-test-hooks")
-        .args(extra);
-    for i in 0..3 {
-        cmd.args(["--endpoint", &sims.addr(i).to_string()]);
-    }
+        .args(extra)
+        .args(endpoint_args);
     let child = cmd.stdin(Stdio::null()).spawn().unwrap();
     let proc = Proc(child);
     // Ready, and every simulator scraped healthy.
@@ -352,7 +364,7 @@ pub async fn start_picker_args(sims: &Sims, cpu: Option<usize>, extra: &[&str]) 
             let ready = try_get(probes, "/readyz")
                 .await
                 .is_some_and(|r| r.status == 200);
-            if healthy == 3 && ready {
+            if healthy == healthy_wanted && ready {
                 break;
             }
         }
