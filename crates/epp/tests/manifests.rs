@@ -587,3 +587,87 @@ fn the_active_active_variant_reaches_its_redis_with_its_password() {
         "{rargs}"
     );
 }
+
+#[test]
+fn the_pd_variant_loads_its_config_and_its_pods_carry_the_roles_the_filters_read() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cm: ConfigMap = typed("pd/epp-config.yaml", &docs("pd/epp-config.yaml")[0]);
+    let cm_name = cm.metadata.name.clone().unwrap();
+    let (key, text) = cm.data.as_ref().unwrap().iter().next().unwrap();
+    let cfg = epp_core::config::EndpointPickerConfig::from_yaml(text).unwrap();
+    let s = epp_core::scheduler::Scheduler::from_config(&cfg).unwrap();
+    match s.plan() {
+        epp_core::scheduler::HandlerPlan::Disagg(p) => {
+            assert!(
+                p.prefill.as_ref().is_some_and(|(_, d)| d.is_some()),
+                "a decided prefill stage"
+            )
+        }
+        _ => panic!("pd/epp-config.yaml does not disaggregate: {}", s.describe()),
+    }
+    // Both pickers (serve behind Envoy, proxy without) mount that ConfigMap where --config-file
+    // points, and take only flags their subcommand has.
+    for file in ["pd/deployment.yaml", "pd/proxy.yaml"] {
+        let d: Deployment = typed(file, &docs(file)[0]);
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        check_args_against_help(c);
+        let cfg_path = c
+            .args
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find_map(|a| a.strip_prefix("--config-file="))
+            .unwrap_or_else(|| panic!("{file}: no --config-file"))
+            .to_string();
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| cfg_path.starts_with(&format!("{}/", m.mount_path)))
+            .unwrap_or_else(|| panic!("{file}: nothing mounted at {cfg_path}"));
+        assert_eq!(cfg_path, format!("{}/{key}", mount.mount_path), "{file}");
+        let vol = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        assert_eq!(vol.config_map.as_ref().unwrap().name, cm_name, "{file}");
+    }
+    // The proxy's Service selects the proxy pods.
+    let pdocs = docs("pd/proxy.yaml");
+    let pd: Deployment = typed("pd/proxy.yaml", &pdocs[0]);
+    let psvc: Service = typed("pd/proxy.yaml", &pdocs[1]);
+    let plabels = labels(&pd.spec.unwrap().template.metadata.unwrap().labels);
+    assert!(subset(&psvc.spec.unwrap().selector.unwrap(), &plabels));
+    // Model-server pods: in the InferencePool, and labelled with the role they serve; the
+    // simulators run that role.
+    let pool: epp_core::k8s::pool::InferencePool =
+        typed("inferencepool.yaml", &docs("inferencepool.yaml")[0]);
+    let pool_sel = serde_json::to_value(&pool).unwrap()["spec"]["selector"]["matchLabels"].clone();
+    let pool_sel: BTreeMap<String, String> = serde_json::from_value(pool_sel).unwrap();
+    let mut roles = BTreeSet::new();
+    for file in ["pd/sim.yaml", "pd/vllm.yaml"] {
+        for v in docs(file) {
+            let d: Deployment = typed(file, &v);
+            let t = d.spec.unwrap().template;
+            let l = labels(&t.metadata.unwrap().labels);
+            assert!(subset(&pool_sel, &l), "{file}: {l:?} not in the pool");
+            let role = l["llm-d.ai/role"].clone();
+            assert!(role == "prefill" || role == "decode", "{file}: {role}");
+            roles.insert(role.clone());
+            let c = &t.spec.unwrap().containers[0];
+            if file == "pd/sim.yaml" {
+                check_args_against_help(c);
+                assert!(
+                    c.args.as_ref().unwrap().contains(&format!("--role={role}")),
+                    "{file}"
+                );
+            }
+        }
+    }
+    assert_eq!(roles.len(), 2);
+}
