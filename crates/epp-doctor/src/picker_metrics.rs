@@ -70,6 +70,16 @@ pub fn appears_with_traffic(family: &str) -> Option<&'static str> {
             "its series appear with the first request when flow control is on (featureGates: [flowControl])",
         );
     }
+    if family.contains("_disagg_decision") || family.contains("_pd_decision") {
+        return Some(
+            "its series appear with the first request a disaggregating profile handler schedules",
+        );
+    }
+    if family.starts_with("epp_pd_prefill_") {
+        return Some(
+            "its series appear with the first prefill call of epp proxy (P/D in proxy mode)",
+        );
+    }
     AFTER_TRAFFIC
         .iter()
         .find(|(f, _)| *f == family)
@@ -109,6 +119,37 @@ pub const FLOW_CONTROL_MARK: &str = "_flow_control_";
 pub const FLOW_CONTROL_OFF: &str = "flow control is off in this picker (no flow-control series after traffic): \
      its panels and EPPFlowControlShedding stay empty until the config sets featureGates: [flowControl]";
 
+/// A feature whose families have series only when the configuration uses it: families (and
+/// queries) containing one of `marks` are "not in use" in a picker that has handled traffic
+/// without leaving a sample whose name starts with one of `evidence`.
+pub struct Feature {
+    pub marks: &'static [&'static str],
+    pub evidence: &'static [&'static str],
+    /// Why its panels and alerts are empty in such a picker.
+    pub off: &'static str,
+}
+
+/// The features whose panels may rightly be empty.
+pub const FEATURES: &[Feature] = &[
+    Feature {
+        marks: &[FLOW_CONTROL_MARK],
+        evidence: &["llm_d_epp_flow_control_requests"],
+        off: FLOW_CONTROL_OFF,
+    },
+    Feature {
+        marks: &["_disagg_decision", "_pd_decision"],
+        evidence: &["llm_d_epp_disagg_decision", "llm_d_epp_pd_decision"],
+        off: "prefill/decode disaggregation is not configured in this picker (no disaggregation decision after traffic): \
+              the Disaggregation panels stay empty until the config uses disagg-profile-handler",
+    },
+    Feature {
+        marks: &["epp_pd_prefill_"],
+        evidence: &["epp_pd_prefill_requests"],
+        off: "this picker made no prefill call: P/D is not configured, it runs behind Envoy (where the routing sidecar \
+              calls prefill pods), or no request was disaggregated yet; EPPPrefillFallbacks watches epp proxy only",
+    },
+];
+
 impl Exposition {
     pub fn from_text(text: &str) -> Result<Self, String> {
         let samples = exposition::parse(text)?;
@@ -142,19 +183,30 @@ impl Exposition {
     /// The picker has handled requests and has no flow-control series: flow control is off
     /// (with it on, every request leaves a `llm_d_epp_flow_control_requests_total` sample).
     pub fn flow_control_off(&self) -> bool {
-        self.traffic
-            && !self
-                .samples
-                .iter()
-                .any(|s| s.name.starts_with("llm_d_epp_flow_control_requests"))
+        self.not_in_use(FLOW_CONTROL_MARK).is_some()
+    }
+
+    /// Why `text` (a family or a query) reads a feature this picker does not use, if it does.
+    pub fn not_in_use(&self, text: &str) -> Option<&'static str> {
+        FEATURES
+            .iter()
+            .find(|f| {
+                f.marks.iter().any(|m| text.contains(m))
+                    && self.traffic
+                    && !self
+                        .samples
+                        .iter()
+                        .any(|s| f.evidence.iter().any(|e| s.name.starts_with(e)))
+            })
+            .map(|f| f.off)
     }
 
     pub fn state(&self, family: &str) -> MetricState {
         if self.families.contains(family) {
             return MetricState::Present;
         }
-        if family.contains(FLOW_CONTROL_MARK) && self.flow_control_off() {
-            return MetricState::NotInUse(FLOW_CONTROL_OFF.into());
+        if let Some(why) = self.not_in_use(family) {
+            return MetricState::NotInUse(why.into());
         }
         let declared = self.declared.contains(family)
             || family

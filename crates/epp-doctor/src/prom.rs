@@ -286,18 +286,10 @@ pub async fn check(
                 good += 1;
                 r.pass(&q.origin, format!("{} series", series.len()))
             }
-            Ok(_)
-                if q.expr.contains(crate::picker_metrics::FLOW_CONTROL_MARK)
-                    && expo.is_some_and(|e| e.flow_control_off()) =>
-            {
+            Ok(_) if expo.and_then(|e| e.not_in_use(&q.expr)).is_some() => {
                 good += 1;
-                r.pass(
-                    &q.origin,
-                    format!(
-                        "no data, as expected: {}",
-                        crate::picker_metrics::FLOW_CONTROL_OFF
-                    ),
-                )
+                let why = expo.and_then(|e| e.not_in_use(&q.expr)).unwrap_or_default();
+                r.pass(&q.origin, format!("no data, as expected: {why}"))
             }
             Ok(_) => {
                 let (mark, detail, fix) = why_empty(&mut p, q, alert, job, &target, expo).await;

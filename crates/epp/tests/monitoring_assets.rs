@@ -49,6 +49,12 @@ const CONTRACT_METRICS: &[&str] = &[
     "llm_d_epp_flow_control_queue_size",
     "llm_d_epp_flow_control_requests_total",
     "llm_d_epp_flow_control_request_queue_duration_seconds",
+    // prefill/decode disaggregation (series only with a disaggregating profile handler; the
+    // prefill calls only in proxy mode)
+    "llm_d_epp_disagg_decision_total",
+    "llm_d_epp_pd_decision_total",
+    "epp_pd_prefill_requests_total",
+    "epp_pd_prefill_duration_seconds",
     // process collector
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",

@@ -67,3 +67,115 @@ fn prometheus_scrapes_the_proxy_with_a_token() {
     let prom = start_prometheus(&cfg, &[(&file, &format!("{token}\n"))]);
     check_everything_has_data(&prom, &procs, &load);
 }
+
+/// llm-d's sim-pd sample, with 16-token blocks.
+const PD_CONFIG: &str = "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: approx-prefix-cache-producer
+  parameters: {blockSizeTokens: 16, autoTune: false}
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: prefill-filter
+- type: decode-filter
+- type: max-score-picker
+- type: prefix-based-pd-decider
+  parameters: {nonCachedTokens: 16}
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: prefix-based-pd-decider}}
+schedulingProfiles:
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}, {pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+";
+
+#[test]
+fn prometheus_shows_the_disaggregation_row_and_alert_with_pd_in_proxy_mode() {
+    let mut procs = Procs::new();
+    let base = free_ports(3);
+    // One prefill sim that fails a fifth of its requests (so a fallback outcome exists), two
+    // decode sims.
+    let sim = |role: &str, port: u16, count: &str, extra: &[&str]| {
+        let mut a: Vec<String> = [
+            "sim",
+            "--host",
+            "127.0.0.1",
+            "--count",
+            count,
+            "--role",
+            role,
+            "--name-prefix",
+            role,
+            "--inter-token-ms",
+            "0",
+            "--prefill-overhead-ms",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.push(format!("--base-port={port}"));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    procs.spawn(
+        "sim-prefill",
+        &sim(
+            "prefill",
+            base,
+            "1",
+            &["--error-rate", "0.2", "--error-status", "500"],
+        ),
+    );
+    procs.spawn("sim-decode", &sim("decode", base + 1, "2", &[]));
+    for i in 0..3 {
+        wait_http_ok(
+            format!("127.0.0.1:{}", base + i).parse().unwrap(),
+            "/health",
+            &procs,
+        );
+    }
+    let dir = procs.dir.path().to_path_buf();
+    std::fs::write(dir.join("pd.yaml"), PD_CONFIG).unwrap();
+    std::fs::write(
+        dir.join("endpoints.yaml"),
+        format!(
+            "endpoints:\n- address: 127.0.0.1:{base}\n  labels: {{llm-d.ai/role: prefill}}\n\
+             - address: 127.0.0.1:{}\n  labels: {{llm-d.ai/role: decode}}\n\
+             - address: 127.0.0.1:{}\n  labels: {{llm-d.ai/role: decode}}\n",
+            base + 1,
+            base + 2
+        ),
+    )
+    .unwrap();
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let health: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    procs.spawn(
+        "proxy",
+        &[
+            "proxy".to_string(),
+            format!("--listen={proxy}"),
+            format!("--metrics-bind-address={metrics}"),
+            format!("--health-probe-bind-address={health}"),
+            format!("--endpoints-file={}", dir.join("endpoints.yaml").display()),
+            format!("--config-file={}", dir.join("pd.yaml").display()),
+        ],
+    );
+    wait_http_ok(health, "/readyz", &procs);
+    // Four system prompts: their first requests are disaggregated, later ones find the prefix
+    // on their decode pod and decode alone.
+    let load = start_load(proxy, 3, LOAD_PAUSE);
+    let cfg = shipped_static_config(SCRAPE_STATIC, &metrics.to_string());
+    let prom = start_prometheus(&cfg, &[]);
+    let queries = disaggregation_queries(JOB);
+    assert_eq!(queries.len(), 4, "{queries:#?}");
+    let empty = wait_for_data(&prom, &queries, Duration::from_secs(90));
+    assert!(
+        empty.is_empty(),
+        "P/D queries without data after {} requests:\n{}\n\n{}",
+        load.sent.load(Ordering::Relaxed),
+        empty.join("\n"),
+        procs.logs()
+    );
+}

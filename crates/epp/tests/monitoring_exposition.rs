@@ -106,6 +106,23 @@ fn exposition() -> String {
             })
             .observe(0.01);
     }
+    // Prefill/decode disaggregation: one decision each way, and proxy prefill calls.
+    {
+        use epp_core::scheduler::disagg_metrics::PrefillOutcome;
+        let d = m.disagg();
+        for (legacy, decision) in [(false, "prefill-decode"), (true, "decode-only")] {
+            d.decision(
+                legacy,
+                "disagg-profile-handler",
+                "disagg-profile-handler",
+                "m",
+                decision,
+            );
+        }
+        for o in PrefillOutcome::ALL {
+            d.prefill(o, 0.05);
+        }
+    }
     m.encode()
 }
 

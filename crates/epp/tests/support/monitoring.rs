@@ -593,8 +593,24 @@ pub fn reads_flow_control(q: &Query) -> bool {
     q.expr.contains("_flow_control_")
 }
 
-/// The shipped queries that need flow control on, expanded for `job`.
-pub fn flow_control_queries(job: &str) -> Vec<Query> {
+/// Whether a shipped query reads the prefill/decode disaggregation families: they have series
+/// only with a disaggregating profile handler, the prefill-call ones only in proxy mode
+/// (monitoring_e2e.rs checks them with P/D on).
+pub fn reads_disaggregation(q: &Query) -> bool {
+    ["_disagg_decision", "_pd_decision", "epp_pd_prefill_"]
+        .iter()
+        .any(|m| q.expr.contains(m))
+}
+
+/// The shipped queries that need P/D on, expanded for `job`.
+pub fn disaggregation_queries(job: &str) -> Vec<Query> {
+    let mut qs = feature_queries(job);
+    qs.retain(reads_disaggregation);
+    qs
+}
+
+/// Every dashboard and alert query expanded for `job` (alerts before their thresholds).
+fn feature_queries(job: &str) -> Vec<Query> {
     let dashboard = json(DASHBOARD);
     let mut qs: Vec<Query> = dashboard_queries(&dashboard)
         .into_iter()
@@ -609,6 +625,12 @@ pub fn flow_control_queries(job: &str) -> Vec<Query> {
             expr: alert_base_expr(&a.expr).replace("llm-d-gaie-epp", job),
         });
     }
+    qs
+}
+
+/// The shipped queries that need flow control on, expanded for `job`.
+pub fn flow_control_queries(job: &str) -> Vec<Query> {
+    let mut qs = feature_queries(job);
     qs.retain(reads_flow_control);
     qs
 }
@@ -636,7 +658,7 @@ pub fn shipped_queries() -> Vec<Query> {
             expr: alert_base_expr(&a.expr),
         });
     }
-    qs.retain(|q| !reads_flow_control(q));
+    qs.retain(|q| !reads_flow_control(q) && !reads_disaggregation(q));
     qs
 }
 
@@ -674,6 +696,16 @@ pub fn up_values(prom: &Prometheus) -> Vec<String> {
 pub struct Procs {
     children: Vec<(String, Child)>,
     pub dir: tempfile::TempDir,
+}
+
+impl Procs {
+    /// No processes yet, and a fresh directory for their files.
+    pub fn new() -> Self {
+        Procs {
+            children: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
 }
 
 impl Drop for Procs {
