@@ -125,6 +125,8 @@ pub const FLOW_CONTROL_OFF: &str = "flow control is off in this picker (no flow-
 pub struct Feature {
     pub marks: &'static [&'static str],
     pub evidence: &'static [&'static str],
+    /// Its evidence appears only with traffic (else from start-up, when the feature is on).
+    pub with_traffic: bool,
     /// Why its panels and alerts are empty in such a picker.
     pub off: &'static str,
 }
@@ -134,19 +136,29 @@ pub const FEATURES: &[Feature] = &[
     Feature {
         marks: &[FLOW_CONTROL_MARK],
         evidence: &["llm_d_epp_flow_control_requests"],
+        with_traffic: true,
         off: FLOW_CONTROL_OFF,
     },
     Feature {
         marks: &["_disagg_decision", "_pd_decision"],
         evidence: &["llm_d_epp_disagg_decision", "llm_d_epp_pd_decision"],
+        with_traffic: true,
         off: "prefill/decode disaggregation is not configured in this picker (no disaggregation decision after traffic): \
               the Disaggregation panels stay empty until the config uses disagg-profile-handler",
     },
     Feature {
         marks: &["epp_pd_prefill_"],
         evidence: &["epp_pd_prefill_requests"],
+        with_traffic: true,
         off: "this picker made no prefill call: P/D is not configured, it runs behind Envoy (where the routing sidecar \
               calls prefill pods), or no request was disaggregated yet; EPPPrefillFallbacks watches epp proxy only",
+    },
+    Feature {
+        marks: &["epp_shared_state_"],
+        evidence: &["epp_shared_state_up"],
+        with_traffic: false,
+        off: "this picker runs without --shared-state (no epp_shared_state_up): the Shared state panels and \
+              EPPSharedStateDown/EPPSharedStateSnapshotStale stay empty; they watch active-active replicas",
     },
 ];
 
@@ -192,7 +204,7 @@ impl Exposition {
             .iter()
             .find(|f| {
                 f.marks.iter().any(|m| text.contains(m))
-                    && self.traffic
+                    && (self.traffic || !f.with_traffic)
                     && !self
                         .samples
                         .iter()

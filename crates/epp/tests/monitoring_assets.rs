@@ -55,6 +55,14 @@ const CONTRACT_METRICS: &[&str] = &[
     "llm_d_epp_pd_decision_total",
     "epp_pd_prefill_requests_total",
     "epp_pd_prefill_duration_seconds",
+    // active-active shared state (series only with --shared-state)
+    "epp_shared_state_up",
+    "epp_shared_state_replicas",
+    "epp_shared_state_deltas_sent_total",
+    "epp_shared_state_deltas_applied_total",
+    "epp_shared_state_deltas_dropped_total",
+    "epp_shared_state_lag_seconds",
+    "epp_shared_state_snapshot_age_seconds",
     // process collector
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",

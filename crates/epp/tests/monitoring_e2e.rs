@@ -10,6 +10,9 @@
 #[path = "support/monitoring.rs"]
 mod common;
 
+#[path = "support/redis.rs"]
+mod redis_server;
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -178,4 +181,51 @@ fn prometheus_shows_the_disaggregation_row_and_alert_with_pd_in_proxy_mode() {
         empty.join("\n"),
         procs.logs()
     );
+}
+
+#[test]
+fn prometheus_shows_the_shared_state_row_and_alerts_with_two_active_active_replicas() {
+    let redis = redis_server::Redis::start(&[]);
+    let shared = [
+        "--ha-mode=active-active".to_string(),
+        format!("--shared-state={}", redis.url()),
+        "--shared-state-snapshot-interval=1s".to_string(),
+    ];
+    let extra: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let (mut procs, proxy_a, metrics_a, sims) = start_stack_with_sims(&extra, &[]);
+    // A second replica over the same simulators and the same Redis.
+    let proxy_b: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics_b: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let health_b: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut args = vec![
+        "proxy".to_string(),
+        format!("--listen={proxy_b}"),
+        format!("--metrics-bind-address={metrics_b}"),
+        format!("--health-probe-bind-address={health_b}"),
+    ];
+    args.extend(sims.iter().map(|s| format!("--endpoint={s}")));
+    args.extend(shared.iter().cloned());
+    procs.spawn("proxy-b", &args);
+    wait_http_ok(health_b, "/readyz", &procs);
+    let _load_a = start_load(proxy_a, 2, LOAD_PAUSE);
+    let _load_b = start_load(proxy_b, 2, LOAD_PAUSE);
+    let mut cfg = shipped_static_config(SCRAPE_STATIC, &metrics_a.to_string());
+    cfg["scrape_configs"][0]["static_configs"][0]["targets"] = vec![
+        serde_yaml::Value::from(metrics_a.to_string()),
+        serde_yaml::Value::from(metrics_b.to_string()),
+    ]
+    .into();
+    let prom = start_prometheus(&cfg, &[]);
+    let queries = shared_state_queries(JOB);
+    assert_eq!(queries.len(), 9, "{queries:#?}");
+    let empty = wait_for_data(&prom, &queries, Duration::from_secs(90));
+    assert!(
+        empty.is_empty(),
+        "shared-state queries without data:\n{}\n\n{}",
+        empty.join("\n"),
+        procs.logs()
+    );
+    // Both replicas reach Redis and see each other.
+    let replicas = prom.query("min(epp_shared_state_replicas{job=\"llm-d-gaie-epp\"})");
+    assert_eq!(replicas[0]["value"][1], "2", "{replicas:?}");
 }

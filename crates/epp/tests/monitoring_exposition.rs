@@ -123,6 +123,18 @@ fn exposition() -> String {
             d.prefill(o, 0.05);
         }
     }
+    // Active-active: a replica connected to Redis that has seen a snapshot.
+    {
+        let stats = std::sync::Arc::new(epp_core::replication::metrics::Stats::default());
+        stats.up.store(true, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        stats.snapshot_seen(now, 10);
+        stats.lag.observe(0.01);
+        m.watch_shared_state(stats);
+    }
     m.encode()
 }
 
@@ -226,14 +238,15 @@ fn promtool_check_metrics_accepts_the_exposition() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // llm-d-router's own prefix `llm_d_epp_` contains `_d_`, which promtool's lint reads as the
-    // abbreviated unit "d" (days). Those names are llm-d-router's, letter for letter, so that
-    // one finding on them is expected; anything else fails.
+    // llm-d-router's own prefixes `llm_d_epp_` and `llm_d_inference_scheduler_` contain `_d_`,
+    // which promtool's lint reads as the abbreviated unit "d" (days). Those names are
+    // llm-d-router's, letter for letter, so that one finding on them is expected; anything else
+    // fails.
     let unexpected: Vec<&str> = report
         .lines()
         .filter(|l| !l.trim().is_empty())
         .filter(|l| {
-            !(l.starts_with("llm_d_epp_")
+            !(l.starts_with("llm_d_")
                 && l.ends_with("metric names should not contain abbreviated units"))
         })
         .collect();

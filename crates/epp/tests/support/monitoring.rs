@@ -602,6 +602,18 @@ pub fn reads_disaggregation(q: &Query) -> bool {
         .any(|m| q.expr.contains(m))
 }
 
+/// Whether a shipped query reads the shared-state families (series only with --shared-state).
+pub fn reads_shared_state(q: &Query) -> bool {
+    q.expr.contains("epp_shared_state_")
+}
+
+/// The shipped queries that need --shared-state, expanded for `job`.
+pub fn shared_state_queries(job: &str) -> Vec<Query> {
+    let mut qs = feature_queries(job);
+    qs.retain(reads_shared_state);
+    qs
+}
+
 /// The shipped queries that need P/D on, expanded for `job`.
 pub fn disaggregation_queries(job: &str) -> Vec<Query> {
     let mut qs = feature_queries(job);
@@ -658,7 +670,7 @@ pub fn shipped_queries() -> Vec<Query> {
             expr: alert_base_expr(&a.expr),
         });
     }
-    qs.retain(|q| !reads_flow_control(q) && !reads_disaggregation(q));
+    qs.retain(|q| !reads_flow_control(q) && !reads_disaggregation(q) && !reads_shared_state(q));
     qs
 }
 
