@@ -163,9 +163,16 @@ pub struct Endpoint {
     remote_inflight: AtomicUsize,
     scrape_errors: AtomicU64,
     requests: AtomicU64,
+    /// What the picker learned of its speed from the responses it relayed (kept across a
+    /// change of the endpoint's labels or name).
+    service: Arc<crate::service_model::ServiceModel>,
 }
 
 impl Endpoint {
+    /// The endpoint's learned service rates.
+    pub fn service(&self) -> &crate::service_model::ServiceModel {
+        &self.service
+    }
     /// Requests this replica has in flight here.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
@@ -614,6 +621,7 @@ impl Datastore {
                                 ),
                                 scrape_errors: AtomicU64::new(ep.scrape_errors()),
                                 requests: AtomicU64::new(ep.routed_requests()),
+                                service: ep.service.clone(),
                             });
                         }
                     }
@@ -639,6 +647,7 @@ impl Datastore {
                     remote_inflight: AtomicUsize::new(0),
                     scrape_errors: AtomicU64::new(0),
                     requests: AtomicU64::new(0),
+                    service: Arc::default(),
                 });
                 inner
                     .by_address

@@ -259,6 +259,10 @@ pub struct RequestTracker {
     /// The prefill pick's in-flight count: held until the decode's first response byte (the
     /// prefill is over by then) or the end of the request.
     prefill_guard: Option<InFlight>,
+    /// What the endpoint's service model learns from this request when it ends: the requests
+    /// this picker had in flight there at the pick, and the prompt tokens it was predicted to
+    /// compute (`None` after a retarget: the numbers were another endpoint's).
+    learning: Option<(u64, u64)>,
 }
 
 impl RequestTracker {
@@ -280,6 +284,7 @@ impl RequestTracker {
         );
         prefix.insert(ep.slot, &self.hashes);
         self.guard = Some(InFlight::new(ep));
+        self.learning = None;
     }
 
     /// The serving endpoint answered with `status`: a 5xx counts against its passive health,
@@ -423,12 +428,43 @@ impl RequestTracker {
                 self.predicted_cached_tokens.min(u.prompt_tokens),
             );
         }
+        self.teach_service_model(status);
         m.record_request(self.method, status);
         m.observe_e2e(self.method, self.started.elapsed().as_secs_f64());
         m.llmd().finished(&self.identity);
         self.guard = None;
         self.prefill_guard = None;
         self.director.inner.admission.released();
+    }
+}
+
+impl RequestTracker {
+    /// A streamed response that ended well teaches its endpoint's service model (its first
+    /// chunk is the first token; a non-streamed one has no TTFT of its own).
+    fn teach_service_model(&self, status: u16) {
+        let (Some((inflight, predicted_uncached)), Some(first), Some(ep)) =
+            (self.learning, self.first_chunk, self.endpoint())
+        else {
+            return;
+        };
+        if status != 200 || !self.stream {
+            return;
+        }
+        let usage = self.usage.usage();
+        let uncached = match &usage {
+            Some(u) => match u.cached_tokens {
+                Some(c) => u.prompt_tokens.saturating_sub(c),
+                None => predicted_uncached,
+            },
+            None => predicted_uncached,
+        };
+        ep.service().observe(&crate::service_model::Observation {
+            uncached_tokens: uncached,
+            inflight_at_pick: inflight,
+            ttft_ms: first.duration_since(self.started).as_secs_f64() * 1000.0,
+            e2e_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            completion_tokens: usage.map_or(0, |u| u.completion_tokens),
+        });
     }
 }
 
@@ -864,6 +900,12 @@ impl Director {
             let m = prefixes.primary();
             u64::from(m.blocks.matched(primary.slot)) * m.block_tokens
         };
+        let learning = Some((
+            primary.inflight() as u64,
+            data.prompt_tokens
+                .unwrap_or(0)
+                .saturating_sub(predicted_cached_tokens),
+        ));
         llmd.routed(id, req.body.len());
         let tracker = RequestTracker {
             identity: id.clone(),
@@ -884,6 +926,7 @@ impl Director {
             first_byte_seen: false,
             done: false,
             prefill_guard: prefill.as_ref().map(|(p, _)| InFlight::new(p.clone())),
+            learning,
         };
         drop(admitted);
         Ok(Routed {

@@ -27,6 +27,7 @@ pub mod replication;
 pub mod request;
 pub mod scheduler;
 pub mod scrape;
+pub mod service_model;
 pub mod serving;
 pub mod telemetry;
 pub mod tls;

@@ -412,6 +412,38 @@ impl Collector for StateCollector {
                 .iter()
                 .map(|e| (be(e), e.endpoint.inflight() as i64)),
         )?;
+        {
+            // What the picker learned of each backend's speed (only backends that taught it).
+            let priors = crate::service_model::Priors {
+                overhead_ms: 0.0,
+                prefill_ms_per_token: 0.0,
+                queue_ms_per_request: 0.0,
+            };
+            let learned: Vec<_> = snap
+                .endpoints
+                .iter()
+                .filter(|e| e.endpoint.service().learned())
+                .map(|e| (e, e.endpoint.service().rates(&priors)))
+                .collect();
+            gauge_family(
+                &mut enc,
+                "epp_backend_prefill_seconds_per_token",
+                "Prefill time per uncached prompt token the picker learned from the backend's streamed responses (predicted-ttft-scorer)",
+                learned
+                    .iter()
+                    .filter(|(_, r)| r.prefill_samples > 0)
+                    .map(|(e, r)| (be(e), r.prefill_ms_per_token / 1000.0)),
+            )?;
+            gauge_family(
+                &mut enc,
+                "epp_backend_queue_seconds_per_request",
+                "Extra time to first token per request already in flight that the picker learned for the backend (predicted-ttft-scorer)",
+                learned
+                    .iter()
+                    .filter(|(_, r)| r.queue_samples > 0)
+                    .map(|(e, r)| (be(e), r.queue_ms_per_request / 1000.0)),
+            )?;
+        }
         gauge_family(
             &mut enc,
             "epp_backend_metrics_age_seconds",

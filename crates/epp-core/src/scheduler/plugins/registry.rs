@@ -173,6 +173,12 @@ pub static REGISTRY: &[Registration] = &[
         Kind::Scorer,
         scorers::session_affinity::build,
     ),
+    // epp's own.
+    reg(
+        scorers::predicted_ttft::TYPE,
+        Kind::Scorer,
+        scorers::predicted_ttft::build,
+    ),
 ];
 
 const fn reg(

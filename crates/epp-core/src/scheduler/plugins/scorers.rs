@@ -6,6 +6,7 @@ pub mod load_aware;
 pub mod lora_affinity;
 pub mod no_hit_lru;
 pub mod precise_prefix_cache;
+pub mod predicted_ttft;
 pub mod prefix_cache;
 pub mod queue;
 pub mod running_requests;
