@@ -900,6 +900,9 @@ impl Director {
             let m = prefixes.primary();
             u64::from(m.blocks.matched(primary.slot)) * m.block_tokens
         };
+        if let Some(m) = snapshot.endpoints[ranked[0]].metrics.as_deref() {
+            primary.service().saw_load(m.running, m.waiting_queue);
+        }
         let learning = Some((
             primary.inflight() as u64,
             data.prompt_tokens

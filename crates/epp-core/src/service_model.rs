@@ -58,6 +58,10 @@ pub struct Rates {
     pub prefill_ms_per_token: f64,
     pub queue_ms_per_request: f64,
     pub tpot_ms: f64,
+    /// Mean response duration, ms (0 until learned).
+    pub e2e_ms: f64,
+    /// Requests the endpoint runs at once when full (0: not seen full yet).
+    pub capacity: u64,
     /// Samples each value was fitted from (0: the prior).
     pub prefill_samples: u64,
     pub queue_samples: u64,
@@ -81,6 +85,11 @@ struct Fit {
     queue_n: u64,
     tpot_ms: f64,
     tpot_n: u64,
+    e2e_ms: f64,
+    e2e_n: u64,
+    /// The most requests seen running while others waited: the endpoint's batch capacity
+    /// (vLLM's `max_num_seqs`, or less when KV blocks run out first); 0 until seen.
+    capacity: u64,
 }
 
 /// One endpoint's learned rates; cheap to update (a short critical section per response).
@@ -128,6 +137,10 @@ impl ServiceModel {
             f.queue_ms_per_request = ewma(f.queue_ms_per_request, f.queue_n, per_request);
             f.queue_n += 1;
         }
+        if o.e2e_ms.is_finite() && o.e2e_ms >= o.ttft_ms {
+            f.e2e_ms = ewma(f.e2e_ms, f.e2e_n, o.e2e_ms);
+            f.e2e_n += 1;
+        }
         if o.completion_tokens >= 2 && o.e2e_ms >= o.ttft_ms {
             let tpot = (o.e2e_ms - o.ttft_ms) / (o.completion_tokens - 1) as f64;
             f.tpot_ms = ewma(f.tpot_ms, f.tpot_n, tpot);
@@ -135,10 +148,24 @@ impl ServiceModel {
         }
     }
 
+    /// What the endpoint's last scrape said: `running` requests in its batch while `waiting`
+    /// wait for a place. Running requests seen while others wait are its capacity.
+    pub fn saw_load(&self, running: f64, waiting: f64) {
+        if waiting >= 1.0 && running >= 1.0 && running.is_finite() {
+            let r = running as u64;
+            let mut f = self.fit.lock();
+            if r > f.capacity {
+                f.capacity = r;
+            }
+        }
+    }
+
     /// The fitted rates, priors where nothing was learned yet.
     pub fn rates(&self, priors: &Priors) -> Rates {
         let f = *self.fit.lock();
         Rates {
+            e2e_ms: f.e2e_ms,
+            capacity: f.capacity,
             overhead_ms: if f.overhead_n > 0 {
                 f.overhead_ms
             } else {
@@ -169,11 +196,30 @@ impl ServiceModel {
 
 impl Rates {
     /// Predicted time to first token, ms, for a request with `uncached_tokens` to compute at an
-    /// endpoint with `inflight` requests already in flight.
-    pub fn ttft_ms(&self, uncached_tokens: u64, inflight: u64) -> f64 {
-        self.overhead_ms
+    /// endpoint with `inflight` requests already in flight (of which, by its last scrape,
+    /// `waiting` wait for a place in its batch).
+    ///
+    /// Every request ahead costs `queue_ms_per_request` (they share the engine's steps). At
+    /// capacity the request also waits in the queue: its place there is behind the picker's own
+    /// requests beyond capacity or behind the scraped queue, whichever is longer, and places free
+    /// at one per `e2e / capacity` ms.
+    pub fn ttft_ms(&self, uncached_tokens: u64, inflight: u64, waiting: f64) -> f64 {
+        let mut t = self.overhead_ms
             + self.prefill_ms_per_token * uncached_tokens as f64
-            + self.queue_ms_per_request * inflight as f64
+            + self.queue_ms_per_request * inflight as f64;
+        if self.capacity > 0 && self.e2e_ms > 0.0 {
+            // This request's place in the queue: behind the picker's own requests beyond
+            // capacity, or behind the scraped queue, whichever is longer.
+            let by_inflight = (inflight + 1).saturating_sub(self.capacity) as f64;
+            let by_scrape = if waiting.is_finite() && waiting >= 1.0 {
+                waiting + 1.0
+            } else {
+                0.0
+            };
+            let position = by_inflight.max(by_scrape).min(1e6);
+            t += position * self.e2e_ms / self.capacity as f64;
+        }
+        t
     }
 }
 
@@ -229,7 +275,35 @@ mod tests {
         assert!((r.overhead_ms - 5.0).abs() < 2.0, "{r:?}");
         assert!((r.queue_ms_per_request - 30.0).abs() < 3.0, "{r:?}");
         assert!((r.tpot_ms - 10.0).abs() < 1e-9, "{r:?}");
-        assert!((r.ttft_ms(500, 2) - (5.0 + 100.0 + 60.0)).abs() < 15.0);
+        assert!((r.ttft_ms(500, 2, 0.0) - (5.0 + 100.0 + 60.0)).abs() < 15.0);
+        // Never seen full: no place to wait for.
+        assert_eq!(r.capacity, 0);
+        assert_eq!(r.ttft_ms(500, 40, 0.0), r.ttft_ms(500, 40, 5.0));
+    }
+
+    #[test]
+    fn at_capacity_a_request_waits_for_places_to_free() {
+        let m = ServiceModel::default();
+        // Responses take 200 ms; 8 run at once when full (seen with a queue behind them).
+        for _ in 0..20 {
+            m.observe(&Observation {
+                uncached_tokens: 100,
+                inflight_at_pick: 0,
+                ttft_ms: 10.0,
+                e2e_ms: 200.0,
+                completion_tokens: 20,
+            });
+        }
+        m.saw_load(3.0, 0.0);
+        assert_eq!(m.rates(&PRIORS).capacity, 0, "no queue: not full");
+        m.saw_load(8.0, 2.0);
+        let r = m.rates(&PRIORS);
+        assert_eq!(r.capacity, 8);
+        let base = r.ttft_ms(100, 7, 0.0);
+        // 8 in flight, none waiting: the next one waits for one place (200 / 8 = 25 ms).
+        assert!((r.ttft_ms(100, 8, 0.0) - base - 10.0 - 25.0).abs() < 1e-6);
+        // 3 queued ahead by the scrape: four places' worth.
+        assert!((r.ttft_ms(100, 8, 3.0) - base - 10.0 - 100.0).abs() < 1e-6);
     }
 
     #[test]

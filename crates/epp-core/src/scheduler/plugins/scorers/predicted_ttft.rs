@@ -124,6 +124,7 @@ impl PredictedTtftScorer {
                 rates.ttft_ms(
                     prompt.saturating_sub(cached),
                     ep.endpoint.load_inflight() as u64,
+                    ep.waiting(),
                 )
             })
             .collect()
