@@ -137,10 +137,10 @@ impl Admission for LegacyAdmission {
                 priority = req.priority(),
                 "request rejected: system saturated and request is sheddable"
             );
-            Err(RouteError::new(
-                429,
-                "system saturated, sheddable request dropped",
-            ))
+            Err(
+                RouteError::new(429, "system saturated, sheddable request dropped")
+                    .dropped(crate::gateway::headers::dropped::SATURATED),
+            )
         } else {
             Ok(Admitted::now())
         };

@@ -74,6 +74,11 @@ pub struct RouteError {
     pub status: u16,
     pub message: String,
     pub param: Option<String>,
+    /// llm-d-router's `x-llm-d-request-dropped-reason` for a request the picker dropped before
+    /// any model server saw it (`rejected-saturated`, `rejected-no-endpoints`,
+    /// `rejected-ttl-expired`, `rejected-context-cancelled`, `evicted`); both front-ends send it
+    /// as a response header.
+    pub dropped_reason: Option<&'static str>,
 }
 
 impl RouteError {
@@ -82,7 +87,14 @@ impl RouteError {
             status,
             message: message.into(),
             param: None,
+            dropped_reason: None,
         }
+    }
+
+    /// The same refusal, naming why the request was dropped.
+    pub fn dropped(mut self, reason: &'static str) -> Self {
+        self.dropped_reason = Some(reason);
+        self
     }
 
     /// OpenAI-style error type for the status.
@@ -150,17 +162,22 @@ impl From<BadRequest> for RouteError {
             status: 400,
             message: e.message,
             param: e.param,
+            dropped_reason: None,
         }
     }
 }
 
 impl From<ScheduleError> for RouteError {
     fn from(e: ScheduleError) -> Self {
-        let status = match e {
-            ScheduleError::Saturated => 429,
-            _ => 503,
+        use crate::gateway::headers::dropped;
+        let (status, reason) = match e {
+            ScheduleError::Saturated => (429, Some(dropped::SATURATED)),
+            ScheduleError::NoForcedMatch(_) => (503, None),
+            _ => (503, Some(dropped::NO_ENDPOINTS)),
         };
-        Self::new(status, e.to_string())
+        let mut r = Self::new(status, e.to_string());
+        r.dropped_reason = reason;
+        r
     }
 }
 

@@ -309,6 +309,12 @@ pub(crate) fn connection_dropped(e: &(dyn std::error::Error + 'static)) -> bool 
 pub(crate) fn error_response(err: &RouteError, request_id: &str) -> Response {
     let mut r = json_response(err.json_body(), request_id);
     *r.status_mut() = StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Some(reason) = err.dropped_reason {
+        r.headers_mut().insert(
+            crate::gateway::headers::REQUEST_DROPPED_REASON,
+            HeaderValue::from_static(reason),
+        );
+    }
     r
 }
 
@@ -420,4 +426,52 @@ async fn list_models(st: &ProxyState, request_id: &str, id: Option<String>) -> R
     };
     st.director.record_answered(ApiMethod::Models, status);
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::controller::Outcome;
+
+    #[test]
+    fn refusals_carry_llm_ds_dropped_reason_header() {
+        let cases = [
+            (
+                RouteError::from(crate::scheduler::ScheduleError::Saturated),
+                Some("rejected-saturated"),
+            ),
+            (
+                RouteError::from(crate::scheduler::ScheduleError::NoEndpoints),
+                Some("rejected-no-endpoints"),
+            ),
+            (
+                Outcome::EvictedTTL.refusal().unwrap(),
+                Some("rejected-ttl-expired"),
+            ),
+            (
+                Outcome::RejectedCapacity.refusal().unwrap(),
+                Some("rejected-saturated"),
+            ),
+            (
+                Outcome::EvictedContextCancelled.refusal().unwrap(),
+                Some("rejected-context-cancelled"),
+            ),
+            (
+                Outcome::EvictedNoEndpoints.refusal().unwrap(),
+                Some("rejected-no-endpoints"),
+            ),
+            // A malformed request is not dropped: it is refused.
+            (RouteError::new(400, "bad"), None),
+        ];
+        for (err, want) in cases {
+            let r = error_response(&err, "id");
+            assert_eq!(
+                r.headers()
+                    .get("x-llm-d-request-dropped-reason")
+                    .map(|v| v.to_str().unwrap()),
+                want,
+                "{err:?}"
+            );
+        }
+    }
 }

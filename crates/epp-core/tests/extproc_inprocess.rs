@@ -518,6 +518,18 @@ async fn no_endpoints_is_503_and_the_stream_ends() {
         (ct.key.as_str(), ct.raw_value.as_slice()),
         ("content-type", &b"application/json"[..])
     );
+    // llm-d-router's reason header for a request no model server saw.
+    let why = im.headers.as_ref().unwrap().set_headers[1]
+        .header
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (why.key.as_str(), why.raw_value.as_slice()),
+        (
+            "x-llm-d-request-dropped-reason",
+            &b"rejected-no-endpoints"[..]
+        )
+    );
     let v: serde_json::Value = serde_json::from_slice(&im.body).unwrap();
     assert_eq!(v["error"]["type"], "service_unavailable");
     assert!(

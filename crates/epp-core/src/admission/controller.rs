@@ -74,6 +74,15 @@ impl Outcome {
     /// The refusal a client gets (llm-d-router's `translateFlowControlOutcome`); `None` for
     /// `Dispatched`.
     pub fn refusal(&self) -> Option<RouteError> {
+        use crate::gateway::headers::dropped;
+        let reason = match self {
+            Outcome::Dispatched => return None,
+            Outcome::RejectedCapacity => dropped::SATURATED,
+            Outcome::RejectedNoEndpoints | Outcome::EvictedNoEndpoints => dropped::NO_ENDPOINTS,
+            Outcome::EvictedTTL => dropped::TTL_EXPIRED,
+            Outcome::EvictedContextCancelled => dropped::CONTEXT_CANCELLED,
+            Outcome::EvictedOther => dropped::EVICTED,
+        };
         let (status, msg) = match self {
             Outcome::Dispatched => return None,
             Outcome::RejectedCapacity => (
@@ -97,7 +106,7 @@ impl Outcome {
             }
             Outcome::EvictedOther => (503, "request evicted from the flow control queue"),
         };
-        Some(RouteError::new(status, msg))
+        Some(RouteError::new(status, msg).dropped(reason))
     }
 }
 

@@ -158,7 +158,17 @@ pub(super) fn immediate(err: &RouteError) -> ProcessingResponse {
                     code: i32::from(err.status),
                 }),
                 headers: Some(HeaderMutation {
-                    set_headers: vec![header_option("content-type", b"application/json")],
+                    set_headers: std::iter::once(header_option(
+                        "content-type",
+                        b"application/json",
+                    ))
+                    .chain(err.dropped_reason.map(|r| {
+                        header_option(
+                            crate::gateway::headers::REQUEST_DROPPED_REASON,
+                            r.as_bytes(),
+                        )
+                    }))
+                    .collect(),
                     remove_headers: Vec::new(),
                 }),
                 body: err.json_body(),

@@ -57,6 +57,24 @@ pub const DISAGG_HEADERS: [&str; 3] = [
     ENCODER_HOSTS_PORTS,
 ];
 
+/// Response header of a request the picker dropped before any model server saw it, naming why
+/// (llm-d-router's values, in [`dropped`]).
+pub const REQUEST_DROPPED_REASON: &str = "x-llm-d-request-dropped-reason";
+
+/// The values of [`REQUEST_DROPPED_REASON`].
+pub mod dropped {
+    /// Every candidate saturated, the queue full, or a sheddable request shed.
+    pub const SATURATED: &str = "rejected-saturated";
+    /// No endpoint could take it.
+    pub const NO_ENDPOINTS: &str = "rejected-no-endpoints";
+    /// It waited out its queue-wait budget in flow control.
+    pub const TTL_EXPIRED: &str = "rejected-ttl-expired";
+    /// The client went away while it was queued.
+    pub const CONTEXT_CANCELLED: &str = "rejected-context-cancelled";
+    /// Taken out of the flow-control queue.
+    pub const EVICTED: &str = "evicted";
+}
+
 /// Request headers the picker owns: never passed on from the client (compared
 /// case-insensitively).
 pub const SYSTEM_OWNED: [&str; 13] = [
