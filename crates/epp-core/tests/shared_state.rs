@@ -4,6 +4,7 @@
 //! fails a request and is caught up after.
 
 mod common;
+mod k8s_fake;
 mod redis_support;
 
 use std::collections::BTreeMap;
@@ -315,5 +316,67 @@ async fn a_redis_outage_fails_no_request_and_is_caught_up() {
     let on_b = route_groups(&c, &b, 10..10 + GROUPS, " second").await;
     assert_eq!(on_a, on_b);
     a.stop().await;
+    b.stop().await;
+}
+
+/// A leader-election replica (`--ha-mode leader-election`) that shares state through Redis.
+async fn elected_replica(
+    api: &k8s_fake::FakeApi,
+    eps: &[String],
+    s: SharedStateOptions,
+    identity: &str,
+) -> ProxyHandle {
+    let mut le =
+        epp_core::k8s::leader::LeaderElectionConfig::new(api.client(), "llm-d", "epp-pool");
+    le.identity = identity.into();
+    le.lease_duration = Duration::from_secs(2);
+    le.renew_deadline = Duration::from_millis(1500);
+    le.retry_period = Duration::from_millis(200);
+    let mut o = picker_options(eps.to_vec());
+    o.shared_state = Some(s);
+    o.leader_election = Some(le);
+    let mut po = proxy_options(o);
+    po.test_hooks = true;
+    let p = epp_core::proxy::spawn(po).await.expect("replica starts");
+    wait_healthy(&p, eps.len()).await;
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_leader_election_a_new_leader_starts_warm_from_the_shared_state() {
+    let redis = RedisServer::start().await;
+    let api = k8s_fake::FakeApi::start();
+    let sims = sims(4, |_| {}).await;
+    let eps: Vec<String> = sims.iter().map(|s| s.addr().to_string()).collect();
+    let c = client();
+    let a = elected_replica(&api, &eps, shared(&redis.url(), "le", "a"), "replica-a").await;
+    wait_ready(&c, &a).await;
+    let b = elected_replica(&api, &eps, shared(&redis.url(), "le", "b"), "replica-b").await;
+    // B is the standby: not ready, yet it follows the leader's picks.
+    assert_eq!(readyz(&c, &b).await.0, 503);
+    let on_a = route_groups_to(&c, &a, 0..GROUPS, " first", &eps).await;
+    until("the standby applies the leader's picks", || {
+        metric(&b, "epp_shared_state_deltas_applied_total", &[]) >= GROUPS as f64
+    })
+    .await;
+    // The leader goes away; the standby takes the Lease and is ready, its index warm.
+    let t0 = std::time::Instant::now();
+    a.stop().await;
+    wait_ready(&c, &b).await;
+    let failover = t0.elapsed();
+    assert!(failover < Duration::from_secs(3), "{failover:?}");
+    let on_b = route_groups(&c, &b, 0..GROUPS, " second").await;
+    assert_eq!(
+        on_a, on_b,
+        "the new leader sends every group where the old one put it"
+    );
+    // A cold new leader (no shared state) would not know them.
+    let lone = epp_core::proxy::spawn(proxy_options(picker_options(eps.clone())))
+        .await
+        .unwrap();
+    wait_healthy(&lone, eps.len()).await;
+    let on_lone = route_groups(&c, &lone, 0..GROUPS, " second").await;
+    assert_ne!(on_a, on_lone);
+    lone.stop().await;
     b.stop().await;
 }
