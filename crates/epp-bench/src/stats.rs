@@ -76,6 +76,10 @@ pub struct RunStats {
     /// Share of successful requests with `cached_tokens > 0`.
     pub request_hit_rate: f64,
     pub ttft: Percentiles,
+    /// Inter-token latency: every gap between two content chunks of the successful streamed
+    /// responses, pooled.
+    #[serde(default)]
+    pub itl: Percentiles,
     pub e2e: Percentiles,
     pub elapsed_s: f64,
     /// Successful requests per second of wall time.
@@ -145,6 +149,7 @@ pub fn summarize(outcome: &RunOutcome, known: &[Backend]) -> RunStats {
         cached_token_ratio: ratio(cached_tokens, prompt_tokens),
         request_hit_rate: ratio(hits as u64, with_usage.len() as u64),
         ttft: Percentiles::from_values(ok.iter().filter_map(|r| r.ttft_s).collect()),
+        itl: Percentiles::from_values(ok.iter().flat_map(|r| r.itl_s.iter().copied()).collect()),
         e2e: Percentiles::from_values(ok.iter().map(|r| r.e2e_s).collect()),
         elapsed_s: outcome.elapsed_s,
         rps: ok.len() as f64 / elapsed,
@@ -202,10 +207,14 @@ mod tests {
             rec("b", 200, 160, 0.3),
             rec("127.0.0.1:3", 100, 0, 0.4),
         ];
+        records[0].itl_s = vec![0.01, 0.03];
+        records[2].itl_s = vec![0.02];
         records.push(RequestRecord {
             status: Some(503),
             error: Some("http_503".into()),
             pod: Some("b".into()),
+            // A failed request's gaps are not counted.
+            itl_s: vec![9.0],
             ..RequestRecord::default()
         });
         records.push(RequestRecord {
@@ -240,6 +249,7 @@ mod tests {
         assert_eq!((s.issued, s.succeeded, s.failed), (6, 4, 2));
         assert_eq!(s.errors.get("http_503"), Some(&1));
         assert_eq!(s.errors.get("connect"), Some(&1));
+        assert_eq!((s.itl.count, s.itl.p50, s.itl.max), (3, 0.02, 0.03));
         assert_eq!(
             (s.prompt_tokens, s.cached_tokens, s.output_tokens),
             (500, 240, 16)
