@@ -39,12 +39,93 @@ pub const PRESET_NAMES: [&str; 5] = [
     "default",
 ];
 
+/// Names of the built-in prefill/decode policies: they run over `--prefill-backends` prefill
+/// simulators and the rest decode ones (see [`SimSetup::prefill_backends`]).
+pub const PD_PRESET_NAMES: [&str; 2] = ["pd", "pd-always"];
+
+/// Uncached prompt tokens on the decode pick from which the `pd` policy disaggregates: 1,024
+/// tokens cost about 100 ms to compute at the benchmarks' 0.1 ms per token, against 64 blocks
+/// × 0.08 ms = 5 ms to read them, and a long prefill slows the decode pick's other sequences.
+pub const PD_NON_CACHED_TOKENS: u32 = 1024;
+
+/// The `pd` and `pd-always` policies: the default profile's scorers in a `prefill` profile
+/// (over `prefill-filter`) and a `decode` profile (over `decode-filter`), with the
+/// disagg-profile-handler deciding per request through `decider`. The prefix scorer matches up
+/// to 1,024 blocks (16,384 tokens), enough for the long-prompt workload.
+fn pd_yaml(decider: &str, decider_params: &str) -> String {
+    let profile = |name: &str, filter: &str| {
+        format!(
+            "- name: {name}
+  plugins:
+  - pluginRef: {filter}
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: active-request-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+"
+        )
+    };
+    format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+  parameters:
+    blockSizeTokens: 16
+    maxPrefixBlocksToMatch: 1024
+    lruCapacityPerServer: 31250
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: active-request-scorer
+  parameters:
+    idleThreshold: 2
+- type: max-score-picker
+- type: prefill-filter
+- type: decode-filter
+- type: {decider}{decider_params}
+- type: disagg-profile-handler
+  parameters:
+    deciders:
+      prefill: {decider}
+schedulingProfiles:
+{}{}",
+        profile("prefill", "prefill-filter"),
+        profile("decode", "decode-filter"),
+    )
+}
+
 impl Policy {
-    /// A built-in policy (`random`, `round-robin`, `least-queue`, `prefix-only`, `default`).
+    /// A built-in policy: one of [`PRESET_NAMES`] (epp's presets) or [`PD_PRESET_NAMES`]
+    /// (`pd`: prefix-based-pd-decider with `nonCachedTokens` [`PD_NON_CACHED_TOKENS`];
+    /// `pd-always`: always-disagg-pd-decider).
     pub fn preset(name: &str) -> Option<Policy> {
-        epp_core::config::presets::by_name(name).map(|yaml| Policy {
+        let yaml = match name {
+            "pd" => pd_yaml(
+                "prefix-based-pd-decider",
+                &format!("\n  parameters:\n    nonCachedTokens: {PD_NON_CACHED_TOKENS}"),
+            ),
+            "pd-always" => pd_yaml("always-disagg-pd-decider", ""),
+            _ => epp_core::config::presets::by_name(name)?.to_owned(),
+        };
+        Some(Policy {
             name: name.to_owned(),
-            config_yaml: yaml.to_owned(),
+            config_yaml: yaml,
+        })
+    }
+
+    /// Whether the policy splits requests into prefill and decode stages (its config has a
+    /// `disagg-profile-handler` or `pd-profile-handler`): such a policy runs over prefill and
+    /// decode simulators.
+    pub fn disaggregates(&self) -> bool {
+        epp_core::config::EndpointPickerConfig::from_yaml(&self.config_yaml).is_ok_and(|c| {
+            c.plugins
+                .iter()
+                .any(|p| p.type_ == "disagg-profile-handler" || p.type_ == "pd-profile-handler")
         })
     }
 
@@ -77,6 +158,13 @@ pub struct SimSetup {
     /// Together the caches hold `cache_factor` x the reusable working set (plus room for the
     /// running requests' private blocks). Must be > 1 and < the number of backends.
     pub cache_factor: f64,
+    /// For policies that disaggregate ([`Policy::disaggregates`]): this many of the `backends`
+    /// simulators run `--role prefill` (named `prefill-<i>`) and the rest `--role decode`
+    /// (`decode-<i>`), labelled `llm-d.ai/role` in the endpoints the picker sees. Other
+    /// policies run over `backends` role-`both` simulators (`sim-<i>`). 0: no P/D policy may run.
+    pub prefill_backends: usize,
+    /// Every simulator's `--prefill-interference-tokens` (0: off).
+    pub prefill_interference_tokens: usize,
 }
 
 impl Default for SimSetup {
@@ -88,6 +176,8 @@ impl Default for SimSetup {
             latency: bench_latency(),
             kv_blocks: None,
             cache_factor: 1.5,
+            prefill_backends: 0,
+            prefill_interference_tokens: 0,
         }
     }
 }
@@ -254,6 +344,7 @@ pub async fn compare(
 ) -> anyhow::Result<CompareOutcome> {
     anyhow::ensure!(!cfg.policies.is_empty(), "no policy to compare");
     anyhow::ensure!(cfg.sims.backends >= 1, "at least one backend is needed");
+    check_roles(&cfg.sims, &cfg.policies)?;
     let workload = Arc::new(Workload::new(cfg.workload.clone(), cfg.seed)?);
     let sizing = size_caches(
         &workload,
@@ -279,8 +370,22 @@ pub async fn compare(
             break;
         }
         let last = i + 1 == cfg.policies.len();
-        let sims = start_sims(&cfg.sims, kv_blocks).await?;
-        let addrs: Vec<SocketAddr> = sims.iter().map(|s| s.addr()).collect();
+        let pd = policy.disaggregates();
+        let sims = start_sims(&cfg.sims, kv_blocks, pd).await?;
+        // start_sims puts the prefill servers first.
+        let role = |i: usize| {
+            let r = if i < cfg.sims.prefill_backends {
+                epp_sim::Role::Prefill
+            } else {
+                epp_sim::Role::Decode
+            };
+            pd.then(|| r.as_str())
+        };
+        let endpoints: Vec<(SocketAddr, Option<&str>)> = sims
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.addr(), role(i)))
+            .collect();
         let shared = cfg.shared_state.as_ref().map(|url| {
             // A fresh key prefix per run, so runs never read each other's state.
             let prefix = format!(
@@ -291,19 +396,25 @@ pub async fn compare(
             );
             (url.clone(), prefix)
         });
-        let picker =
-            match start_picker(&addrs, &policy.config_yaml, cfg.replicas.max(1), shared).await {
-                Ok(p) => p,
-                Err(e) => {
-                    for s in sims {
-                        s.shutdown().await;
-                    }
-                    return Err(e.context(format!(
-                        "cannot start the picker for policy {}",
-                        policy.name
-                    )));
+        let picker = match start_picker(
+            &endpoints,
+            &policy.config_yaml,
+            cfg.replicas.max(1),
+            shared,
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                for s in sims {
+                    s.shutdown().await;
                 }
-            };
+                return Err(e.context(format!(
+                    "cannot start the picker for policy {}",
+                    policy.name
+                )));
+            }
+        };
         let proxy_url = format!("http://{}", picker.proxy_addr);
         let metrics_url = format!("http://{}/metrics", picker.metrics_addr);
         notify(CompareEvent::PolicyStarted {
@@ -363,16 +474,112 @@ pub async fn compare(
     Ok(CompareOutcome { report, live })
 }
 
-async fn start_sims(setup: &SimSetup, kv_blocks: u64) -> anyhow::Result<Vec<epp_sim::SimServer>> {
+/// P/D policies need prefill simulators and at least one decode one; `prefill_backends` without
+/// a P/D policy would do nothing. Errors name the flags.
+pub fn check_roles(setup: &SimSetup, policies: &[Policy]) -> anyhow::Result<()> {
+    let pd: Vec<&str> = policies
+        .iter()
+        .filter(|p| p.disaggregates())
+        .map(|p| p.name.as_str())
+        .collect();
+    if setup.prefill_backends > 0 && setup.prefill_backends >= setup.backends {
+        anyhow::bail!(
+            "--prefill-backends {} leaves no decode simulator: it must be below --backends {}",
+            setup.prefill_backends,
+            setup.backends
+        );
+    }
+    match (pd.is_empty(), setup.prefill_backends) {
+        (false, 0) => anyhow::bail!(
+            "policy {} disaggregates prefill and decode: give --prefill-backends (how many of \
+             the --backends simulators prefill)",
+            pd.join(", ")
+        ),
+        (true, k) if k > 0 => anyhow::bail!(
+            "--prefill-backends applies only to policies that disaggregate prefill and decode \
+             ({}, or a --policy-config with a disagg-profile-handler); none is in --policies",
+            PD_PRESET_NAMES.join(", ")
+        ),
+        _ => Ok(()),
+    }
+}
+
+async fn start_sims(
+    setup: &SimSetup,
+    kv_blocks: u64,
+    pd: bool,
+) -> anyhow::Result<Vec<epp_sim::SimServer>> {
     let base = epp_sim::SimConfig {
         model: setup.model.clone(),
         max_num_seqs: setup.max_num_seqs,
         num_gpu_blocks: kv_blocks as usize,
         latency: setup.latency,
+        prefill_interference_tokens: setup.prefill_interference_tokens,
         shutdown_grace: Duration::from_secs(2),
         ..epp_sim::SimConfig::default()
     };
-    epp_sim::spawn_many(&base, "sim", [127, 0, 0, 1].into(), 0, setup.backends).await
+    let host = [127, 0, 0, 1].into();
+    if !pd {
+        return epp_sim::spawn_many(&base, "sim", host, 0, setup.backends).await;
+    }
+    let k = setup.prefill_backends;
+    let prefill = epp_sim::SimConfig {
+        role: epp_sim::Role::Prefill,
+        ..base.clone()
+    };
+    let mut sims = epp_sim::spawn_many(&prefill, "prefill", host, 0, k).await?;
+    let decode = epp_sim::SimConfig {
+        role: epp_sim::Role::Decode,
+        // Seeds after the prefill servers', as one pool of `backends` would have them.
+        seed: base.seed.wrapping_add(k as u64),
+        ..base
+    };
+    match epp_sim::spawn_many(&decode, "decode", host, 0, setup.backends - k).await {
+        Ok(d) => sims.extend(d),
+        Err(e) => {
+            for s in sims {
+                s.shutdown().await;
+            }
+            return Err(e);
+        }
+    }
+    Ok(sims)
+}
+
+/// What the simulators themselves counted over a run (read from their metrics in-process).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SimTotals {
+    /// Prompt tokens the simulators computed (`vllm:prompt_tokens_by_source_total`,
+    /// `source="local_compute"`), on every role: the prefill work the pool did.
+    pub computed_prompt_tokens: u64,
+    /// Prompt tokens read from a prefill server (`source="external_kv_transfer"`).
+    pub transferred_prompt_tokens: u64,
+    /// P/D prefills the prefill servers ran (`epp_sim:kv_transfer_prefills_total`).
+    pub kv_transfer_prefills: u64,
+}
+
+/// Sums the counters of [`SimTotals`] over `sims`.
+pub fn sim_totals(sims: &[epp_sim::SimServer]) -> SimTotals {
+    let mut t = SimTotals::default();
+    for s in sims {
+        let Ok(samples) = epp_core::exposition::parse(&s.metrics_text()) else {
+            continue;
+        };
+        for m in samples {
+            let v = m.value.max(0.0) as u64;
+            match (m.name.as_str(), m.label("source")) {
+                ("vllm:prompt_tokens_by_source_total", Some("local_compute")) => {
+                    t.computed_prompt_tokens += v
+                }
+                ("vllm:prompt_tokens_by_source_total", Some("external_kv_transfer")) => {
+                    t.transferred_prompt_tokens += v
+                }
+                ("epp_sim:kv_transfer_prefills_total", _) => t.kv_transfer_prefills += v,
+                _ => {}
+            }
+        }
+    }
+    t
 }
 
 async fn run_policy(
@@ -410,6 +617,7 @@ async fn run_policy(
     load.label = policy.name.clone();
     let outcome = run_load(&load, workload.clone(), stop).await?;
     let after = picker_metrics::scrape(&http, metrics_url).await;
+    let totals = sim_totals(sims);
     let known: Vec<Backend> = sims
         .iter()
         .map(|s| Backend {
@@ -436,6 +644,7 @@ async fn run_policy(
         stats,
         picker,
         note,
+        sims: Some(totals),
     })
 }
 
@@ -524,6 +733,7 @@ pub async fn bench_url(run: &UrlRun, stop: watch::Receiver<bool>) -> anyhow::Res
             stats,
             picker,
             note,
+            sims: None,
         }],
         targets: Vec::new(),
     })
@@ -557,6 +767,8 @@ struct PickerHandle {
     proxy_addr: SocketAddr,
     metrics_addr: SocketAddr,
     replicas: Vec<epp_core::proxy::ProxyHandle>,
+    /// Holds the endpoints file of labelled (P/D) endpoints while the picker runs.
+    _endpoints_dir: Option<tempfile::TempDir>,
 }
 
 impl PickerHandle {
@@ -567,10 +779,11 @@ impl PickerHandle {
     }
 }
 
-/// Starts `replicas` pickers in proxy mode on loopback ports, in front of `endpoints`, with the
-/// policy `config_yaml`; with `shared` (Redis URL, key prefix) they share routing state.
+/// Starts `replicas` pickers in proxy mode on loopback ports, in front of `endpoints` (each with
+/// its `llm-d.ai/role` label, if any: labelled endpoints are given through an endpoints file),
+/// with the policy `config_yaml`; with `shared` (Redis URL, key prefix) they share routing state.
 async fn start_picker(
-    endpoints: &[SocketAddr],
+    endpoints: &[(SocketAddr, Option<&str>)],
     config_yaml: &str,
     replicas: usize,
     shared: Option<(String, String)>,
@@ -579,6 +792,23 @@ async fn start_picker(
     use epp_core::discovery::StaticDiscovery;
     let config = epp_core::config::EndpointPickerConfig::from_yaml(config_yaml)
         .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
+    let (static_endpoints, file, dir) = if endpoints.iter().any(|(_, role)| role.is_some()) {
+        let dir =
+            tempfile::tempdir().context("cannot create a directory for the endpoints file")?;
+        let path = dir.path().join("endpoints.yaml");
+        let mut text = String::from("endpoints:\n");
+        for (addr, role) in endpoints {
+            text += &format!("- address: {addr}\n");
+            if let Some(role) = role {
+                text += &format!("  labels: {{llm-d.ai/role: {role}}}\n");
+            }
+        }
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        (Vec::new(), Some(path), Some(dir))
+    } else {
+        let list = endpoints.iter().map(|(a, _)| a.to_string()).collect();
+        (list, None, None)
+    };
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let mut started: Vec<epp_core::proxy::ProxyHandle> = Vec::new();
     for i in 0..replicas {
@@ -594,8 +824,8 @@ async fn start_picker(
                 });
         let picker = RuntimeOptions {
             discovery: std::sync::Arc::new(StaticDiscovery {
-                endpoints: endpoints.iter().map(|a| a.to_string()).collect(),
-                file: None,
+                endpoints: static_endpoints.clone(),
+                file: file.clone(),
                 poll_interval: Duration::from_secs(1),
                 ..Default::default()
             }),
@@ -632,6 +862,7 @@ async fn start_picker(
         proxy_addr: first.proxy_addr,
         metrics_addr: first.metrics_addr.expect("checked above"),
         replicas: started,
+        _endpoints_dir: dir,
     })
 }
 
@@ -682,11 +913,47 @@ mod tests {
 
     #[test]
     fn presets_exist_for_every_name() {
-        for n in PRESET_NAMES {
+        for n in PRESET_NAMES.into_iter().chain(PD_PRESET_NAMES) {
             let p = Policy::preset(n).unwrap();
             assert_eq!(p.name, n);
-            assert!(p.config_yaml.contains("EndpointPickerConfig"));
+            epp_core::config::EndpointPickerConfig::from_yaml(&p.config_yaml)
+                .unwrap_or_else(|e| panic!("{n}: {e}"));
+            assert_eq!(p.disaggregates(), PD_PRESET_NAMES.contains(&n), "{n}");
         }
+        assert!(Policy::preset("pd")
+            .unwrap()
+            .config_yaml
+            .contains("nonCachedTokens: 1024"));
         assert!(Policy::preset("nope").is_none());
+    }
+
+    #[test]
+    fn roles_are_checked_against_the_policies() {
+        let pd = vec![
+            Policy::preset("default").unwrap(),
+            Policy::preset("pd").unwrap(),
+        ];
+        let plain = vec![Policy::preset("default").unwrap()];
+        let setup = |k| SimSetup {
+            prefill_backends: k,
+            ..SimSetup::default()
+        };
+        check_roles(&setup(1), &pd).unwrap();
+        check_roles(&setup(0), &plain).unwrap();
+        let e = check_roles(&setup(0), &pd).unwrap_err().to_string();
+        assert!(
+            e.contains("policy pd disaggregates") && e.contains("--prefill-backends"),
+            "{e}"
+        );
+        let e = check_roles(&setup(4), &pd).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--prefill-backends 4 leaves no decode simulator"),
+            "{e}"
+        );
+        let e = check_roles(&setup(1), &plain).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--prefill-backends applies only to policies"),
+            "{e}"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! and records per-request timing, token usage and the serving backend.
 //!
 //! Every request streams (`stream: true`, `stream_options.include_usage`) so that time to first
-//! token can be measured as the arrival of the first chunk carrying content. A stop signal (Ctrl-C
+//! token can be measured as the arrival of the first chunk carrying content, and inter-token
+//! latency as the gaps between the arrivals of later content chunks. A stop signal (Ctrl-C
 //! in the CLI) ends the run at once and returns the requests completed so far.
 
 use std::collections::BTreeMap;
@@ -108,6 +109,10 @@ pub struct RequestRecord {
     pub ttft_s: Option<f64>,
     /// Seconds to the last byte.
     pub e2e_s: f64,
+    /// Inter-token latencies of a streamed response, in seconds: the gaps between the arrivals
+    /// of successive chunks carrying content (empty when not streamed or one chunk only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub itl_s: Vec<f64>,
     /// HTTP status, if a response head arrived.
     pub status: Option<u16>,
     /// Error kind, `None` on success: `http_<status>`, `connect`, `timeout`, `stream`,
@@ -430,6 +435,7 @@ async fn exchange(
     let mut parser = SseParser::new();
     let mut chunks = 0u64;
     let mut done = false;
+    let mut last_content: Option<Instant> = None;
     loop {
         let frame = match body.frame().await {
             None => break,
@@ -454,6 +460,10 @@ async fn exchange(
                     }
                     if has_content(&v) {
                         chunks += 1;
+                        let now = Instant::now();
+                        if let Some(prev) = last_content.replace(now) {
+                            rec.itl_s.push((now - prev).as_secs_f64());
+                        }
                     }
                     apply_usage(&v, rec);
                 }

@@ -25,6 +25,9 @@ pub struct PolicyRun {
     pub picker: Option<PickerStats>,
     /// Why something is missing or unusual (e.g. "picker not available").
     pub note: Option<String>,
+    /// What the in-process simulators counted (absent for `--url` runs).
+    #[serde(default)]
+    pub sims: Option<crate::compare::SimTotals>,
 }
 
 /// How the backends were set up for a comparison (absent for `--url` runs).
@@ -105,6 +108,11 @@ const ROWS: &[(&str, Cell)] = &[
     ("TTFT p90 (ms)", |r| ms(r.stats.ttft.p90)),
     ("TTFT p95 (ms)", |r| ms(r.stats.ttft.p95)),
     ("TTFT p99 (ms)", |r| ms(r.stats.ttft.p99)),
+    ("ITL p50 (ms)", |r| ms(r.stats.itl.p50)),
+    ("ITL p90 (ms)", |r| ms(r.stats.itl.p90)),
+    ("ITL p99 (ms)", |r| ms(r.stats.itl.p99)),
+    ("TPOT p50 (ms)", |r| ms(r.stats.tpot.p50)),
+    ("TPOT p90 (ms)", |r| ms(r.stats.tpot.p90)),
     ("e2e p50 (ms)", |r| ms(r.stats.e2e.p50)),
     ("e2e p90 (ms)", |r| ms(r.stats.e2e.p90)),
     ("e2e p99 (ms)", |r| ms(r.stats.e2e.p99)),
@@ -114,6 +122,17 @@ const ROWS: &[(&str, Cell)] = &[
     }),
     ("balance max/mean", |r| {
         format!("{:.2}", r.stats.balance_max_over_mean)
+    }),
+    ("prompt tokens computed (sims)", |r| match &r.sims {
+        Some(s) if r.stats.prompt_tokens > 0 => {
+            pct(s.computed_prompt_tokens as f64 / r.stats.prompt_tokens as f64)
+        }
+        Some(s) => s.computed_prompt_tokens.to_string(),
+        None => "n/a".into(),
+    }),
+    ("P/D prefills (prefill sims)", |r| match &r.sims {
+        Some(s) => s.kv_transfer_prefills.to_string(),
+        None => "n/a".into(),
     }),
 ];
 
@@ -528,6 +547,7 @@ mod tests {
             },
             picker: None,
             note: None,
+            sims: None,
         };
         BenchReport {
             workload: WorkloadSpec::SharedPrefix(SharedPrefix::default()),

@@ -76,6 +76,14 @@ pub struct RunStats {
     /// Share of successful requests with `cached_tokens > 0`.
     pub request_hit_rate: f64,
     pub ttft: Percentiles,
+    /// Inter-token latency: every gap between two content chunks of the successful streamed
+    /// responses, pooled.
+    #[serde(default)]
+    pub itl: Percentiles,
+    /// Time per output token after the first, per successful request:
+    /// `(e2e − TTFT) / (output tokens − 1)` (requests with at least two output tokens).
+    #[serde(default)]
+    pub tpot: Percentiles,
     pub e2e: Percentiles,
     pub elapsed_s: f64,
     /// Successful requests per second of wall time.
@@ -145,6 +153,16 @@ pub fn summarize(outcome: &RunOutcome, known: &[Backend]) -> RunStats {
         cached_token_ratio: ratio(cached_tokens, prompt_tokens),
         request_hit_rate: ratio(hits as u64, with_usage.len() as u64),
         ttft: Percentiles::from_values(ok.iter().filter_map(|r| r.ttft_s).collect()),
+        itl: Percentiles::from_values(ok.iter().flat_map(|r| r.itl_s.iter().copied()).collect()),
+        tpot: Percentiles::from_values(
+            ok.iter()
+                .filter(|r| r.output_tokens >= 2)
+                .filter_map(|r| {
+                    let ttft = r.ttft_s?;
+                    Some((r.e2e_s - ttft) / (r.output_tokens - 1) as f64)
+                })
+                .collect(),
+        ),
         e2e: Percentiles::from_values(ok.iter().map(|r| r.e2e_s).collect()),
         elapsed_s: outcome.elapsed_s,
         rps: ok.len() as f64 / elapsed,
@@ -202,10 +220,14 @@ mod tests {
             rec("b", 200, 160, 0.3),
             rec("127.0.0.1:3", 100, 0, 0.4),
         ];
+        records[0].itl_s = vec![0.01, 0.03];
+        records[2].itl_s = vec![0.02];
         records.push(RequestRecord {
             status: Some(503),
             error: Some("http_503".into()),
             pod: Some("b".into()),
+            // A failed request's gaps are not counted.
+            itl_s: vec![9.0],
             ..RequestRecord::default()
         });
         records.push(RequestRecord {
@@ -240,6 +262,10 @@ mod tests {
         assert_eq!((s.issued, s.succeeded, s.failed), (6, 4, 2));
         assert_eq!(s.errors.get("http_503"), Some(&1));
         assert_eq!(s.errors.get("connect"), Some(&1));
+        assert_eq!((s.itl.count, s.itl.p50, s.itl.max), (3, 0.02, 0.03));
+        // Four successful requests of 4 tokens, 1 s from first token to last: 1/3 s per token.
+        assert_eq!(s.tpot.count, 4);
+        assert!((s.tpot.p50 - 1.0 / 3.0).abs() < 1e-12, "{:?}", s.tpot);
         assert_eq!(
             (s.prompt_tokens, s.cached_tokens, s.output_tokens),
             (500, 240, 16)

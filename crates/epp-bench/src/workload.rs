@@ -137,6 +137,41 @@ impl Default for HotSpot {
     }
 }
 
+/// Long prompts with short outputs, the shape where prefill/decode disaggregation matters:
+/// every prompt is `prompt_len` tokens; its first `shared_fraction` of them (rounded down to
+/// whole tokens) is the system prompt of one of `num_groups` groups (picked at random per
+/// request), the rest is fresh text. `shared_fraction` 0: nothing to reuse; 0.9: most of each
+/// prompt is cached once its group has been seen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongPrompt {
+    pub prompt_len: u32,
+    pub output_len: u32,
+    pub shared_fraction: f64,
+    pub num_groups: u32,
+    #[serde(default)]
+    pub api: Api,
+}
+
+impl Default for LongPrompt {
+    fn default() -> Self {
+        Self {
+            prompt_len: 8192,
+            output_len: 32,
+            shared_fraction: 0.0,
+            num_groups: 4,
+            api: Api::Chat,
+        }
+    }
+}
+
+impl LongPrompt {
+    /// Tokens of the shared system prompt.
+    pub fn shared_len(&self) -> u32 {
+        (f64::from(self.prompt_len) * self.shared_fraction).floor() as u32
+    }
+}
+
 /// A workload's parameters; serialised into reports so a run can be reproduced.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -145,6 +180,7 @@ pub enum WorkloadSpec {
     MultiTurn(MultiTurn),
     NoSharing(NoSharing),
     HotSpot(HotSpot),
+    LongPrompt(LongPrompt),
 }
 
 impl WorkloadSpec {
@@ -155,6 +191,7 @@ impl WorkloadSpec {
             WorkloadSpec::MultiTurn(_) => "multi-turn",
             WorkloadSpec::NoSharing(_) => "no-sharing",
             WorkloadSpec::HotSpot(_) => "hot-spot",
+            WorkloadSpec::LongPrompt(_) => "long-prompt",
         }
     }
 
@@ -165,6 +202,7 @@ impl WorkloadSpec {
             WorkloadSpec::MultiTurn(s) => s.output_len,
             WorkloadSpec::NoSharing(s) => s.output_len,
             WorkloadSpec::HotSpot(s) => s.output_len,
+            WorkloadSpec::LongPrompt(s) => s.output_len,
         }
     }
 }
@@ -234,6 +272,9 @@ enum State {
     },
     NoSharing,
     HotSpot {
+        systems: Vec<String>,
+    },
+    LongPrompt {
         systems: Vec<String>,
     },
 }
@@ -320,6 +361,33 @@ impl Workload {
                         .collect(),
                 }
             }
+            WorkloadSpec::LongPrompt(s) => {
+                pos(s.prompt_len, "prompt_len")?;
+                pos(s.output_len, "output_len")?;
+                pos(s.num_groups, "num_groups")?;
+                if !(0.0..=1.0).contains(&s.shared_fraction) {
+                    return Err(WorkloadError::Invalid {
+                        field: "shared_fraction",
+                        what: "between 0 and 1",
+                    });
+                }
+                if s.shared_fraction > 0.0 && s.shared_len() == s.prompt_len {
+                    return Err(WorkloadError::Invalid {
+                        field: "shared_fraction",
+                        what: "below 1 by at least one token, so every prompt is distinct",
+                    });
+                }
+                let shared = s.shared_len();
+                State::LongPrompt {
+                    systems: if shared == 0 {
+                        Vec::new()
+                    } else {
+                        (0..s.num_groups)
+                            .map(|g| synth_text(&[seed, S_SYSTEM, u64::from(g)], shared))
+                            .collect()
+                    },
+                }
+            }
         };
         Ok(Self { spec, seed, state })
     }
@@ -342,7 +410,9 @@ impl Workload {
             WorkloadSpec::MultiTurn(s) => {
                 Some(u64::from(s.num_sessions) * u64::from(s.turns_per_session))
             }
-            WorkloadSpec::NoSharing(_) | WorkloadSpec::HotSpot(_) => None,
+            WorkloadSpec::NoSharing(_) | WorkloadSpec::HotSpot(_) | WorkloadSpec::LongPrompt(_) => {
+                None
+            }
         }
     }
 
@@ -419,6 +489,19 @@ impl Workload {
                     s.output_len,
                     g,
                 )
+            }
+            (WorkloadSpec::LongPrompt(s), State::LongPrompt { systems }) => {
+                let unique = synth_text(&[seed, S_PROMPT, index], s.prompt_len - s.shared_len());
+                if systems.is_empty() {
+                    return match s.api {
+                        Api::Chat => {
+                            chat_request(index, vec![("user", unique)], s.output_len, index)
+                        }
+                        Api::Completions => completion_request(index, unique, s.output_len, index),
+                    };
+                }
+                let g = Prng::new(&[seed, S_PICK, index]).below(u64::from(s.num_groups));
+                single_turn(index, s.api, &systems[g as usize], unique, s.output_len, g)
             }
             _ => unreachable!("workload state always matches its spec"),
         }
@@ -583,6 +666,11 @@ mod tests {
             WorkloadSpec::MultiTurn(MultiTurn::default()),
             WorkloadSpec::NoSharing(NoSharing::default()),
             WorkloadSpec::HotSpot(HotSpot::default()),
+            WorkloadSpec::LongPrompt(LongPrompt::default()),
+            WorkloadSpec::LongPrompt(LongPrompt {
+                shared_fraction: 0.9,
+                ..LongPrompt::default()
+            }),
         ] {
             let a = Workload::new(spec.clone(), 42).unwrap();
             let b = Workload::new(spec.clone(), 42).unwrap();
@@ -694,6 +782,46 @@ mod tests {
         assert!((hot - 0.8).abs() < 0.03, "hot share {hot}");
         let groups: std::collections::BTreeSet<_> = w.take(n).map(|r| r.group).collect();
         assert_eq!(groups, (0..8).collect());
+    }
+
+    #[test]
+    fn long_prompts_share_their_group_prefix_and_nothing_else() {
+        let spec = LongPrompt {
+            prompt_len: 1000,
+            output_len: 8,
+            shared_fraction: 0.9,
+            num_groups: 3,
+            api: Api::Completions,
+        };
+        let w = Workload::new(WorkloadSpec::LongPrompt(spec.clone()), 4).unwrap();
+        let reqs: Vec<_> = w.take(60).collect();
+        let groups: std::collections::BTreeSet<_> = reqs.iter().map(|r| r.group).collect();
+        assert_eq!(groups, (0..3).collect());
+        for r in &reqs {
+            assert_eq!(r.prompt_text.len(), 1000 * CHARS_PER_TOKEN);
+            assert_eq!(r.max_tokens, 8);
+        }
+        let same: Vec<_> = reqs.iter().filter(|r| r.group == reqs[0].group).collect();
+        let shared = 900 * CHARS_PER_TOKEN;
+        assert_eq!(same[0].prompt_text[..shared], same[1].prompt_text[..shared]);
+        assert_ne!(same[0].prompt_text[shared..], same[1].prompt_text[shared..]);
+        let other = reqs.iter().find(|r| r.group != reqs[0].group).unwrap();
+        assert_ne!(other.prompt_text[..4], reqs[0].prompt_text[..4]);
+        // Without sharing: one user message per request, all distinct.
+        let w = Workload::new(WorkloadSpec::LongPrompt(LongPrompt::default()), 4).unwrap();
+        let (a, b) = (w.request(0), w.request(1));
+        assert_eq!(a.body["messages"].as_array().unwrap().len(), 1);
+        assert_ne!(a.prompt_text[..40], b.prompt_text[..40]);
+        for (fraction, field) in [(1.5, "shared_fraction"), (1.0, "shared_fraction")] {
+            let bad = LongPrompt {
+                shared_fraction: fraction,
+                ..spec.clone()
+            };
+            match Workload::new(WorkloadSpec::LongPrompt(bad), 0) {
+                Err(WorkloadError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                Ok(_) => panic!("fraction {fraction} accepted"),
+            }
+        }
     }
 
     #[test]

@@ -34,6 +34,15 @@ pub struct SimConfig {
     pub default_max_tokens: usize,
     /// Latency model parameters.
     pub latency: LatencyModel,
+    /// Prefill/decode interference (`--prefill-interference-tokens`; 0, the default: off).
+    /// vLLM runs the chunks of prefilling prompts in the same engine steps as the decode tokens
+    /// of the sequences already running, so a long prefill slows every co-running decode. With
+    /// this set to C, each inter-token gap of a decoding sequence grows by
+    /// `min(C, P) × prefill_per_token_ms`, where P is the number of uncached prompt tokens the
+    /// engine's requests are computing (from admission to their first token) when the gap
+    /// starts: C plays vLLM's per-step token budget (`max_num_batched_tokens`). Prompt blocks
+    /// read from a prefill server (P/D) are not computed and add nothing.
+    pub prefill_interference_tokens: usize,
     /// Seed of the server's RNG (jitter and error injection).
     pub seed: u64,
     /// Largest accepted request body in bytes; larger → 413.
@@ -74,6 +83,7 @@ impl Default for SimConfig {
             max_model_len: 32768,
             default_max_tokens: 16,
             latency: LatencyModel::default(),
+            prefill_interference_tokens: 0,
             seed: 0,
             max_body_bytes: 10 * 1024 * 1024,
             faults: Faults::default(),

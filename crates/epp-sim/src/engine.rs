@@ -172,6 +172,10 @@ pub struct Engine {
     releaser: Releaser,
     /// Running P/D prefills: they never decode, so they add no decode contention.
     running_prefills: AtomicUsize,
+    /// `--prefill-interference-tokens` (0: off); see [`SimConfig::prefill_interference_tokens`].
+    interference_tokens: usize,
+    /// Uncached prompt tokens of the requests computing their prefill right now.
+    computing_prefill_tokens: AtomicUsize,
 }
 
 /// What the engine needs to turn cache changes into KV events.
@@ -266,6 +270,8 @@ impl Engine {
             max_held: cfg.kv_transfer.max_held,
             releaser: Releaser::new(),
             running_prefills: AtomicUsize::new(0),
+            interference_tokens: cfg.prefill_interference_tokens,
+            computing_prefill_tokens: AtomicUsize::new(0),
         })
     }
 
@@ -515,6 +521,16 @@ impl Engine {
             .saturating_sub(self.running_prefills.load(Ordering::Relaxed))
     }
 
+    /// What running prefills add to an inter-token gap starting now, in ms: up to
+    /// `interference_tokens` of their uncached tokens, at the prefill cost per token (0 when off).
+    fn interference_ms(&self) -> f64 {
+        if self.interference_tokens == 0 {
+            return 0.0;
+        }
+        let computing = self.computing_prefill_tokens.load(Ordering::Relaxed);
+        computing.min(self.interference_tokens) as f64 * self.latency.prefill_per_token_ms
+    }
+
     /// Run a request to completion, sending its events on `tx`. Stops (and releases everything)
     /// as soon as the receiver is dropped.
     pub async fn run(self: Arc<Self>, job: Job, tx: mpsc::Sender<Event>) {
@@ -588,13 +604,21 @@ impl Engine {
                     .jittered_ms(transferred as f64 * self.transfer_ms_per_block, &mut *rng)
         };
         let mut deadline = Instant::now() + prefill;
+        // Counted as a computing prefill until its first token (or until the run is dropped).
+        let mut computing = (computed > 0).then(|| {
+            self.computing_prefill_tokens
+                .fetch_add(computed, Ordering::Relaxed);
+            ComputingGuard(&self.computing_prefill_tokens, computed)
+        });
         let mut emitted = 0usize;
         let mut last_token: Option<Instant> = None;
         for i in 0..job.max_tokens {
             if i > 0 {
-                let itl = self
-                    .latency
-                    .inter_token(self.running_count(), &mut *self.rng.lock());
+                let running = self.running_count();
+                let extra_ms = self.interference_ms();
+                let mut rng = self.rng.lock();
+                let itl = self.latency.inter_token(running, &mut *rng)
+                    + self.latency.jittered_ms(extra_ms, &mut *rng);
                 deadline += itl;
             }
             // A deadline already due is not slept on: tokio's timer rounds up to the next
@@ -607,6 +631,9 @@ impl Engine {
                         return;
                     }
                 }
+            }
+            if i == 0 {
+                drop(computing.take());
             }
             let now = Instant::now();
             if let Some(prev) = last_token.replace(now) {
@@ -695,6 +722,16 @@ impl Engine {
             .unwrap_or(Duration::ZERO)
             .as_secs_f64();
         metrics::render(&self.model, &g, &self.counters, now)
+    }
+}
+
+/// Takes a prefill's uncached tokens out of the computing total when its first token is out
+/// or its run ends.
+struct ComputingGuard<'a>(&'a AtomicUsize, usize);
+
+impl Drop for ComputingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -1087,5 +1124,67 @@ mod tests {
         // 11 ms of prefill, then gaps of 5 ms: the running prefill does not add 100 ms.
         assert_eq!(ev[2], (Event::Token(2), Duration::from_millis(21)));
         events(prx, start).await;
+    }
+    /// Token times of a 10-token, 3-token-output request that starts while an 8,000-token
+    /// prefill computes (0.1 ms per token: 800 ms), with `interference_tokens` set.
+    async fn decode_beside_a_long_prefill(interference_tokens: usize) -> Vec<Duration> {
+        let mut c = cfg();
+        c.max_num_seqs = 4;
+        c.prefill_interference_tokens = interference_tokens;
+        c.latency = LatencyModel {
+            prefill_overhead_ms: 0.0,
+            prefill_per_token_ms: 0.1,
+            inter_token_ms: 5.0,
+            inter_token_per_seq_ms: 0.0,
+            jitter: 0.0,
+        };
+        let e = Engine::new(&c);
+        let long = Job {
+            prompt_tokens: 8000,
+            ..pd_job(1)
+        };
+        let (ptx, prx) = mpsc::channel(8);
+        tokio::spawn(e.clone().run(long, ptx));
+        while e.computing_prefill_tokens.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let start = Instant::now();
+        let short = Job {
+            hashes: vec![],
+            prompt_tokens: 10,
+            ..pd_job(3)
+        };
+        tokio::spawn(e.clone().run(short, tx));
+        let times = events(rx, start)
+            .await
+            .into_iter()
+            .filter(|(ev, _)| matches!(ev, Event::Token(_)))
+            .map(|(_, t)| t)
+            .collect();
+        events(prx, start).await;
+        assert_eq!(e.computing_prefill_tokens.load(Ordering::Relaxed), 0);
+        times
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_computing_prefill_stretches_co_running_decode_gaps_only_when_enabled() {
+        let ms = |v: f64| Duration::from_micros((v * 1000.0).round() as u64);
+        // Off (the default): 1 ms of prefill, then 5 ms gaps, the long prefill notwithstanding.
+        assert_eq!(
+            decode_beside_a_long_prefill(0).await,
+            [ms(1.0), ms(6.0), ms(11.0)]
+        );
+        // A 2,000-token budget: each gap also computes 2,000 of the prefill's 8,000 tokens,
+        // 200 ms at 0.1 ms per token (whole milliseconds: tokio's timer rounds up to them).
+        assert_eq!(
+            decode_beside_a_long_prefill(2000).await,
+            [ms(1.0), ms(206.0), ms(411.0)]
+        );
+        // A budget above the prefill's size: its whole 8,000 tokens (800 ms) in one gap.
+        assert_eq!(
+            decode_beside_a_long_prefill(16384).await,
+            [ms(1.0), ms(806.0), ms(811.0)]
+        );
     }
 }

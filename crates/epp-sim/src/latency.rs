@@ -10,7 +10,9 @@
 //! - Jitter: each duration is multiplied by `1 + jitter × u`, `u` uniform in [-1, 1), drawn from a
 //!   seeded RNG, so runs are reproducible. `jitter = 0` makes every duration exact.
 //!
-//! All parameters are milliseconds and may be fractional.
+//! All parameters are milliseconds and may be fractional. Prefill/decode interference (running
+//! prefills lengthening other sequences' gaps) is opt-in and applied by the engine; see
+//! [`crate::SimConfig::prefill_interference_tokens`].
 
 use std::time::Duration;
 

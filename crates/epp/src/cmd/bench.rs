@@ -12,7 +12,7 @@ use epp_bench::compare::{self, CompareConfig, CompareEvent, Policy, SimSetup, Ur
 use epp_bench::driver::LoadMode;
 use epp_bench::report::{self, BenchReport};
 use epp_bench::workload::{
-    Api, HotSpot, MultiTurn, NoSharing, SharedPrefix, Workload, WorkloadSpec,
+    Api, HotSpot, LongPrompt, MultiTurn, NoSharing, SharedPrefix, Workload, WorkloadSpec,
 };
 use tokio::sync::watch;
 
@@ -27,6 +27,9 @@ pub enum WorkloadKind {
     NoSharing,
     /// One prefix group carries most of the traffic.
     HotSpot,
+    /// Long prompts, short outputs (P/D disaggregation); --shared-prefix-fraction of each
+    /// prompt is its group's system prompt.
+    LongPrompt,
 }
 
 /// Request format.
@@ -48,7 +51,7 @@ pub struct WorkloadArgs {
     /// Seed of the workload and of the arrival process: same seed, same requests.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// shared-prefix, hot-spot: number of prefix groups [default: 16 | 8].
+    /// shared-prefix, hot-spot, long-prompt: number of prefix groups [default: 16 | 8 | 4].
     #[arg(long)]
     pub num_groups: Option<u32>,
     /// shared-prefix: prompts per group [default: 64].
@@ -60,7 +63,7 @@ pub struct WorkloadArgs {
     /// shared-prefix, hot-spot: question length [default: 64].
     #[arg(long)]
     pub question_len: Option<u32>,
-    /// Output tokens per request (max_tokens) [default: 16; multi-turn 32].
+    /// Output tokens per request (max_tokens) [default: 16; multi-turn, long-prompt 32].
     #[arg(long)]
     pub output_len: Option<u32>,
     /// multi-turn: concurrent conversations [default: 16].
@@ -72,9 +75,13 @@ pub struct WorkloadArgs {
     /// multi-turn: length of each user message [default: 96].
     #[arg(long)]
     pub user_len: Option<u32>,
-    /// no-sharing: prompt length [default: 512].
+    /// no-sharing, long-prompt: prompt length [default: 512 | 8192].
     #[arg(long)]
     pub prompt_len: Option<u32>,
+    /// long-prompt: share of each prompt, 0..1, that is its group's system prompt (cached once
+    /// the group has been seen) [default: 0].
+    #[arg(long, value_name = "FRACTION")]
+    pub shared_prefix_fraction: Option<f64>,
     /// hot-spot: share of requests in the hot group, 0..1 [default: 0.8].
     #[arg(long)]
     pub hot_fraction: Option<f64>,
@@ -95,6 +102,10 @@ impl WorkloadArgs {
         };
         let spec = match self.workload {
             WorkloadKind::SharedPrefix => {
+                unused(
+                    "shared-prefix-fraction",
+                    self.shared_prefix_fraction.is_some(),
+                )?;
                 unused("num-sessions", self.num_sessions.is_some())?;
                 unused("turns-per-session", self.turns_per_session.is_some())?;
                 unused("user-len", self.user_len.is_some())?;
@@ -113,6 +124,10 @@ impl WorkloadArgs {
                 })
             }
             WorkloadKind::MultiTurn => {
+                unused(
+                    "shared-prefix-fraction",
+                    self.shared_prefix_fraction.is_some(),
+                )?;
                 unused("num-groups", self.num_groups.is_some())?;
                 unused(
                     "num-prompts-per-group",
@@ -132,6 +147,10 @@ impl WorkloadArgs {
                 })
             }
             WorkloadKind::NoSharing => {
+                unused(
+                    "shared-prefix-fraction",
+                    self.shared_prefix_fraction.is_some(),
+                )?;
                 unused("num-groups", self.num_groups.is_some())?;
                 unused(
                     "num-prompts-per-group",
@@ -152,6 +171,10 @@ impl WorkloadArgs {
             }
             WorkloadKind::HotSpot => {
                 unused(
+                    "shared-prefix-fraction",
+                    self.shared_prefix_fraction.is_some(),
+                )?;
+                unused(
                     "num-prompts-per-group",
                     self.num_prompts_per_group.is_some(),
                 )?;
@@ -169,6 +192,30 @@ impl WorkloadArgs {
                     api,
                 })
             }
+            WorkloadKind::LongPrompt => {
+                unused(
+                    "num-prompts-per-group",
+                    self.num_prompts_per_group.is_some(),
+                )?;
+                unused("system-prompt-len", self.system_prompt_len.is_some())?;
+                unused("question-len", self.question_len.is_some())?;
+                unused("num-sessions", self.num_sessions.is_some())?;
+                unused("turns-per-session", self.turns_per_session.is_some())?;
+                unused("user-len", self.user_len.is_some())?;
+                unused("hot-fraction", self.hot_fraction.is_some())?;
+                let d = LongPrompt::default();
+                let shared_fraction = self.shared_prefix_fraction.unwrap_or(d.shared_fraction);
+                if !(0.0..1.0).contains(&shared_fraction) {
+                    anyhow::bail!("--shared-prefix-fraction must be at least 0 and below 1");
+                }
+                WorkloadSpec::LongPrompt(LongPrompt {
+                    prompt_len: self.prompt_len.unwrap_or(d.prompt_len),
+                    output_len: self.output_len.unwrap_or(d.output_len),
+                    shared_fraction,
+                    num_groups: self.num_groups.unwrap_or(d.num_groups),
+                    api,
+                })
+            }
         };
         // Validate now, so a bad parameter is reported before anything starts.
         Workload::new(spec.clone(), self.seed)?;
@@ -181,6 +228,7 @@ impl WorkloadArgs {
             WorkloadKind::MultiTurn => "multi-turn",
             WorkloadKind::NoSharing => "no-sharing",
             WorkloadKind::HotSpot => "hot-spot",
+            WorkloadKind::LongPrompt => "long-prompt",
         }
     }
 }
@@ -273,6 +321,11 @@ pub struct SimArgs {
     /// Simulated time between output tokens, in ms.
     #[arg(long, default_value_t = 5.0)]
     pub inter_token_ms: f64,
+    /// Simulated prefill/decode interference (`epp sim --prefill-interference-tokens`): while
+    /// a simulator's requests compute P uncached prompt tokens, each inter-token gap of its other
+    /// sequences grows by min(TOKENS, P) × --prefill-per-token-ms. 0: off.
+    #[arg(long, value_name = "TOKENS", default_value_t = 0)]
+    pub prefill_interference_tokens: usize,
 }
 
 impl SimArgs {
@@ -306,6 +359,7 @@ impl SimArgs {
             max_num_seqs: self.max_num_seqs,
             kv_blocks: self.kv_blocks,
             latency,
+            prefill_interference_tokens: self.prefill_interference_tokens,
             ..SimSetup::default()
         })
     }
@@ -323,7 +377,9 @@ pub struct Args {
     pub sims: SimArgs,
 
     /// Built-in policies to compare, comma-separated (random, round-robin, least-queue,
-    /// prefix-only, default).
+    /// prefix-only, default; and the prefill/decode ones, which need --prefill-backends: pd
+    /// disaggregates when the decode pick would compute at least 1024 uncached prompt tokens
+    /// (prefix-based-pd-decider), pd-always disaggregates every request).
     #[arg(
         long,
         value_delimiter = ',',
@@ -334,6 +390,13 @@ pub struct Args {
     /// An extra policy from an EndpointPickerConfig file (repeatable); named `file:<stem>`.
     #[arg(long, value_name = "FILE")]
     pub policy_config: Vec<PathBuf>,
+
+    /// For policies that disaggregate prefill and decode (pd, pd-always, or a --policy-config
+    /// with a disagg-profile-handler): K of the --backends simulators run --role prefill, the
+    /// rest --role decode, labelled llm-d.ai/role for the picker. Other policies still run over
+    /// --backends role-both simulators. Must be below --backends.
+    #[arg(long, value_name = "K", conflicts_with = "url")]
+    pub prefill_backends: Option<usize>,
 
     /// Picker replicas per policy, in front of the same simulators; requests are split
     /// round-robin between them. The report's picker metrics are the first replica's.
@@ -504,8 +567,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         for name in &args.policies {
             let p = Policy::preset(name.trim()).with_context(|| {
                 format!(
-                    "unknown policy `{name}`; built-in policies are {}",
-                    compare::PRESET_NAMES.join(", ")
+                    "unknown policy `{name}`; built-in policies are {}, {}",
+                    compare::PRESET_NAMES.join(", "),
+                    compare::PD_PRESET_NAMES.join(", ")
                 )
             })?;
             policies.push(p);
@@ -517,6 +581,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             anyhow::bail!("no policy to compare: give --policies and/or --policy-config");
         }
         let (max_requests, duration) = args.load.bounds(Some(800), None)?;
+        let mut sims = args.sims.setup()?;
+        if args.prefill_backends == Some(0) {
+            anyhow::bail!("--prefill-backends must be at least 1");
+        }
+        sims.prefill_backends = args.prefill_backends.unwrap_or(0);
+        compare::check_roles(&sims, &policies)?;
         let cfg = CompareConfig {
             replicas: args.replicas as usize,
             shared_state: args.shared_state.clone(),
@@ -525,7 +595,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             mode,
             max_requests,
             duration,
-            sims: args.sims.setup()?,
+            sims,
             policies,
             progress: !args.load.no_progress,
             request_timeout: timeout,
@@ -679,6 +749,94 @@ mod tests {
         // --model and --metrics-url only make sense with --url.
         assert!(parse(&["--model", "m"]).is_err());
         assert!(parse(&["--url", "http://x", "--policies", "default"]).is_err());
+    }
+
+    #[test]
+    fn long_prompt_and_pd_flags() {
+        let a = parse(&[
+            "--workload",
+            "long-prompt",
+            "--prompt-len",
+            "4000",
+            "--output-len",
+            "8",
+            "--shared-prefix-fraction",
+            "0.9",
+            "--num-groups",
+            "2",
+            "--prefill-backends",
+            "1",
+            "--prefill-interference-tokens",
+            "2048",
+            "--policies",
+            "default,pd,pd-always",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.workload.spec().unwrap(),
+            WorkloadSpec::LongPrompt(LongPrompt {
+                prompt_len: 4000,
+                output_len: 8,
+                shared_fraction: 0.9,
+                num_groups: 2,
+                api: Api::Chat,
+            })
+        );
+        assert_eq!(a.prefill_backends, Some(1));
+        assert_eq!(a.sims.setup().unwrap().prefill_interference_tokens, 2048);
+        assert_eq!(
+            parse(&["--workload", "long-prompt"])
+                .unwrap()
+                .workload
+                .spec()
+                .unwrap(),
+            WorkloadSpec::LongPrompt(LongPrompt::default())
+        );
+        for (argv, err) in [
+            (
+                &["--shared-prefix-fraction", "0.5"][..],
+                "--shared-prefix-fraction does not apply to --workload shared-prefix",
+            ),
+            (
+                &["--workload", "long-prompt", "--shared-prefix-fraction", "1"][..],
+                "--shared-prefix-fraction must be at least 0 and below 1",
+            ),
+            (
+                &["--workload", "long-prompt", "--question-len", "3"][..],
+                "--question-len does not apply to --workload long-prompt",
+            ),
+        ] {
+            let a = parse(argv).unwrap();
+            assert_eq!(a.workload.spec().unwrap_err().to_string(), err);
+        }
+        assert!(parse(&["--url", "http://x", "--prefill-backends", "1"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn pd_roles_are_refused_naming_the_flag() {
+        let run_err = |argv: &[&str]| {
+            let a = parse(argv).unwrap();
+            async move { run(a).await.unwrap_err().to_string() }
+        };
+        let e = run_err(&["--policies", "pd"]).await;
+        assert!(
+            e.contains("policy pd disaggregates") && e.contains("--prefill-backends"),
+            "{e}"
+        );
+        let e = run_err(&["--policies", "default", "--prefill-backends", "1"]).await;
+        assert!(
+            e.starts_with("--prefill-backends applies only to policies"),
+            "{e}"
+        );
+        let e = run_err(&["--policies", "pd", "--prefill-backends", "4"]).await;
+        assert!(
+            e.starts_with("--prefill-backends 4 leaves no decode simulator"),
+            "{e}"
+        );
+        let e = run_err(&["--policies", "pd", "--prefill-backends", "0"]).await;
+        assert_eq!(e, "--prefill-backends must be at least 1");
+        let e = run_err(&["--policies", "pdx"]).await;
+        assert!(e.contains("pd, pd-always"), "{e}");
     }
 
     #[test]

@@ -87,6 +87,12 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub jitter: f64,
 
+    /// Prefill/decode interference, as vLLM's per-step token budget C: while requests compute
+    /// P uncached prompt tokens, every inter-token gap of the other running sequences grows by
+    /// min(C, P) × --prefill-per-token-ms (prefill chunks share the decode steps). 0: off.
+    #[arg(long, value_name = "TOKENS", default_value_t = 0)]
+    pub prefill_interference_tokens: usize,
+
     /// Seed of the RNG used for jitter and error injection (server i uses seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -236,6 +242,7 @@ impl Args {
                 inter_token_per_seq_ms: self.inter_token_per_seq_ms,
                 jitter: self.jitter,
             },
+            prefill_interference_tokens: self.prefill_interference_tokens,
             seed: self.seed,
             max_body_bytes: self.max_body_bytes,
             faults: Faults {
