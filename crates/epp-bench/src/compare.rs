@@ -43,6 +43,56 @@ pub const PRESET_NAMES: [&str; 5] = [
 /// simulators and the rest decode ones (see [`SimSetup::prefill_backends`]).
 pub const PD_PRESET_NAMES: [&str; 2] = ["pd", "pd-always"];
 
+/// Names of the built-in policies that route from the simulators' own KV events: each run's
+/// simulators publish them (simulator `i` on the run's base port + `i`) and the policy's
+/// `precise-prefix-cache-producer` subscribes to every one (see [`Policy::reads_kv_events`]).
+pub const KV_EVENTS_PRESET_NAMES: [&str; 1] = ["precise"];
+
+/// The `precise` policy: the default profile with its prefix scorer fed by
+/// `precise-prefix-cache-producer` (token ids from the first simulator's render endpoint, picks
+/// indexed speculatively until the engine's event confirms them) instead of the approximate
+/// index. The ports and the render URL here are placeholders the comparison replaces with its
+/// simulators' (see [`bind_to_sims`]).
+pub const PRECISE_YAML: &str = r#"apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters:
+    modelName: sim-model
+    vllm:
+      url: http://127.0.0.1:8000
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig:
+      blockSizeTokens: 16
+    speculativeIndexing: true
+    kvEventsConfig:
+      podDiscoveryConfig:
+        socketPort: 5557
+        replaySocketPort: 5558
+- type: prefix-cache-scorer
+  parameters:
+    prefixMatchInfoProducerName: precise-prefix-cache-producer
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: active-request-scorer
+  parameters:
+    idleThreshold: 2
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: active-request-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+"#;
+
 /// Uncached prompt tokens on the decode pick from which the `pd` policy disaggregates: 1,024
 /// tokens cost about 100 ms to compute at the benchmarks' 0.1 ms per token, against 64 blocks
 /// × 0.08 ms = 5 ms to read them, and a long prefill slows the decode pick's other sequences.
@@ -110,6 +160,7 @@ impl Policy {
                 &format!("\n  parameters:\n    nonCachedTokens: {PD_NON_CACHED_TOKENS}"),
             ),
             "pd-always" => pd_yaml("always-disagg-pd-decider", ""),
+            "precise" => PRECISE_YAML.to_owned(),
             _ => epp_core::config::presets::by_name(name)?.to_owned(),
         };
         Some(Policy {
@@ -126,6 +177,17 @@ impl Policy {
             c.plugins
                 .iter()
                 .any(|p| p.type_ == "disagg-profile-handler" || p.type_ == "pd-profile-handler")
+        })
+    }
+
+    /// Whether the policy routes from KV events (its config has a
+    /// `precise-prefix-cache-producer`): its simulators then publish them, and the comparison
+    /// points the producer at them ([`bind_to_sims`]).
+    pub fn reads_kv_events(&self) -> bool {
+        epp_core::config::EndpointPickerConfig::from_yaml(&self.config_yaml).is_ok_and(|c| {
+            c.plugins
+                .iter()
+                .any(|p| p.type_ == "precise-prefix-cache-producer")
         })
     }
 
@@ -156,7 +218,8 @@ pub struct SimSetup {
     /// KV capacity per backend; `None` sizes it from the workload (see [`size_caches`]).
     pub kv_blocks: Option<u64>,
     /// Together the caches hold `cache_factor` x the reusable working set (plus room for the
-    /// running requests' private blocks). Must be > 1 and < the number of backends.
+    /// running requests' private blocks). Below 1 the caches must evict even under perfect
+    /// routing; at the number of backends or more, one backend holds it all.
     pub cache_factor: f64,
     /// For policies that disaggregate ([`Policy::disaggregates`]): this many of the `backends`
     /// simulators run `--role prefill` (named `prefill-<i>`) and the rest `--role decode`
@@ -275,6 +338,10 @@ pub struct CompareConfig {
     pub replicas: usize,
     /// Redis URL the replicas share routing state through (`None`: they share nothing).
     pub shared_state: Option<String>,
+    /// This long into each policy's run, the first simulator restarts (see
+    /// [`epp_sim::SimServer::restart`]): its cache is empty and its KV-event sequence starts
+    /// again, while the picker still remembers what it held.
+    pub restart_backend_after: Option<Duration>,
 }
 
 /// Progress notifications, so a front-end can print where things are while they run.
@@ -371,7 +438,31 @@ pub async fn compare(
         }
         let last = i + 1 == cfg.policies.len();
         let pd = policy.disaggregates();
-        let sims = start_sims(&cfg.sims, kv_blocks, pd).await?;
+        // Publishers at base + i, replay sockets at base + n + i.
+        let n = cfg.sims.backends;
+        let kv_base = if policy.reads_kv_events() {
+            Some(free_port_run(2 * n)?)
+        } else {
+            None
+        };
+        let mut sims = start_sims(&cfg.sims, kv_blocks, pd, kv_base).await?;
+        let config_yaml = match kv_base {
+            Some(base) => match bind_to_sims(
+                &policy.config_yaml,
+                base,
+                base + n as u16,
+                &format!("http://{}", sims[0].addr()),
+            ) {
+                Ok(y) => y,
+                Err(e) => {
+                    for s in sims {
+                        s.shutdown().await;
+                    }
+                    return Err(e.context(format!("policy {}", policy.name)));
+                }
+            },
+            None => policy.config_yaml.clone(),
+        };
         // start_sims puts the prefill servers first.
         let role = |i: usize| {
             let r = if i < cfg.sims.prefill_backends {
@@ -381,10 +472,15 @@ pub async fn compare(
             };
             pd.then(|| r.as_str())
         };
-        let endpoints: Vec<(SocketAddr, Option<&str>)> = sims
+        let endpoints: Vec<BenchEndpoint> = sims
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.addr(), role(i)))
+            .map(|(i, s)| BenchEndpoint {
+                addr: s.addr(),
+                role: role(i),
+                // The rank offsets the publisher port the producer dials (socketPort + rank).
+                rank: if kv_base.is_some() { i as u16 } else { 0 },
+            })
             .collect();
         let shared = cfg.shared_state.as_ref().map(|url| {
             // A fresh key prefix per run, so runs never read each other's state.
@@ -396,13 +492,7 @@ pub async fn compare(
             );
             (url.clone(), prefix)
         });
-        let picker = match start_picker(
-            &endpoints,
-            &policy.config_yaml,
-            cfg.replicas.max(1),
-            shared,
-        )
-        .await
+        let picker = match start_picker(&endpoints, &config_yaml, cfg.replicas.max(1), shared).await
         {
             Ok(p) => p,
             Err(e) => {
@@ -426,7 +516,7 @@ pub async fn compare(
                 .map(|s| (s.name().to_owned(), s.addr()))
                 .collect(),
         });
-        let run = run_policy(cfg, &workload, policy, &sims, &picker, stop.clone()).await;
+        let run = run_policy(cfg, &workload, policy, &mut sims, &picker, stop.clone()).await;
         notify(CompareEvent::PolicyFinished {
             policy: policy.name.clone(),
         });
@@ -465,6 +555,8 @@ pub async fn compare(
             working_set_blocks: sizing.reused_blocks,
             max_num_seqs: cfg.sims.max_num_seqs,
             latency: serde_json::to_value(cfg.sims.latency).unwrap_or_default(),
+            replicas: cfg.replicas.max(1),
+            restart_backend_after_s: cfg.restart_backend_after.map(|d| d.as_secs_f64()),
         }),
         runs,
         interrupted,
@@ -504,11 +596,23 @@ pub fn check_roles(setup: &SimSetup, policies: &[Policy]) -> anyhow::Result<()> 
     }
 }
 
+/// The simulators of one run; with `kv_base`, simulator `i` publishes KV events on
+/// `127.0.0.1:kv_base + i` and answers replay requests on `kv_base + backends + i`.
 async fn start_sims(
     setup: &SimSetup,
     kv_blocks: u64,
     pd: bool,
+    kv_base: Option<u16>,
 ) -> anyhow::Result<Vec<epp_sim::SimServer>> {
+    let n = setup.backends as u16;
+    let kv_events = |first: u16| match kv_base {
+        Some(b) => epp_sim::KvEventsConfig {
+            endpoint: Some(format!("tcp://127.0.0.1:{}", b + first)),
+            replay_endpoint: Some(format!("tcp://127.0.0.1:{}", b + n + first)),
+            ..epp_sim::KvEventsConfig::off()
+        },
+        None => epp_sim::KvEventsConfig::off(),
+    };
     let base = epp_sim::SimConfig {
         model: setup.model.clone(),
         max_num_seqs: setup.max_num_seqs,
@@ -516,6 +620,7 @@ async fn start_sims(
         latency: setup.latency,
         prefill_interference_tokens: setup.prefill_interference_tokens,
         shutdown_grace: Duration::from_secs(2),
+        kv_events: kv_events(0),
         ..epp_sim::SimConfig::default()
     };
     let host = [127, 0, 0, 1].into();
@@ -532,6 +637,7 @@ async fn start_sims(
         role: epp_sim::Role::Decode,
         // Seeds after the prefill servers', as one pool of `backends` would have them.
         seed: base.seed.wrapping_add(k as u64),
+        kv_events: kv_events(k as u16),
         ..base
     };
     match epp_sim::spawn_many(&decode, "decode", host, 0, setup.backends - k).await {
@@ -546,6 +652,97 @@ async fn start_sims(
     Ok(sims)
 }
 
+/// A base port with `n` consecutive free loopback ports after it (checked by binding each, so a
+/// port taken meanwhile is still possible but unlikely); bounded search.
+fn free_port_run(n: usize) -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let base = std::net::TcpListener::bind(("127.0.0.1", 0))?
+            .local_addr()?
+            .port();
+        if usize::from(base) + n > usize::from(u16::MAX) {
+            continue;
+        }
+        let free =
+            (0..n as u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return Ok(base);
+        }
+    }
+    anyhow::bail!("found no {n} consecutive free loopback ports for the simulators' KV events")
+}
+
+/// `config_yaml` pointed at a run's simulators: every `precise-prefix-cache-producer` dials
+/// their publishers (`podDiscoveryConfig.socketPort` / `replaySocketPort`, each endpoint at its
+/// rank's offset) and every `token-producer` with the `vllm` backend renders on `render_url`
+/// (the simulators share one tokenizer). A producer given a central `zmqEndpoint` is refused:
+/// the simulators publish on their own sockets.
+pub fn bind_to_sims(
+    config_yaml: &str,
+    socket_port: u16,
+    replay_port: u16,
+    render_url: &str,
+) -> anyhow::Result<String> {
+    use serde_json::{json, Map, Value};
+    let mut config = epp_core::config::EndpointPickerConfig::from_yaml(config_yaml)
+        .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
+    /// `m[key]` as a map, created when missing or null.
+    fn child<'a>(
+        m: &'a mut Map<String, Value>,
+        key: &str,
+    ) -> anyhow::Result<&'a mut Map<String, Value>> {
+        let c = m.entry(key.to_owned()).or_insert_with(|| json!({}));
+        if c.is_null() {
+            *c = json!({});
+        }
+        c.as_object_mut()
+            .ok_or_else(|| anyhow::anyhow!("{key} must be a map"))
+    }
+    for p in &mut config.plugins {
+        if !matches!(
+            p.type_.as_str(),
+            "precise-prefix-cache-producer" | "token-producer"
+        ) {
+            continue;
+        }
+        let name = p.name().to_owned();
+        let params = p.parameters.get_or_insert_with(|| json!({}));
+        if params.is_null() {
+            *params = json!({});
+        }
+        let Some(params) = params.as_object_mut() else {
+            anyhow::bail!("plugin {name}: parameters must be a map");
+        };
+        match p.type_.as_str() {
+            "precise-prefix-cache-producer" => {
+                let kv = child(params, "kvEventsConfig")?;
+                if kv
+                    .get("zmqEndpoint")
+                    .is_some_and(|v| v.as_str() != Some(""))
+                {
+                    anyhow::bail!(
+                        "plugin {name}: kvEventsConfig.zmqEndpoint: the benchmark's simulators \
+                         publish on their own sockets; leave it out"
+                    );
+                }
+                let disc = child(kv, "podDiscoveryConfig")?;
+                disc.insert("socketPort".into(), json!(socket_port));
+                disc.insert("replaySocketPort".into(), json!(replay_port));
+            }
+            // `vllm`, or `modelName` alone (which selects it): render on the simulators.
+            "token-producer"
+                if params.contains_key("vllm")
+                    || (params.contains_key("modelName")
+                        && !params.contains_key("local")
+                        && !params.contains_key("estimate")) =>
+            {
+                child(params, "vllm")?.insert("url".into(), json!(render_url));
+            }
+            _ => {}
+        }
+    }
+    Ok(config.to_yaml())
+}
+
 /// What the simulators themselves counted over a run (read from their metrics in-process).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SimTotals {
@@ -556,6 +753,10 @@ pub struct SimTotals {
     pub transferred_prompt_tokens: u64,
     /// P/D prefills the prefill servers ran (`epp_sim:kv_transfer_prefills_total`).
     pub kv_transfer_prefills: u64,
+    /// Simulators restarted during the run (`--restart-backend-after`); their counts from
+    /// before the restart are included above.
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// Sums the counters of [`SimTotals`] over `sims`.
@@ -586,15 +787,20 @@ async fn run_policy(
     cfg: &CompareConfig,
     workload: &Arc<Workload>,
     policy: &Policy,
-    sims: &[epp_sim::SimServer],
+    sims: &mut Vec<epp_sim::SimServer>,
     picker: &PickerHandle,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<PolicyRun> {
     let http = crate::http::client();
     let metrics_url = &format!("http://{}/metrics", picker.metrics_addr);
+    let kv_events = policy.reads_kv_events();
     for r in &picker.replicas {
         if let Some(m) = r.metrics_addr {
-            wait_until_picker_sees(&http, &format!("http://{m}/metrics"), sims.len()).await;
+            let url = format!("http://{m}/metrics");
+            wait_until_picker_sees(&http, &url, sims.len()).await;
+            if kv_events {
+                wait_until_events_flow(&http, &url).await;
+            }
         }
     }
     let before = picker_metrics::scrape(&http, metrics_url)
@@ -615,9 +821,42 @@ async fn run_policy(
     load.request_timeout = cfg.request_timeout;
     load.progress = cfg.progress;
     load.label = policy.name.clone();
-    let outcome = run_load(&load, workload.clone(), stop).await?;
+    // The first simulator restarts mid-run, if asked (not once the load is over); what it
+    // counted before stays counted.
+    let mut retired = SimTotals::default();
+    let (done_tx, mut done) = watch::channel(false);
+    let restart = async {
+        let Some(after) = cfg.restart_backend_after else {
+            return Ok(false);
+        };
+        let mut stop = stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(after) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(false),
+            _ = done.wait_for(|d| *d) => return Ok(false),
+        }
+        let old = sims.remove(0);
+        retired = sim_totals(std::slice::from_ref(&old));
+        let name = old.name().to_owned();
+        let s = old.restart().await?;
+        tracing::info!(backend = %name, "restarted mid-run");
+        sims.insert(0, s);
+        anyhow::Ok(true)
+    };
+    let load_run = async {
+        let o = run_load(&load, workload.clone(), stop.clone()).await;
+        let _ = done_tx.send(true);
+        o
+    };
+    let (outcome, restarted) = tokio::join!(load_run, restart);
+    let outcome = outcome?;
+    let restarted = restarted?;
     let after = picker_metrics::scrape(&http, metrics_url).await;
-    let totals = sim_totals(sims);
+    let mut totals = sim_totals(sims);
+    totals.computed_prompt_tokens += retired.computed_prompt_tokens;
+    totals.transferred_prompt_tokens += retired.transferred_prompt_tokens;
+    totals.kv_transfer_prefills += retired.kv_transfer_prefills;
+    totals.restarts = u64::from(restarted);
     let known: Vec<Backend> = sims
         .iter()
         .map(|s| Backend {
@@ -761,6 +1000,40 @@ async fn wait_until_picker_sees(http: &crate::http::HttpClient, metrics_url: &st
     );
 }
 
+/// Waits (bounded) until the picker's precise producer has every endpoint's KV events flowing
+/// (`epp_precise_prefix_endpoints_in_fallback` all zero), so that no run starts scored by the
+/// approximate index while the subscriptions connect.
+async fn wait_until_events_flow(http: &crate::http::HttpClient, metrics_url: &str) {
+    for _ in 0..100 {
+        if let Ok(text) = crate::http::get_text(http, metrics_url, Duration::from_secs(2)).await {
+            if let Ok(samples) = epp_core::exposition::parse(&text) {
+                let gauges: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.name == "epp_precise_prefix_endpoints_in_fallback")
+                    .map(|s| s.value)
+                    .collect();
+                if !gauges.is_empty() && gauges.iter().all(|v| *v == 0.0) {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!(
+        metrics_url,
+        "the picker's KV-event subscriptions were not all live within 5 s; starting anyway"
+    );
+}
+
+/// One simulator as the picker is told of it.
+struct BenchEndpoint {
+    addr: SocketAddr,
+    /// `llm-d.ai/role`, for P/D policies.
+    role: Option<&'static str>,
+    /// Data-parallel rank: the producer dials `socketPort + rank`.
+    rank: u16,
+}
+
 /// A running in-process picker (proxy mode).
 struct PickerHandle {
     /// The first replica's addresses (its `/metrics` is the one reported).
@@ -783,7 +1056,7 @@ impl PickerHandle {
 /// its `llm-d.ai/role` label, if any: labelled endpoints are given through an endpoints file),
 /// with the policy `config_yaml`; with `shared` (Redis URL, key prefix) they share routing state.
 async fn start_picker(
-    endpoints: &[(SocketAddr, Option<&str>)],
+    endpoints: &[BenchEndpoint],
     config_yaml: &str,
     replicas: usize,
     shared: Option<(String, String)>,
@@ -792,21 +1065,25 @@ async fn start_picker(
     use epp_core::discovery::StaticDiscovery;
     let config = epp_core::config::EndpointPickerConfig::from_yaml(config_yaml)
         .map_err(|e| anyhow::anyhow!("invalid EndpointPickerConfig: {e}"))?;
-    let (static_endpoints, file, dir) = if endpoints.iter().any(|(_, role)| role.is_some()) {
+    let plain = endpoints.iter().all(|e| e.role.is_none() && e.rank == 0);
+    let (static_endpoints, file, dir) = if !plain {
         let dir =
             tempfile::tempdir().context("cannot create a directory for the endpoints file")?;
         let path = dir.path().join("endpoints.yaml");
         let mut text = String::from("endpoints:\n");
-        for (addr, role) in endpoints {
-            text += &format!("- address: {addr}\n");
-            if let Some(role) = role {
+        for e in endpoints {
+            text += &format!("- address: {}\n", e.addr);
+            if let Some(role) = e.role {
                 text += &format!("  labels: {{llm-d.ai/role: {role}}}\n");
+            }
+            if e.rank > 0 {
+                text += &format!("  rank: {}\n", e.rank);
             }
         }
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         (Vec::new(), Some(path), Some(dir))
     } else {
-        let list = endpoints.iter().map(|(a, _)| a.to_string()).collect();
+        let list = endpoints.iter().map(|e| e.addr.to_string()).collect();
         (list, None, None)
     };
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
@@ -913,18 +1190,85 @@ mod tests {
 
     #[test]
     fn presets_exist_for_every_name() {
-        for n in PRESET_NAMES.into_iter().chain(PD_PRESET_NAMES) {
+        for n in PRESET_NAMES
+            .into_iter()
+            .chain(PD_PRESET_NAMES)
+            .chain(KV_EVENTS_PRESET_NAMES)
+        {
             let p = Policy::preset(n).unwrap();
             assert_eq!(p.name, n);
             epp_core::config::EndpointPickerConfig::from_yaml(&p.config_yaml)
                 .unwrap_or_else(|e| panic!("{n}: {e}"));
             assert_eq!(p.disaggregates(), PD_PRESET_NAMES.contains(&n), "{n}");
+            assert_eq!(
+                p.reads_kv_events(),
+                KV_EVENTS_PRESET_NAMES.contains(&n),
+                "{n}"
+            );
         }
         assert!(Policy::preset("pd")
             .unwrap()
             .config_yaml
             .contains("nonCachedTokens: 1024"));
         assert!(Policy::preset("nope").is_none());
+    }
+
+    #[test]
+    fn precise_policies_are_pointed_at_the_runs_simulators() {
+        let p = Policy::preset("precise").unwrap();
+        let y = bind_to_sims(&p.config_yaml, 40100, 40104, "http://127.0.0.1:9").unwrap();
+        let c = epp_core::config::EndpointPickerConfig::from_yaml(&y).unwrap();
+        let params = |t: &str| {
+            c.plugins
+                .iter()
+                .find(|p| p.type_ == t)
+                .and_then(|p| p.parameters.clone())
+                .unwrap()
+        };
+        let disc = &params("precise-prefix-cache-producer")["kvEventsConfig"]["podDiscoveryConfig"];
+        assert_eq!(disc["socketPort"], 40100);
+        assert_eq!(disc["replaySocketPort"], 40104);
+        assert_eq!(
+            params("token-producer")["vllm"]["url"],
+            "http://127.0.0.1:9"
+        );
+        // Everything else is kept.
+        assert_eq!(
+            params("precise-prefix-cache-producer")["speculativeIndexing"],
+            true
+        );
+        // `modelName` alone selects the vllm backend: it renders on the simulators too.
+        let alone = p.config_yaml.replace(
+            "    modelName: sim-model\n    vllm:\n      url: http://127.0.0.1:8000\n",
+            "    modelName: sim-model\n",
+        );
+        assert_ne!(alone, p.config_yaml);
+        let y = bind_to_sims(&alone, 1, 2, "http://127.0.0.1:9").unwrap();
+        assert!(y.contains("http://127.0.0.1:9"), "{y}");
+        // A central socket cannot be what the simulators publish to.
+        let central = p.config_yaml.replace(
+            "    kvEventsConfig:\n",
+            "    kvEventsConfig:\n      zmqEndpoint: tcp://*:5557\n",
+        );
+        let e = bind_to_sims(&central, 1, 2, "http://x:1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kvEventsConfig.zmqEndpoint"), "{e}");
+        // Other policies pass through unchanged in meaning.
+        let d = Policy::preset("default").unwrap();
+        let y = bind_to_sims(&d.config_yaml, 1, 2, "http://x:1").unwrap();
+        assert_eq!(
+            epp_core::config::EndpointPickerConfig::from_yaml(&y).unwrap(),
+            epp_core::config::EndpointPickerConfig::from_yaml(&d.config_yaml).unwrap()
+        );
+    }
+
+    #[test]
+    fn free_port_runs_are_free() {
+        let base = free_port_run(8).unwrap();
+        for i in 0..8 {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).unwrap();
+        }
     }
 
     #[test]

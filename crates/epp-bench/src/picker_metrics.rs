@@ -21,6 +21,9 @@ pub struct PickerSnapshot {
     pub duration_buckets: Vec<(f64, f64)>,
     pub duration_sum: f64,
     pub duration_count: f64,
+    /// `epp_precise_prefix_fallback_total`, summed over reasons: scores the precise producer
+    /// took from the approximate index (`None`: the picker has no precise producer).
+    pub precise_fallbacks: Option<f64>,
     /// Whether any `epp_` metric was present at all.
     pub seen: bool,
 }
@@ -38,6 +41,10 @@ pub struct PickerStats {
     /// Quantiles interpolated inside histogram buckets.
     pub decision_p50_s: f64,
     pub decision_p99_s: f64,
+    /// Scores the precise producer took from the approximate index over the run (per request
+    /// without token ids, per request and endpoint otherwise); `None` without a precise producer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precise_fallbacks: Option<f64>,
 }
 
 /// Parses a Prometheus text exposition (with the workspace's one exposition reader).
@@ -58,6 +65,13 @@ pub fn parse(text: &str) -> PickerSnapshot {
             "epp_routing_decisions_total" | "epp_routing_decisions" => {
                 let kind = s.label("decision_type").unwrap_or("").to_owned();
                 *snap.decisions.entry(kind).or_insert(0.0) += v;
+            }
+            "epp_precise_prefix_fallback_total" | "epp_precise_prefix_fallback" => {
+                *snap.precise_fallbacks.get_or_insert(0.0) += v
+            }
+            // Always exported with a precise producer, before anything fell back.
+            "epp_precise_prefix_endpoints_in_fallback" => {
+                snap.precise_fallbacks.get_or_insert(0.0);
             }
             "epp_request_duration_seconds_sum" => snap.duration_sum += v,
             "epp_request_duration_seconds_count" => snap.duration_count += v,
@@ -126,6 +140,9 @@ impl PickerSnapshot {
             decision_mean_s: if count > 0.0 { sum / count } else { 0.0 },
             decision_p50_s: bucket_quantile(&buckets, 0.50),
             decision_p99_s: bucket_quantile(&buckets, 0.99),
+            precise_fallbacks: self
+                .precise_fallbacks
+                .map(|a| a - before.precise_fallbacks.unwrap_or(0.0)),
         }
     }
 }

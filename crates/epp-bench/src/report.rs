@@ -41,6 +41,16 @@ pub struct SetupInfo {
     pub max_num_seqs: usize,
     /// Simulator latency parameters, as JSON.
     pub latency: serde_json::Value,
+    /// Picker replicas in front of the simulators.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// Seconds into each run at which the first simulator restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_backend_after_s: Option<f64>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Everything one `epp bench` (or `epp demo`) invocation measured.
@@ -147,6 +157,12 @@ const TAIL_ROWS: &[(&str, Cell)] = &[
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(" ")
+        }
+    }),
+    ("precise scores from approximate", |r| {
+        match r.picker.as_ref().and_then(|p| p.precise_fallbacks) {
+            Some(n) => format!("{n:.0}"),
+            None => "n/a".into(),
         }
     }),
     ("picker decision mean (us)", |r| match &r.picker {

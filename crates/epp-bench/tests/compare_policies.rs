@@ -14,6 +14,7 @@ async fn default_profile_beats_round_robin_on_cached_tokens() {
     let cfg = CompareConfig {
         replicas: 1,
         shared_state: None,
+        restart_backend_after: None,
         workload: WorkloadSpec::SharedPrefix(SharedPrefix {
             num_groups: 8,
             num_prompts_per_group: 16,

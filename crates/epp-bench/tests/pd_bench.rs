@@ -14,6 +14,7 @@ fn config(workload: LongPrompt, policies: &[&str], requests: u64) -> CompareConf
     CompareConfig {
         replicas: 1,
         shared_state: None,
+        restart_backend_after: None,
         workload: WorkloadSpec::LongPrompt(workload),
         seed: 3,
         mode: LoadMode::ClosedLoop { concurrency: 1 },

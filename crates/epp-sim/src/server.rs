@@ -35,6 +35,9 @@ pub struct SimServer {
     kv_events: Option<KvEventsHandle>,
     shutdown: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// What [`SimServer::restart`] starts again.
+    cfg: SimConfig,
+    tokenizer: Tokenizer,
 }
 
 impl std::fmt::Debug for SimServer {
@@ -111,8 +114,8 @@ pub(crate) async fn spawn_with(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         next_id: AtomicU64::new(0),
-        tokenizer,
-        cfg,
+        tokenizer: tokenizer.clone(),
+        cfg: cfg.clone(),
     });
     let router = api::router(app);
     let task = tokio::spawn(accept_loop(
@@ -133,6 +136,8 @@ pub(crate) async fn spawn_with(
         kv_events,
         shutdown,
         task: Some(task),
+        cfg,
+        tokenizer,
     })
 }
 
@@ -175,6 +180,26 @@ impl SimServer {
     /// The `/metrics` text, without going through HTTP.
     pub fn metrics_text(&self) -> String {
         self.engine.render_metrics()
+    }
+
+    /// The server restarted, as a vLLM process would be: [`SimServer::shutdown`], then a fresh
+    /// engine with the same configuration on the same address and KV-event sockets (an empty
+    /// cache, counters from zero, KV-event sequence numbers from 0). The old sockets close
+    /// asynchronously, so binding is retried for up to 5 s.
+    pub async fn restart(self) -> anyhow::Result<SimServer> {
+        let (cfg, addr, tokenizer) = (self.cfg.clone(), self.addr, self.tokenizer.clone());
+        self.shutdown().await;
+        let mut last = None;
+        for _ in 0..100 {
+            match spawn_with(cfg.clone(), addr, tokenizer.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(last
+            .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
+            .context(format!("{}: cannot restart on {addr}", cfg.name)))
     }
 
     /// Stop accepting, let in-flight requests finish (up to the grace period), then return.

@@ -309,9 +309,14 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 16)]
     pub max_num_seqs: usize,
     /// KV-cache blocks per backend. Default: sized from the workload so that all backends
-    /// together hold 1.5x its reusable working set and one alone does not.
+    /// together hold --cache-factor times its reusable working set and one alone does not.
     #[arg(long)]
     pub kv_blocks: Option<u64>,
+    /// With the default sizing: how many times the workload's reusable working set the
+    /// backends' caches hold together (plus room for the running requests' own blocks). Below
+    /// 1, caches must evict even under perfect routing. Ignored with --kv-blocks.
+    #[arg(long, value_name = "FACTOR", default_value_t = 1.5)]
+    pub cache_factor: f64,
     /// Simulated prefill cost per uncached prompt token, in ms.
     #[arg(long, default_value_t = 0.1)]
     pub prefill_per_token_ms: f64,
@@ -339,6 +344,10 @@ impl SimArgs {
         if self.kv_blocks == Some(0) {
             anyhow::bail!("--kv-blocks must be at least 1");
         }
+        if !(self.cache_factor.is_finite() && self.cache_factor > 0.0 && self.cache_factor <= 100.0)
+        {
+            anyhow::bail!("--cache-factor must be a number above 0 and at most 100");
+        }
         for (flag, v) in [
             ("--prefill-per-token-ms", self.prefill_per_token_ms),
             ("--prefill-overhead-ms", self.prefill_overhead_ms),
@@ -358,6 +367,7 @@ impl SimArgs {
             backends: self.backends,
             max_num_seqs: self.max_num_seqs,
             kv_blocks: self.kv_blocks,
+            cache_factor: self.cache_factor,
             latency,
             prefill_interference_tokens: self.prefill_interference_tokens,
             ..SimSetup::default()
@@ -377,8 +387,9 @@ pub struct Args {
     pub sims: SimArgs,
 
     /// Built-in policies to compare, comma-separated (random, round-robin, least-queue,
-    /// prefix-only, default; and the prefill/decode ones, which need --prefill-backends: pd
-    /// disaggregates when the decode pick would compute at least 1024 uncached prompt tokens
+    /// prefix-only, default; precise, the default profile scored from the simulators' own KV
+    /// events; and the prefill/decode ones, which need --prefill-backends: pd disaggregates when
+    /// the decode pick would compute at least 1024 uncached prompt tokens
     /// (prefix-based-pd-decider), pd-always disaggregates every request).
     #[arg(
         long,
@@ -407,6 +418,12 @@ pub struct Args {
     /// replicas share nothing. Each run uses its own key prefix.
     #[arg(long, value_name = "URL")]
     pub shared_state: Option<String>,
+
+    /// This many seconds into each policy's run, restart the first simulator on the same ports:
+    /// its cache empties and its KV-event sequence starts again, while the picker still
+    /// remembers what it held. Requests it was serving fail and are counted.
+    #[arg(long, value_name = "SECONDS", conflicts_with = "url")]
+    pub restart_backend_after: Option<f64>,
 
     /// Directory for the JSON report and the SVG chart (created if missing).
     #[arg(long, value_name = "DIR", default_value = "bench-results")]
@@ -567,8 +584,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         for name in &args.policies {
             let p = Policy::preset(name.trim()).with_context(|| {
                 format!(
-                    "unknown policy `{name}`; built-in policies are {}, {}",
+                    "unknown policy `{name}`; built-in policies are {}, {}, {}",
                     compare::PRESET_NAMES.join(", "),
+                    compare::KV_EVENTS_PRESET_NAMES.join(", "),
                     compare::PD_PRESET_NAMES.join(", ")
                 )
             })?;
@@ -587,9 +605,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         sims.prefill_backends = args.prefill_backends.unwrap_or(0);
         compare::check_roles(&sims, &policies)?;
+        let restart_backend_after = match args.restart_backend_after {
+            None => None,
+            Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
+                Some(Duration::from_secs_f64(s))
+            }
+            Some(_) => {
+                anyhow::bail!("--restart-backend-after must be above 0 and at most 86400 seconds")
+            }
+        };
         let cfg = CompareConfig {
             replicas: args.replicas as usize,
             shared_state: args.shared_state.clone(),
+            restart_backend_after,
             workload: spec,
             seed: args.workload.seed,
             mode,

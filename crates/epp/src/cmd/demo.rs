@@ -58,6 +58,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cfg = CompareConfig {
         replicas: 1,
         shared_state: None,
+        restart_backend_after: None,
         workload: WorkloadSpec::SharedPrefix(SharedPrefix::default()),
         seed: args.seed,
         mode: epp_bench::driver::LoadMode::OpenLoop { rate: args.rate },
