@@ -270,13 +270,15 @@ pub fn map_pod(pod: &str, rank: Option<i64>, snap: &Snapshot) -> Result<usize, R
             1 => return pick(vec![on_host[0].slot()]),
             _ => {
                 let want = rank.unwrap_or(0);
-                return pick(
-                    on_host
-                        .iter()
-                        .filter(|e| i64::from(e.endpoint.spec.rank) == want)
-                        .map(|e| e.slot())
-                        .collect(),
-                );
+                let ranked: Vec<usize> = on_host
+                    .iter()
+                    .filter(|e| i64::from(e.endpoint.spec.rank) == want)
+                    .map(|e| e.slot())
+                    .collect();
+                if ranked.is_empty() {
+                    return Err(Refusal::AmbiguousPod);
+                }
+                return pick(ranked);
             }
         }
     }
@@ -1006,4 +1008,83 @@ async fn follow_one(
     m.queue_depth.dec_by(queued);
     stop.trigger();
     let _ = handle.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{DatastoreWriter, EndpointSpec, HealthConfig};
+
+    fn snap(eps: &[(&str, &str, u16)]) -> (DatastoreWriter, Arc<Snapshot>) {
+        let w = DatastoreWriter::new(HealthConfig::default());
+        w.set_endpoints(
+            eps.iter()
+                .map(|(name, addr, rank)| EndpointSpec {
+                    name: name.to_string(),
+                    rank: *rank,
+                    namespace: Some("ns".into()),
+                    ..EndpointSpec::new(*addr)
+                })
+                .collect(),
+        );
+        let s = w.snapshot();
+        (w, s)
+    }
+
+    fn slot(s: &Snapshot, name: &str) -> usize {
+        s.endpoints
+            .iter()
+            .find(|e| e.endpoint.name() == name)
+            .unwrap()
+            .slot()
+    }
+
+    #[test]
+    fn a_topic_s_pod_id_maps_by_address_then_host_then_name() {
+        let (_w, s) = snap(&[
+            ("a", "10.0.0.1:8000", 0),
+            ("b", "10.0.0.2:8000", 0),
+            ("b-dp1", "10.0.0.2:8001", 1),
+            ("v6", "[fd00::1]:8000", 0),
+        ]);
+        // address:port, exactly.
+        assert_eq!(map_pod("10.0.0.1:8000", None, &s), Ok(slot(&s, "a")));
+        assert_eq!(map_pod("10.0.0.2:8001", None, &s), Ok(slot(&s, "b-dp1")));
+        // A port no endpoint has is not guessed from the host.
+        assert_eq!(map_pod("10.0.0.1:9000", None, &s), Err(Refusal::UnknownPod));
+        // A bare host one endpoint has.
+        assert_eq!(map_pod("10.0.0.1", None, &s), Ok(slot(&s, "a")));
+        assert_eq!(map_pod("fd00::1", None, &s), Ok(slot(&s, "v6")));
+        assert_eq!(map_pod("[fd00::1]", None, &s), Ok(slot(&s, "v6")));
+        assert_eq!(map_pod("[fd00::1]:8000", None, &s), Ok(slot(&s, "v6")));
+        // A host with data-parallel ranks: the batch's rank chooses (0 without one).
+        assert_eq!(map_pod("10.0.0.2", None, &s), Ok(slot(&s, "b")));
+        assert_eq!(map_pod("10.0.0.2", Some(1), &s), Ok(slot(&s, "b-dp1")));
+        assert_eq!(map_pod("10.0.0.2", Some(2), &s), Err(Refusal::AmbiguousPod));
+        // An endpoint's name (namespace/name or name).
+        assert_eq!(map_pod("ns/b", None, &s), Ok(slot(&s, "b")));
+        assert_eq!(map_pod("a", None, &s), Ok(slot(&s, "a")));
+        assert_eq!(map_pod("nobody", None, &s), Err(Refusal::UnknownPod));
+        assert_eq!(map_pod("", None, &s), Err(Refusal::UnknownPod));
+        let labels: Vec<&str> = [
+            Refusal::Topic,
+            Refusal::UnknownPod,
+            Refusal::AmbiguousPod,
+            Refusal::NoSlot,
+            Refusal::TooManyTopics,
+        ]
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+        assert_eq!(
+            labels,
+            [
+                "topic",
+                "unknown_pod",
+                "ambiguous_pod",
+                "no_slot",
+                "too_many_topics"
+            ]
+        );
+    }
 }
