@@ -774,6 +774,15 @@ async fn a_restart_on_the_central_socket_drops_the_share_and_a_gap_rebuilds() {
         1.0
     );
     assert_eq!(raw(&p, &prompt('t', 1), b), 0);
+    // A gap is not a restart: what sim-1 held before is still indexed.
+    assert_eq!(raw(&p, &prompt('s', 2), b), 2);
+    assert_eq!(
+        sample(
+            &d,
+            "epp_precise_prefix_event_errors_total{reason=\"restart\"}"
+        ),
+        1.0
+    );
     // Scored approximately meanwhile (the approximate index knows nothing of it).
     assert_eq!(precise_match(&p, &d, &prompt('v', 1)).blocks.matched(b), 0);
     assert_eq!(p.liveness.state(a), SlotState::Live);

@@ -448,11 +448,10 @@ async fn on_central(
             return true;
         }
         CentralUpdate::PeerDisconnected => {
-            // Whichever publisher it was may come back as a new process: the next message of
-            // each topic is checked for a restart.
-            for t in c.topics.values_mut() {
-                t.tracker.reconnected();
-            }
+            // Which publisher it was is unknown on a shared socket: a restarted one shows by its
+            // sequence going back (marking every topic as reconnected would take the next gap of
+            // any of them for a restart and drop a share that is whole).
+            tracing::debug!(endpoint = %c.endpoint, "precise prefix: a publisher left the central socket");
             return true;
         }
         CentralUpdate::RecvError { error } => {
