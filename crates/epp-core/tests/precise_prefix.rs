@@ -908,8 +908,7 @@ async fn a_central_socket_that_cannot_be_bound_is_refused_naming_field_and_addre
     let p = d.precise().unwrap().clone();
     let e = follow::start(p, w.reader(), Shutdown::new())
         .await
-        .err()
-        .expect("the port is taken");
+        .expect_err("the port is taken");
     assert!(
         e.starts_with(&format!(
             "plugins[0].parameters.kvEventsConfig.zmqEndpoint: cannot bind tcp://127.0.0.1:{port}: "

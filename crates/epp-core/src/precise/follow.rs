@@ -856,6 +856,7 @@ fn reconcile(
         .set(following.len() as i64 + i64::from(has_central));
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn follow_one(
     engine: Arc<PrecisePrefix>,
     slot: usize,
