@@ -192,6 +192,8 @@ struct CentralState {
     waiting: HashMap<usize, String>,
     /// When each refused topic was last logged.
     logged: HashMap<String, Instant>,
+    /// Updates waiting in its channel at the last count (its part of the queue-depth gauge).
+    queued: i64,
 }
 
 /// Why a central message was not applied (the `reason` label).
@@ -325,6 +327,7 @@ async fn run(
                     topics: HashMap::new(),
                     waiting: HashMap::new(),
                     logged: HashMap::new(),
+                    queued: 0,
                 }),
             )
         }
@@ -387,8 +390,11 @@ async fn run(
             r = changes.changed() => if r.is_err() { break } else { dirty = true },
             u = next_central => match (u, central.as_mut()) {
                 (Some(u), Some(c)) => {
+                    // The central socket's share of the queue depth (the per-endpoint
+                    // subscriptions add theirs).
                     let queued = central_rx.as_ref().map_or(0, |r| r.len()) as i64;
-                    engine.metrics.queue_depth.set(queued);
+                    engine.metrics.queue_depth.inc_by(queued - c.queued);
+                    c.queued = queued;
                     if !on_central(&engine, &ds, &permits, &claims, c, u).await {
                         break;
                     }
@@ -425,6 +431,7 @@ async fn run(
     if let Some(c) = central {
         c.stop.trigger();
         c.task.abort();
+        engine.metrics.queue_depth.dec_by(c.queued);
     }
     engine.metrics.active_subscribers.set(0);
 }
