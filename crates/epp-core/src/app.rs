@@ -318,6 +318,16 @@ impl Runtime {
             metrics.watch_certificate(s.clone());
         }
 
+        // The central KV-event socket first (kvEventsConfig.zmqEndpoint): a port in use or an
+        // address not of this host stops the start-up, naming the field and the address, before
+        // any other port is bound.
+        let central = match director.precise() {
+            Some(p) => crate::precise::follow::bind_central(p)
+                .await
+                .map_err(StartError::Invalid)?,
+            None => None,
+        };
+
         // Bind side servers (after validation).
         let mut metrics_addr = None;
         if let Some(addr) = opts.metrics_addr {
@@ -397,11 +407,13 @@ impl Runtime {
             )
         });
         if let Some(p) = director.precise() {
-            // The precise prefix index follows every discovered endpoint's KV events.
-            tasks.push(crate::precise::follow::spawn(
+            // The precise prefix index follows every discovered endpoint's KV events, and the
+            // central socket's.
+            tasks.push(crate::precise::follow::spawn_bound(
                 p.clone(),
                 datastore.clone(),
                 shutdown.clone(),
+                central,
             ));
         }
         tasks.push(tokio::spawn(crate::scrape::run(

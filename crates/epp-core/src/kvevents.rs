@@ -12,10 +12,13 @@
 //!   arrays with the tag first, and maps tagged `"type"`), mixed freely, strict about garbage;
 //! - [`encode`]: [`EventBatch`] → msgpack, in either encoding (the simulator publishes with it);
 //! - [`subscriber`]: a SUB socket per endpoint, with gap detection, replay, restart detection and
-//!   reconnection, yielding decoded batches through a bounded channel.
+//!   reconnection, yielding decoded batches through a bounded channel;
+//! - [`central`]: one SUB socket the picker binds and every engine connects to (llm-d's
+//!   `zmqEndpoint`), yielding each message with its topic and sequence.
 //!
 //! What to do with the events (the block index, the scorer) lives elsewhere.
 
+pub mod central;
 pub mod decode;
 pub mod encode;
 pub mod event;

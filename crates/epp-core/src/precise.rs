@@ -5,7 +5,9 @@
 //! - [`index`]: request key → endpoints and tiers, engine block → request keys per endpoint,
 //!   bounded, with speculative entries;
 //! - [`follow`]: one KV-event subscription per discovered endpoint (the [`crate::kvevents`]
-//!   subscriber), applying what arrives and tracking whether the endpoint's events flow;
+//!   subscriber) and/or the central socket engines connect to (each message mapped to its
+//!   endpoint by its topic), applying what arrives and tracking whether the endpoint's events
+//!   flow;
 //! - [`metrics`]: llm-d's `kv_cache_index_*` / `kv_cache_events_*` families and epp's own.
 //!
 //! [`PrecisePrefix`] ties them together for the director: per request, the prompt's token ids
@@ -56,6 +58,19 @@ pub struct Subscriptions {
     pub selector: Option<crate::k8s::selector::LabelSelector>,
     /// Only endpoints of this namespace are followed.
     pub namespace: Option<String>,
+    /// `discoverPods`: every discovered endpoint's publisher is subscribed to.
+    pub discover_pods: bool,
+    /// `zmqEndpoint`: the central socket bound for engines to connect to and publish on.
+    pub central: Option<CentralEndpoint>,
+}
+
+/// The central socket of `kvEventsConfig.zmqEndpoint`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CentralEndpoint {
+    /// As configured, e.g. `tcp://*:5557`.
+    pub endpoint: String,
+    /// The configuration field, for errors (`plugins[1].parameters.kvEventsConfig.zmqEndpoint`).
+    pub field: String,
 }
 
 /// A validated `precise-prefix-cache-producer` configuration.
@@ -426,7 +441,11 @@ impl PrecisePrefix {
 
     /// Registers the metrics into the one registry.
     pub fn register(self: &Arc<Self>, r: &mut prometheus_client::registry::Registry) {
-        self.metrics.register(r, self.settings.index_metrics);
+        self.metrics.register(
+            r,
+            self.settings.index_metrics,
+            self.settings.subscriptions.central.is_some(),
+        );
         r.register_collector(Box::new(metrics::PreciseCollector(self.clone())));
     }
 }

@@ -4,6 +4,9 @@
 //! publisher empty an endpoint's share, an endpoint without a publisher is scored by the
 //! approximate index (counted), and speculative entries land a burst together and expire.
 //!
+//! With `kvEventsConfig.zmqEndpoint`, the same against the central socket the simulators connect
+//! to: topics mapped to endpoints, routing to the holder, a restart, a gap, and what is refused.
+//!
 //! The prompt's token ids are computed here with the simulator's rule (4 bytes of text per token,
 //! big-endian), as a tokenizer serving the same model would return them.
 
@@ -510,4 +513,406 @@ fn healthy_addrs(w: &DatastoreWriter, addrs: &[&str]) {
     for a in addrs {
         w.record_scrape(a, Ok(ModelServerMetrics::default()));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The central socket (kvEventsConfig.zmqEndpoint): the picker binds, the simulators connect.
+
+fn central_sim_config(i: u16, central: u16) -> SimConfig {
+    SimConfig {
+        kv_events: KvEventsConfig {
+            connect: Some(format!("tcp://127.0.0.1:{central}")),
+            ..KvEventsConfig::off()
+        },
+        ..sim_config(i, 0, 0)
+    }
+}
+
+async fn start_central_sim(i: u16, central: u16) -> SimServer {
+    epp_sim::spawn(
+        central_sim_config(i, central),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .expect("simulator starts")
+}
+
+fn central_config(central: u16, extra: &str) -> EndpointPickerConfig {
+    EndpointPickerConfig::from_yaml(&format!(
+        r#"apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig: {{blockSizeTokens: 16}}
+    kvEventsConfig: {{zmqEndpoint: "tcp://127.0.0.1:{central}", discoverPods: false}}
+{extra}
+- type: prefix-cache-scorer
+  parameters:
+    prefixMatchInfoProducerName: precise-prefix-cache-producer
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 2
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+"#
+    ))
+    .unwrap()
+}
+
+/// The value of one exposition line (`name{labels} value`), 0 when absent.
+fn sample(d: &Director, series: &str) -> f64 {
+    let text = d.metrics().encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Blocks of `prompt` the precise index itself holds for `slot` (whatever the slot's state).
+fn raw(p: &PrecisePrefix, prompt: &str, slot: usize) -> u32 {
+    p.index
+        .lookup(&p.request_keys(MODEL, &token_ids(prompt), None))
+        .0
+        .matched(slot)
+}
+
+/// Runs a director with a central socket over `sims`; the follower is started with
+/// [`follow::start`], which binds before it returns.
+async fn central_director(
+    central: u16,
+    sims: &[&SimServer],
+    extra: &str,
+) -> (
+    DatastoreWriter,
+    Director,
+    Arc<PrecisePrefix>,
+    Shutdown,
+    tokio::task::JoinHandle<()>,
+) {
+    let w = DatastoreWriter::new(HealthConfig::default());
+    w.set_endpoints(
+        sims.iter()
+            .map(|s| EndpointSpec {
+                name: s.name().to_string(),
+                ..EndpointSpec::new(s.addr().to_string())
+            })
+            .collect(),
+    );
+    healthy(&w, sims);
+    let d = Director::build(
+        &w,
+        Scheduler::from_config(&central_config(central, extra)).unwrap(),
+    );
+    let p = d.precise().expect("a precise producer").clone();
+    let shutdown = Shutdown::new();
+    let task = follow::start(p.clone(), w.reader(), shutdown.clone())
+        .await
+        .expect("the central socket binds");
+    (w, d, p, shutdown, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulators_connected_to_the_central_socket_are_told_apart_by_topic_and_routed_to() {
+    let central = free_ports(1);
+    // The simulators connect to the picker's socket (retrying until it is bound), as vLLM with
+    // a host endpoint does.
+    let s0 = start_central_sim(0, central).await;
+    let s1 = start_central_sim(1, central).await;
+    let s2 = start_central_sim(2, central).await;
+    assert_eq!(
+        s1.kv_events().unwrap().topic,
+        format!("kv@{}@{MODEL}", s1.addr())
+    );
+    let (w, d, p, shutdown, task) = central_director(central, &[&s0, &s1, &s2], "").await;
+    let slots: Vec<usize> = ["sim-0", "sim-1", "sim-2"]
+        .iter()
+        .map(|n| slot_of(&w, n))
+        .collect();
+    // Before its first message, each endpoint waits (scored approximately, not_connected).
+    until("every endpoint waiting for its first message", || {
+        slots
+            .iter()
+            .all(|s| p.liveness.state(*s) == SlotState::Fallback(FallbackReason::NotConnected))
+    })
+    .await;
+    assert_eq!(p.metrics.active_subscribers.get(), 1);
+
+    // Traffic straight to sim-1 and sim-2, past the picker.
+    let hot = prompt('h', 6);
+    let other = prompt('o', 3);
+    chat_direct(&s1, &hot).await;
+    chat_direct(&s2, &other).await;
+    until("sim-1's and sim-2's blocks indexed", || {
+        precise_match(&p, &d, &hot).blocks.matched(slots[1]) == 6
+            && precise_match(&p, &d, &other).blocks.matched(slots[2]) == 3
+    })
+    .await;
+    let m = precise_match(&p, &d, &hot);
+    assert_eq!(
+        (m.blocks.matched(slots[0]), m.blocks.matched(slots[2])),
+        (0, 0)
+    );
+    assert_eq!(p.liveness.state(slots[1]), SlotState::Live);
+    assert_eq!(p.liveness.state(slots[2]), SlotState::Live);
+    // Ten picks of each prompt: every one to the server holding it.
+    let mut to = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..10 {
+        *to.entry(pick(&d, &p, &hot)).or_default() += 1;
+        *to.entry(pick(&d, &p, &other)).or_default() += 1;
+    }
+    assert_eq!(
+        to,
+        std::collections::BTreeMap::from([("sim-1".to_string(), 10), ("sim-2".to_string(), 10)])
+    );
+    assert_eq!(p.metrics.central_topics.get(), 2);
+    assert_eq!(
+        sample(
+            &d,
+            "llm_d_epp_kv_cache_events_messages_received_total{pod_identifier=\"local-subscriber\"}"
+        ),
+        2.0
+    );
+
+    // sim-2 leaves the pool: its topic and its share go.
+    w.set_endpoints(endpoints(&[&s0, &s1]));
+    until("sim-2's share dropped", || {
+        p.metrics.central_topics.get() == 1
+            && precise_match(&p, &d, &other).blocks.matched(slots[2]) == 0
+    })
+    .await;
+    // Its next message is no one's: refused and counted, not applied.
+    chat_direct(&s2, &prompt('r', 2)).await;
+    until("sim-2's message refused", || {
+        sample(
+            &d,
+            "epp_precise_prefix_central_refused_total{reason=\"unknown_pod\"}",
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(
+        precise_match(&p, &d, &prompt('r', 2))
+            .blocks
+            .matched(slots[2]),
+        0
+    );
+    assert_eq!(p.index.len(), 6);
+
+    shutdown.trigger();
+    let _ = tokio::time::timeout(WAIT, task).await;
+    for s in [s0, s1, s2] {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_the_central_socket_drops_the_share_and_a_gap_rebuilds() {
+    let central = free_ports(1);
+    let s0 = start_central_sim(0, central).await;
+    let s1 = start_central_sim(1, central).await;
+    let (w, d, p, shutdown, task) =
+        central_director(central, &[&s0, &s1], "    fallback: {rebuildWindow: 1h}").await;
+    let (a, b) = (slot_of(&w, "sim-0"), slot_of(&w, "sim-1"));
+    for c in ['a', 'b', 'c'] {
+        chat_direct(&s0, &prompt(c, 2)).await;
+    }
+    chat_direct(&s1, &prompt('s', 2)).await;
+    until("both servers' prompts indexed", || p.index.len() == 8).await;
+    assert_eq!(p.liveness.state(a), SlotState::Live);
+
+    // sim-0 restarts on the same address (a new process: its sequence starts again from 0).
+    let addr = s0.addr();
+    s0.shutdown().await;
+    let mut restarted = None;
+    for _ in 0..100 {
+        match epp_sim::spawn(central_sim_config(0, central), addr).await {
+            Ok(s) => {
+                restarted = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let s0 = restarted.expect("the simulator restarts on its address");
+    let fresh = prompt('n', 2);
+    chat_direct(&s0, &fresh).await;
+    until("old share dropped, new one indexed", || {
+        precise_match(&p, &d, &fresh).blocks.matched(a) == 2
+            && precise_match(&p, &d, &prompt('a', 2)).blocks.matched(a) == 0
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &d,
+            "epp_precise_prefix_event_errors_total{reason=\"restart\"}"
+        ),
+        1.0
+    );
+    // Followed from its start: live again; sim-1's share untouched.
+    assert_eq!(p.liveness.state(a), SlotState::Live);
+    assert_eq!(precise_match(&p, &d, &prompt('s', 2)).blocks.matched(b), 2);
+    assert_eq!(p.liveness.state(b), SlotState::Live);
+
+    // sim-1 loses two messages on the way: a gap, no replay: rebuilding, scored approximately.
+    s1.kv_events().unwrap().drop_next_live(2);
+    chat_direct(&s1, &prompt('t', 1)).await;
+    chat_direct(&s1, &prompt('u', 1)).await;
+    chat_direct(&s1, &prompt('v', 1)).await;
+    until("sim-1's third prompt indexed", || {
+        raw(&p, &prompt('v', 1), b) == 1
+    })
+    .await;
+    assert_eq!(
+        p.liveness.state(b),
+        SlotState::Fallback(FallbackReason::Rebuilding)
+    );
+    assert_eq!(
+        sample(&d, "epp_precise_prefix_event_errors_total{reason=\"gap\"}"),
+        1.0
+    );
+    assert_eq!(raw(&p, &prompt('t', 1), b), 0);
+    // A gap is not a restart: what sim-1 held before is still indexed.
+    assert_eq!(raw(&p, &prompt('s', 2), b), 2);
+    assert_eq!(
+        sample(
+            &d,
+            "epp_precise_prefix_event_errors_total{reason=\"restart\"}"
+        ),
+        1.0
+    );
+    // Scored approximately meanwhile (the approximate index knows nothing of it).
+    assert_eq!(precise_match(&p, &d, &prompt('v', 1)).blocks.matched(b), 0);
+    assert_eq!(p.liveness.state(a), SlotState::Live);
+
+    shutdown.trigger();
+    let _ = tokio::time::timeout(WAIT, task).await;
+    s0.shutdown().await;
+    s1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_pods_bad_topics_and_malformed_messages_on_the_central_socket_are_counted() {
+    use epp_core::kvevents::{encode_batch, EventBatch, EventForm, KvEvent};
+    use zeromq::{Socket, SocketSend, ZmqMessage};
+    let central = free_ports(1);
+    let s0 = start_central_sim(0, central).await;
+    let (w, d, p, shutdown, task) = central_director(central, &[&s0], "").await;
+    let a = slot_of(&w, "sim-0");
+    chat_direct(&s0, &prompt('k', 2)).await;
+    until("sim-0's prompt indexed", || p.index.len() == 2).await;
+
+    // A publisher nobody discovered, connected to the same socket.
+    let mut rogue = zeromq::PubSocket::new();
+    rogue
+        .connect(&format!("tcp://127.0.0.1:{central}"))
+        .await
+        .unwrap();
+    let clear = encode_batch(
+        &EventBatch {
+            ts: 0.0,
+            events: vec![KvEvent::AllBlocksCleared],
+            data_parallel_rank: None,
+        },
+        EventForm::Array,
+    );
+    let send = |frames: Vec<Vec<u8>>| {
+        ZmqMessage::try_from(
+            frames
+                .into_iter()
+                .map(bytes::Bytes::from)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
+    };
+    let unknown = "epp_precise_prefix_central_refused_total{reason=\"unknown_pod\"}";
+    // Until the socket's subscription reaches the new publisher, what it sends is dropped: send
+    // one message at a time until the first is counted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seq = 0u64;
+    while sample(&d, unknown) == 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing refused");
+        rogue
+            .send(send(vec![
+                format!("kv@10.9.9.9:8000@{MODEL}").into_bytes(),
+                seq.to_be_bytes().to_vec(),
+                clear.clone(),
+            ]))
+            .await
+            .unwrap();
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = sample(&d, unknown);
+    let decode = "epp_precise_prefix_event_errors_total{reason=\"decode\"}";
+    let topic = "epp_precise_prefix_central_refused_total{reason=\"topic\"}";
+    // One each: an unknown pod (by address and by bare host), a topic without a model,
+    // two frames instead of three, an undecodable payload for a known pod.
+    for frames in [
+        vec![
+            format!("kv@10.9.9.9@{MODEL}").into_bytes(),
+            0u64.to_be_bytes().to_vec(),
+            clear.clone(),
+        ],
+        vec![
+            b"kv@nomodel".to_vec(),
+            0u64.to_be_bytes().to_vec(),
+            clear.clone(),
+        ],
+        vec![b"kv@x@y".to_vec(), 0u64.to_be_bytes().to_vec()],
+    ] {
+        rogue.send(send(frames)).await.unwrap();
+    }
+    until("each counted", || {
+        sample(&d, unknown) == first + 1.0 && sample(&d, topic) == 1.0 && sample(&d, decode) == 1.0
+    })
+    .await;
+    // None of it touched sim-0's share.
+    assert_eq!(p.index.len(), 2);
+    assert_eq!(p.liveness.state(a), SlotState::Live);
+    // A known pod's topic with a payload that is not a batch: counted, its share rebuilding.
+    rogue
+        .send(send(vec![
+            format!("kv@{}@{MODEL}", s0.addr()).into_bytes(),
+            1000u64.to_be_bytes().to_vec(),
+            b"\xc1".to_vec(),
+        ]))
+        .await
+        .unwrap();
+    until("the undecodable payload counted", || {
+        sample(&d, decode) == 2.0
+    })
+    .await;
+    assert_eq!(
+        p.liveness.state(a),
+        SlotState::Fallback(FallbackReason::Rebuilding)
+    );
+    assert_eq!(p.metrics.central_topics.get(), 1);
+
+    shutdown.trigger();
+    let _ = tokio::time::timeout(WAIT, task).await;
+    s0.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_central_socket_that_cannot_be_bound_is_refused_naming_field_and_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let w = DatastoreWriter::new(HealthConfig::default());
+    let d = Director::build(
+        &w,
+        Scheduler::from_config(&central_config(port, "")).unwrap(),
+    );
+    let p = d.precise().unwrap().clone();
+    let e = follow::start(p, w.reader(), Shutdown::new())
+        .await
+        .expect_err("the port is taken");
+    assert!(
+        e.starts_with(&format!(
+            "plugins[0].parameters.kvEventsConfig.zmqEndpoint: cannot bind tcp://127.0.0.1:{port}: "
+        )),
+        "{e}"
+    );
 }

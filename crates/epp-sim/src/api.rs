@@ -929,7 +929,7 @@ async fn inference(app: AppState, kind: Kind, req: Request) -> Result<Response, 
     let prompt_tokens = ids.len();
     let hashes =
         tokenizer::block_hashes_of_ids(tokenizer::chain_seed(&p.model), &ids, app.cfg.block_size);
-    let token_ids = if app.cfg.kv_events.endpoint.is_some() {
+    let token_ids = if app.cfg.kv_events.is_on() {
         ids.truncate(hashes.len() * app.cfg.block_size);
         ids
     } else {

@@ -209,12 +209,31 @@ impl SimConfig {
         for (flag, ep) in [
             ("--kv-events-endpoint", &kv.endpoint),
             ("--kv-events-replay-endpoint", &kv.replay_endpoint),
+            ("--zmq-endpoint", &kv.connect),
         ] {
             if let Some(ep) = ep {
                 if !ep.starts_with("tcp://") || !ep[6..].contains(':') {
                     return Err(err(flag, format!("must be tcp://host:port, got {ep:?}")));
                 }
             }
+        }
+        if kv.endpoint.is_some() && kv.connect.is_some() {
+            return Err(err(
+                "--zmq-endpoint",
+                "excludes --kv-events-endpoint: events are published on one socket, bound here or connected to a central one",
+            ));
+        }
+        if kv.connect.as_deref().is_some_and(|ep| {
+            ep.rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().map_or(true, |p| p == 0))
+        }) {
+            return Err(err(
+                "--zmq-endpoint",
+                format!(
+                    "needs a port in 1..65535, got {:?}",
+                    kv.connect.as_deref().unwrap_or_default()
+                ),
+            ));
         }
         if kv.endpoint.is_none() && kv.replay_endpoint.is_some() {
             return Err(err(
@@ -331,6 +350,21 @@ mod tests {
             (
                 "--kv-events-buffer-steps",
                 Box::new(|c| c.kv_events.buffer_steps = 0),
+            ),
+            (
+                "--zmq-endpoint",
+                Box::new(|c| c.kv_events.connect = Some("ipc:///tmp/x".into())),
+            ),
+            (
+                "--zmq-endpoint",
+                Box::new(|c| c.kv_events.connect = Some("tcp://127.0.0.1:0".into())),
+            ),
+            (
+                "--zmq-endpoint",
+                Box::new(|c| {
+                    c.kv_events.connect = Some("tcp://127.0.0.1:5557".into());
+                    c.kv_events.endpoint = Some("tcp://127.0.0.1:5558".into())
+                }),
             ),
             (
                 "--kv-transfer-ms-per-block",

@@ -6,16 +6,22 @@
 //! The engine hands over one batch of events per scheduling step through a bounded queue
 //! ([`KvEventSink::publish`] never blocks it: a full queue drops the batch and logs it); one task
 //! numbers, encodes, buffers (`buffer_steps` batches, vLLM's default 10 000) and sends them, and
-//! answers replay requests. The simulator binds both endpoints (it is the server side).
+//! answers replay requests. The simulator binds both endpoints (it is the server side), or, with
+//! `connect` (`--zmq-endpoint`), connects its PUB socket to a central SUB socket the picker
+//! binds, as vLLM does with a non-wildcard endpoint and llm-d-inference-sim with
+//! `--zmq-endpoint`: it (re)connects in the background, with backoff; batches wait in the queue
+//! while it is not connected (beyond the queue's bound they are dropped, and the picker sees the
+//! gap in the sequence).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use epp_core::kvevents::{encode_batch, EventBatch, EventForm, KvEvent, END_SEQ};
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -29,7 +35,10 @@ const QUEUE_BATCHES: usize = 10_000;
 pub struct KvEventsConfig {
     /// PUB endpoint to bind, `tcp://host:port` (port 0: an ephemeral port).
     pub endpoint: Option<String>,
-    /// Topic of every message; `None`: `kv@<server name>@<model>`.
+    /// A central SUB endpoint to connect the PUB socket to instead (`--zmq-endpoint`).
+    pub connect: Option<String>,
+    /// Topic of every message; `None`: `kv@<server name>@<model>` (bound), or
+    /// `kv@<host:port>@<model>` (connected).
     pub topic: Option<String>,
     /// ROUTER endpoint to bind for replay requests.
     pub replay_endpoint: Option<String>,
@@ -40,6 +49,11 @@ pub struct KvEventsConfig {
 }
 
 impl KvEventsConfig {
+    /// Events are published (bound or connected).
+    pub fn is_on(&self) -> bool {
+        self.endpoint.is_some() || self.connect.is_some()
+    }
+
     /// Off, with vLLM's defaults for the rest.
     pub fn off() -> Self {
         Self {
@@ -70,7 +84,7 @@ impl KvEventSink {
 /// Control of a running publisher (tests and tools).
 #[derive(Debug, Clone)]
 pub struct KvEventsHandle {
-    /// The bound PUB endpoint (ephemeral port resolved).
+    /// The bound PUB endpoint (ephemeral port resolved), or the central endpoint connected to.
     pub endpoint: String,
     /// The bound replay endpoint.
     pub replay_endpoint: Option<String>,
@@ -86,21 +100,28 @@ impl KvEventsHandle {
     }
 }
 
-/// Binds the sockets and starts the publishing task; it stops when `stop` turns true.
+/// Binds the sockets (or leaves the connection to the task) and starts the publishing task; it
+/// stops when `stop` turns true. `default_topic` is the bound default, `connect_topic` the one of
+/// connect mode.
 pub(crate) async fn start(
     cfg: &KvEventsConfig,
     default_topic: String,
+    connect_topic: String,
     rank: i64,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<(KvEventSink, KvEventsHandle)>> {
-    let Some(endpoint) = &cfg.endpoint else {
-        return Ok(None);
-    };
     let mut pub_sock = PubSocket::new();
-    let bound = pub_sock
-        .bind(endpoint)
-        .await
-        .with_context(|| format!("cannot bind --kv-events-endpoint {endpoint}"))?;
+    let (bound, default_topic) = match (&cfg.endpoint, &cfg.connect) {
+        (Some(endpoint), _) => {
+            let b = pub_sock
+                .bind(endpoint)
+                .await
+                .with_context(|| format!("cannot bind --kv-events-endpoint {endpoint}"))?;
+            (b.to_string(), default_topic)
+        }
+        (None, Some(central)) => (central.clone(), connect_topic),
+        (None, None) => return Ok(None),
+    };
     let mut router = None;
     let mut replay_bound = None;
     if let Some(ep) = &cfg.replay_endpoint {
@@ -115,8 +136,16 @@ pub(crate) async fn start(
     let topic = cfg.topic.clone().unwrap_or(default_topic);
     let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
     let drop_live = Arc::new(AtomicU64::new(0));
+    let monitor = cfg.connect.is_some().then(|| pub_sock.monitor().boxed());
     let task = Publisher {
         pub_sock,
+        connect: cfg.connect.clone().map(|ep| Connect {
+            endpoint: ep,
+            connected: false,
+            monitor,
+            next_attempt: tokio::time::Instant::now(),
+            backoff: CONNECT_BACKOFF_MIN,
+        }),
         router,
         topic: Bytes::from(topic.clone()),
         form: cfg.format,
@@ -130,7 +159,7 @@ pub(crate) async fn start(
     Ok(Some((
         KvEventSink { tx },
         KvEventsHandle {
-            endpoint: bound.to_string(),
+            endpoint: bound,
             replay_endpoint: replay_bound,
             topic,
             drop_live,
@@ -138,8 +167,29 @@ pub(crate) async fn start(
     )))
 }
 
+/// Connect mode: first and longest wait between connection attempts, and the longest attempt.
+const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a connection is made, how long to let the picker's subscription reach the PUB socket
+/// (ZeroMQ drops what a PUB socket sends before it knows the subscription).
+const SUBSCRIPTION_SETTLE: Duration = Duration::from_millis(100);
+
+/// The connection to a central SUB socket.
+struct Connect {
+    endpoint: String,
+    connected: bool,
+    monitor: Option<Monitor>,
+    next_attempt: tokio::time::Instant,
+    backoff: Duration,
+}
+
+/// The PUB socket's connection events.
+type Monitor = futures_util::stream::BoxStream<'static, zeromq::SocketEvent>;
+
 struct Publisher {
     pub_sock: PubSocket,
+    connect: Option<Connect>,
     router: Option<RouterSocket>,
     topic: Bytes,
     form: EventForm,
@@ -159,15 +209,65 @@ impl Publisher {
         };
         tokio::pin!(stopped);
         loop {
+            // Connect mode: (re)connect when due; batches wait in the queue meanwhile.
+            if let Some(c) = self.connect.as_mut() {
+                if !c.connected && tokio::time::Instant::now() >= c.next_attempt {
+                    let attempt =
+                        tokio::time::timeout(CONNECT_TIMEOUT, self.pub_sock.connect(&c.endpoint));
+                    let r = tokio::select! {
+                        _ = &mut stopped => break,
+                        r = attempt => r,
+                    };
+                    match r {
+                        Ok(Ok(())) => {
+                            c.connected = true;
+                            c.backoff = CONNECT_BACKOFF_MIN;
+                            tracing::info!(endpoint = %c.endpoint, "kv-events: connected to the central socket");
+                            tokio::time::sleep(SUBSCRIPTION_SETTLE).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(endpoint = %c.endpoint, error = %e, "kv-events: connecting to the central socket");
+                        }
+                        Err(_) => {
+                            tracing::debug!(endpoint = %c.endpoint, "kv-events: connecting to the central socket timed out");
+                        }
+                    }
+                    if !c.connected {
+                        c.next_attempt = tokio::time::Instant::now() + c.backoff;
+                        c.backoff = (c.backoff * 2).min(CONNECT_BACKOFF_MAX);
+                    }
+                }
+            }
+            let waiting = self.connect.as_ref().is_some_and(|c| !c.connected);
+            let retry_at = self
+                .connect
+                .as_ref()
+                .map_or_else(tokio::time::Instant::now, |c| c.next_attempt);
+            let mut monitor = self.connect.as_mut().and_then(|c| c.monitor.take());
+            let disconnected = async {
+                match monitor.as_mut() {
+                    Some(m) => loop {
+                        match m.next().await {
+                            Some(zeromq::SocketEvent::Disconnected(_)) => return true,
+                            Some(_) => continue,
+                            None => return false,
+                        }
+                    },
+                    None => std::future::pending().await,
+                }
+            };
             let request = async {
                 match self.router.as_mut() {
                     Some(r) => r.recv().await,
                     None => std::future::pending().await,
                 }
             };
+            let mut lost = None;
             tokio::select! {
                 _ = &mut stopped => break,
-                batch = rx.recv() => match batch {
+                _ = tokio::time::sleep_until(retry_at), if waiting => {}
+                d = disconnected => lost = Some(d),
+                batch = rx.recv(), if !waiting => match batch {
                     Some(events) => self.publish(events).await,
                     None => break,
                 },
@@ -175,6 +275,21 @@ impl Publisher {
                     Ok(msg) => self.answer_replay(msg).await,
                     Err(e) => tracing::debug!(error = %e, "kv-events replay socket"),
                 },
+            }
+            if let Some(c) = self.connect.as_mut() {
+                match lost {
+                    Some(true) => {
+                        // The central socket went away: a new PUB socket connects afresh (the
+                        // sequence goes on: the picker sees what was lost as a gap).
+                        tracing::info!(endpoint = %c.endpoint, "kv-events: the central socket closed the connection; reconnecting");
+                        self.pub_sock = PubSocket::new();
+                        c.monitor = Some(self.pub_sock.monitor().boxed());
+                        c.connected = false;
+                        c.next_attempt = tokio::time::Instant::now() + c.backoff;
+                    }
+                    Some(false) => {}
+                    None => c.monitor = monitor,
+                }
             }
         }
     }

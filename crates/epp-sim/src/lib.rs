@@ -84,7 +84,8 @@ pub async fn spawn_many(
             data_parallel_rank: rank,
             ..base.clone()
         };
-        // Engine g publishes KV events on port + g, as vLLM's data-parallel rank g does.
+        // Engine g publishes KV events on port + g, as vLLM's data-parallel rank g does; with
+        // --zmq-endpoint every engine connects to the one central socket (its topic names it).
         let started: anyhow::Result<SimServer> = async {
             for ep in [
                 &mut cfg.kv_events.endpoint,

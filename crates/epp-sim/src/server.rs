@@ -77,9 +77,22 @@ pub(crate) async fn spawn_with(
         .with_context(|| format!("{}: cannot listen on {listen}", cfg.name))?;
     let addr = listener.local_addr()?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    // Connected to a central socket, the topic names this server as the picker knows it.
+    let pod_id = match &cfg.kv_transfer.host {
+        Some(h) => format!("{h}:{}", addr.port()),
+        None => {
+            let ip = match addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ip => ip,
+            };
+            SocketAddr::new(ip, addr.port()).to_string()
+        }
+    };
     let (sink, kv_events) = match kv_events::start(
         &cfg.kv_events,
         epp_core::kvevents::topic_for(&cfg.name, &cfg.model),
+        epp_core::kvevents::topic_for(&pod_id, &cfg.model),
         i64::try_from(cfg.data_parallel_rank).unwrap_or(i64::MAX),
         shutdown_rx.clone(),
     )

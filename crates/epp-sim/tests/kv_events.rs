@@ -380,3 +380,83 @@ async fn kv_events_carry_the_ids_tokenize_answers() {
     let _ = tokio::time::timeout(WAIT, task).await;
     sim.shutdown().await;
 }
+
+/// The next central message: `(topic, seq, events)`.
+async fn central_batch(
+    rx: &mut mpsc::Receiver<epp_core::kvevents::central::CentralUpdate>,
+) -> (String, u64, Vec<KvEvent>) {
+    use epp_core::kvevents::central::CentralUpdate;
+    loop {
+        let u = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("no central update in time")
+            .expect("central socket ended");
+        if let CentralUpdate::Message { topic, seq, batch } = u {
+            return (topic, seq, batch.expect("a batch").events);
+        }
+    }
+}
+
+#[tokio::test]
+async fn connected_to_a_central_socket_the_simulator_reconnects_and_its_sequence_goes_on() {
+    use epp_core::kvevents::central;
+    // A port for the central socket, bound only after the simulator started: it retries.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ep = format!("tcp://127.0.0.1:{port}");
+    let mut cfg = config(EventForm::Array, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0");
+    cfg.kv_events.endpoint = None;
+    cfg.kv_events.replay_endpoint = None;
+    cfg.kv_events.connect = Some(ep.clone());
+    let sim = common::start(cfg).await;
+    let kv = sim.kv_events().expect("publishing").clone();
+    assert_eq!(kv.endpoint, ep);
+    assert_eq!(kv.topic, format!("kv@{}@{MODEL}", sim.addr()));
+    // Sent before anything listens: it waits in the queue.
+    chat(&sim, 'a').await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stop = Shutdown::new();
+    let sock = central::bind(&ep, "kv@").await.unwrap();
+    let (mut rx, task) = central::spawn(sock, 16, stop.clone());
+    assert_eq!(
+        central_batch(&mut rx).await,
+        (kv.topic.clone(), 0, vec![stored('a')])
+    );
+    // The picker goes away and comes back on the same port: the simulator reconnects.
+    stop.trigger();
+    let _ = task.await;
+    drop(rx);
+    let mut sock = None;
+    for _ in 0..100 {
+        match central::bind(&ep, "kv@").await {
+            Ok(s) => {
+                sock = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let stop = Shutdown::new();
+    let (mut rx, task) = central::spawn(sock.expect("rebound"), 16, stop.clone());
+    // Until the new connection is made, a batch may go out to nobody; the sequence goes on.
+    let mut seen = None;
+    for c in ['b', 'c', 'd', 'e'] {
+        chat(&sim, c).await;
+        if let Ok(got) = tokio::time::timeout(Duration::from_secs(3), central_batch(&mut rx)).await
+        {
+            seen = Some((c, got));
+            break;
+        }
+    }
+    let (c, (topic, seq, events)) = seen.expect("the simulator reconnected");
+    assert_eq!(topic, kv.topic);
+    assert_eq!(events.last(), Some(&stored(c)));
+    let sent = (c as u8 - b'a') as u64;
+    assert_eq!(seq, sent, "the sequence goes on across reconnections");
+    stop.trigger();
+    let _ = task.await;
+    sim.shutdown().await;
+}

@@ -307,3 +307,45 @@ fn sigterm_finishes_in_flight_streams_and_logs_json() {
     assert!(lines.iter().any(|l| l.contains("picker runtime started")));
     assert!(lines.iter().any(|l| l.contains("SIGTERM")));
 }
+
+#[test]
+fn a_central_kv_event_socket_is_checked_at_load_and_a_bind_failure_stops_the_start_up() {
+    let config = |zmq: &str| {
+        format!(
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: precise-prefix-cache-producer\n  parameters:\n    kvEventsConfig: {{zmqEndpoint: \"{zmq}\", discoverPods: false}}\n- type: prefix-cache-scorer\n  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}\nschedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: prefix-cache-scorer\n"
+        )
+    };
+    // The address's shape: refused when the configuration loads, naming the field.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, config("ipc:///tmp/kv")).unwrap();
+    let out = epp().arg("check-config").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plugins[0].parameters.kvEventsConfig.zmqEndpoint: \"ipc:///tmp/kv\" is not tcp://<host>:<port>"),
+        "{err}"
+    );
+    // A port in use: the start-up stops, naming the field and the address, the proxy's port
+    // never bound.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let zmq = taken.local_addr().unwrap().port();
+    let (port, metrics) = (free_port(), free_port());
+    let mut cmd = epp();
+    cmd.arg("proxy")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-bind-address", &format!("127.0.0.1:{metrics}")])
+        .args(["--health-probe-bind-address", "127.0.0.1:0"])
+        .args(["--endpoint", "127.0.0.1:1"])
+        .args(["--config-text", &config(&format!("tcp://127.0.0.1:{zmq}"))]);
+    let (code, err) = run_bounded(cmd);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "plugins[0].parameters.kvEventsConfig.zmqEndpoint: cannot bind tcp://127.0.0.1:{zmq}: "
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("listening"), "{err}");
+    drop(taken);
+}

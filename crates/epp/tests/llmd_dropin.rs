@@ -398,14 +398,11 @@ fn expected() -> BTreeMap<&'static str, Result<(), &'static str>> {
             refused("plugins[4].parameters.deciders.encode: encode disaggregation is not supported by epp (prefill/decode is)"),
         ),
         ("epp-precise-prefix-cache-config.yaml", Ok(())),
-        (
-            "sim-epp-kvcache-config.yaml",
-            refused("plugins[1].parameters.kvEventsConfig.zmqEndpoint: a central socket the engines connect to is not supported by epp"),
-        ),
-        (
-            "sim-epp-tokenizer-vllm-http-config.yaml",
-            refused("plugins[1].parameters.kvEventsConfig.zmqEndpoint: a central socket the engines connect to is not supported by epp"),
-        ),
+        // The central KV-event socket the engines connect to (kvEventsConfig.zmqEndpoint),
+        // beside the per-endpoint subscriptions (discoverPods defaults to true); followed end to
+        // end with real simulators below.
+        ("sim-epp-kvcache-config.yaml", Ok(())),
+        ("sim-epp-tokenizer-vllm-http-config.yaml", Ok(())),
     ]);
     // Unknown plugin types: the field, the type, and the list of what is supported.
     for (file, at) in [
@@ -688,4 +685,142 @@ fn the_dp_sample_sends_the_rank_in_a_header_and_the_request_to_the_primary_port(
         vec![("x-data-parallel-host-port", rank)]
     );
     r.tracker.finish(200);
+}
+
+/// A blocking HTTP/1.1 exchange on 127.0.0.1 (`Connection: close`): the status line, the
+/// headers and the body as one string.
+fn http_exchange(port: u16, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The value of `series` (`name{labels}`) on a metrics page, 0 when absent.
+fn series_value(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
+}
+
+#[test]
+fn the_central_socket_sample_follows_simulators_that_connect_to_it_and_routes_to_the_holder() {
+    const MODEL: &str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0";
+    let central = free_port();
+    // Two consecutive free ports for the two simulators.
+    let base = (0..50)
+        .map(|_| free_port())
+        .find(|p| *p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok())
+        .expect("two consecutive free ports");
+    let (proxy, metrics) = (free_port(), free_port());
+    // llm-d's sample, pointed at loopback: its central socket, its token-producer's render
+    // backend (the first simulator renders as vLLM does).
+    let text = std::fs::read_to_string(fixtures().join("sim-epp-kvcache-config.yaml"))
+        .unwrap()
+        .replace("tcp://0.0.0.0:5557", &format!("tcp://127.0.0.1:{central}"))
+        .replace("http://localhost:8000", &format!("http://127.0.0.1:{base}"));
+    assert!(text.contains(&format!("zmqEndpoint: tcp://127.0.0.1:{central}")));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let epp = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_epp"));
+        c.env_remove("RUST_LOG");
+        c
+    };
+    let _sims = Kill(
+        epp()
+            .args(["sim", "--count", "2", "--host", "127.0.0.1"])
+            .args(["--base-port", &base.to_string(), "--model", MODEL])
+            .args(["--zmq-endpoint", &format!("tcp://127.0.0.1:{central}")])
+            .args(["--prefill-overhead-ms", "0", "--prefill-per-token-ms", "0"])
+            .args(["--inter-token-ms", "0", "--default-max-tokens", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port("127.0.0.1", base);
+    wait_port("127.0.0.1", base + 1);
+    let _picker = Kill(
+        epp()
+            .args(["proxy", "--listen", &format!("127.0.0.1:{proxy}")])
+            .args(["--metrics-bind-address", &format!("127.0.0.1:{metrics}")])
+            .args(["--metrics-auth", "none"])
+            .args(["--health-probe-bind-address", "127.0.0.1:0"])
+            .args(["--endpoint", &format!("127.0.0.1:{base}")])
+            .args(["--endpoint", &format!("127.0.0.1:{}", base + 1)])
+            .arg("--config-file")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port("127.0.0.1", proxy);
+    wait_port("127.0.0.1", metrics);
+    let page = || http_exchange(metrics, "GET", "/metrics", "");
+    let content = "tell me about the central socket ".repeat(20);
+    let chat = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"{content}"}}],"max_tokens":1}}"#
+    );
+    // Traffic straight to the second simulator, past the picker: only its KV events, through
+    // the central socket, can say where the prompt is cached. Sent until the picker has
+    // applied one of its messages (the simulators connect once the socket is bound).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = http_exchange(base + 1, "POST", "/v1/chat/completions", &chat);
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        std::thread::sleep(Duration::from_millis(200));
+        let p = page();
+        if series_value(&p, "epp_precise_prefix_central_topics") == 1.0
+            && series_value(
+                &p,
+                "epp_precise_prefix_endpoints_in_fallback{reason=\"not_connected\"}",
+            ) == 1.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no central message applied:\n{p}"
+        );
+    }
+    // Every request routed through the picker lands on that simulator.
+    let mut pods = BTreeMap::<String, usize>::new();
+    for _ in 0..6 {
+        let r = http_exchange(proxy, "POST", "/v1/chat/completions", &chat);
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let pod = r
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-inference-pod: ")
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no x-inference-pod in {r}"));
+        *pods.entry(pod).or_default() += 1;
+    }
+    assert_eq!(pods, BTreeMap::from([("sim-1".to_string(), 6)]));
+    let p = page();
+    assert_eq!(
+        series_value(&p, "llm_d_epp_kv_cache_events_active_subscribers"),
+        3.0,
+        "{p}"
+    );
+    assert_eq!(
+        series_value(
+            &p,
+            "epp_precise_prefix_central_refused_total{reason=\"unknown_pod\"}"
+        ),
+        0.0
+    );
 }

@@ -119,6 +119,9 @@ pub struct PreciseMetrics {
     pub event_errors: Family<ReasonLabels, Counter>,
     pub lookups: Family<ResultLabels, Counter>,
     pub fallback: Family<ReasonLabels, Counter>,
+    /// The central socket (`zmqEndpoint`): messages not applied, topics followed.
+    pub central_refused: Family<ReasonLabels, Counter>,
+    pub central_topics: Gauge,
 }
 
 impl Default for PreciseMetrics {
@@ -145,13 +148,28 @@ impl Default for PreciseMetrics {
             event_errors: Family::default(),
             lookups: Family::default(),
             fallback: Family::default(),
+            central_refused: Family::default(),
+            central_topics: Gauge::default(),
         }
     }
 }
 
 impl PreciseMetrics {
-    /// Registers the families (the index's only when `index_metrics`).
-    pub fn register(&self, r: &mut Registry, index_metrics: bool) {
+    /// Registers the families (the index's only when `index_metrics`, the central socket's only
+    /// when `central`).
+    pub fn register(&self, r: &mut Registry, index_metrics: bool, central: bool) {
+        if central {
+            r.register(
+                "epp_precise_prefix_central_refused",
+                "Messages on the central KV-event socket (kvEventsConfig.zmqEndpoint) not applied, by reason: topic (not kv@<pod>@<model>), unknown_pod (no discovered endpoint is the topic's pod), ambiguous_pod (several could be), no_slot (the endpoint has no index slot), too_many_topics (the bound on followed topics)",
+                self.central_refused.clone(),
+            );
+            r.register(
+                "epp_precise_prefix_central_topics",
+                "Topics followed on the central KV-event socket, each mapped to a discovered endpoint with its own sequence",
+                self.central_topics.clone(),
+            );
+        }
         if index_metrics {
             self.admissions.register(
                 r,
@@ -253,7 +271,7 @@ impl PreciseMetrics {
         );
         r.register(
             "epp_precise_prefix_event_errors",
-            "KV-event stream problems, by reason: decode (a message that could not be read), gap (messages lost and not replayed), restart (a publisher restarted), topic (a topic without a model)",
+            "KV-event stream problems, by reason: decode (a message that could not be read), gap (messages lost and not replayed), restart (a publisher restarted), topic (a topic that is not kv@<pod>@<model>)",
             self.event_errors.clone(),
         );
         r.register(

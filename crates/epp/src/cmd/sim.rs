@@ -126,7 +126,17 @@ pub struct Args {
     #[arg(long, value_name = "tcp://HOST:PORT")]
     pub kv_events_endpoint: Option<String>,
 
-    /// Topic of every KV-event message [default: kv@<server name>@<model>].
+    /// Publish KV-cache events by connecting to a central SUB socket the picker binds
+    /// (llm-d's kvEventsConfig.zmqEndpoint, llm-d-inference-sim's --zmq-endpoint) instead of
+    /// binding a PUB socket: every server and rank connects to this same endpoint, reconnecting
+    /// when it goes away, each with its own topic kv@<host:port>@<model> (the host is
+    /// --kv-transfer-host, else the listen address, loopback for 0.0.0.0). Excludes
+    /// --kv-events-endpoint.
+    #[arg(long, value_name = "tcp://HOST:PORT")]
+    pub zmq_endpoint: Option<String>,
+
+    /// Topic of every KV-event message [default: kv@<server name>@<model>; with --zmq-endpoint
+    /// kv@<host:port>@<model>, the pod id the picker maps to an endpoint].
     #[arg(long, value_name = "TOPIC")]
     pub kv_events_topic: Option<String>,
 
@@ -255,6 +265,7 @@ impl Args {
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_secs),
             kv_events: KvEventsConfig {
                 endpoint: self.kv_events_endpoint.clone(),
+                connect: self.zmq_endpoint.clone(),
                 topic: self.kv_events_topic.clone(),
                 replay_endpoint: self.kv_events_replay_endpoint.clone(),
                 buffer_steps: self.kv_events_buffer_steps,

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::config::{ConfigError, PluginSpec};
 use crate::precise::keys::{HashAlgorithm, TokenProcessor, MAX_BLOCK_SIZE_TOKENS};
-use crate::precise::{IndexConfig, Settings, Subscriptions, BYTES_PER_KEY};
+use crate::precise::{CentralEndpoint, IndexConfig, Settings, Subscriptions, BYTES_PER_KEY};
 use crate::scheduler::plugins::{params, Plugin, Producer};
 
 pub const TYPE: &str = "precise-prefix-cache-producer";
@@ -125,7 +125,7 @@ pub struct BackendParams {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KvEventsParams {
-    /// A central SUB socket engines connect to (llm-d's global socket mode): refused.
+    /// A central SUB socket bound here, which engines connect to (llm-d's global socket mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zmq_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -332,12 +332,17 @@ impl PrecisePrefixParams {
 
         // KV events.
         let ke = self.kv_events_config.clone().unwrap_or_default();
-        if ke.zmq_endpoint.as_deref().is_some_and(|s| !s.is_empty()) {
-            return Err(ConfigError::new(
-                at("kvEventsConfig.zmqEndpoint"),
-                "a central socket the engines connect to is not supported by epp; it subscribes to each endpoint's publisher (discoverPods with podDiscoveryConfig.socketPort)",
-            ));
-        }
+        let central = match ke.zmq_endpoint.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(ep) => {
+                crate::kvevents::central::validate_endpoint(ep)
+                    .map_err(|e| ConfigError::new(at("kvEventsConfig.zmqEndpoint"), e))?;
+                Some(CentralEndpoint {
+                    endpoint: ep.to_string(),
+                    field: at("kvEventsConfig.zmqEndpoint"),
+                })
+            }
+        };
         match ke.engine_type.as_deref() {
             None | Some("") | Some("vllm") => {}
             Some(other) => {
@@ -347,11 +352,18 @@ impl PrecisePrefixParams {
                 ))
             }
         }
-        if ke.discover_pods == Some(false) {
+        let discover_pods = ke.discover_pods.unwrap_or(true);
+        if !discover_pods && central.is_none() {
             return Err(ConfigError::new(
                 at("kvEventsConfig.discoverPods"),
-                "false leaves nothing to subscribe to without a central zmqEndpoint, which epp does not support; leave it true",
+                "false without kvEventsConfig.zmqEndpoint leaves nothing to subscribe to; set zmqEndpoint (a central socket the engines connect to) or leave discoverPods true",
             ));
+        }
+        if !discover_pods && ke.pod_discovery_config.is_some() {
+            tracing::warn!(
+                plugin = field,
+                "precise-prefix-cache-producer: kvEventsConfig.podDiscoveryConfig is not used with discoverPods: false"
+            );
         }
         let concurrency = ke.concurrency.unwrap_or(DEFAULT_CONCURRENCY as i64);
         if concurrency <= 0 || concurrency > 1024 {
@@ -435,6 +447,8 @@ impl PrecisePrefixParams {
                 replay_port,
                 selector,
                 namespace: pd.pod_namespace.clone().filter(|n| !n.is_empty()),
+                discover_pods,
+                central,
             },
             speculative: self.speculative_indexing.then_some(ttl),
             event_timeout,
@@ -506,6 +520,8 @@ mod tests {
         assert_eq!(s.subscriptions.replay_port, None);
         assert_eq!(s.speculative, None);
         assert_eq!(s.event_timeout, DEFAULT_EVENT_TIMEOUT);
+        assert!(s.subscriptions.discover_pods);
+        assert_eq!(s.subscriptions.central, None);
         let s = settings("{speculativeIndexing: true}").unwrap();
         assert_eq!(s.speculative, Some(Duration::from_secs(2)));
         let s = settings("{speculativeIndexing: true, speculativeTTL: 500ms}").unwrap();
@@ -572,6 +588,45 @@ fallback: {eventTimeout: 3s, rebuildWindow: 1s}
     }
 
     #[test]
+    fn the_central_socket_is_accepted_alone_or_beside_per_endpoint_subscriptions() {
+        // llm-d's sim-epp-kvcache-config.yaml: both modes (discoverPods defaults to true).
+        let s = settings("{kvEventsConfig: {zmqEndpoint: 'tcp://0.0.0.0:5557'}}").unwrap();
+        assert!(s.subscriptions.discover_pods);
+        assert_eq!(
+            s.subscriptions.central,
+            Some(CentralEndpoint {
+                endpoint: "tcp://0.0.0.0:5557".into(),
+                field: "plugins[3].parameters.kvEventsConfig.zmqEndpoint".into(),
+            })
+        );
+        // The central socket alone.
+        let s = settings(
+            "{kvEventsConfig: {zmqEndpoint: 'tcp://*:6000', discoverPods: false, topicFilter: 'kv@10.'}}",
+        )
+        .unwrap();
+        assert!(!s.subscriptions.discover_pods);
+        assert_eq!(
+            s.subscriptions
+                .central
+                .as_ref()
+                .map(|c| c.endpoint.as_str()),
+            Some("tcp://*:6000")
+        );
+        assert_eq!(s.subscriptions.topic_filter, "kv@10.");
+        // An empty zmqEndpoint is unset (Go's omitempty).
+        let s = settings("{kvEventsConfig: {zmqEndpoint: ''}}").unwrap();
+        assert_eq!(s.subscriptions.central, None);
+        // Nothing at all to follow: refused, naming discoverPods and what would fix it.
+        let e = settings("{kvEventsConfig: {discoverPods: false}}").unwrap_err();
+        assert_eq!(e.field, "plugins[3].parameters.kvEventsConfig.discoverPods");
+        assert!(e.to_string().contains("set zmqEndpoint"), "{e}");
+        // A bad address is refused at load, naming the field and the address.
+        let e = settings("{kvEventsConfig: {zmqEndpoint: 'tcp://*:99999'}}").unwrap_err();
+        assert_eq!(e.field, "plugins[3].parameters.kvEventsConfig.zmqEndpoint");
+        assert!(e.to_string().contains("tcp://*:99999"), "{e}");
+    }
+
+    #[test]
     fn what_is_not_implemented_is_refused_by_name() {
         let cases = [
             (
@@ -583,8 +638,24 @@ fallback: {eventTimeout: 3s, rebuildWindow: 1s}
                 "indexerConfig.kvBlockIndexConfig.redisConfig",
             ),
             (
-                "{kvEventsConfig: {zmqEndpoint: 'tcp://*:5557'}}",
+                "{kvEventsConfig: {zmqEndpoint: 'ipc:///tmp/kv'}}",
                 "kvEventsConfig.zmqEndpoint",
+            ),
+            (
+                "{kvEventsConfig: {zmqEndpoint: 'tcp://0.0.0.0'}}",
+                "kvEventsConfig.zmqEndpoint",
+            ),
+            (
+                "{kvEventsConfig: {zmqEndpoint: 'tcp://*:0'}}",
+                "kvEventsConfig.zmqEndpoint",
+            ),
+            (
+                "{kvEventsConfig: {zmqEndpoint: 'tcp://a b:5557'}}",
+                "kvEventsConfig.zmqEndpoint",
+            ),
+            (
+                "{kvEventsConfig: {discoverPods: false, zmqEndpoint: ''}}",
+                "kvEventsConfig.discoverPods",
             ),
             (
                 "{kvEventsConfig: {engineType: sglang}}",
