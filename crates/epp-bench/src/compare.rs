@@ -48,50 +48,46 @@ pub const PD_PRESET_NAMES: [&str; 2] = ["pd", "pd-always"];
 /// `precise-prefix-cache-producer` subscribes to every one (see [`Policy::reads_kv_events`]).
 pub const KV_EVENTS_PRESET_NAMES: [&str; 1] = ["precise"];
 
-/// The `precise` policy: the default profile with its prefix scorer fed by
-/// `precise-prefix-cache-producer` (token ids from the first simulator's render endpoint, picks
-/// indexed speculatively until the engine's event confirms them) instead of the approximate
-/// index. The ports and the render URL here are placeholders the comparison replaces with its
-/// simulators' (see [`bind_to_sims`]).
-pub const PRECISE_YAML: &str = r#"apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: token-producer
-  parameters:
-    modelName: sim-model
-    vllm:
-      url: http://127.0.0.1:8000
-- type: precise-prefix-cache-producer
-  parameters:
-    tokenProcessorConfig:
-      blockSizeTokens: 16
-    speculativeIndexing: true
-    kvEventsConfig:
-      podDiscoveryConfig:
-        socketPort: 5557
-        replaySocketPort: 5558
-- type: prefix-cache-scorer
-  parameters:
-    prefixMatchInfoProducerName: precise-prefix-cache-producer
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: active-request-scorer
-  parameters:
-    idleThreshold: 2
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: prefix-cache-scorer
-    weight: 3
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: active-request-scorer
-    weight: 3
-  - pluginRef: max-score-picker
-"#;
+/// The `precise` policy: the default profile (epp's `default` preset) with its prefix scorer
+/// fed by `precise-prefix-cache-producer` (token ids from the first simulator's render
+/// endpoint, picks indexed speculatively until the engine's event confirms them) instead of the
+/// approximate index. The ports and the render URL are placeholders the comparison replaces
+/// with its simulators' (see [`bind_to_sims`]).
+fn precise_yaml() -> String {
+    use epp_core::config::{EndpointPickerConfig, PluginSpec};
+    use serde_json::json;
+    let mut c = EndpointPickerConfig::from_yaml(epp_core::config::presets::DEFAULT)
+        .expect("the default preset parses");
+    for p in &mut c.plugins {
+        if p.type_ == "prefix-cache-scorer" {
+            p.parameters =
+                Some(json!({"prefixMatchInfoProducerName": "precise-prefix-cache-producer"}));
+        }
+    }
+    let plugin = |t: &str, params| PluginSpec {
+        name: None,
+        type_: t.to_owned(),
+        parameters: Some(params),
+    };
+    c.plugins.splice(
+        0..0,
+        [
+            plugin(
+                "token-producer",
+                json!({"modelName": "sim-model", "vllm": {"url": "http://127.0.0.1:8000"}}),
+            ),
+            plugin(
+                "precise-prefix-cache-producer",
+                json!({
+                    "tokenProcessorConfig": {"blockSizeTokens": 16},
+                    "speculativeIndexing": true,
+                    "kvEventsConfig": {"podDiscoveryConfig": {"socketPort": 5557, "replaySocketPort": 5558}},
+                }),
+            ),
+        ],
+    );
+    c.to_yaml()
+}
 
 /// Uncached prompt tokens on the decode pick from which the `pd` policy disaggregates: 1,024
 /// tokens cost about 100 ms to compute at the benchmarks' 0.1 ms per token, against 64 blocks
@@ -160,7 +156,7 @@ impl Policy {
                 &format!("\n  parameters:\n    nonCachedTokens: {PD_NON_CACHED_TOKENS}"),
             ),
             "pd-always" => pd_yaml("always-disagg-pd-decider", ""),
-            "precise" => PRECISE_YAML.to_owned(),
+            "precise" => precise_yaml(),
             _ => epp_core::config::presets::by_name(name)?.to_owned(),
         };
         Some(Policy {
@@ -1238,18 +1234,30 @@ mod tests {
             true
         );
         // `modelName` alone selects the vllm backend: it renders on the simulators too.
-        let alone = p.config_yaml.replace(
-            "    modelName: sim-model\n    vllm:\n      url: http://127.0.0.1:8000\n",
-            "    modelName: sim-model\n",
-        );
-        assert_ne!(alone, p.config_yaml);
+        let edited = |f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>, &str)| {
+            let mut c = epp_core::config::EndpointPickerConfig::from_yaml(&p.config_yaml).unwrap();
+            for plugin in &mut c.plugins {
+                let t = plugin.type_.clone();
+                if let Some(m) = plugin.parameters.as_mut().and_then(|v| v.as_object_mut()) {
+                    f(m, &t);
+                }
+            }
+            c.to_yaml()
+        };
+        let alone = edited(&|m, t| {
+            if t == "token-producer" {
+                m.remove("vllm");
+            }
+        });
+        assert!(!alone.contains("8000"), "{alone}");
         let y = bind_to_sims(&alone, 1, 2, "http://127.0.0.1:9").unwrap();
         assert!(y.contains("http://127.0.0.1:9"), "{y}");
         // A central socket cannot be what the simulators publish to.
-        let central = p.config_yaml.replace(
-            "    kvEventsConfig:\n",
-            "    kvEventsConfig:\n      zmqEndpoint: tcp://*:5557\n",
-        );
+        let central = edited(&|m, t| {
+            if t == "precise-prefix-cache-producer" {
+                m["kvEventsConfig"]["zmqEndpoint"] = serde_json::json!("tcp://*:5557");
+            }
+        });
         let e = bind_to_sims(&central, 1, 2, "http://x:1")
             .unwrap_err()
             .to_string();

@@ -558,23 +558,14 @@ async fn on_central(
     let lv = &engine.liveness;
     let (restarted, step) = t.tracker.on_live(seq);
     if let Some(previous) = restarted {
-        m.event_errors
-            .get_or_create(&ReasonLabels { reason: "restart" })
-            .inc();
-        engine.index.clear_slot(slot);
-        if seq == 0 {
-            lv.set(
-                slot,
-                SlotState::Live,
-                &format!("publisher of {topic} restarted (sequence {previous} → 0); followed from its start"),
-            );
-        } else {
-            lv.rebuilding(
-                slot,
-                Instant::now(),
-                &format!("publisher of {topic} restarted (sequence {previous} → {seq}); no replay on the central socket"),
-            );
-        }
+        publisher_restarted(
+            engine,
+            slot,
+            &format!("publisher of {topic}"),
+            previous,
+            seq,
+            "no replay on the central socket",
+        );
     }
     match step {
         Step::Duplicate => return true,
@@ -982,23 +973,14 @@ async fn follow_one(
                 }
             }
             Update::Restarted { previous, seq } => {
-                m.event_errors
-                    .get_or_create(&ReasonLabels { reason: "restart" })
-                    .inc();
-                engine.index.clear_slot(slot);
-                if seq == 0 {
-                    lv.set(
-                        slot,
-                        SlotState::Live,
-                        &format!("publisher restarted (sequence {previous} → 0); followed from its start"),
-                    );
-                } else {
-                    lv.rebuilding(
-                        slot,
-                        Instant::now(),
-                        &format!("publisher restarted (sequence {previous} → {seq}); rebuilding from its replay"),
-                    );
-                }
+                publisher_restarted(
+                    &engine,
+                    slot,
+                    "publisher",
+                    previous,
+                    seq,
+                    "rebuilding from its replay",
+                );
             }
             Update::Invalid { seq, error } => {
                 m.event_errors
@@ -1015,6 +997,38 @@ async fn follow_one(
     m.queue_depth.dec_by(queued);
     stop.trigger();
     let _ = handle.await;
+}
+
+/// A publisher restarted (its sequence went back): its share of the index is dropped, the
+/// restart counted; followed from sequence 0 it is live at once, otherwise it rebuilds
+/// (`otherwise` says how).
+fn publisher_restarted(
+    engine: &PrecisePrefix,
+    slot: usize,
+    who: &str,
+    previous: u64,
+    seq: u64,
+    otherwise: &str,
+) {
+    engine
+        .metrics
+        .event_errors
+        .get_or_create(&ReasonLabels { reason: "restart" })
+        .inc();
+    engine.index.clear_slot(slot);
+    if seq == 0 {
+        engine.liveness.set(
+            slot,
+            SlotState::Live,
+            &format!("{who} restarted (sequence {previous} → 0); followed from its start"),
+        );
+    } else {
+        engine.liveness.rebuilding(
+            slot,
+            Instant::now(),
+            &format!("{who} restarted (sequence {previous} → {seq}); {otherwise}"),
+        );
+    }
 }
 
 #[cfg(test)]
