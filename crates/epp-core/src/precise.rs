@@ -37,11 +37,12 @@ use crate::prefix::PrefixMatch;
 
 /// Heap bytes per request key held by the index, measured with a counting allocator
 /// (`cargo bench -p epp-core --bench precise_memory`, docs/benchmarks.md): the key's map and ring
-/// slots, one holder, and its endpoint's engine-block mapping — 118 bytes when the index first
-/// fills, 161 once it has been overfilled tenfold (evicted keys' engine mappings linger, up to
-/// their own bound, and the tables keep their grown size). `costAwareMemoryConfig.size` becomes a
-/// key bound with it, and `epp_precise_prefix_index_bytes` reports keys × it.
-pub const BYTES_PER_KEY: u64 = 170;
+/// slots, one holder, and its endpoint's engine-block mapping with its place in the eviction
+/// order — 118 bytes when the index first fills, 215 once it has been overfilled tenfold (evicted
+/// keys' engine mappings linger up to their own bound, and hash tables that churn near their
+/// load limit double rather than rehash in place). `costAwareMemoryConfig.size` becomes a key
+/// bound with it, and `epp_precise_prefix_index_bytes` reports keys × it.
+pub const BYTES_PER_KEY: u64 = 220;
 
 /// Which endpoints are followed, and how.
 #[derive(Clone, Debug)]

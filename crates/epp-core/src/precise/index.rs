@@ -76,12 +76,40 @@ struct Holder {
     tiers: u8,
 }
 
-/// Up to four holders inline, more on the heap (boxed: the inline form stays 16 bytes).
+/// Up to four holders inline, more on the heap (boxed: the inline form stays 16 bytes). The
+/// heap form carries a summary beside its list, so a lookup reads one allocation, not two.
 #[derive(Debug)]
 enum Holders {
     Inline(u8, [Holder; 4]),
-    #[allow(clippy::box_collection)]
-    Heap(Box<Vec<Holder>>),
+    Heap(Box<HeapHolders>),
+}
+
+#[derive(Debug)]
+struct HeapHolders {
+    /// Bit `s` set: slot `s` is in `list`.
+    slots: [u64; 2],
+    /// The tier bits every holder has, when they all have the same; 0 when they differ.
+    same_tiers: u8,
+    list: Vec<Holder>,
+}
+
+impl HeapHolders {
+    fn refresh(&mut self) {
+        let mut slots = [0u64; 2];
+        for h in &self.list {
+            slots[(h.slot >> 6) as usize & 1] |= 1 << (h.slot & 63);
+        }
+        self.slots = slots;
+        self.same_tiers = same_tiers(&self.list);
+    }
+}
+
+/// The tier bits all of `hs` share, or 0 when they differ (or there are none).
+fn same_tiers(hs: &[Holder]) -> u8 {
+    match hs.split_first() {
+        Some((first, rest)) if rest.iter().all(|h| h.tiers == first.tiers) => first.tiers,
+        _ => 0,
+    }
 }
 
 const NO_HOLDER: Holder = Holder { slot: 0, tiers: 0 };
@@ -96,13 +124,35 @@ impl Holders {
     fn as_slice(&self) -> &[Holder] {
         match self {
             Holders::Inline(n, h) => &h[..*n as usize],
-            Holders::Heap(v) => v,
+            Holders::Heap(v) => &v.list,
         }
     }
-    fn as_mut_slice(&mut self) -> &mut [Holder] {
+    /// The slots holding the key as a bitset, and the tier bits they share (0 if they differ).
+    fn summary(&self) -> (u128, u8) {
         match self {
-            Holders::Inline(n, h) => &mut h[..*n as usize],
-            Holders::Heap(v) => v,
+            Holders::Inline(n, h) => {
+                let hs = &h[..*n as usize];
+                let mut slots = 0u128;
+                for x in hs {
+                    slots |= 1u128 << x.slot;
+                }
+                (slots, same_tiers(hs))
+            }
+            Holders::Heap(v) => (
+                u128::from(v.slots[0]) | u128::from(v.slots[1]) << 64,
+                v.same_tiers,
+            ),
+        }
+    }
+    /// Applies `f` to the list, then brings the heap summary up to date.
+    fn edit<R>(&mut self, f: impl FnOnce(&mut [Holder]) -> R) -> R {
+        match self {
+            Holders::Inline(n, h) => f(&mut h[..*n as usize]),
+            Holders::Heap(v) => {
+                let r = f(&mut v.list);
+                v.refresh();
+                r
+            }
         }
     }
     fn push(&mut self, x: Holder) {
@@ -112,11 +162,20 @@ impl Holders {
                 *n += 1;
             }
             Holders::Inline(_, h) => {
-                let mut v = h.to_vec();
-                v.push(x);
+                let mut list = h.to_vec();
+                list.push(x);
+                let mut v = HeapHolders {
+                    slots: [0; 2],
+                    same_tiers: 0,
+                    list,
+                };
+                v.refresh();
                 *self = Holders::Heap(Box::new(v));
             }
-            Holders::Heap(v) => v.push(x),
+            Holders::Heap(v) => {
+                v.list.push(x);
+                v.refresh();
+            }
         }
     }
     fn remove(&mut self, i: usize) -> Holder {
@@ -127,7 +186,11 @@ impl Holders {
                 *n -= 1;
                 x
             }
-            Holders::Heap(v) => v.remove(i),
+            Holders::Heap(v) => {
+                let x = v.list.remove(i);
+                v.refresh();
+                x
+            }
         }
     }
     fn is_empty(&self) -> bool {
@@ -165,8 +228,10 @@ enum Covers {
     Nothing,
     /// One other key (a small engine block inside a request block).
     One(u64),
-    /// Several (an engine block larger than a request block).
-    Many(Box<[u64]>),
+    /// Several (an engine block larger than a request block). Boxed twice so that the enum, and
+    /// with it every engine entry, stays two words smaller: this case is rare.
+    #[allow(clippy::redundant_allocation)]
+    Many(Box<Box<[u64]>>),
 }
 
 /// One engine block as this index knows it.
@@ -187,7 +252,7 @@ impl EngineEntry {
             [] => Covers::Nothing,
             [k] if *k == chain => Covers::Chain,
             [k] => Covers::One(*k),
-            many => Covers::Many(many.into()),
+            many => Covers::Many(Box::new(many.into())),
         };
         Self {
             chain,
@@ -213,17 +278,26 @@ fn shard_of(key: u64) -> usize {
     (key >> 40) as usize % SHARDS
 }
 
-/// The engine map's key: the engine hash with its tier mixed in, then multiplied by an odd
-/// constant (a bijection), so that engine hashes with little entropy in their top bits (small
-/// integers, sequential ids) still spread over the map's buckets and tags. One word per key.
+/// The engine map's key: the engine hash with its tier mixed in, then through a full 64-bit
+/// finaliser (splitmix64's, a bijection). The map hashes keys as themselves and takes its bucket
+/// from the low bits and its tag from the top ones, so every input bit must reach both: engine
+/// hashes with little entropy at either end (small integers, sequential ids, a run counter in
+/// the high bits and a block counter in the low ones) otherwise share buckets and probe long
+/// chains. A multiply alone carries bits upwards only. One word per key.
 fn engine_key(ek: u64, tier: u8) -> u64 {
-    (ek ^ u64::from(tier).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xff51_afd7_ed55_8ccd)
+    let mut x = ek ^ u64::from(tier).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 #[derive(Debug, Default)]
 struct Share {
     /// [`engine_key`] → entry.
     engine: IdMap<EngineEntry>,
+    /// `engine`'s keys, oldest first, for the bound: keys removed since are skipped when they
+    /// reach the front (and compacted away once they outnumber the live ones).
+    order: VecDeque<u64>,
     /// KV-cache groups learned from events: group → cache kind.
     groups: HashMap<u32, String>,
 }
@@ -407,9 +481,25 @@ impl PreciseIndex {
             }
             w
         };
+        // While every key's holders share one tier set, all slots still in the run have summed
+        // the same weights in the same order: one running sum stands for all of them, and a
+        // slot's score is that sum when it leaves the run. The first key whose holders differ
+        // hands each remaining slot the sum so far and scores holder by holder from there; both
+        // ways add the same f64s in the same order, so the truncated scores are identical.
         let mut alive: u128 = u128::MAX;
         let mut score = [0.0f64; MAX_SLOTS];
+        let mut shared = 0.0f64;
+        let mut uniform = true;
         let mut run = 0u32;
+        let settle = |score: &mut [f64; MAX_SLOTS], mut bits: u128, v: f64| {
+            if v == 0.0 {
+                return;
+            }
+            while bits != 0 {
+                score[bits.trailing_zeros() as usize] = v;
+                bits &= bits - 1;
+            }
+        };
         for key in keys {
             let shard = self.shard(*key).read();
             let Some(e) = shard.map.get(key) else { break };
@@ -417,12 +507,25 @@ impl PreciseIndex {
             if !e.referenced.load(Ordering::Relaxed) {
                 e.referenced.store(true, Ordering::Relaxed);
             }
-            let mut present = 0u128;
-            for h in e.holders.as_slice() {
-                let bit = 1u128 << h.slot;
-                if h.tiers != 0 && alive & bit != 0 {
-                    present |= bit;
-                    score[h.slot as usize] += weight(h.tiers);
+            let (slots, tiers) = e.holders.summary();
+            let mut present = slots & alive;
+            if uniform && tiers != 0 {
+                settle(&mut score, alive & !present, shared);
+                if present != 0 {
+                    shared += weight(tiers);
+                }
+            } else {
+                if uniform {
+                    settle(&mut score, alive, shared);
+                    uniform = false;
+                }
+                present = 0;
+                for h in e.holders.as_slice() {
+                    let bit = 1u128 << h.slot;
+                    if h.tiers != 0 && alive & bit != 0 {
+                        present |= bit;
+                        score[h.slot as usize] += weight(h.tiers);
+                    }
                 }
             }
             drop(shard);
@@ -431,6 +534,9 @@ impl PreciseIndex {
                 break;
             }
             run += 1;
+        }
+        if uniform {
+            settle(&mut score, alive, shared);
         }
         let mut top = 0usize;
         for (slot, s) in score.iter().enumerate() {
@@ -484,26 +590,43 @@ impl PreciseIndex {
                     .retain(|k| live.contains_key(k) && seen.insert(*k));
                 shard.hand = 0;
             }
+            // A new key: its one holder goes in with it (one probe, no search).
+            let mut holders = Holders::default();
+            holders.push(Holder {
+                slot,
+                tiers: tier_bits,
+            });
             shard.ring.push(key);
-            shard.map.insert(key, KeyEntry::default());
+            shard.map.insert(
+                key,
+                KeyEntry {
+                    holders,
+                    referenced: AtomicBool::new(false),
+                },
+            );
             self.keys.fetch_add(1, Ordering::Relaxed);
+            self.entries
+                .fetch_add(tier_bits.count_ones() as usize, Ordering::Relaxed);
+            return true;
         }
-        let e = shard.map.get_mut(&key).expect("just ensured");
-        let hs = e.holders.as_mut_slice();
+        let e = shard.map.get_mut(&key).expect("present");
         let mut added = true;
         let mut delta: isize = 0;
-        if let Some(i) = hs.iter().position(|h| h.slot == slot) {
-            let before = hs[i].tiers;
-            let mut after = before | tier_bits;
-            if tier_bits & !SPECULATIVE != 0 {
-                after &= !SPECULATIVE; // confirmed by the engine
-            }
-            hs[i].tiers = after;
+        let found = e.holders.as_slice().iter().position(|h| h.slot == slot);
+        if let Some(i) = found {
+            let (before, after) = e.holders.edit(|hs| {
+                let before = hs[i].tiers;
+                let mut after = before | tier_bits;
+                if tier_bits & !SPECULATIVE != 0 {
+                    after &= !SPECULATIVE; // confirmed by the engine
+                }
+                hs[i].tiers = after;
+                // Most recently added last.
+                hs[i..].rotate_left(1);
+                (before, after)
+            });
             delta = after.count_ones() as isize - before.count_ones() as isize;
             added = before & !SPECULATIVE == 0 && tier_bits & !SPECULATIVE != 0;
-            // Most recently added last.
-            let h = e.holders.remove(i);
-            e.holders.push(h);
         } else {
             e.holders.push(Holder {
                 slot,
@@ -568,12 +691,14 @@ impl PreciseIndex {
         let Some(i) = e.holders.as_slice().iter().position(|h| h.slot == slot) else {
             return false;
         };
-        let hs = e.holders.as_mut_slice();
-        let before = hs[i].tiers;
-        hs[i].tiers &= !tier_bits;
+        let (before, after) = e.holders.edit(|hs| {
+            let before = hs[i].tiers;
+            hs[i].tiers &= !tier_bits;
+            (before, hs[i].tiers)
+        });
         let removed = (before & tier_bits).count_ones() as usize;
         self.entries.fetch_sub(removed, Ordering::Relaxed);
-        if hs[i].tiers == 0 {
+        if after == 0 {
             e.holders.remove(i);
         }
         if e.holders.is_empty() {
@@ -769,13 +894,31 @@ impl PreciseIndex {
         // inserting endpoint gives one up (any: the bound is a safety net, normally the engines'
         // removals keep the mappings at the size of their caches).
         while self.engine_entries.load(Ordering::Relaxed) >= self.cfg.max_keys.max(1) {
-            let Some(old) = share.engine.keys().next().copied() else {
+            let Some(old) = share.order.pop_front() else {
                 return;
             };
-            share.engine.remove(&old);
-            self.engine_entries.fetch_sub(1, Ordering::Relaxed);
+            if share.engine.remove(&old).is_some() {
+                self.engine_entries.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if share.order.len() > 2 * share.engine.len() + 64 {
+            // Slots of removed entries, and second copies of entries removed and stored again:
+            // compact (amortised over the removals that left them), keeping each key's newest.
+            let live = &share.engine;
+            let mut seen: std::collections::HashSet<u64, BuildHasherDefault<IdHasher>> =
+                std::collections::HashSet::with_capacity_and_hasher(live.len(), Default::default());
+            let mut kept: VecDeque<u64> = share
+                .order
+                .iter()
+                .rev()
+                .filter(|k| live.contains_key(k) && seen.insert(**k))
+                .copied()
+                .collect();
+            kept.make_contiguous().reverse();
+            share.order = kept;
         }
         share.engine.insert(key, entry);
+        share.order.push_back(key);
         self.engine_entries.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -1165,6 +1308,105 @@ mod tests {
         assert_eq!(idx.entries(), 1);
     }
 
+    /// The lookup as first written: every holder of every key weighed one by one.
+    fn reference_lookup(idx: &PreciseIndex, keys: &[u64]) -> (Vec<u32>, u32) {
+        let tiers = idx.tiers.read().len();
+        let tier_w: Vec<f64> = (0..MAX_TIERS)
+            .map(|t| f64::from_bits(idx.tier_weight[t].load(Ordering::Relaxed)))
+            .collect();
+        assert!(tiers <= MAX_TIERS);
+        let weight = |t: u8| {
+            let mut w = if t & SPECULATIVE != 0 { 1.0 } else { 0.0f64 };
+            for (i, tw) in tier_w.iter().enumerate() {
+                if t & (1 << i) != 0 {
+                    w = w.max(*tw);
+                }
+            }
+            w
+        };
+        let mut alive = u128::MAX;
+        let mut score = [0.0f64; MAX_SLOTS];
+        let mut run = 0;
+        for key in keys {
+            let shard = idx.shard(*key).read();
+            let Some(e) = shard.map.get(key) else { break };
+            let mut present = 0u128;
+            for h in e.holders.as_slice() {
+                let bit = 1u128 << h.slot;
+                if h.tiers != 0 && alive & bit != 0 {
+                    present |= bit;
+                    score[h.slot as usize] += weight(h.tiers);
+                }
+            }
+            alive = present;
+            if alive == 0 {
+                break;
+            }
+            run += 1;
+        }
+        let top = score.iter().rposition(|s| *s > 0.0).map_or(0, |i| i + 1);
+        (score[..top].iter().map(|s| s.floor() as u32).collect(), run)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Endpoints holding prefixes of one prompt on GPU or CPU, some of them only
+        /// speculatively, some offloaded and then dropped from the GPU: the lookup's scores are
+        /// those of weighing every holder one by one, bit for bit.
+        #[test]
+        fn lookup_matches_holder_by_holder_weighing(
+            holders in proptest::collection::vec(
+                (0usize..130, 0usize..12, 0u8..5), 0..40),
+            cut in 0usize..12,
+        ) {
+            let idx = index(10_000);
+            let t = toks(9, 11 * BS as usize);
+            let k = keys(&idx, &t);
+            for (n, (slot, len, how)) in holders.iter().enumerate() {
+                let len = (*len).min(k.len());
+                if len == 0 {
+                    continue;
+                }
+                let hashes: Vec<u64> = (0..len as u64).map(|j| (n as u64) << 8 | j).collect();
+                let gpu = || stored(hashes.clone(), None, t[..len * BS as usize].to_vec(), BS);
+                match how {
+                    0 => {
+                        idx.apply(*slot, "m", &batch(vec![gpu()]));
+                    }
+                    1 | 2 => {
+                        idx.apply(*slot, "m", &batch(vec![gpu()]));
+                        let mut cpu = BlockStored::new(hashes.clone(), None, vec![], BS);
+                        cpu.medium = Some("cpu".into());
+                        idx.apply(*slot, "m", &batch(vec![KvEvent::BlockStored(cpu)]));
+                        if *how == 2 {
+                            idx.apply(*slot, "m", &batch(vec![KvEvent::BlockRemoved(BlockRemoved {
+                                block_hashes: hashes[len / 2..].to_vec(),
+                                medium: Some("GPU".into()),
+                                group_idx: None,
+                            })]));
+                        }
+                    }
+                    3 => idx.speculate(*slot, &k[..len], Duration::from_secs(9), Instant::now()),
+                    _ => {
+                        idx.apply(*slot, "m", &batch(vec![gpu()]));
+                        idx.apply(*slot, "m", &batch(vec![KvEvent::BlockRemoved(BlockRemoved {
+                            block_hashes: hashes[len / 2..].to_vec(),
+                            medium: None,
+                            group_idx: None,
+                        })]));
+                    }
+                }
+            }
+            for prompt in [&k[..], &k[..cut.min(k.len())]] {
+                let (m, best) = idx.lookup(prompt);
+                let (want, want_best) = reference_lookup(&idx, prompt);
+                proptest::prop_assert_eq!(&m.blocks, &want);
+                proptest::prop_assert_eq!(best, want_best);
+                proptest::prop_assert_eq!(m.total_blocks as usize, prompt.len());
+            }
+        }
+    }
+
     #[test]
     fn the_key_bound_holds_under_ten_times_overfill() {
         let cap = 1_600;
@@ -1194,6 +1436,18 @@ mod tests {
             idx.lookup(&keys(&idx, &t)).0.matched((last % 8) as usize),
             4
         );
+        // The engine mappings went oldest first: the newest run's are all there, so its engine
+        // can still remove it block by block.
+        let r = idx.apply(
+            (last % 8) as usize,
+            "m",
+            &batch(vec![KvEvent::BlockRemoved(BlockRemoved {
+                block_hashes: (0..4).map(|j| u64::from(last) * 8 + j).collect(),
+                medium: None,
+                group_idx: None,
+            })]),
+        );
+        assert_eq!(r.evicted, 4);
         // The per-key bound: 12 endpoints on one key, at most 10 entries kept.
         let idx = index(100);
         let t = toks(1, 4);
