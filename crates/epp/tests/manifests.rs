@@ -588,6 +588,172 @@ fn the_active_active_variant_reaches_its_redis_with_its_password() {
     );
 }
 
+/// The picker Deployment in `file` takes only flags its subcommand has and mounts ConfigMap
+/// `cm_name` so that its `key` is where `--config-file` points.
+fn picker_mounts_its_config(file: &str, cm_name: &str, key: &str) {
+    let d: Deployment = typed(file, &docs(file)[0]);
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    check_args_against_help(c);
+    let cfg_path = c
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.strip_prefix("--config-file="))
+        .unwrap_or_else(|| panic!("{file}: no --config-file"))
+        .to_string();
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| cfg_path.starts_with(&format!("{}/", m.mount_path)))
+        .unwrap_or_else(|| panic!("{file}: nothing mounted at {cfg_path}"));
+    assert_eq!(cfg_path, format!("{}/{key}", mount.mount_path), "{file}");
+    let vol = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(vol.config_map.as_ref().unwrap().name, cm_name, "{file}");
+}
+
+#[test]
+fn the_precise_variant_subscribes_where_its_pods_publish() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cm: ConfigMap = typed(
+        "precise/epp-config.yaml",
+        &docs("precise/epp-config.yaml")[0],
+    );
+    let cm_name = cm.metadata.name.clone().unwrap();
+    let (key, text) = cm.data.as_ref().unwrap().iter().next().unwrap();
+    let cfg = epp_core::config::EndpointPickerConfig::from_yaml(text).unwrap();
+    let s = epp_core::scheduler::Scheduler::from_config(&cfg).unwrap();
+    let (_, precise) = s.precise().expect("a precise producer");
+    let sub = &precise.subscriptions;
+    let (pub_port, replay_port) = (
+        i32::from(sub.socket_port),
+        i32::from(sub.replay_port.expect("replay on")),
+    );
+    let filter = sub.topic_filter.as_str();
+    assert!(precise.speculative.is_some());
+    assert_eq!(precise.index.max_keys, 1_000_000);
+    picker_mounts_its_config("precise/deployment.yaml", &cm_name, key);
+    // What the config expects of the pods: the ports it dials, the topic prefix it subscribes
+    // to, the model its keys are chained from, and the Service it asks for token ids.
+    let raw: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+    let plugin = |ty: &str| -> serde_yaml::Value {
+        raw["plugins"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["type"] == ty)
+            .unwrap_or_else(|| panic!("no {ty}"))["parameters"]
+            .clone()
+    };
+    let tok = plugin("token-producer");
+    let model = tok["modelName"].as_str().unwrap().to_string();
+    let url = tok["vllm"]["url"].as_str().unwrap();
+    let (host, port) = url
+        .strip_prefix("http://")
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap();
+    let svc_name = host.split('.').next().unwrap();
+    let pool: epp_core::k8s::pool::InferencePool =
+        typed("inferencepool.yaml", &docs("inferencepool.yaml")[0]);
+    let pool_sel = serde_json::to_value(&pool).unwrap()["spec"]["selector"]["matchLabels"].clone();
+    let pool_sel: BTreeMap<String, String> = serde_json::from_value(pool_sel).unwrap();
+    for file in ["precise/vllm.yaml", "precise/sim.yaml"] {
+        let all = docs(file);
+        let d: Deployment = typed(file, &all[0]);
+        let t = d.spec.unwrap().template;
+        let l = labels(&t.metadata.unwrap().labels);
+        assert!(subset(&pool_sel, &l), "{file}: {l:?} not in the pool");
+        let c = &t.spec.unwrap().containers[0];
+        let args = c.args.clone().unwrap();
+        // (endpoint, replay endpoint, topic) as each server is told them.
+        let (endpoint, replay, topic, served) = if file == "precise/sim.yaml" {
+            check_args_against_help(c);
+            let flag = |f: &str| {
+                args.iter()
+                    .find_map(|a| a.strip_prefix(&format!("--{f}=")))
+                    .unwrap_or_else(|| panic!("{file}: no --{f}"))
+                    .to_string()
+            };
+            (
+                flag("kv-events-endpoint"),
+                flag("kv-events-replay-endpoint"),
+                flag("kv-events-topic"),
+                flag("model"),
+            )
+        } else {
+            let json = args
+                .iter()
+                .find_map(|a| a.strip_prefix("--kv-events-config="))
+                .unwrap_or_else(|| panic!("{file}: no --kv-events-config"));
+            let kv: Value = serde_json::from_str(json)
+                .unwrap_or_else(|e| panic!("{file}: --kv-events-config is not JSON: {e}"));
+            assert_eq!(kv["enable_kv_cache_events"], true, "{file}");
+            assert_eq!(kv["publisher"], "zmq", "{file}");
+            let served = args
+                .iter()
+                .find_map(|a| a.strip_prefix("--model="))
+                .unwrap()
+                .to_string();
+            let s = |k: &str| kv[k].as_str().unwrap().to_string();
+            (s("endpoint"), s("replay_endpoint"), s("topic"), served)
+        };
+        let port_of = |e: &str| -> i32 { e.rsplit_once(':').unwrap().1.parse().unwrap() };
+        assert_eq!(port_of(&endpoint), pub_port, "{file}: {endpoint}");
+        assert_eq!(port_of(&replay), replay_port, "{file}: {replay}");
+        assert!(topic.starts_with(filter), "{file}: {topic} vs {filter}");
+        assert_eq!(served, model, "{file}");
+        assert!(
+            topic.ends_with(&format!("@{model}")),
+            "{file}: the topic names the model the keys are chained from: {topic}"
+        );
+        // The topic's pod part is the pod IP from the downward API, expanded by Kubernetes.
+        assert!(topic.contains("$(POD_IP)"), "{file}: {topic}");
+        let env = c.env.clone().unwrap_or_default();
+        let ip = env.iter().find(|e| e.name == "POD_IP").unwrap();
+        assert_eq!(
+            ip.value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "status.podIP"
+        );
+        let ports = c.ports.clone().unwrap_or_default();
+        for p in [pub_port, replay_port] {
+            assert!(
+                ports.iter().any(|x| x.container_port == p),
+                "{file}: port {p} not declared"
+            );
+        }
+        // The render Service selects these pods and serves the token-producer's port.
+        let svc: Service = typed(file, &all[1]);
+        assert_eq!(svc.metadata.name.as_deref(), Some(svc_name), "{file}");
+        let spec = svc.spec.unwrap();
+        assert!(subset(&spec.selector.unwrap(), &l), "{file}");
+        let sp = &spec.ports.unwrap()[0];
+        assert_eq!(sp.port.to_string(), port, "{file}");
+        match sp.target_port.as_ref().unwrap() {
+            IntOrString::String(n) => assert!(
+                ports.iter().any(|x| x.name.as_deref() == Some(n)),
+                "{file}: no port named {n}"
+            ),
+            IntOrString::Int(n) => assert!(ports.iter().any(|x| x.container_port == *n)),
+        }
+    }
+}
+
 #[test]
 fn the_pd_variant_loads_its_config_and_its_pods_carry_the_roles_the_filters_read() {
     use k8s_openapi::api::core::v1::ConfigMap;
@@ -608,34 +774,7 @@ fn the_pd_variant_loads_its_config_and_its_pods_carry_the_roles_the_filters_read
     // Both pickers (serve behind Envoy, proxy without) mount that ConfigMap where --config-file
     // points, and take only flags their subcommand has.
     for file in ["pd/deployment.yaml", "pd/proxy.yaml"] {
-        let d: Deployment = typed(file, &docs(file)[0]);
-        let pod = d.spec.unwrap().template.spec.unwrap();
-        let c = &pod.containers[0];
-        check_args_against_help(c);
-        let cfg_path = c
-            .args
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find_map(|a| a.strip_prefix("--config-file="))
-            .unwrap_or_else(|| panic!("{file}: no --config-file"))
-            .to_string();
-        let mount = c
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|m| cfg_path.starts_with(&format!("{}/", m.mount_path)))
-            .unwrap_or_else(|| panic!("{file}: nothing mounted at {cfg_path}"));
-        assert_eq!(cfg_path, format!("{}/{key}", mount.mount_path), "{file}");
-        let vol = pod
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == mount.name)
-            .unwrap();
-        assert_eq!(vol.config_map.as_ref().unwrap().name, cm_name, "{file}");
+        picker_mounts_its_config(file, &cm_name, key);
     }
     // The proxy's Service selects the proxy pods.
     let pdocs = docs("pd/proxy.yaml");
