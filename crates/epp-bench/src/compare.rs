@@ -20,7 +20,7 @@ use crate::driver::{run_load, LoadConfig, LoadMode};
 use crate::ideal::{block_hashes, prompt_tokens, IdealTracker, BLOCK_TOKENS};
 use crate::picker_metrics;
 use crate::report::{BenchReport, PolicyRun, SetupInfo};
-use crate::stats::{summarize, Backend};
+use crate::stats::{set_backend_counts, summarize, Backend};
 use crate::workload::{Workload, WorkloadSpec};
 
 /// A routing policy: a name for reports and the `EndpointPickerConfig` YAML that implements it.
@@ -901,6 +901,45 @@ pub struct UrlRun {
     pub progress: bool,
     /// Column name in the report.
     pub label: String,
+    /// The backends' own `/metrics` URLs: when given, the per-backend counts and the balance
+    /// come from their finished-request counters, so a backend that got nothing counts too.
+    pub backend_metrics: Vec<String>,
+}
+
+/// The requests a model server finished, from its `/metrics`: vLLM's
+/// `vllm:request_success_total` over every finish reason but `abort` (a client that went away).
+pub async fn finished_requests(http: &crate::http::HttpClient, url: &str) -> anyhow::Result<u64> {
+    let text = crate::http::get_text(http, url, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("--backend-metrics {url}: cannot scrape it"))?;
+    finished_requests_in(&text).with_context(|| format!("--backend-metrics {url}"))
+}
+
+/// [`finished_requests`] of one exposition.
+pub fn finished_requests_in(text: &str) -> anyhow::Result<u64> {
+    let samples = epp_core::exposition::parse(text)
+        .map_err(|e| anyhow::anyhow!("not a Prometheus text exposition: {e}"))?;
+    let mut seen = false;
+    let mut n = 0.0;
+    for s in &samples {
+        if s.name == "vllm:request_success_total" || s.name == "vllm:request_success" {
+            seen = true;
+            if s.label("finished_reason") != Some("abort") {
+                n += s.value;
+            }
+        }
+    }
+    anyhow::ensure!(
+        seen,
+        "no vllm:request_success_total series (is this a vLLM server's /metrics?)"
+    );
+    Ok(n.max(0.0) as u64)
+}
+
+/// A readable name for a backend's metrics URL: its `host:port`.
+fn backend_name(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_string()
 }
 
 /// Load-tests `run.base_url` with the workload and reports it as a single-column comparison.
@@ -925,6 +964,10 @@ pub async fn bench_url(run: &UrlRun, stop: watch::Receiver<bool>) -> anyhow::Res
         ),
         None => None,
     };
+    let mut backends_before = Vec::with_capacity(run.backend_metrics.len());
+    for u in &run.backend_metrics {
+        backends_before.push(finished_requests(&http, u).await?);
+    }
     let mut load = LoadConfig::new(base, model);
     load.mode = run.mode;
     load.max_requests = run.max_requests;
@@ -949,7 +992,31 @@ pub async fn bench_url(run: &UrlRun, stop: watch::Receiver<bool>) -> anyhow::Res
         },
         _ => None,
     };
-    let stats = summarize(&outcome, &[]);
+    let mut stats = summarize(&outcome, &[]);
+    if !run.backend_metrics.is_empty() {
+        let mut counts = Vec::with_capacity(run.backend_metrics.len());
+        for (u, before) in run.backend_metrics.iter().zip(&backends_before) {
+            let after = finished_requests(&http, u).await?;
+            // A counter that went back: the server restarted during the run.
+            anyhow::ensure!(
+                after >= *before,
+                "--backend-metrics {u}: the finished-request counter went back ({before} to {after}): the server restarted during the run"
+            );
+            counts.push((backend_name(u), after - before));
+        }
+        let total: u64 = counts.iter().map(|(_, n)| n).sum();
+        if total != stats.succeeded {
+            let msg = format!(
+                "the backends finished {total} requests, the load {} succeeded: other traffic reached them, or the list is not every backend",
+                stats.succeeded
+            );
+            note = Some(match note {
+                Some(n) => format!("{n}; {msg}"),
+                None => msg,
+            });
+        }
+        set_backend_counts(&mut stats, &counts);
+    }
     let mut ideal = IdealTracker::new();
     for r in workload.take(outcome.issued) {
         ideal.observe(&r.prompt_text);

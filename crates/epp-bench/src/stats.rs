@@ -109,6 +109,26 @@ fn backend_of(r: &RequestRecord, known: &[Backend]) -> Option<String> {
     r.pod.clone().or_else(|| r.served.clone())
 }
 
+/// Replaces the per-backend counts of `stats` (taken from response headers) with counts the
+/// servers reported themselves, idle ones included, and recomputes the balance over all of them.
+pub fn set_backend_counts(stats: &mut RunStats, counts: &[(String, u64)]) {
+    let routed: u64 = counts.iter().map(|(_, n)| n).sum();
+    stats.backends = counts
+        .iter()
+        .map(|(name, n)| BackendShare {
+            name: name.clone(),
+            requests: *n,
+            share: ratio(*n, routed),
+        })
+        .collect();
+    stats.balance_max_over_mean = if routed == 0 || counts.is_empty() {
+        0.0
+    } else {
+        let mean = routed as f64 / counts.len() as f64;
+        counts.iter().map(|(_, n)| *n).max().unwrap_or(0) as f64 / mean
+    };
+}
+
 /// Summarises `outcome`. `known` lists the backends the load should spread over; with an empty
 /// list the backends seen in responses are used.
 pub fn summarize(outcome: &RunOutcome, known: &[Backend]) -> RunStats {

@@ -452,6 +452,13 @@ pub struct Args {
     /// With --url: a picker's /metrics URL, to report its own hit rate and decision latency.
     #[arg(long, value_name = "URL", requires = "url")]
     pub metrics_url: Option<String>,
+
+    /// With --url: every backend's own /metrics URL (repeat, or comma-separated). The
+    /// per-backend counts and the balance then come from each server's finished-request counter
+    /// (`vllm:request_success_total`), so a backend that got nothing counts as idle instead of
+    /// being missing.
+    #[arg(long, value_name = "URL", requires = "url", value_delimiter = ',')]
+    pub backend_metrics: Vec<String>,
 }
 
 /// Ctrl-C (SIGINT) or SIGTERM turns the returned flag true; a second Ctrl-C exits at once.
@@ -577,6 +584,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             request_timeout: timeout,
             progress: !args.load.no_progress,
             label: "target".into(),
+            backend_metrics: args.backend_metrics.clone(),
         };
         compare::bench_url(&run, stop).await?
     } else {
