@@ -9,6 +9,8 @@ use std::time::Duration;
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// `(certificate, key)` PEM files: the server speaks TLS only, on `port`.
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 fn binary() -> String {
@@ -29,13 +31,27 @@ impl RedisServer {
         let mut s = Self {
             port: free_port(),
             child: None,
+            tls: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    /// Starts one that speaks TLS only (`rediss://`), with this certificate and key, and waits
+    /// (bounded) until it answers a client that trusts `cert`.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let mut s = Self {
+            port: free_port(),
+            child: None,
+            tls: Some((cert.to_path_buf(), key.to_path_buf())),
         };
         s.restart().await;
         s
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills the server (its data is gone).
@@ -49,10 +65,23 @@ impl RedisServer {
     /// Starts it again on the same port, empty.
     pub async fn restart(&mut self) {
         self.stop();
+        let port = self.port.to_string();
+        let mut listen: Vec<String> = vec!["--port".into(), port.clone()];
+        if let Some((cert, key)) = &self.tls {
+            listen = vec!["--port".into(), "0".into(), "--tls-port".into(), port.clone()];
+            for (flag, f) in [
+                ("--tls-cert-file", cert),
+                ("--tls-key-file", key),
+                ("--tls-ca-cert-file", cert),
+            ] {
+                listen.push(flag.into());
+                listen.push(f.display().to_string());
+            }
+            listen.extend(["--tls-auth-clients".into(), "no".into()]);
+        }
         let child = Command::new(binary())
+            .args(&listen)
             .args([
-                "--port",
-                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -88,9 +117,17 @@ impl RedisServer {
     }
 
     pub async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
+        let client = match &self.tls {
+            None => redis::Client::open(self.url())?,
+            Some((cert, _)) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(cert).expect("certificate readable")),
+                },
+            )?,
+        };
+        client.get_multiplexed_async_connection().await
     }
 }
 
