@@ -50,7 +50,11 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
@@ -68,7 +72,12 @@ impl RedisServer {
         let port = self.port.to_string();
         let mut listen: Vec<String> = vec!["--port".into(), port.clone()];
         if let Some((cert, key)) = &self.tls {
-            listen = vec!["--port".into(), "0".into(), "--tls-port".into(), port.clone()];
+            listen = vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.clone(),
+            ];
             for (flag, f) in [
                 ("--tls-cert-file", cert),
                 ("--tls-key-file", key),
