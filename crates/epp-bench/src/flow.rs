@@ -35,6 +35,9 @@ pub struct FlowBench {
     /// Length of each phase.
     pub phase: Duration,
     pub seed: u64,
+    /// `priority-holdback-policy` with this `minCeiling` as the usage limit (batch's ceiling;
+    /// standard's is halfway to 1.0, premium's 1.0); `None`: the static default.
+    pub holdback_min_ceiling: Option<f64>,
 }
 
 impl Default for FlowBench {
@@ -53,6 +56,7 @@ impl Default for FlowBench {
             output_len: 16,
             phase: Duration::from_secs(20),
             seed: 42,
+            holdback_min_ceiling: None,
         }
     }
 }
@@ -141,7 +145,7 @@ struct Rec {
 }
 
 fn flow_config(b: &FlowBench) -> String {
-    format!(
+    let base = format!(
         r#"apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 featureGates: [flowControl]
@@ -168,7 +172,17 @@ flowControl:
 "#,
         slots = b.slots,
         shed = b.slots * b.backends,
-    )
+    );
+    match b.holdback_min_ceiling {
+        None => base,
+        Some(m) => base.replacen(
+            "- type: round-robin-fairness-policy\n",
+            &format!(
+                "- type: round-robin-fairness-policy\n- type: priority-holdback-policy\n  parameters:\n    minCeiling: {m}\n"
+            ),
+            1,
+        ) + "  usageLimitPolicyPluginRef: priority-holdback-policy\n",
+    }
 }
 
 const PLAIN_CONFIG: &str = r#"apiVersion: llm-d.ai/v1alpha1
@@ -453,6 +467,10 @@ pub fn render(b: &FlowBench, r: &FlowReport) -> String {
         ms(r.service_s),
         r.capacity_rps
     );
+    out += &match b.holdback_min_ceiling {
+        Some(m) => format!("usage limit: priority-holdback-policy, minCeiling {m}\n\n"),
+        None => "usage limit: static-usage-limit-policy (1.0)\n\n".to_string(),
+    };
     out += &format!(
         "{:<32} {:>6} {:>6} {:>10} {:>6} {:>10} {:>10}\n",
         "class", "sent", "ok", "refused", "lost", "TTFT p50", "TTFT p90"
@@ -498,6 +516,29 @@ mod tests {
         assert!((jain(&[10.0, 0.0]) - 0.5).abs() < 1e-12);
         let ten_to_one = jain(&[10.0, 1.0]);
         assert!((ten_to_one - 121.0 / 202.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_holdback_variant_configures_priority_holdback() {
+        use epp_core::admission::usage_limit::{Domain, Limit};
+        let settings = |b: &FlowBench| {
+            let cfg = epp_core::config::EndpointPickerConfig::from_yaml(&flow_config(b)).unwrap();
+            epp_core::admission::settings::FlowSettings::from_config(&cfg).unwrap()
+        };
+        let plain = settings(&FlowBench::default());
+        assert_eq!(plain.usage_limit.limit, Limit::Static { threshold: 1.0 });
+        let hb = settings(&FlowBench {
+            holdback_min_ceiling: Some(0.75),
+            ..Default::default()
+        });
+        assert_eq!(
+            hb.usage_limit.limit,
+            Limit::Holdback {
+                min: 0.75,
+                max: 1.0,
+                domain: Domain::Rank
+            }
+        );
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub const TYPES: &[&str] = &[
     utilization::TYPE,
     concurrency::TYPE,
     usage_limit::TYPE,
+    usage_limit::HOLDBACK_TYPE,
 ];
 
 pub fn is_type(t: &str) -> bool {

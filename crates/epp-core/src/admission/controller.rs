@@ -197,7 +197,15 @@ struct Shared {
     in_transit: AtomicUsize,
     epoch: Instant,
     seq: AtomicU64,
+    /// Priorities of the requests seen lately, and when last: the active priority domain of a
+    /// usage-limit policy whose ceilings depend on it (at most [`MAX_SEEN_PRIORITIES`]).
+    seen: Mutex<Vec<(i64, Instant)>>,
 }
+
+/// How long a priority stays in the active domain after its last request.
+pub const ACTIVE_PRIORITY_WINDOW: Duration = Duration::from_secs(60);
+/// Distinct priorities remembered for the active domain; the least recent goes first.
+pub const MAX_SEEN_PRIORITIES: usize = 64;
 
 /// A let-through request not yet on an endpoint; counted in every saturation reading until
 /// dropped (the director drops it once the pick is made).
@@ -357,6 +365,7 @@ impl FlowController {
                 in_transit: AtomicUsize::new(0),
                 epoch: Instant::now(),
                 seq: AtomicU64::new(0),
+                seen: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -402,10 +411,11 @@ impl FlowController {
         let s = &self.shared;
         let started = Instant::now();
         let pool = LabelStr::from(s.datastore.pool_name().as_str());
+        let domain = s.note_priority(req.priority, started);
         if s.queued.load(Ordering::Acquire) == 0 {
             let snap = s.datastore.snapshot();
             let sat = s.measure(&snap, &pool);
-            if sat.effective < s.settings.usage_limit.threshold {
+            if sat.effective < s.settings.usage_limit.ceiling(req.priority, &domain) {
                 let t = Transit::new(s);
                 s.record_enqueue(&req, NOT_YET_FINALIZED, started);
                 s.record_final(&req, &pool, Outcome::Dispatched, started);
@@ -787,6 +797,46 @@ impl Shared {
         }
     }
 
+    /// Records that a request of `priority` arrived at `now`; returns the active priority domain
+    /// (highest first) when the usage-limit policy needs one, else nothing.
+    fn note_priority(&self, priority: i64, now: Instant) -> Vec<i64> {
+        if !self.settings.usage_limit.needs_domain() {
+            return Vec::new();
+        }
+        {
+            let mut seen = self.seen.lock();
+            match seen.iter_mut().find(|(p, _)| *p == priority) {
+                Some(e) => e.1 = now,
+                None => {
+                    if seen.len() >= MAX_SEEN_PRIORITIES {
+                        if let Some(i) = (0..seen.len()).min_by_key(|i| seen[*i].1) {
+                            seen.swap_remove(i);
+                        }
+                    }
+                    seen.push((priority, now));
+                }
+            }
+        }
+        self.domain(now)
+    }
+
+    /// The priorities seen within [`ACTIVE_PRIORITY_WINDOW`], highest first (empty when the
+    /// policy needs none).
+    fn domain(&self, now: Instant) -> Vec<i64> {
+        if !self.settings.usage_limit.needs_domain() {
+            return Vec::new();
+        }
+        let mut d: Vec<i64> = self
+            .seen
+            .lock()
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(*t) < ACTIVE_PRIORITY_WINDOW)
+            .map(|(p, _)| *p)
+            .collect();
+        d.sort_unstable_by(|a, b| b.cmp(a));
+        d
+    }
+
     /// Let queued requests through while the pool reads below the usage limit: highest band
     /// first, the flow its fairness policy picks, that flow's first request.
     fn dispatch_cycle(self: &Arc<Self>) {
@@ -796,15 +846,18 @@ impl Shared {
         let started = std::time::Instant::now();
         let snap = self.datastore.snapshot();
         let pool = LabelStr::from(self.datastore.pool_name().as_str());
+        let domain = self.domain(Instant::now());
         let mut st = self.state.lock();
         while st.len > 0 {
             let sat = self.measure(&snap, &pool);
-            if sat.effective >= self.settings.usage_limit.threshold {
-                break;
-            }
             let Some((&priority, band)) = st.bands.iter_mut().rev().find(|(_, b)| b.len > 0) else {
                 break;
             };
+            // The highest band with work; when it is gated, so is every band below it (their
+            // ceilings are no higher).
+            if sat.effective >= self.settings.usage_limit.ceiling(priority, &domain) {
+                break;
+            }
             let picked = band
                 .settings
                 .fairness
@@ -965,6 +1018,47 @@ pub(crate) mod tests {
             .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn priority_holdback_keeps_the_last_capacity_for_higher_priorities() {
+        // Four endpoints of one slot: saturation is busy slots / 4. Ceilings by rank between
+        // 0.5 (lowest active priority) and 1.0 (highest).
+        let p = Pool::new(
+            4,
+            "- type: priority-holdback-policy\n  parameters:\n    minCeiling: 0.5\n",
+            "  usageLimitPolicyPluginRef: priority-holdback-policy\n",
+        );
+        let _b0 = p.busy(0);
+        let _b1 = p.busy(1);
+        // Only batch traffic so far: nothing to hold back for, it may fill the pool.
+        let (o, t) = p.fc.enqueue_and_wait(req("batch", -1, 10)).await;
+        assert_eq!(o, Outcome::Dispatched);
+        drop(t);
+        // A premium request arrives: dispatched at once (its ceiling is 1.0) ...
+        let (o, t) = p.fc.enqueue_and_wait(req("premium", 10, 10)).await;
+        assert_eq!(o, Outcome::Dispatched);
+        drop(t);
+        // ... and from now on batch stops at half the pool, where it is.
+        let batch = p.send("batch", -1, 10);
+        settle().await;
+        assert_eq!(p.fc.queued(), 1, "batch held back at saturation 0.5");
+        // Premium still goes through while batch waits: the dispatcher serves its band first.
+        let (o, t) = p.fc.enqueue_and_wait(req("premium", 10, 10)).await;
+        assert_eq!(o, Outcome::Dispatched);
+        drop(t);
+        assert_eq!(p.fc.queued(), 1);
+        // Capacity frees below batch's ceiling: it goes.
+        drop(_b1);
+        p.fc.released();
+        let (o, _g) = batch.await.unwrap();
+        assert_eq!(o, Outcome::Dispatched);
+        // A minute without premium traffic: it leaves the active domain, and batch may use the
+        // whole pool again.
+        let _b1 = p.busy(1);
+        tokio::time::advance(ACTIVE_PRIORITY_WINDOW + Duration::from_secs(1)).await;
+        let (o, _t) = p.fc.enqueue_and_wait(req("batch", -1, 10)).await;
+        assert_eq!(o, Outcome::Dispatched);
     }
 
     #[tokio::test(start_paused = true)]

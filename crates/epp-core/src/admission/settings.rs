@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::config::{parse_go_duration, parse_quantity, ConfigError, EndpointPickerConfig};
 use crate::config::{PluginSpec, PriorityBandSpec};
 
-use super::usage_limit::StaticUsageLimit;
+use super::usage_limit::UsageLimit;
 use super::{
     concurrency, edf, fcfs, global_strict, round_robin, usage_limit, utilization, FairnessPolicy,
     OrderingPolicy, SaturationDetector,
@@ -66,7 +66,7 @@ pub struct FlowSettings {
     /// Template for negative priorities not listed (else `default_band`).
     pub negative_band: Option<Arc<BandSettings>>,
     pub detector: Arc<dyn SaturationDetector>,
-    pub usage_limit: StaticUsageLimit,
+    pub usage_limit: UsageLimit,
 }
 
 impl std::fmt::Debug for FlowSettings {
@@ -218,7 +218,7 @@ struct Plugins {
     fairness: HashMap<String, Arc<dyn FairnessPolicy>>,
     ordering: HashMap<String, Arc<dyn OrderingPolicy>>,
     detectors: HashMap<String, Arc<dyn SaturationDetector>>,
-    usage_limits: HashMap<String, StaticUsageLimit>,
+    usage_limits: HashMap<String, UsageLimit>,
     /// Every plugin name of the config with its type (for "is not a ..." errors).
     all: HashMap<String, String>,
 }
@@ -252,6 +252,10 @@ impl Plugins {
                 usage_limit::TYPE => {
                     p.usage_limits
                         .insert(name, usage_limit::build(spec, &field)?);
+                }
+                usage_limit::HOLDBACK_TYPE => {
+                    p.usage_limits
+                        .insert(name, usage_limit::build_holdback(spec, &field)?);
                 }
                 _ => {}
             }
@@ -318,16 +322,12 @@ impl Plugins {
         }
     }
 
-    fn usage_limit(
-        &self,
-        name: Option<&str>,
-        field: &str,
-    ) -> Result<StaticUsageLimit, ConfigError> {
+    fn usage_limit(&self, name: Option<&str>, field: &str) -> Result<UsageLimit, ConfigError> {
         let n = name.unwrap_or(usage_limit::TYPE);
         match self.usage_limits.get(n) {
             Some(p) => Ok(p.clone()),
             None if n == usage_limit::TYPE && !self.all.contains_key(n) => {
-                Ok(StaticUsageLimit::default())
+                Ok(UsageLimit::default())
             }
             None => Err(self.missing(n, field, "a usage limit policy")),
         }
@@ -361,7 +361,7 @@ mod tests {
         assert_eq!(b.fairness.type_name(), global_strict::TYPE);
         assert_eq!(b.ordering.type_name(), fcfs::TYPE);
         assert_eq!(s.detector.type_name(), utilization::TYPE);
-        assert_eq!(s.usage_limit.threshold, 1.0);
+        assert_eq!(s.usage_limit, UsageLimit::default());
         // noEndpointRequestTTL follows defaultRequestTTL unless set.
         let s = load("flowControl:\n  defaultRequestTTL: 5s\n", true, "").unwrap();
         assert_eq!(s.no_endpoint_ttl, Duration::from_secs(5));
@@ -430,6 +430,60 @@ mod tests {
             "- type: concurrency-detector\n"
         )
         .is_ok());
+    }
+
+    #[test]
+    fn priority_holdback_is_parsed_strictly() {
+        let flow = "flowControl:\n  usageLimitPolicyPluginRef: hb\n";
+        let with = |params: &str| {
+            load(
+                flow,
+                true,
+                &format!("- type: priority-holdback-policy\n  name: hb\n  parameters: {params}\n"),
+            )
+        };
+        let s = with("{minCeiling: 0.6, domain: value}").unwrap();
+        assert_eq!(
+            s.usage_limit.limit,
+            super::super::usage_limit::Limit::Holdback {
+                min: 0.6,
+                max: 1.0,
+                domain: super::super::usage_limit::Domain::Value
+            }
+        );
+        assert_eq!(s.usage_limit.name, "hb");
+        for (params, field, says) in [
+            ("{}", "plugins[1].parameters.minCeiling", "is required"),
+            (
+                "{minCeiling: 1.0}",
+                "plugins[1].parameters.minCeiling",
+                "[0, 1)",
+            ),
+            (
+                "{minCeiling: 0.5, maxCeiling: 0.4}",
+                "plugins[1].parameters.minCeiling",
+                "below maxCeiling",
+            ),
+            (
+                "{minCeiling: 0.5, maxCeiling: 1.5}",
+                "plugins[1].parameters.maxCeiling",
+                "(0, 1]",
+            ),
+            (
+                "{minCeiling: 0.5, shape: sigmoid}",
+                "plugins[1].parameters.shape",
+                "`sigmoid`",
+            ),
+            (
+                "{minCeiling: 0.5, domain: level}",
+                "plugins[1].parameters.domain",
+                "`level`",
+            ),
+            ("{minCeiling: 0.5, steps: 3}", "", "unknown field `steps`"),
+        ] {
+            let e = with(params).unwrap_err();
+            assert!(e.contains(field) && e.contains(says), "{params}: {e}");
+        }
     }
 
     #[test]

@@ -441,6 +441,12 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS", default_value_t = 20, requires = "flow_control", value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub flow_phase_seconds: u64,
 
+    /// With --flow-control: hold lower priorities back with `priority-holdback-policy` at this
+    /// `minCeiling` (batch dispatches while the pool is below it, standard below halfway to 1.0,
+    /// premium until full) instead of the static usage limit.
+    #[arg(long, value_name = "MIN_CEILING", requires = "flow_control")]
+    pub flow_holdback: Option<f64>,
+
     /// Load-test this OpenAI-compatible base URL instead (no simulators, no in-process picker).
     #[arg(long, value_name = "URL", conflicts_with_all = ["policies", "policy_config"])]
     pub url: Option<String>,
@@ -554,6 +560,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let b = epp_bench::flow::FlowBench {
             phase: Duration::from_secs(args.flow_phase_seconds),
             seed: args.workload.seed,
+            holdback_min_ceiling: args.flow_holdback,
             ..Default::default()
         };
         let r = epp_bench::flow::run(&b).await?;
